@@ -1,0 +1,13 @@
+//! warden-actors: the supervision kernel and every supervised actor of warden.
+//!
+//! * [`supervision`] — the generic kernel: supervisors, restart policy, backoff, start
+//!   slots, liveness and the live tree snapshot. It knows nothing about any domain.
+//!
+//! * [`gateway`] — the gateway listener (protocol and sessions: issue 4).
+//!
+//! Domain actors (gateway, node, Matrix, approvals) live in their own modules beside it,
+//! each classifying its errors into [`supervision::Failure`]s and leaving every retry to
+//! its supervisor.
+
+pub mod gateway;
+pub mod supervision;

@@ -1,0 +1,426 @@
+//! The start-slot actor: named FIFO pools that admit starts a few at a time.
+//!
+//! Many children starting at once against one server (eleven approval handlers
+//! handshaking with their own gateway on the same tick) is how a restart becomes a storm.
+//! A child asks its pool for a slot before the expensive part of its start and gives it
+//! back when that part is over; at most `max_concurrent` hold one at a time, the rest wait
+//! in arrival order.
+//!
+//! ## Messages
+//! `Acquire` (from [`SlotClient::acquire`]), `Enqueue` (a first start's jitter is over),
+//! `Release` (a [`SlotGuard`] was dropped), `HoldExpired` (a holder kept its slot too long).
+//!
+//! ## Supervision
+//! A permanent child of the root. Its clients hold a [`SlotClient`], which follows the actor
+//! across restarts. A restart loses the queue: waiting callers get [`SlotError::Unavailable`]
+//! and, being in a start, fail transiently and come back through their own backoff.
+//!
+//! ## Semantics
+//! * Jitter (uniform in `[0, jitter)`) delays only a child's *first* start; restarts already
+//!   have backoff jitter.
+//! * A caller that stops waiting (its future dropped, its actor killed) is skipped when its
+//!   turn comes and does not use a turn.
+//! * Dropping the guard releases the slot — also when its holder panics or is killed, since
+//!   its state is dropped. Release is idempotent.
+//! * A slot held past `hold_timeout` is force-released with a warning naming the holder.
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use ractor::concurrency::JoinHandle;
+
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use tokio::sync::{oneshot, watch};
+use tokio::time::Instant;
+use tracing::warn;
+
+use super::backoff::Jitter;
+use super::child::{ChildContext, ChildSpec};
+use super::metrics as m;
+use super::policy::Restart;
+use super::view::{Inner, PoolView};
+
+/// A pending timer message.
+type Timer = JoinHandle<Result<(), ractor::MessagingErr<SlotMsg>>>;
+
+/// How many queued waiters the snapshot lists by name.
+const QUEUE_HEAD: usize = 16;
+
+/// One pool's settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolSettings {
+    /// How many may hold a slot at once (at least 1).
+    pub max_concurrent: usize,
+    /// Random delay before a first start joins the queue: uniform in `[0, jitter)`.
+    pub jitter: Duration,
+    /// A slot held longer than this is force-released.
+    pub hold_timeout: Duration,
+}
+
+/// Why no slot was given.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SlotError {
+    /// No pool of that name is configured.
+    #[error("no start-slot pool named {0:?}")]
+    UnknownPool(String),
+    /// The start-slot actor is not running (restarting, or the tree is stopping).
+    #[error("the start-slot actor is not running")]
+    Unavailable,
+}
+
+/// Messages of [`StartSlots`].
+pub enum SlotMsg {
+    /// Ask for a slot.
+    Acquire {
+        /// The pool.
+        pool: String,
+        /// Who asks (a path), for the snapshot and the hold-timeout warning.
+        holder: String,
+        /// Whether the pool's jitter applies (first starts only).
+        first_start: bool,
+        /// When the caller asked, for the wait histogram.
+        asked_at: Instant,
+        /// The slot, or why not.
+        reply: oneshot::Sender<Result<SlotGuard, SlotError>>,
+    },
+    /// A jittered waiter joins its queue now.
+    Enqueue {
+        /// The waiter.
+        waiter: u64,
+    },
+    /// A guard was dropped.
+    Release {
+        /// Its lease.
+        lease: u64,
+    },
+    /// A lease reached its hold timeout.
+    HoldExpired {
+        /// The lease.
+        lease: u64,
+    },
+}
+
+/// A held start slot; dropping it gives the slot back.
+pub struct SlotGuard {
+    lease: u64,
+    actor: ActorRef<SlotMsg>,
+    armed: bool,
+}
+
+impl SlotGuard {
+    /// Gives the slot back now (the same as dropping the guard).
+    pub fn release(self) {}
+
+    fn disarm(&mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for SlotGuard {
+    fn drop(&mut self) {
+        if self.armed {
+            // If the actor is gone, so is the slot.
+            let _ = self.actor.send_message(SlotMsg::Release { lease: self.lease });
+        }
+    }
+}
+
+impl fmt::Debug for SlotGuard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SlotGuard").field("lease", &self.lease).finish_non_exhaustive()
+    }
+}
+
+/// How children reach the start-slot actor; follows it across restarts.
+#[derive(Clone, Default)]
+pub struct SlotClient(Arc<RwLock<Option<ActorRef<SlotMsg>>>>);
+
+impl fmt::Debug for SlotClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SlotClient")
+    }
+}
+
+impl SlotClient {
+    /// A client not yet connected to an actor.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Waits for a slot of `pool` in FIFO order. Cancel by dropping the future.
+    pub async fn acquire(&self, pool: &str, holder: &str, first_start: bool) -> Result<SlotGuard, SlotError> {
+        let actor = self.current().ok_or(SlotError::Unavailable)?;
+        let (reply, answer) = oneshot::channel();
+        let msg = SlotMsg::Acquire {
+            pool: pool.to_string(),
+            holder: holder.to_string(),
+            first_start,
+            asked_at: Instant::now(),
+            reply,
+        };
+        actor.send_message(msg).map_err(|_| SlotError::Unavailable)?;
+        answer.await.map_err(|_| SlotError::Unavailable)?
+    }
+
+    fn current(&self) -> Option<ActorRef<SlotMsg>> {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn set(&self, actor: Option<ActorRef<SlotMsg>>) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = actor;
+    }
+
+    /// The spec of a start-slot actor with `pools`, reachable through this client.
+    pub fn spec(&self, id: impl Into<String>, pools: Vec<(String, PoolSettings)>) -> ChildSpec {
+        let client = self.clone();
+        let pools = Arc::new(pools);
+        ChildSpec::new(id, "start_slots", Restart::Permanent, move |ctx: ChildContext| {
+            let args = StartSlotsArgs {
+                pools: pools.as_ref().clone(),
+                jitter: ctx.jitter.clone(),
+                inner: ctx.inner.clone(),
+                client: client.clone(),
+            };
+            async move {
+                let (actor, _) = Actor::spawn_linked(None, StartSlots, args, ctx.supervisor.clone()).await?;
+                Ok(actor.get_cell())
+            }
+        })
+    }
+
+    /// Starts a start-slot actor outside any tree (tests, benchmarks).
+    pub async fn spawn_standalone(
+        pools: Vec<(String, PoolSettings)>,
+        jitter: Jitter,
+    ) -> Result<(SlotClient, ActorRef<SlotMsg>), ractor::SpawnErr> {
+        let client = SlotClient::new();
+        let args = StartSlotsArgs {
+            pools,
+            jitter,
+            inner: Arc::new(watch::channel(Inner::Leaf).0),
+            client: client.clone(),
+        };
+        let (actor, _) = Actor::spawn(None, StartSlots, args).await?;
+        Ok((client, actor))
+    }
+}
+
+/// The start-slot actor.
+pub struct StartSlots;
+
+/// Starts the start-slot actor.
+pub struct StartSlotsArgs {
+    /// Pools by name.
+    pub pools: Vec<(String, PoolSettings)>,
+    /// Randomness of first-start jitter.
+    pub jitter: Jitter,
+    /// Where it publishes its pools.
+    pub(crate) inner: Arc<watch::Sender<Inner>>,
+    /// Pointed at this actor while it runs.
+    pub client: SlotClient,
+}
+
+struct Waiter {
+    holder: Arc<str>,
+    asked_at: Instant,
+    reply: oneshot::Sender<Result<SlotGuard, SlotError>>,
+}
+
+struct Holder {
+    name: Arc<str>,
+    since: Instant,
+    timer: Timer,
+}
+
+struct Pool {
+    name: Arc<str>,
+    settings: PoolSettings,
+    holders: HashMap<u64, Holder>,
+    queue: VecDeque<Waiter>,
+    peak: usize,
+}
+
+/// The start-slot actor's state.
+pub struct StartSlotsState {
+    pools: Vec<Pool>,
+    /// Lease → pool index.
+    leases: HashMap<u64, usize>,
+    /// Waiters still in their first-start jitter: id → (pool index, waiter, timer).
+    jittering: HashMap<u64, (usize, Waiter, Timer)>,
+    next_id: u64,
+    jitter: Jitter,
+    inner: Arc<watch::Sender<Inner>>,
+    client: SlotClient,
+}
+
+impl Actor for StartSlots {
+    type Msg = SlotMsg;
+    type State = StartSlotsState;
+    type Arguments = StartSlotsArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: StartSlotsArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        let pools = args
+            .pools
+            .into_iter()
+            .map(|(name, settings)| Pool {
+                name: name.into(),
+                settings: PoolSettings { max_concurrent: settings.max_concurrent.max(1), ..settings },
+                holders: HashMap::new(),
+                queue: VecDeque::new(),
+                peak: 0,
+            })
+            .collect();
+        args.client.set(Some(myself));
+        let state = StartSlotsState {
+            pools,
+            leases: HashMap::new(),
+            jittering: HashMap::new(),
+            next_id: 0,
+            jitter: args.jitter,
+            inner: args.inner,
+            client: args.client,
+        };
+        for i in 0..state.pools.len() {
+            state.gauges(i);
+        }
+        state.publish();
+        Ok(state)
+    }
+
+    async fn post_stop(&self, myself: ActorRef<Self::Msg>, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
+        if state.client.current().is_some_and(|a| a.get_id() == myself.get_id()) {
+            state.client.set(None);
+        }
+        for pool in &mut state.pools {
+            for (_, holder) in pool.holders.drain() {
+                holder.timer.abort();
+            }
+        }
+        for (_, (_, _, timer)) in state.jittering.drain() {
+            timer.abort();
+        }
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            SlotMsg::Acquire { pool, holder, first_start, asked_at, reply } => {
+                let Some(idx) = state.pools.iter().position(|p| *p.name == *pool) else {
+                    let _ = reply.send(Err(SlotError::UnknownPool(pool)));
+                    return Ok(());
+                };
+                let waiter = Waiter { holder: holder.into(), asked_at, reply };
+                let jitter = state.pools[idx].settings.jitter;
+                if first_start && !jitter.is_zero() {
+                    let delay = jitter.mul_f64(state.jitter.unit());
+                    let id = state.next_id;
+                    state.next_id += 1;
+                    let timer = myself.send_after(delay, move || SlotMsg::Enqueue { waiter: id });
+                    state.jittering.insert(id, (idx, waiter, timer));
+                } else {
+                    state.pools[idx].queue.push_back(waiter);
+                    state.grant(&myself, idx);
+                }
+            }
+            SlotMsg::Enqueue { waiter } => {
+                if let Some((idx, waiter, _)) = state.jittering.remove(&waiter) {
+                    state.pools[idx].queue.push_back(waiter);
+                    state.grant(&myself, idx);
+                }
+            }
+            SlotMsg::Release { lease } => {
+                if let Some(idx) = state.leases.remove(&lease) {
+                    if let Some(holder) = state.pools[idx].holders.remove(&lease) {
+                        holder.timer.abort();
+                    }
+                    state.grant(&myself, idx);
+                }
+            }
+            SlotMsg::HoldExpired { lease } => {
+                if let Some(idx) = state.leases.remove(&lease) {
+                    let pool = &mut state.pools[idx];
+                    if let Some(holder) = pool.holders.remove(&lease) {
+                        let held_ms = holder.since.elapsed().as_millis() as u64;
+                        warn!(pool = %pool.name, holder = %holder.name, held_ms,
+                            "Start slot held past its hold timeout; force-released.");
+                        metrics::counter!(m::SLOT_HOLD_TIMEOUTS_TOTAL, "pool" => pool.name.to_string()).increment(1);
+                    }
+                    state.grant(&myself, idx);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl StartSlotsState {
+    /// Hands out free slots of pool `idx` to waiters in order, skipping those who left.
+    fn grant(&mut self, myself: &ActorRef<SlotMsg>, idx: usize) {
+        let pool = &mut self.pools[idx];
+        while pool.holders.len() < pool.settings.max_concurrent {
+            let Some(waiter) = pool.queue.pop_front() else { break };
+            if waiter.reply.is_closed() {
+                metrics::counter!(m::SLOT_CANCELLED_TOTAL, "pool" => pool.name.to_string()).increment(1);
+                continue;
+            }
+            let lease = self.next_id;
+            self.next_id += 1;
+            let guard = SlotGuard { lease, actor: myself.clone(), armed: true };
+            if let Err(Ok(mut guard)) = waiter.reply.send(Ok(guard)) {
+                // The caller left between the check and the send.
+                guard.disarm();
+                metrics::counter!(m::SLOT_CANCELLED_TOTAL, "pool" => pool.name.to_string()).increment(1);
+                continue;
+            }
+            let now = Instant::now();
+            metrics::histogram!(m::SLOT_WAIT_SECONDS, "pool" => pool.name.to_string())
+                .record(now.saturating_duration_since(waiter.asked_at).as_secs_f64());
+            let timer = myself.send_after(pool.settings.hold_timeout, move || SlotMsg::HoldExpired { lease });
+            pool.holders.insert(lease, Holder { name: waiter.holder, since: now, timer });
+            pool.peak = pool.peak.max(pool.holders.len());
+            self.leases.insert(lease, idx);
+        }
+        self.gauges(idx);
+        self.publish();
+    }
+
+    fn gauges(&self, idx: usize) {
+        let pool = &self.pools[idx];
+        let name = pool.name.to_string();
+        metrics::gauge!(m::SLOT_HOLDERS, "pool" => name.clone()).set(pool.holders.len() as f64);
+        metrics::gauge!(m::SLOT_HOLDERS_PEAK, "pool" => name.clone()).set(pool.peak as f64);
+        metrics::gauge!(m::SLOT_QUEUE, "pool" => name).set(pool.queue.len() as f64);
+    }
+
+    fn publish(&self) {
+        let views = self
+            .pools
+            .iter()
+            .map(|p| {
+                let mut holders: Vec<(Arc<str>, Instant)> =
+                    p.holders.values().map(|h| (h.name.clone(), h.since)).collect();
+                holders.sort_by_key(|(_, since)| *since);
+                PoolView {
+                    name: p.name.clone(),
+                    max_concurrent: p.settings.max_concurrent,
+                    holders,
+                    peak_holders: p.peak,
+                    queue_len: p.queue.len(),
+                    queue_head: p.queue.iter().take(QUEUE_HEAD).map(|w| w.holder.clone()).collect(),
+                }
+            })
+            .collect();
+        self.inner.send_replace(Inner::Pools(views));
+    }
+}
