@@ -381,7 +381,7 @@ impl Actor for Supervisor {
             shutting_down: false,
         };
         state.inner.send_replace(Inner::Supervisor(SupervisorView {
-            control: myself,
+            control: myself.clone(),
             strategy: state.strategy,
             children: BTreeMap::new(),
         }));
@@ -391,23 +391,14 @@ impl Actor for Supervisor {
             }
             state.insert(spec);
         }
-        Ok(state)
-    }
-
-    /// Children start here rather than in `pre_start`, so the parent's handler is not held
-    /// for the start of a whole subtree, and this supervisor counts as running only once
-    /// its children have been started.
-    async fn post_start(
-        &self,
-        myself: ActorRef<Self::Msg>,
-        state: &mut Self::State,
-    ) -> Result<(), ActorProcessingErr> {
+        // Children start here, in order, so that once a supervisor is spawned its whole
+        // subtree has been spawned and published. A start failure is handled through
+        // `StartFailed`, after this returns.
         let orders: Vec<u64> = state.children.keys().copied().collect();
         for order in orders {
-            // A start failure is handled through `StartFailed`, in order.
             let _ = state.start_child(&myself, order).await;
         }
-        Ok(())
+        Ok(state)
     }
 
     async fn post_stop(
