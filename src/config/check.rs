@@ -1,0 +1,202 @@
+//! What is checked after extraction: `_file` secrets are read in, then values are validated.
+//!
+//! Each error names the full key and where its value came from, found through the
+//! figment's provenance.
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use figment::Figment;
+use warden_actors::supervision::settings::PolicySettings;
+
+use super::kinds::KINDS;
+use super::{Config, ConfigError};
+
+/// Checks a freshly extracted `config`: replaces every `x_file` secret with the file's
+/// contents, then validates values.
+pub(super) fn finish(config: &mut Config, figment: &Figment) -> Result<(), ConfigError> {
+    let err = |key: String, message: String| ConfigError::at(figment, key, message);
+    read_secrets(config, &err)?;
+    validate(config, &err)
+}
+
+/// Reads every `x_file` into `x`.
+fn read_secrets(
+    config: &mut Config,
+    err: &impl Fn(String, String) -> ConfigError,
+) -> Result<(), ConfigError> {
+    let g = &mut config.gateway;
+    read_secret("gateway.token", &mut g.token, g.token_file.as_deref(), err)?;
+    let a = &mut config.admin;
+    read_secret("admin.token", &mut a.token, a.token_file.as_deref(), err)?;
+    if let Some(n) = &mut config.node {
+        read_secret("node.token", &mut n.token, n.token_file.as_deref(), err)?;
+    }
+    for (alias, acc) in &mut config.matrix.accounts {
+        let key = |field: &str| format!("matrix.accounts.{alias}.{field}");
+        read_secret(
+            &key("password"),
+            &mut acc.password,
+            acc.password_file.as_deref(),
+            err,
+        )?;
+        let file = acc.access_token_file.as_deref();
+        read_secret(&key("access_token"), &mut acc.access_token, file, err)?;
+        let file = acc.recovery_key_file.as_deref();
+        read_secret(&key("recovery_key"), &mut acc.recovery_key, file, err)?;
+    }
+    Ok(())
+}
+
+/// Fills the secret at `key` from `file`, if given: one of the two, never both.
+fn read_secret(
+    key: &str,
+    secret: &mut Option<String>,
+    file: Option<&Path>,
+    err: &impl Fn(String, String) -> ConfigError,
+) -> Result<(), ConfigError> {
+    if secret.as_deref() == Some("") {
+        return Err(err(
+            key.to_string(),
+            "is empty; give a value or leave it unset".to_string(),
+        ));
+    }
+    let Some(file) = file else { return Ok(()) };
+    let file_key = format!("{key}_file");
+    if secret.is_some() {
+        return Err(err(
+            file_key,
+            format!("{key} is also set; give one of the two"),
+        ));
+    }
+    let text = std::fs::read_to_string(file).map_err(|e| {
+        err(
+            file_key.clone(),
+            format!("cannot read {}: {e}", file.display()),
+        )
+    })?;
+    let value = text.trim_end_matches(['\n', '\r']);
+    if value.is_empty() {
+        return Err(err(file_key, format!("{} is empty", file.display())));
+    }
+    *secret = Some(value.to_string());
+    Ok(())
+}
+
+/// Validates values that deserialized but are out of range or inconsistent.
+fn validate(
+    config: &Config,
+    err: &impl Fn(String, String) -> ConfigError,
+) -> Result<(), ConfigError> {
+    let g = &config.gateway;
+    check_bind("gateway", g.bind, g.token.is_some(), err)?;
+    positive("gateway.handshake_timeout_ms", g.handshake_timeout_ms, err)?;
+    positive("gateway.tick_interval_ms", g.tick_interval_ms, err)?;
+    positive(
+        "gateway.max_preauth_per_ip",
+        u64::from(g.max_preauth_per_ip),
+        err,
+    )?;
+    positive("gateway.max_frame_bytes", g.max_frame_bytes as u64, err)?;
+    check_bind(
+        "admin",
+        config.admin.bind,
+        config.admin.token.is_some(),
+        err,
+    )?;
+
+    check_policy("supervision.defaults", &config.supervision.defaults, err)?;
+    for (kind, layer) in &config.supervision.kinds {
+        let key = format!("supervision.kinds.{kind}");
+        if !KINDS.contains(&kind.as_str()) {
+            let known = KINDS.join("`, `");
+            return Err(err(
+                key,
+                format!("unknown kind `{kind}`, expected one of `{known}`"),
+            ));
+        }
+        check_policy(&key, layer, err)?;
+    }
+    for (name, pool) in &config.start_slots {
+        pool.validate()
+            .map_err(|(f, m)| err(format!("start_slots.{name}.{f}"), m))?;
+    }
+
+    for (alias, acc) in &config.matrix.accounts {
+        let key = |field: &str| format!("matrix.accounts.{alias}.{field}");
+        if !(acc.homeserver.starts_with("http://") || acc.homeserver.starts_with("https://")) {
+            let msg = format!("{:?} must start with http:// or https://", acc.homeserver);
+            return Err(err(key("homeserver"), msg));
+        }
+        if !(acc.user_id.starts_with('@') && acc.user_id.contains(':')) {
+            let msg = format!("{:?} must be a full user ID like @name:server", acc.user_id);
+            return Err(err(key("user_id"), msg));
+        }
+        if acc.password.is_none() && acc.access_token.is_none() {
+            let msg = "needs password or access_token (or password_file / access_token_file)";
+            return Err(err(format!("matrix.accounts.{alias}"), msg.to_string()));
+        }
+        check_policy(&key("supervision"), &acc.supervision, err)?;
+    }
+
+    if let Some(node) = &config.node {
+        if !(node.gateway_url.starts_with("ws://") || node.gateway_url.starts_with("wss://")) {
+            let msg = format!("{:?} must start with ws:// or wss://", node.gateway_url);
+            return Err(err("node.gateway_url".to_string(), msg));
+        }
+        for (name, cmd) in &node.commands {
+            if cmd.argv.first().is_none_or(String::is_empty) {
+                let msg = "must name a program: a non-empty list of strings".to_string();
+                return Err(err(format!("node.commands.{name}.argv"), msg));
+            }
+            positive(
+                &format!("node.commands.{name}.timeout_ms"),
+                cmd.timeout_ms,
+                err,
+            )?;
+        }
+    }
+
+    positive("shutdown.deadline_ms", config.shutdown.deadline_ms, err)
+}
+
+/// A non-loopback `bind` needs a token.
+fn check_bind(
+    section: &str,
+    bind: SocketAddr,
+    has_token: bool,
+    err: &impl Fn(String, String) -> ConfigError,
+) -> Result<(), ConfigError> {
+    if bind.ip().is_loopback() || has_token {
+        return Ok(());
+    }
+    let msg = format!(
+        "{bind} is not a loopback address and no {section}.token is set; \
+         set {section}.token or {section}.token_file, or bind to 127.0.0.1"
+    );
+    Err(err(format!("{section}.bind"), msg))
+}
+
+/// `value` must be above 0.
+fn positive(
+    key: &str,
+    value: u64,
+    err: &impl Fn(String, String) -> ConfigError,
+) -> Result<(), ConfigError> {
+    if value == 0 {
+        Err(err(key.to_string(), "must be above 0".to_string()))
+    } else {
+        Ok(())
+    }
+}
+
+/// Validates one policy layer found at `prefix`.
+fn check_policy(
+    prefix: &str,
+    layer: &PolicySettings,
+    err: &impl Fn(String, String) -> ConfigError,
+) -> Result<(), ConfigError> {
+    layer
+        .validate()
+        .map_err(|(field, msg)| err(format!("{prefix}.{field}"), msg))
+}
