@@ -1,9 +1,55 @@
 //! The admin HTTP endpoint: health, readiness, metrics, the tree, config, operator actions.
+//!
+//! * [`router`] — the routes, over an [`AdminState`]: `GET /healthz`, `GET /readyz`,
+//!   `GET /metrics`, `GET /admin/tree` (`?format=text` for a drawing), `GET /admin/config`
+//!   and `POST /admin/actors/{path}/{restart|stop|start|kill}`. Every error is one JSON
+//!   shape, `{"error":{"code":"…","message":"…"}}`.
+//! * [`spec`] — the admin actor, so the endpoint is a supervised child like any other.
+//! * [`fetch_tree_text`] / [`check_health`] — the client side, for `warden tree` and
+//!   `warden health`.
+//! * [`install_metrics`] — the process's Prometheus recorder.
+//!
+//! ## Messages
+//! The admin actor gets a `Tick` every [`UPKEEP_INTERVAL`] (metrics upkeep, heartbeat, a
+//! check that the server task still runs) and `ServeEnded` when its server task ends on its
+//! own (an error, a panic). It answers no requests: HTTP is served by a task it owns.
+//!
+//! ## Supervision
+//! Its parent is the root supervisor (kind `admin`, id `admin`). It has no child actors; it
+//! owns two tasks, the axum server (drained on stop within [`DRAIN_TIMEOUT`], then aborted)
+//! and the tick timer, and aborts both when it stops or is killed.
+//!
+//! ## Restart policy
+//! Permanent. A bind error fails the start as `transient` (the port may be free on the next
+//! try); a non-loopback bind without a token fails it as `fatal` (a config error); the
+//! server task ending on its own fails the actor as `transient`.
 
+use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
-use serde::Deserialize;
+use axum::Router;
+use axum::extract::rejection::PathRejection;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use metrics_exporter_prometheus::{BuildError, PrometheusBuilder, PrometheusHandle};
+use ractor::SpawnErr;
+use serde::{Deserialize, Serialize};
+use subtle::ConstantTimeEq;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+use warden_actors::serve::{ServeActor, ServeArgs, TickHook};
+use warden_actors::supervision::{
+    ChildContext, ChildSpec, ControlAction, Failure, NodeState, Policy, ROOT, Restart,
+    SupervisorError, TreeHandle,
+};
 
 /// `[admin]` settings.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -20,6 +66,689 @@ pub struct AdminSettings {
 
 impl Default for AdminSettings {
     fn default() -> Self {
-        Self { bind: SocketAddr::from(([127, 0, 0, 1], 18790)), token: None, token_file: None }
+        Self {
+            bind: SocketAddr::from(([127, 0, 0, 1], 18790)),
+            token: None,
+            token_file: None,
+        }
+    }
+}
+
+/// How often the admin actor runs metrics upkeep and reports its heartbeat.
+pub const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+/// How long a stopping admin actor lets in-flight requests finish before it aborts them.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long the client waits for an answer.
+pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The content type of the Prometheus text exposition format.
+const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+// ---------------------------------------------------------------------------------------
+// State
+// ---------------------------------------------------------------------------------------
+
+/// What the admin routes read. Cheap to clone: every field is shared.
+#[derive(Clone)]
+pub struct AdminState {
+    /// The tree this endpoint serves. The admin actor is itself a child of that tree, so
+    /// the handle is set (once, by the program) after `Tree::start` returns; until then the
+    /// routes that read the tree answer 503 `starting`.
+    tree: Arc<OnceLock<TreeHandle>>,
+    /// The process's Prometheus recorder, if metrics are on.
+    metrics: Option<PrometheusHandle>,
+    /// The document `/admin/config` serves, prepared (and masked) by the caller.
+    config: Arc<serde_json::Value>,
+    /// The bearer token; `None` leaves every route open.
+    token: Option<Arc<str>>,
+    /// When the process started (for `uptime_ms`).
+    started_at: Instant,
+    /// Where the current incarnation of the admin actor listens; `None` while it does not.
+    bound: Arc<watch::Sender<Option<SocketAddr>>>,
+    /// The admin actor's own path, set when it first starts: actions on it (or above it)
+    /// are refused, since they would cut off their own answer.
+    own_path: Arc<OnceLock<String>>,
+}
+
+impl AdminState {
+    /// A state serving `config` at `/admin/config`, guarded by `token` when one is given,
+    /// exposing `metrics` at `/metrics` when given. The tree is set later with
+    /// [`AdminState::set_tree`].
+    pub fn new(
+        config: serde_json::Value,
+        token: Option<String>,
+        metrics: Option<PrometheusHandle>,
+    ) -> Self {
+        Self {
+            tree: Arc::new(OnceLock::new()),
+            metrics,
+            config: Arc::new(config),
+            token: token.map(Arc::from),
+            started_at: Instant::now(),
+            bound: Arc::new(watch::Sender::new(None)),
+            own_path: Arc::new(OnceLock::new()),
+        }
+    }
+
+    /// Hands the running tree to the endpoint. Only the first call has an effect; a second
+    /// one returns its handle back.
+    pub fn set_tree(&self, handle: TreeHandle) -> Result<(), TreeHandle> {
+        self.tree.set(handle)
+    }
+
+    /// The tree, once set.
+    pub fn tree(&self) -> Option<&TreeHandle> {
+        self.tree.get()
+    }
+
+    /// Where the admin endpoint listens now, if it does.
+    pub fn bound_addr(&self) -> Option<SocketAddr> {
+        *self.bound.borrow()
+    }
+
+    /// Waits until the admin endpoint listens and returns its address (the real port when
+    /// it was bound to port 0).
+    pub async fn wait_bound(&self) -> SocketAddr {
+        let mut rx = self.bound.subscribe();
+        loop {
+            if let Some(addr) = *rx.borrow_and_update() {
+                return addr;
+            }
+            if rx.changed().await.is_err() {
+                // Cannot happen: `self` holds the sender.
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    fn tree_or_starting(&self) -> Result<&TreeHandle, ApiError> {
+        self.tree.get().ok_or(ApiError::Starting)
+    }
+
+    fn uptime_ms(&self) -> u64 {
+        millis(self.started_at.elapsed())
+    }
+}
+
+impl fmt::Debug for AdminState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AdminState")
+            .field("tree_set", &self.tree.get().is_some())
+            .field("metrics", &self.metrics.is_some())
+            .field("token", &self.token.as_ref().map(|_| "***"))
+            .field("bound", &self.bound_addr())
+            .finish_non_exhaustive()
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Routes
+// ---------------------------------------------------------------------------------------
+
+/// The admin routes. With a token configured, everything but `/healthz` and `/readyz`
+/// (unknown paths included) needs `Authorization: Bearer <token>`.
+pub fn router(state: AdminState) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_text))
+        .route("/admin/tree", get(tree))
+        .route("/admin/config", get(config))
+        .route("/admin/actors/{*path}", post(control))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(state.clone(), require_token))
+        .with_state(state)
+}
+
+/// `/healthz` and `/readyz` answer without a token: probes carry none.
+fn is_probe(path: &str) -> bool {
+    matches!(path, "/healthz" | "/readyz")
+}
+
+async fn require_token(State(state): State<AdminState>, req: Request, next: Next) -> Response {
+    let Some(expected) = state.token.as_deref() else {
+        return next.run(req).await;
+    };
+    if is_probe(req.uri().path()) {
+        return next.run(req).await;
+    }
+    match bearer(req.headers()) {
+        Some(provided) if token_matches(expected, provided) => next.run(req).await,
+        provided => {
+            debug!(path = %req.uri().path(), with_token = provided.is_some(), "Refused an admin request without a valid token.");
+            ApiError::Unauthorized.into_response()
+        }
+    }
+}
+
+/// The token of an `Authorization: Bearer <token>` header (scheme case-insensitive).
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.trim().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+/// Compares in constant time. The time depends on the expected token's length only, not
+/// on where the tokens differ nor on whether their lengths match. An empty token never
+/// matches, so an empty configured token locks the routes rather than opening them.
+fn token_matches(expected: &str, provided: &str) -> bool {
+    let (expected, provided) = (expected.as_bytes(), provided.as_bytes());
+    if expected.is_empty() || provided.is_empty() {
+        return false;
+    }
+    let mut padded = vec![0u8; expected.len()];
+    for (slot, byte) in padded.iter_mut().zip(provided) {
+        *slot = *byte;
+    }
+    let same_len = (expected.len() as u64).ct_eq(&(provided.len() as u64));
+    bool::from(padded.as_slice().ct_eq(expected) & same_len)
+}
+
+/// `/healthz` payload.
+#[derive(Debug, Serialize)]
+struct Health {
+    /// `ok`, `starting` (the tree is not handed over yet) or `down` (the root stopped).
+    status: &'static str,
+    uptime_ms: u64,
+}
+
+/// `/readyz` payload.
+#[derive(Debug, Serialize)]
+struct Ready {
+    /// `ready` or `not_ready`.
+    status: &'static str,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    failing: Vec<String>,
+}
+
+/// The answer to an operator action.
+#[derive(Debug, Serialize)]
+struct ActionDone {
+    ok: bool,
+    path: String,
+    action: String,
+}
+
+async fn healthz(State(state): State<AdminState>) -> Response {
+    let uptime_ms = state.uptime_ms();
+    let (code, status) = match state.tree.get() {
+        None => (StatusCode::OK, "starting"),
+        Some(tree) if tree.snapshot().state == NodeState::Running => (StatusCode::OK, "ok"),
+        Some(_) => (StatusCode::SERVICE_UNAVAILABLE, "down"),
+    };
+    (code, axum::Json(Health { status, uptime_ms })).into_response()
+}
+
+async fn readyz(State(state): State<AdminState>) -> Response {
+    let failing = match state.tree.get() {
+        None => vec![ROOT.to_string()],
+        Some(tree) => {
+            let snapshot = tree.snapshot();
+            if snapshot.state == NodeState::Running {
+                snapshot.not_ready()
+            } else {
+                vec![snapshot.path]
+            }
+        }
+    };
+    if failing.is_empty() {
+        (
+            StatusCode::OK,
+            axum::Json(Ready {
+                status: "ready",
+                failing,
+            }),
+        )
+            .into_response()
+    } else {
+        let body = Ready {
+            status: "not_ready",
+            failing,
+        };
+        (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)).into_response()
+    }
+}
+
+async fn metrics_text(State(state): State<AdminState>) -> Result<Response, ApiError> {
+    let handle = state.metrics.as_ref().ok_or(ApiError::MetricsOff)?;
+    let body = handle.render();
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static(PROMETHEUS_TEXT),
+        )],
+        body,
+    )
+        .into_response())
+}
+
+/// `?format=json|text` of `/admin/tree`.
+#[derive(Debug, Deserialize)]
+struct TreeQuery {
+    format: Option<String>,
+}
+
+async fn tree(State(state): State<AdminState>, uri: Uri) -> Result<Response, ApiError> {
+    let Query(query) = Query::<TreeQuery>::try_from_uri(&uri)
+        .map_err(|_| ApiError::BadRequest("the query string is malformed".to_string()))?;
+    let snapshot = state.tree_or_starting()?.snapshot();
+    match query.format.as_deref() {
+        None | Some("json") => Ok(axum::Json(snapshot).into_response()),
+        Some("text") => Ok((
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; charset=utf-8"),
+            )],
+            snapshot.render_text(),
+        )
+            .into_response()),
+        Some(other) => Err(ApiError::BadRequest(format!(
+            "unknown format {other:?}: expected json or text"
+        ))),
+    }
+}
+
+async fn config(State(state): State<AdminState>) -> Response {
+    axum::Json(state.config.as_ref().clone()).into_response()
+}
+
+async fn control(
+    State(state): State<AdminState>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<axum::Json<ActionDone>, ApiError> {
+    let Path(rest) = path.map_err(|_| ApiError::BadRequest("the path is malformed".to_string()))?;
+    let (node, verb) = rest.rsplit_once('/').ok_or_else(|| {
+        ApiError::BadRequest(
+            "expected /admin/actors/{path}/{restart|stop|start|kill}, e.g. /admin/actors/root/gateway/restart"
+                .to_string(),
+        )
+    })?;
+    let action = ControlAction::from_str(verb)?;
+    let tree = state.tree_or_starting()?;
+    let node = node.trim_matches('/');
+    // The root is refused by the kernel itself, with its own reason.
+    if let Some(own) = state.own_path.get()
+        && node != ROOT
+        && (own == node || own.starts_with(&format!("{node}/")))
+    {
+        return Err(ApiError::Supervisor(SupervisorError::Conflict {
+            path: node.to_string(),
+            reason: format!(
+                "{own} serves this request and cannot act on itself (the answer would be cut off, \
+                 and a stop would lock the endpoint out); restart the process instead"
+            ),
+        }));
+    }
+    tree.control(node, action).await?;
+    info!(actor = %node, action = verb, "Operator action done over the admin endpoint.");
+    Ok(axum::Json(ActionDone {
+        ok: true,
+        path: node.to_string(),
+        action: verb.to_string(),
+    }))
+}
+
+async fn not_found(uri: Uri) -> ApiError {
+    ApiError::NotFound(format!("no endpoint at {}", uri.path()))
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed
+}
+
+// ---------------------------------------------------------------------------------------
+// Errors
+// ---------------------------------------------------------------------------------------
+
+/// Every error the admin endpoint answers, rendered as
+/// `{"error":{"code":"…","message":"…"}}`. Messages are written for operators and never
+/// carry internal error text beyond what the tree itself shows.
+#[derive(Debug)]
+enum ApiError {
+    /// The tree has not been handed to the endpoint yet (503).
+    Starting,
+    /// No or a wrong bearer token (401).
+    Unauthorized,
+    /// No such endpoint (404).
+    NotFound(String),
+    /// The endpoint exists, the method does not (405).
+    MethodNotAllowed,
+    /// A malformed request (400).
+    BadRequest(String),
+    /// `/metrics` without a recorder (404).
+    MetricsOff,
+    /// A supervisor refused an operator action.
+    Supervisor(SupervisorError),
+}
+
+impl From<SupervisorError> for ApiError {
+    fn from(err: SupervisorError) -> Self {
+        ApiError::Supervisor(err)
+    }
+}
+
+/// The error payload.
+#[derive(Debug, Serialize)]
+struct ErrorBody {
+    error: ErrorDetail,
+}
+
+#[derive(Debug, Serialize)]
+struct ErrorDetail {
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn parts(self) -> (StatusCode, &'static str, String) {
+        match self {
+            ApiError::Starting => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "starting",
+                "the supervision tree is starting; try again shortly".to_string(),
+            ),
+            ApiError::Unauthorized => (
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "this endpoint needs Authorization: Bearer <admin token>".to_string(),
+            ),
+            ApiError::NotFound(message) => (StatusCode::NOT_FOUND, "not_found", message),
+            ApiError::MethodNotAllowed => (
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "this endpoint does not accept that method".to_string(),
+            ),
+            ApiError::BadRequest(message) => (StatusCode::BAD_REQUEST, "bad_request", message),
+            ApiError::MetricsOff => (
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "metrics are not enabled in this process".to_string(),
+            ),
+            ApiError::Supervisor(err) => {
+                let (status, code) = match &err {
+                    SupervisorError::UnknownChild(_) => (StatusCode::NOT_FOUND, "unknown_actor"),
+                    SupervisorError::BadAction(_) => (StatusCode::BAD_REQUEST, "bad_action"),
+                    SupervisorError::Conflict { .. } => (StatusCode::CONFLICT, "conflict"),
+                    // The endpoint did its job; the actor it started did not come up. Like a
+                    // gateway reporting a failing upstream, and unlike a 500, this does not
+                    // say the admin endpoint itself is broken. The supervisor already
+                    // scheduled the next try by the child's policy.
+                    SupervisorError::StartFailed { .. } => {
+                        (StatusCode::BAD_GATEWAY, "start_failed")
+                    }
+                    SupervisorError::ShuttingDown => {
+                        (StatusCode::SERVICE_UNAVAILABLE, "shutting_down")
+                    }
+                    SupervisorError::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
+                };
+                // The kernel's messages name the path and an operator-facing reason (the
+                // same text the tree shows as `last_failure`).
+                (status, code, err.to_string())
+            }
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code, message) = self.parts();
+        if status.is_server_error() {
+            warn!(status = status.as_u16(), code, message = %message, "Admin request failed.");
+        } else {
+            debug!(status = status.as_u16(), code, message = %message, "Admin request refused.");
+        }
+        let body = axum::Json(ErrorBody {
+            error: ErrorDetail { code, message },
+        });
+        let mut response = (status, body).into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The admin actor
+// ---------------------------------------------------------------------------------------
+
+/// The admin child: a [`ServeActor`] serving [`router`] over `state` on `settings.bind`,
+/// running metrics upkeep on its tick.
+///
+/// The token comes from `state` (the caller resolves `token` / `token_file`); `settings`
+/// gives the address. A non-loopback address without a token fails the start as fatal.
+pub fn spec(settings: &AdminSettings, state: AdminState, policy: Policy) -> ChildSpec {
+    let bind = settings.bind;
+    ChildSpec::new("admin", "admin", Restart::Permanent, move |ctx: ChildContext| {
+        let state = state.clone();
+        async move {
+            if !bind.ip().is_loopback() && state.token.is_none() {
+                return Err(SpawnErr::StartupFailed(Box::new(Failure::fatal(format!(
+                    "refusing to serve the admin endpoint on non-loopback {bind} without admin.token"
+                )))));
+            }
+            // The same path for every incarnation; only the first set has an effect.
+            let _ = state.own_path.set(ctx.path.clone());
+            let on_tick = state.metrics.clone().map(|metrics| -> TickHook {
+                Arc::new(move || metrics.run_upkeep())
+            });
+            let args = ServeArgs {
+                name: "admin",
+                bind,
+                router: router(state.clone()),
+                bound: state.bound.clone(),
+                on_tick,
+            };
+            ServeActor::start(ctx, args).await
+        }
+    })
+    .with_policy(policy)
+}
+
+// ---------------------------------------------------------------------------------------
+// Metrics
+// ---------------------------------------------------------------------------------------
+
+/// The Prometheus recorder could not be installed.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot install the Prometheus metrics recorder: {0}")]
+pub struct MetricsError(#[from] BuildError);
+
+/// Installs the process-wide Prometheus recorder and describes the kernel's metrics.
+///
+/// Call it once, before starting the tree (metrics recorded earlier are lost), and pass
+/// the handle to [`AdminState::new`]: the admin actor serves it at `/metrics` and runs its
+/// upkeep every [`UPKEEP_INTERVAL`].
+pub fn install_metrics() -> Result<PrometheusHandle, MetricsError> {
+    let handle = PrometheusBuilder::new().install_recorder()?;
+    warden_actors::supervision::metrics::describe();
+    Ok(handle)
+}
+
+// ---------------------------------------------------------------------------------------
+// Client
+// ---------------------------------------------------------------------------------------
+
+/// Why a call to the admin endpoint failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// No answer: refused, reset, timed out, or a bad URL.
+    #[error("cannot reach {url}: {cause}")]
+    Unreachable {
+        /// The URL called.
+        url: String,
+        /// What went wrong.
+        cause: String,
+    },
+    /// An answer other than 200.
+    #[error("{url} answered {status}: {message}")]
+    Status {
+        /// The URL called.
+        url: String,
+        /// The HTTP status.
+        status: u16,
+        /// The error message of the body, or the status's reason.
+        message: String,
+    },
+}
+
+/// Fetches the drawn tree (`GET /admin/tree?format=text`) from the admin endpoint at
+/// `admin_url` (e.g. `http://127.0.0.1:18790`).
+pub async fn fetch_tree_text(admin_url: &str, token: Option<&str>) -> Result<String, ClientError> {
+    let url = format!("{}/admin/tree?format=text", admin_url.trim_end_matches('/'));
+    let client = client(&url)?;
+    let mut request = client.get(&url);
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    let response = request.send().await.map_err(|e| unreachable(&url, &e))?;
+    let response = ok_or_status(&url, response).await?;
+    response.text().await.map_err(|e| unreachable(&url, &e))
+}
+
+/// Checks `GET /healthz` of the admin endpoint at `admin_url`: `Ok` only on 200.
+pub async fn check_health(admin_url: &str) -> Result<(), ClientError> {
+    let url = format!("{}/healthz", admin_url.trim_end_matches('/'));
+    let client = client(&url)?;
+    let response = client
+        .get(&url)
+        .send()
+        .await
+        .map_err(|e| unreachable(&url, &e))?;
+    ok_or_status(&url, response).await.map(|_| ())
+}
+
+fn client(url: &str) -> Result<reqwest::Client, ClientError> {
+    reqwest::Client::builder()
+        .timeout(CLIENT_TIMEOUT)
+        .build()
+        .map_err(|e| unreachable(url, &e))
+}
+
+fn unreachable(url: &str, err: &reqwest::Error) -> ClientError {
+    let cause = if err.is_timeout() {
+        format!("no answer within {} s", CLIENT_TIMEOUT.as_secs())
+    } else {
+        // reqwest's own message repeats the URL; name it once.
+        let mut cause = without_url(err);
+        let mut source = std::error::Error::source(err);
+        while let Some(inner) = source {
+            cause.push_str(": ");
+            cause.push_str(&inner.to_string());
+            source = inner.source();
+        }
+        cause
+    };
+    ClientError::Unreachable {
+        url: url.to_string(),
+        cause,
+    }
+}
+
+fn without_url(err: &reqwest::Error) -> String {
+    let text = err.to_string();
+    match err.url() {
+        Some(url) => text.replace(&format!(" for url ({url})"), ""),
+        None => text,
+    }
+}
+
+async fn ok_or_status(
+    url: &str,
+    response: reqwest::Response,
+) -> Result<reqwest::Response, ClientError> {
+    let status = response.status();
+    if status == reqwest::StatusCode::OK {
+        return Ok(response);
+    }
+    let body = response.text().await.unwrap_or_default();
+    Err(ClientError::Status {
+        url: url.to_string(),
+        status: status.as_u16(),
+        message: message_of(status, &body),
+    })
+}
+
+/// The most useful message of an error answer: our JSON error's message, a probe's
+/// status, a short body, or the status's reason.
+fn message_of(status: reqwest::StatusCode, body: &str) -> String {
+    #[derive(Deserialize)]
+    struct Shape {
+        error: Option<Detail>,
+        status: Option<String>,
+        failing: Option<Vec<String>>,
+    }
+    #[derive(Deserialize)]
+    struct Detail {
+        message: String,
+    }
+    if let Ok(shape) = serde_json::from_str::<Shape>(body) {
+        if let Some(detail) = shape.error {
+            return detail.message;
+        }
+        if let Some(state) = shape.status {
+            return match shape.failing {
+                Some(failing) if !failing.is_empty() => format!("{state}: {}", failing.join(", ")),
+                _ => state,
+            };
+        }
+    }
+    let body = body.trim();
+    if body.is_empty() {
+        status.canonical_reason().unwrap_or("error").to_string()
+    } else {
+        body.chars().take(200).collect()
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_compare_by_content_and_length() {
+        assert!(token_matches("s3cret", "s3cret"));
+        assert!(!token_matches("s3cret", "s3creT"));
+        assert!(!token_matches("s3cret", "s3cre"));
+        assert!(!token_matches("s3cret", "s3cret!"));
+        assert!(!token_matches("s3cret", "s3cret\0"));
+        assert!(!token_matches("s3cret", ""));
+        assert!(!token_matches("", ""));
+    }
+
+    #[test]
+    fn bearer_scheme_is_case_insensitive() {
+        let mut headers = HeaderMap::new();
+        assert_eq!(bearer(&headers), None);
+        headers.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("bearer abc"),
+        );
+        assert_eq!(bearer(&headers), Some("abc"));
+        headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic abc"));
+        assert_eq!(bearer(&headers), None);
+    }
+
+    #[test]
+    fn error_messages_prefer_the_json_message() {
+        let status = reqwest::StatusCode::SERVICE_UNAVAILABLE;
+        assert_eq!(
+            message_of(status, r#"{"error":{"code":"x","message":"m"}}"#),
+            "m"
+        );
+        assert_eq!(
+            message_of(status, r#"{"status":"not_ready","failing":["root/a"]}"#),
+            "not_ready: root/a"
+        );
+        assert_eq!(message_of(status, ""), "Service Unavailable");
     }
 }

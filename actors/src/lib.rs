@@ -3,6 +3,7 @@
 //! * [`supervision`] — the generic kernel: supervisors, restart policy, backoff, start
 //!   slots, liveness and the live tree snapshot. It knows nothing about any domain.
 //!
+//! * [`serve`] — an HTTP server as a supervised actor (used by the gateway and admin).
 //! * [`gateway`] — the gateway listener (protocol and sessions: issue 4).
 //!
 //! Domain actors (gateway, node, Matrix, approvals) live in their own modules beside it,
@@ -10,4 +11,5 @@
 //! its supervisor.
 
 pub mod gateway;
+pub mod serve;
 pub mod supervision;

@@ -1,1 +1,724 @@
-//! Integration tests: admin.
+//! Integration tests: admin. A real tree with small test actors and the admin actor bound
+//! to `127.0.0.1:0`, driven over real sockets with reqwest.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail, ensure};
+use metrics_exporter_prometheus::PrometheusHandle;
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use tokio::time::Instant;
+use warden::admin::{self, AdminSettings, AdminState, ClientError};
+use warden_actors::supervision::{
+    ChildContext, ChildSpec, ControlAction, NodeSnapshot, NodeState, Policy, Restart, Strategy,
+    Tree, TreeOptions,
+};
+
+/// How long a condition may take before a test fails.
+const DEADLINE: Duration = Duration::from_secs(5);
+
+/// A worker that does nothing but run.
+struct Worker;
+
+impl Actor for Worker {
+    type Msg = ();
+    type State = ();
+    type Arguments = ();
+
+    async fn pre_start(&self, _myself: ActorRef<()>, _args: ()) -> Result<(), ActorProcessingErr> {
+        Ok(())
+    }
+}
+
+/// Restarts fast and without jitter, so tests wait milliseconds.
+fn fast_policy() -> Policy {
+    let mut policy = Policy::default();
+    policy.backoff.initial = Duration::from_millis(10);
+    policy.backoff.max = Duration::from_millis(100);
+    policy.backoff.jitter = 0.0;
+    policy.shutdown_timeout = Duration::from_secs(3);
+    policy
+}
+
+fn worker(id: &str) -> ChildSpec {
+    ChildSpec::new(
+        id,
+        "worker",
+        Restart::Permanent,
+        |ctx: ChildContext| async move {
+            let (actor, _) = Actor::spawn_linked(None, Worker, (), ctx.supervisor.clone()).await?;
+            Ok(actor.get_cell())
+        },
+    )
+    .with_policy(fast_policy())
+}
+
+/// The process's one metrics recorder, shared by every test of this binary.
+fn metrics() -> anyhow::Result<PrometheusHandle> {
+    static HANDLE: OnceLock<Result<PrometheusHandle, String>> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| admin::install_metrics().map_err(|e| e.to_string()))
+        .clone()
+        .map_err(anyhow::Error::msg)
+}
+
+fn loopback_any_port() -> AdminSettings {
+    AdminSettings {
+        bind: ([127, 0, 0, 1], 0).into(),
+        ..AdminSettings::default()
+    }
+}
+
+/// A running tree `root → { alpha, group → { beta }, admin }` and a client for its admin
+/// endpoint.
+struct Fixture {
+    tree: Tree,
+    state: AdminState,
+    base: String,
+    http: reqwest::Client,
+}
+
+impl Fixture {
+    async fn start(token: Option<&str>, with_metrics: bool) -> anyhow::Result<Self> {
+        let handle = if with_metrics { Some(metrics()?) } else { None };
+        let config = json!({ "admin": { "bind": "127.0.0.1:0", "token": "***" } });
+        let state = AdminState::new(config, token.map(str::to_string), handle);
+        let fixture = Self::start_unset(state, &loopback_any_port()).await?;
+        fixture.set_tree()?;
+        Ok(fixture)
+    }
+
+    /// Starts the tree without handing it to the endpoint.
+    async fn start_unset(state: AdminState, settings: &AdminSettings) -> anyhow::Result<Self> {
+        let children = vec![
+            worker("alpha"),
+            ChildSpec::supervisor("group", Strategy::OneForOne, vec![worker("beta")]),
+            admin::spec(settings, state.clone(), fast_policy()),
+        ];
+        let tree = Tree::start(children, TreeOptions::default()).await?;
+        let addr = tokio::time::timeout(DEADLINE, state.wait_bound())
+            .await
+            .context("the admin endpoint did not bind")?;
+        let http = reqwest::Client::builder().timeout(DEADLINE).build()?;
+        Ok(Self {
+            tree,
+            state,
+            base: format!("http://{addr}"),
+            http,
+        })
+    }
+
+    fn set_tree(&self) -> anyhow::Result<()> {
+        self.state
+            .set_tree(self.tree.handle())
+            .map_err(|_| anyhow::anyhow!("the tree was already set"))
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    async fn get(&self, path: &str, token: Option<&str>) -> anyhow::Result<(StatusCode, String)> {
+        let mut request = self.http.get(self.url(path));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().await?;
+        Ok((response.status(), response.text().await?))
+    }
+
+    async fn get_json(
+        &self,
+        path: &str,
+        token: Option<&str>,
+    ) -> anyhow::Result<(StatusCode, Value)> {
+        let (status, body) = self.get(path, token).await?;
+        let value =
+            serde_json::from_str(&body).with_context(|| format!("GET {path}: not JSON: {body}"))?;
+        Ok((status, value))
+    }
+
+    async fn post(&self, path: &str, token: Option<&str>) -> anyhow::Result<(StatusCode, Value)> {
+        let mut request = self.http.post(self.url(path));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().await?;
+        let status = response.status();
+        let body = response.text().await?;
+        let value = serde_json::from_str(&body)
+            .with_context(|| format!("POST {path}: not JSON: {body}"))?;
+        Ok((status, value))
+    }
+
+    /// Polls `/admin/tree` until `done` holds, or fails with the last snapshot.
+    async fn wait_tree(
+        &self,
+        token: Option<&str>,
+        what: &str,
+        done: impl Fn(&NodeSnapshot) -> bool,
+    ) -> anyhow::Result<NodeSnapshot> {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let (status, body) = self.get("/admin/tree", token).await?;
+            ensure!(
+                status == StatusCode::OK,
+                "GET /admin/tree answered {status}: {body}"
+            );
+            let snapshot: NodeSnapshot = serde_json::from_str(&body)?;
+            if done(&snapshot) {
+                return Ok(snapshot);
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "{what}: not within {DEADLINE:?}; last tree:\n{}",
+                    snapshot.render_text()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Polls `path` until it answers `want`, or fails with the last answer.
+    async fn wait_status(&self, path: &str, want: StatusCode) -> anyhow::Result<Value> {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let (status, body) = self.get_json(path, None).await?;
+            if status == want {
+                return Ok(body);
+            }
+            if Instant::now() >= deadline {
+                bail!("GET {path}: wanted {want} within {DEADLINE:?}, last answer {status} {body}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn shutdown(self) -> anyhow::Result<()> {
+        let report = self.tree.shutdown(DEADLINE).await;
+        ensure!(report.graceful, "shutdown was not graceful: {report:?}");
+        ensure!(
+            self.state.bound_addr().is_none(),
+            "the admin endpoint still publishes its address"
+        );
+        Ok(())
+    }
+}
+
+fn error_code(body: &Value) -> &str {
+    body["error"]["code"].as_str().unwrap_or("<no error code>")
+}
+
+fn child<'a>(snapshot: &'a NodeSnapshot, path: &str) -> Option<&'a NodeSnapshot> {
+    snapshot.find(path)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probes_tree_and_operator_actions() -> anyhow::Result<()> {
+    let fx = Fixture::start(None, false).await?;
+
+    let (status, health) = fx.get_json("/healthz", None).await?;
+    assert_eq!(status, StatusCode::OK, "{health}");
+    assert_eq!(health["status"], "ok");
+    assert!(health["uptime_ms"].is_u64(), "{health}");
+
+    let ready = fx.wait_status("/readyz", StatusCode::OK).await?;
+    assert_eq!(ready, json!({ "status": "ready" }));
+
+    // A stopped permanent child fails readiness by name; starting it again cures it.
+    let (status, body) = fx.post("/admin/actors/root/group/beta/stop", None).await?;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        body,
+        json!({ "ok": true, "path": "root/group/beta", "action": "stop" })
+    );
+    let (status, ready) = fx.get_json("/readyz", None).await?;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{ready}");
+    assert_eq!(
+        ready,
+        json!({ "status": "not_ready", "failing": ["root/group/beta"] })
+    );
+    let (status, body) = fx.post("/admin/actors/root/group/beta/start", None).await?;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    fx.wait_status("/readyz", StatusCode::OK).await?;
+
+    // The tree as JSON and as a drawing.
+    let (status, tree) = fx.get("/admin/tree", None).await?;
+    assert_eq!(status, StatusCode::OK);
+    let tree: NodeSnapshot = serde_json::from_str(&tree)?;
+    for path in ["root/alpha", "root/group", "root/group/beta", "root/admin"] {
+        assert!(
+            child(&tree, path).is_some(),
+            "{path} missing from\n{}",
+            tree.render_text()
+        );
+    }
+    assert_eq!(
+        child(&tree, "root/admin").map(|n| n.kind.as_str()),
+        Some("admin")
+    );
+    let response = fx
+        .http
+        .get(fx.url("/admin/tree?format=text"))
+        .send()
+        .await?;
+    assert_eq!(response.status(), StatusCode::OK);
+    let content_type = response
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok());
+    assert_eq!(content_type, Some("text/plain; charset=utf-8"));
+    let text = response.text().await?;
+    assert!(text.starts_with("root  running"), "{text}");
+    assert!(
+        text.contains("├── alpha  running  permanent  [worker]"),
+        "{text}"
+    );
+    assert!(text.contains("│   └── beta  running"), "{text}");
+    assert!(
+        text.contains("└── admin  running  permanent  [admin]"),
+        "{text}"
+    );
+    let (status, body) = fx.get_json("/admin/tree?format=yaml", None).await?;
+    assert_eq!(
+        (status, error_code(&body)),
+        (StatusCode::BAD_REQUEST, "bad_request"),
+        "{body}"
+    );
+
+    // A kill is a transient failure: the child comes back as generation 2.
+    let (status, body) = fx.post("/admin/actors/root/alpha/kill", None).await?;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["action"], "kill");
+    fx.wait_tree(None, "alpha restarted after a kill", |t| {
+        child(t, "root/alpha").is_some_and(|a| {
+            a.state == NodeState::Running && a.restarts_total == 1 && a.generation == 2
+        })
+    })
+    .await?;
+
+    // Refusals, each in the one error shape.
+    let (status, body) = fx.post("/admin/actors/root/alpha/explode", None).await?;
+    assert_eq!(
+        (status, error_code(&body)),
+        (StatusCode::BAD_REQUEST, "bad_action"),
+        "{body}"
+    );
+    let (status, body) = fx.post("/admin/actors/root/nobody/restart", None).await?;
+    assert_eq!(
+        (status, error_code(&body)),
+        (StatusCode::NOT_FOUND, "unknown_actor"),
+        "{body}"
+    );
+    assert_eq!(body["error"]["message"], "no actor at root/nobody");
+    let (status, body) = fx.post("/admin/actors/root/alpha/start", None).await?;
+    assert_eq!(
+        (status, error_code(&body)),
+        (StatusCode::CONFLICT, "conflict"),
+        "{body}"
+    );
+    let (status, body) = fx.post("/admin/actors/root/restart", None).await?;
+    assert_eq!(
+        (status, error_code(&body)),
+        (StatusCode::CONFLICT, "conflict"),
+        "{body}"
+    );
+    let message = body["error"]["message"].as_str().unwrap_or("");
+    assert!(message.contains("the root cannot be controlled"), "{body}");
+    let (status, body) = fx.post("/admin/actors/kill", None).await?;
+    assert_eq!(
+        (status, error_code(&body)),
+        (StatusCode::BAD_REQUEST, "bad_request"),
+        "{body}"
+    );
+    // The endpoint does not act on itself: the answer would be cut off.
+    let (status, body) = fx.post("/admin/actors/root/admin/stop", None).await?;
+    assert_eq!(
+        (status, error_code(&body)),
+        (StatusCode::CONFLICT, "conflict"),
+        "{body}"
+    );
+    let (status, body) = fx.get_json("/no/such/thing", None).await?;
+    assert_eq!(
+        (status, error_code(&body)),
+        (StatusCode::NOT_FOUND, "not_found"),
+        "{body}"
+    );
+    let (status, body) = fx.get_json("/admin/actors/root/alpha/kill", None).await?;
+    assert_eq!(
+        (status, error_code(&body)),
+        (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
+        "{body}"
+    );
+    let (status, body) = fx.post("/healthz", None).await?;
+    assert_eq!(
+        (status, error_code(&body)),
+        (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
+        "{body}"
+    );
+    // No metrics recorder in this fixture.
+    let (status, body) = fx.get_json("/metrics", None).await?;
+    assert_eq!(
+        (status, error_code(&body)),
+        (StatusCode::NOT_FOUND, "not_found"),
+        "{body}"
+    );
+
+    let (status, config) = fx.get_json("/admin/config", None).await?;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        config,
+        json!({ "admin": { "bind": "127.0.0.1:0", "token": "***" } })
+    );
+
+    fx.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_guards_everything_but_the_probes() -> anyhow::Result<()> {
+    let token = "7f0c1e6a-admin-token";
+    let fx = Fixture::start(Some(token), false).await?;
+
+    for (header, what) in [
+        (None, "no token"),
+        (Some("7f0c1e6a-admin-tokeN"), "a wrong token"),
+        (Some("short"), "a short token"),
+    ] {
+        let mut request = fx.http.get(fx.url("/admin/tree"));
+        if let Some(wrong) = header {
+            request = request.bearer_auth(wrong);
+        }
+        let response = request.send().await?;
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED, "{what}");
+        let challenge = response
+            .headers()
+            .get("www-authenticate")
+            .and_then(|v| v.to_str().ok());
+        assert_eq!(challenge, Some("Bearer"), "{what}");
+        let body: Value = response.json().await?;
+        assert_eq!(error_code(&body), "unauthorized", "{what}: {body}");
+    }
+    let response = fx
+        .http
+        .get(fx.url("/admin/tree"))
+        .header("authorization", format!("Basic {token}"))
+        .send()
+        .await?;
+    assert_eq!(
+        response.status(),
+        StatusCode::UNAUTHORIZED,
+        "another scheme"
+    );
+
+    let (status, _) = fx.get("/admin/tree", Some(token)).await?;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = fx.get("/admin/config", None).await?;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (status, body) = fx.post("/admin/actors/root/alpha/restart", None).await?;
+    assert_eq!(
+        (status, error_code(&body)),
+        (StatusCode::UNAUTHORIZED, "unauthorized"),
+        "{body}"
+    );
+    let (status, body) = fx
+        .post("/admin/actors/root/alpha/restart", Some(token))
+        .await?;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    // Unknown paths are no way around the token either.
+    let (status, _) = fx.get("/no/such/thing", None).await?;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (status, _) = fx.get("/no/such/thing", Some(token)).await?;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    // Probes carry no token.
+    let (status, _) = fx.get("/healthz", None).await?;
+    assert_eq!(status, StatusCode::OK);
+    fx.wait_status("/readyz", StatusCode::OK).await?;
+
+    // The CLI client.
+    let text = admin::fetch_tree_text(&fx.base, Some(token)).await?;
+    assert!(text.contains("alpha  running"), "{text}");
+    match admin::fetch_tree_text(&fx.base, None).await {
+        Err(ClientError::Status {
+            status: 401, url, ..
+        }) => {
+            assert_eq!(url, format!("{}/admin/tree?format=text", fx.base));
+        }
+        other => bail!("expected a 401 without the token, got {other:?}"),
+    }
+    admin::check_health(&format!("{}/", fx.base)).await?;
+
+    fx.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_restarts() -> anyhow::Result<()> {
+    let fx = Fixture::start(None, true).await?;
+    fx.wait_status("/readyz", StatusCode::OK).await?;
+    let (status, body) = fx.post("/admin/actors/root/group/beta/kill", None).await?;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    let deadline = Instant::now() + DEADLINE;
+    let text = loop {
+        let response = fx.http.get(fx.url("/metrics")).send().await?;
+        assert_eq!(response.status(), StatusCode::OK);
+        let content_type = response
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        assert!(
+            content_type.starts_with("text/plain; version=0.0.4"),
+            "{content_type}"
+        );
+        let text = response.text().await?;
+        if text
+            .lines()
+            .any(|l| l.starts_with("warden_restarts_total{"))
+        {
+            break text;
+        }
+        if Instant::now() >= deadline {
+            bail!("no warden_restarts_total within {DEADLINE:?}:\n{text}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(
+        text.contains("# TYPE warden_restarts_total counter"),
+        "{text}"
+    );
+    assert!(text.contains("# HELP warden_restarts_total"), "{text}");
+
+    if let Some(promtool) = std::env::var_os("PROMTOOL") {
+        use tokio::io::AsyncWriteExt as _;
+        let mut child = tokio::process::Command::new(&promtool)
+            .args(["check", "metrics"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .with_context(|| format!("cannot run {}", promtool.to_string_lossy()))?;
+        let mut stdin = child.stdin.take().context("promtool's stdin")?;
+        stdin.write_all(text.as_bytes()).await?;
+        drop(stdin);
+        let output = child.wait_with_output().await?;
+        ensure!(
+            output.status.success(),
+            "promtool check metrics failed ({}):\n{}{}\n--- metrics ---\n{text}",
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
+    fx.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn before_the_tree_is_handed_over() -> anyhow::Result<()> {
+    let state = AdminState::new(json!({}), None, None);
+    let fx = Fixture::start_unset(state, &loopback_any_port()).await?;
+
+    let (status, health) = fx.get_json("/healthz", None).await?;
+    assert_eq!(
+        (status, health["status"].as_str()),
+        (StatusCode::OK, Some("starting")),
+        "{health}"
+    );
+    let (status, ready) = fx.get_json("/readyz", None).await?;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(ready, json!({ "status": "not_ready", "failing": ["root"] }));
+    let (status, body) = fx.get_json("/admin/tree", None).await?;
+    assert_eq!(
+        (status, error_code(&body)),
+        (StatusCode::SERVICE_UNAVAILABLE, "starting"),
+        "{body}"
+    );
+    let (status, body) = fx.post("/admin/actors/root/alpha/restart", None).await?;
+    assert_eq!(
+        (status, error_code(&body)),
+        (StatusCode::SERVICE_UNAVAILABLE, "starting"),
+        "{body}"
+    );
+    let (status, _) = fx.get("/admin/config", None).await?;
+    assert_eq!(status, StatusCode::OK);
+
+    fx.set_tree()?;
+    fx.wait_status("/readyz", StatusCode::OK).await?;
+    fx.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_taken_port_is_retried_until_free() -> anyhow::Result<()> {
+    let blocker = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let taken = blocker.local_addr()?;
+    let settings = AdminSettings {
+        bind: taken,
+        ..AdminSettings::default()
+    };
+    let state = AdminState::new(json!({}), None, None);
+    let children = vec![
+        worker("alpha"),
+        admin::spec(&settings, state.clone(), fast_policy()),
+    ];
+    let tree = Tree::start(children, TreeOptions::default()).await?;
+    let handle = tree.handle();
+
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let snapshot = handle.snapshot();
+        let failure = child(&snapshot, "root/admin").and_then(|a| a.last_failure.clone());
+        if let Some(failure) = failure {
+            assert_eq!(failure.class, "transient");
+            let want = format!("cannot bind the admin endpoint on {taken}: ");
+            assert!(failure.reason.starts_with(&want), "{}", failure.reason);
+            break;
+        }
+        if Instant::now() >= deadline {
+            bail!("no bind failure recorded:\n{}", snapshot.render_text());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(state.bound_addr(), None);
+
+    drop(blocker);
+    let addr = tokio::time::timeout(DEADLINE, state.wait_bound())
+        .await
+        .context("never bound")?;
+    assert_eq!(addr, taken);
+    admin::check_health(&format!("http://{addr}")).await?;
+    let report = tree.shutdown(DEADLINE).await;
+    ensure!(report.graceful, "{report:?}");
+    assert_eq!(state.bound_addr(), None);
+    Ok(())
+}
+
+/// Polls `check_health` until it succeeds, or fails with the last error.
+async fn wait_healthy(base: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        match admin::check_health(base).await {
+            Ok(()) => return Ok(()),
+            Err(err) if Instant::now() >= deadline => {
+                bail!("not healthy within {DEADLINE:?}: {err}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_actor_comes_back_on_its_port_after_a_restart_and_a_kill() -> anyhow::Result<()> {
+    // A fixed port: a restart must free it (graceful stop), and so must a kill (no
+    // `post_stop`; the actor's state aborts its server task when dropped).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let settings = AdminSettings {
+        bind: port,
+        ..AdminSettings::default()
+    };
+    let state = AdminState::new(json!({}), None, None);
+    let children = vec![
+        worker("alpha"),
+        admin::spec(&settings, state.clone(), fast_policy()),
+    ];
+    let tree = Tree::start(children, TreeOptions::default()).await?;
+    let handle = tree.handle();
+    let _ = state.set_tree(handle.clone());
+    let base = format!("http://{port}");
+    assert_eq!(
+        tokio::time::timeout(DEADLINE, state.wait_bound()).await?,
+        port
+    );
+    wait_healthy(&base).await?;
+
+    handle.control("root/admin", ControlAction::Restart).await?;
+    wait_healthy(&base).await?;
+    handle.control("root/admin", ControlAction::Kill).await?;
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let snapshot = handle.snapshot();
+        let admin = child(&snapshot, "root/admin").context("no admin node")?;
+        if admin.state == NodeState::Running && admin.restarts_total >= 1 && admin.generation >= 3 {
+            break;
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "the admin actor did not come back:\n{}",
+                snapshot.render_text()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    wait_healthy(&base).await?;
+    assert_eq!(state.bound_addr(), Some(port));
+
+    let report = tree.shutdown(DEADLINE).await;
+    ensure!(report.graceful, "{report:?}");
+    assert_eq!(state.bound_addr(), None);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_non_loopback_bind_without_token_is_fatal() -> anyhow::Result<()> {
+    let settings = AdminSettings {
+        bind: ([0, 0, 0, 0], 0).into(),
+        ..AdminSettings::default()
+    };
+    let state = AdminState::new(json!({}), None, None);
+    let tree = Tree::start(
+        vec![admin::spec(&settings, state.clone(), fast_policy())],
+        TreeOptions::default(),
+    )
+    .await?;
+    let handle = tree.handle();
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let snapshot = handle.snapshot();
+        if let Some(admin) = child(&snapshot, "root/admin")
+            && admin.state == NodeState::Parked
+        {
+            let failure = admin
+                .last_failure
+                .clone()
+                .context("parked without a failure")?;
+            assert_eq!(failure.class, "fatal");
+            assert!(
+                failure.reason.contains("without admin.token"),
+                "{}",
+                failure.reason
+            );
+            break;
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "the admin child was not parked:\n{}",
+                snapshot.render_text()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(state.bound_addr(), None);
+    let report = tree.shutdown(DEADLINE).await;
+    ensure!(report.graceful, "{report:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_names_the_url_and_cause() -> anyhow::Result<()> {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let base = format!("http://{closed}");
+    match admin::check_health(&base).await {
+        Err(err @ ClientError::Unreachable { .. }) => {
+            let text = err.to_string();
+            assert!(
+                text.starts_with(&format!("cannot reach {base}/healthz: ")),
+                "{text}"
+            );
+            assert!(text.to_lowercase().contains("refused"), "{text}");
+        }
+        other => bail!("expected a refused connection, got {other:?}"),
+    }
+    Ok(())
+}
