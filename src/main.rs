@@ -1,3 +1,8 @@
 //! The `warden` binary: parses the command line and hands over to the library.
 
-fn main() {}
+use clap::Parser;
+
+fn main() {
+    let code = warden::cli::main(warden::cli::Cli::parse());
+    std::process::exit(code);
+}

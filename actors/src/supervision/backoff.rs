@@ -147,7 +147,10 @@ mod tests {
                 let d = b.delay(attempt, jitter.unit());
                 assert!(d <= base, "attempt {attempt}: {d:?} above {base:?}");
                 assert!(d <= b.max);
-                assert!(d >= base.mul_f64(0.8), "attempt {attempt}: {d:?} cut more than 20%");
+                assert!(
+                    d >= base.mul_f64(0.8),
+                    "attempt {attempt}: {d:?} cut more than 20%"
+                );
             }
         }
     }

@@ -60,7 +60,12 @@ pub struct ChildSpec {
 
 impl ChildSpec {
     /// A spec with the default policy and readiness on start.
-    pub fn new<F, Fut>(id: impl Into<String>, kind: impl Into<String>, restart: Restart, start: F) -> Self
+    pub fn new<F, Fut>(
+        id: impl Into<String>,
+        kind: impl Into<String>,
+        restart: Restart,
+        start: F,
+    ) -> Self
     where
         F: Fn(ChildContext) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<ActorCell, SpawnErr>> + Send + 'static,
@@ -146,7 +151,10 @@ struct ProbeInner {
 
 impl Probe {
     pub(crate) fn new(now: Instant) -> Self {
-        Self(Arc::new(ProbeInner { last_beat: Mutex::new(now), ready: AtomicBool::new(false) }))
+        Self(Arc::new(ProbeInner {
+            last_beat: Mutex::new(now),
+            ready: AtomicBool::new(false),
+        }))
     }
 
     /// Reports progress: resets the liveness clock.
@@ -173,6 +181,8 @@ impl Probe {
 
 impl fmt::Debug for Probe {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Probe").field("ready", &self.is_ready()).finish_non_exhaustive()
+        f.debug_struct("Probe")
+            .field("ready", &self.is_ready())
+            .finish_non_exhaustive()
     }
 }

@@ -28,13 +28,26 @@ pub const SLOT_CANCELLED_TOTAL: &str = "warden_start_slot_cancelled_total";
 pub fn describe() {
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
     describe_counter!(RESTARTS_TOTAL, "Restarts decided by supervisors.");
-    describe_counter!(GIVE_UPS_TOTAL, "Children that gave up: parked, escalated or exit.");
+    describe_counter!(
+        GIVE_UPS_TOTAL,
+        "Children that gave up: parked, escalated or exit."
+    );
     describe_gauge!(CHILDREN, "Supervised children in each state.");
-    describe_histogram!(BACKOFF_DELAY_SECONDS, Unit::Seconds, "Backoff delay before a restart.");
+    describe_histogram!(
+        BACKOFF_DELAY_SECONDS,
+        Unit::Seconds,
+        "Backoff delay before a restart."
+    );
     describe_histogram!(SLOT_WAIT_SECONDS, Unit::Seconds, "Wait for a start slot.");
     describe_gauge!(SLOT_HOLDERS, "Current start-slot holders.");
     describe_gauge!(SLOT_HOLDERS_PEAK, "Most start-slot holders seen at once.");
     describe_gauge!(SLOT_QUEUE, "Waiters queued for a start slot.");
-    describe_counter!(SLOT_HOLD_TIMEOUTS_TOTAL, "Start slots force-released after their hold timeout.");
-    describe_counter!(SLOT_CANCELLED_TOTAL, "Queued start-slot waiters that gave up before their turn.");
+    describe_counter!(
+        SLOT_HOLD_TIMEOUTS_TOTAL,
+        "Start slots force-released after their hold timeout."
+    );
+    describe_counter!(
+        SLOT_CANCELLED_TOTAL,
+        "Queued start-slot waiters that gave up before their turn."
+    );
 }

@@ -35,10 +35,10 @@ pub use backoff::{Backoff, Jitter, JitterSource};
 pub use child::{ChildContext, ChildSpec, Probe, Readiness};
 pub use exit::{ExitHandle, ExitRequest};
 pub use policy::{
-    Action, Decision, EXIT_BUDGET_EXHAUSTED, EXIT_FATAL, Exit, Failure, FailureClass, History, Policy, Restart,
-    decide,
+    Action, Decision, EXIT_BUDGET_EXHAUSTED, EXIT_FATAL, Exit, Failure, FailureClass, History,
+    Policy, Restart, decide,
 };
 pub use slots::{PoolSettings, SlotClient, SlotError, SlotGuard};
 pub use snapshot::{FailureSnapshot, HolderSnapshot, NodeSnapshot, NodeState, PoolSnapshot};
 pub use supervisor::{ControlAction, Strategy, SupervisorError};
-pub use tree::{ShutdownReport, SupervisorRef, Tree, TreeHandle, TreeOptions, ROOT};
+pub use tree::{ROOT, ShutdownReport, SupervisorRef, Tree, TreeHandle, TreeOptions};

@@ -102,12 +102,20 @@ pub struct Failure {
 impl Failure {
     /// A failure that a restart with backoff may cure.
     pub fn transient(reason: impl Into<String>) -> Self {
-        Self { class: FailureClass::Transient, reason: reason.into(), retry_after: None }
+        Self {
+            class: FailureClass::Transient,
+            reason: reason.into(),
+            retry_after: None,
+        }
     }
 
     /// A failure that no restart can cure.
     pub fn fatal(reason: impl Into<String>) -> Self {
-        Self { class: FailureClass::Fatal, reason: reason.into(), retry_after: None }
+        Self {
+            class: FailureClass::Fatal,
+            reason: reason.into(),
+            retry_after: None,
+        }
     }
 
     /// Sets the earliest time of the next start.
@@ -118,11 +126,16 @@ impl Failure {
 
     /// Classifies an error that ended an actor: a boxed [`Failure`] keeps its class,
     /// anything else (a plain error, a panic message) is transient.
+    ///
+    /// A `Box<Failure>` that went through `?` is boxed twice; both forms are recognised.
     pub fn classify(err: &ActorProcessingErr) -> Self {
-        match err.downcast_ref::<Failure>() {
-            Some(failure) => failure.clone(),
-            None => Failure::transient(chain(err.as_ref())),
+        if let Some(failure) = err.downcast_ref::<Failure>() {
+            return failure.clone();
         }
+        if let Some(failure) = err.downcast_ref::<Box<Failure>>() {
+            return failure.as_ref().clone();
+        }
+        Failure::transient(chain(err.as_ref()))
     }
 }
 
@@ -251,7 +264,10 @@ pub struct History {
 impl History {
     /// Failures within `window` before `now`.
     pub fn in_window(&self, window: Duration, now: Instant) -> usize {
-        self.failures.iter().filter(|t| now.duration_since(**t) < window).count()
+        self.failures
+            .iter()
+            .filter(|t| now.duration_since(**t) < window)
+            .count()
     }
 
     /// When the failures of the current window happened.
@@ -328,7 +344,10 @@ pub fn decide(
         delay = delay.max(floor);
     }
     history.restarts_total += 1;
-    Decision::Restart { delay, attempt: history.consecutive }
+    Decision::Restart {
+        delay,
+        attempt: history.consecutive,
+    }
 }
 
 #[cfg(test)]
@@ -369,14 +388,52 @@ mod tests {
         let now = Instant::now();
         let mut h = History::default();
         let normal = Exit::Normal(None);
-        assert_eq!(decide(&normal, Restart::Transient, &p, &mut h, Duration::ZERO, now, 0.0), Decision::Stop);
-        assert_eq!(decide(&failed(), Restart::Temporary, &p, &mut h, Duration::ZERO, now, 0.0), Decision::Stop);
+        assert_eq!(
+            decide(
+                &normal,
+                Restart::Transient,
+                &p,
+                &mut h,
+                Duration::ZERO,
+                now,
+                0.0
+            ),
+            Decision::Stop
+        );
+        assert_eq!(
+            decide(
+                &failed(),
+                Restart::Temporary,
+                &p,
+                &mut h,
+                Duration::ZERO,
+                now,
+                0.0
+            ),
+            Decision::Stop
+        );
         assert!(matches!(
-            decide(&failed(), Restart::Transient, &p, &mut h, Duration::ZERO, now, 0.0),
+            decide(
+                &failed(),
+                Restart::Transient,
+                &p,
+                &mut h,
+                Duration::ZERO,
+                now,
+                0.0
+            ),
             Decision::Restart { .. }
         ));
         assert!(matches!(
-            decide(&normal, Restart::Permanent, &p, &mut h, Duration::ZERO, now, 0.0),
+            decide(
+                &normal,
+                Restart::Permanent,
+                &p,
+                &mut h,
+                Duration::ZERO,
+                now,
+                0.0
+            ),
             Decision::Restart { .. }
         ));
     }
@@ -388,11 +445,34 @@ mod tests {
         let mut h = History::default();
         let short = Duration::from_secs(1);
         let delays: Vec<u64> = (0..8)
-            .map(|_| delay_of(decide(&failed(), Restart::Permanent, &p, &mut h, short, now, 0.0)).as_secs())
+            .map(|_| {
+                delay_of(decide(
+                    &failed(),
+                    Restart::Permanent,
+                    &p,
+                    &mut h,
+                    short,
+                    now,
+                    0.0,
+                ))
+                .as_secs()
+            })
             .collect();
         assert_eq!(delays, [1, 2, 4, 8, 16, 32, 60, 60]);
         let healthy = Duration::from_secs(60);
-        assert_eq!(delay_of(decide(&failed(), Restart::Permanent, &p, &mut h, healthy, now, 0.0)).as_secs(), 1);
+        assert_eq!(
+            delay_of(decide(
+                &failed(),
+                Restart::Permanent,
+                &p,
+                &mut h,
+                healthy,
+                now,
+                0.0
+            ))
+            .as_secs(),
+            1
+        );
         assert_eq!(h.consecutive, 1);
         assert_eq!(h.restarts_total, 9);
     }
@@ -402,8 +482,20 @@ mod tests {
         let p = policy(0, 60);
         let mut h = History::default();
         let exit = Exit::Failed(Failure::fatal("M_FORBIDDEN: invalid password"));
-        match decide(&exit, Restart::Permanent, &p, &mut h, Duration::ZERO, Instant::now(), 0.0) {
-            Decision::GiveUp { action, exit_code, reason } => {
+        match decide(
+            &exit,
+            Restart::Permanent,
+            &p,
+            &mut h,
+            Duration::ZERO,
+            Instant::now(),
+            0.0,
+        ) {
+            Decision::GiveUp {
+                action,
+                exit_code,
+                reason,
+            } => {
                 assert_eq!(action, Action::Park);
                 assert_eq!(exit_code, EXIT_FATAL);
                 assert_eq!(reason, "fatal: M_FORBIDDEN: invalid password");
@@ -422,13 +514,36 @@ mod tests {
         let mut h = History::default();
         let mut t = start;
         for expected in [1, 2, 4] {
-            let d = delay_of(decide(&failed(), Restart::Permanent, &p, &mut h, Duration::ZERO, t, 0.0));
+            let d = delay_of(decide(
+                &failed(),
+                Restart::Permanent,
+                &p,
+                &mut h,
+                Duration::ZERO,
+                t,
+                0.0,
+            ));
             assert_eq!(d.as_secs(), expected);
             t += Duration::from_millis(100);
         }
-        match decide(&failed(), Restart::Permanent, &p, &mut h, Duration::ZERO, t, 0.0) {
-            Decision::GiveUp { action: Action::Exit, exit_code: EXIT_BUDGET_EXHAUSTED, reason } => {
-                assert!(reason.starts_with("restart budget spent: 4 failures within 10000 ms"), "{reason}");
+        match decide(
+            &failed(),
+            Restart::Permanent,
+            &p,
+            &mut h,
+            Duration::ZERO,
+            t,
+            0.0,
+        ) {
+            Decision::GiveUp {
+                action: Action::Exit,
+                exit_code: EXIT_BUDGET_EXHAUSTED,
+                reason,
+            } => {
+                assert!(
+                    reason.starts_with("restart budget spent: 4 failures within 10000 ms"),
+                    "{reason}"
+                );
             }
             other => panic!("{other:?}"),
         }
@@ -443,7 +558,15 @@ mod tests {
             // One failure every 6 s: never more than 2 inside a 10 s window.
             let t = t0 + Duration::from_secs(6 * i);
             assert!(matches!(
-                decide(&failed(), Restart::Permanent, &p, &mut h, Duration::ZERO, t, 0.0),
+                decide(
+                    &failed(),
+                    Restart::Permanent,
+                    &p,
+                    &mut h,
+                    Duration::ZERO,
+                    t,
+                    0.0
+                ),
                 Decision::Restart { .. }
             ));
             assert!(h.in_window(p.window, t) <= 2);
@@ -455,7 +578,15 @@ mod tests {
         let p = policy(0, 60);
         let mut h = History::default();
         let exit = Exit::Failed(Failure::transient("429").retry_after(Duration::from_secs(90)));
-        let d = delay_of(decide(&exit, Restart::Permanent, &p, &mut h, Duration::ZERO, Instant::now(), 0.0));
+        let d = delay_of(decide(
+            &exit,
+            Restart::Permanent,
+            &p,
+            &mut h,
+            Duration::ZERO,
+            Instant::now(),
+            0.0,
+        ));
         assert_eq!(d, Duration::from_secs(90));
     }
 
@@ -463,6 +594,8 @@ mod tests {
     fn classify_keeps_class_and_defaults_to_transient() {
         let boxed: ActorProcessingErr = Box::new(Failure::fatal("bad token"));
         assert_eq!(Failure::classify(&boxed).class, FailureClass::Fatal);
+        let twice: ActorProcessingErr = From::from(Box::new(Failure::fatal("boxed twice")));
+        assert_eq!(Failure::classify(&twice), Failure::fatal("boxed twice"));
         let plain: ActorProcessingErr = From::from("panicked at boom");
         let f = Failure::classify(&plain);
         assert_eq!(f.class, FailureClass::Transient);

@@ -120,7 +120,10 @@ impl PolicySettings {
         if let (Some(i), Some(m)) = (b.initial_ms, b.max_ms)
             && i > m
         {
-            return Err(("backoff.initial_ms", format!("{i} is above backoff.max_ms {m}")));
+            return Err((
+                "backoff.initial_ms",
+                format!("{i} is above backoff.max_ms {m}"),
+            ));
         }
         if self.window_ms == Some(0) {
             return Err(("window_ms", "must be above 0".to_string()));
@@ -180,7 +183,10 @@ mod tests {
     fn layers_override_only_what_they_set() {
         let base = Policy::default();
         let layer = PolicySettings {
-            backoff: BackoffSettings { max_ms: Some(5000), ..Default::default() },
+            backoff: BackoffSettings {
+                max_ms: Some(5000),
+                ..Default::default()
+            },
             max_restarts: Some(5),
             on_exhausted: Some(ActionSetting::Exit),
             liveness_timeout_ms: Some(120_000),
@@ -193,23 +199,38 @@ mod tests {
         assert_eq!(p.on_exhausted, Action::Exit);
         assert_eq!(p.on_fatal, base.on_fatal);
         assert_eq!(p.liveness_timeout, Some(Duration::from_secs(120)));
-        let off = PolicySettings { liveness_timeout_ms: Some(0), ..Default::default() }.apply(&p);
+        let off = PolicySettings {
+            liveness_timeout_ms: Some(0),
+            ..Default::default()
+        }
+        .apply(&p);
         assert_eq!(off.liveness_timeout, None);
     }
 
     #[test]
     fn validation_names_the_field() {
         let bad = PolicySettings {
-            backoff: BackoffSettings { jitter: Some(1.5), ..Default::default() },
+            backoff: BackoffSettings {
+                jitter: Some(1.5),
+                ..Default::default()
+            },
             ..Default::default()
         };
         assert_eq!(bad.validate().map_err(|e| e.0), Err("backoff.jitter"));
         let bad = PolicySettings {
-            backoff: BackoffSettings { initial_ms: Some(10), max_ms: Some(5), ..Default::default() },
+            backoff: BackoffSettings {
+                initial_ms: Some(10),
+                max_ms: Some(5),
+                ..Default::default()
+            },
             ..Default::default()
         };
         assert_eq!(bad.validate().map_err(|e| e.0), Err("backoff.initial_ms"));
-        let pool = PoolConfig { max_concurrent: 0, jitter_ms: 0, hold_timeout_ms: 1 };
+        let pool = PoolConfig {
+            max_concurrent: 0,
+            jitter_ms: 0,
+            hold_timeout_ms: 1,
+        };
         assert_eq!(pool.validate().map_err(|e| e.0), Err("max_concurrent"));
     }
 }

@@ -122,14 +122,18 @@ impl Drop for SlotGuard {
     fn drop(&mut self) {
         if self.armed {
             // If the actor is gone, so is the slot.
-            let _ = self.actor.send_message(SlotMsg::Release { lease: self.lease });
+            let _ = self
+                .actor
+                .send_message(SlotMsg::Release { lease: self.lease });
         }
     }
 }
 
 impl fmt::Debug for SlotGuard {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SlotGuard").field("lease", &self.lease).finish_non_exhaustive()
+        f.debug_struct("SlotGuard")
+            .field("lease", &self.lease)
+            .finish_non_exhaustive()
     }
 }
 
@@ -150,7 +154,12 @@ impl SlotClient {
     }
 
     /// Waits for a slot of `pool` in FIFO order. Cancel by dropping the future.
-    pub async fn acquire(&self, pool: &str, holder: &str, first_start: bool) -> Result<SlotGuard, SlotError> {
+    pub async fn acquire(
+        &self,
+        pool: &str,
+        holder: &str,
+        first_start: bool,
+    ) -> Result<SlotGuard, SlotError> {
         let actor = self.current().ok_or(SlotError::Unavailable)?;
         let (reply, answer) = oneshot::channel();
         let msg = SlotMsg::Acquire {
@@ -160,7 +169,9 @@ impl SlotClient {
             asked_at: Instant::now(),
             reply,
         };
-        actor.send_message(msg).map_err(|_| SlotError::Unavailable)?;
+        actor
+            .send_message(msg)
+            .map_err(|_| SlotError::Unavailable)?;
         answer.await.map_err(|_| SlotError::Unavailable)?
     }
 
@@ -176,18 +187,24 @@ impl SlotClient {
     pub fn spec(&self, id: impl Into<String>, pools: Vec<(String, PoolSettings)>) -> ChildSpec {
         let client = self.clone();
         let pools = Arc::new(pools);
-        ChildSpec::new(id, "start_slots", Restart::Permanent, move |ctx: ChildContext| {
-            let args = StartSlotsArgs {
-                pools: pools.as_ref().clone(),
-                jitter: ctx.jitter.clone(),
-                inner: ctx.inner.clone(),
-                client: client.clone(),
-            };
-            async move {
-                let (actor, _) = Actor::spawn_linked(None, StartSlots, args, ctx.supervisor.clone()).await?;
-                Ok(actor.get_cell())
-            }
-        })
+        ChildSpec::new(
+            id,
+            "start_slots",
+            Restart::Permanent,
+            move |ctx: ChildContext| {
+                let args = StartSlotsArgs {
+                    pools: pools.as_ref().clone(),
+                    jitter: ctx.jitter.clone(),
+                    inner: ctx.inner.clone(),
+                    client: client.clone(),
+                };
+                async move {
+                    let (actor, _) =
+                        Actor::spawn_linked(None, StartSlots, args, ctx.supervisor.clone()).await?;
+                    Ok(actor.get_cell())
+                }
+            },
+        )
     }
 
     /// Starts a start-slot actor outside any tree (tests, benchmarks).
@@ -270,7 +287,10 @@ impl Actor for StartSlots {
             .into_iter()
             .map(|(name, settings)| Pool {
                 name: name.into(),
-                settings: PoolSettings { max_concurrent: settings.max_concurrent.max(1), ..settings },
+                settings: PoolSettings {
+                    max_concurrent: settings.max_concurrent.max(1),
+                    ..settings
+                },
                 holders: HashMap::new(),
                 queue: VecDeque::new(),
                 peak: 0,
@@ -293,8 +313,16 @@ impl Actor for StartSlots {
         Ok(state)
     }
 
-    async fn post_stop(&self, myself: ActorRef<Self::Msg>, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
-        if state.client.current().is_some_and(|a| a.get_id() == myself.get_id()) {
+    async fn post_stop(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        if state
+            .client
+            .current()
+            .is_some_and(|a| a.get_id() == myself.get_id())
+        {
             state.client.set(None);
         }
         for pool in &mut state.pools {
@@ -315,12 +343,22 @@ impl Actor for StartSlots {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            SlotMsg::Acquire { pool, holder, first_start, asked_at, reply } => {
+            SlotMsg::Acquire {
+                pool,
+                holder,
+                first_start,
+                asked_at,
+                reply,
+            } => {
                 let Some(idx) = state.pools.iter().position(|p| *p.name == *pool) else {
                     let _ = reply.send(Err(SlotError::UnknownPool(pool)));
                     return Ok(());
                 };
-                let waiter = Waiter { holder: holder.into(), asked_at, reply };
+                let waiter = Waiter {
+                    holder: holder.into(),
+                    asked_at,
+                    reply,
+                };
                 let jitter = state.pools[idx].settings.jitter;
                 if first_start && !jitter.is_zero() {
                     let delay = jitter.mul_f64(state.jitter.unit());
@@ -369,25 +407,42 @@ impl StartSlotsState {
     fn grant(&mut self, myself: &ActorRef<SlotMsg>, idx: usize) {
         let pool = &mut self.pools[idx];
         while pool.holders.len() < pool.settings.max_concurrent {
-            let Some(waiter) = pool.queue.pop_front() else { break };
+            let Some(waiter) = pool.queue.pop_front() else {
+                break;
+            };
             if waiter.reply.is_closed() {
-                metrics::counter!(m::SLOT_CANCELLED_TOTAL, "pool" => pool.name.to_string()).increment(1);
+                metrics::counter!(m::SLOT_CANCELLED_TOTAL, "pool" => pool.name.to_string())
+                    .increment(1);
                 continue;
             }
             let lease = self.next_id;
             self.next_id += 1;
-            let guard = SlotGuard { lease, actor: myself.clone(), armed: true };
+            let guard = SlotGuard {
+                lease,
+                actor: myself.clone(),
+                armed: true,
+            };
             if let Err(Ok(mut guard)) = waiter.reply.send(Ok(guard)) {
                 // The caller left between the check and the send.
                 guard.disarm();
-                metrics::counter!(m::SLOT_CANCELLED_TOTAL, "pool" => pool.name.to_string()).increment(1);
+                metrics::counter!(m::SLOT_CANCELLED_TOTAL, "pool" => pool.name.to_string())
+                    .increment(1);
                 continue;
             }
             let now = Instant::now();
             metrics::histogram!(m::SLOT_WAIT_SECONDS, "pool" => pool.name.to_string())
                 .record(now.saturating_duration_since(waiter.asked_at).as_secs_f64());
-            let timer = myself.send_after(pool.settings.hold_timeout, move || SlotMsg::HoldExpired { lease });
-            pool.holders.insert(lease, Holder { name: waiter.holder, since: now, timer });
+            let timer = myself.send_after(pool.settings.hold_timeout, move || {
+                SlotMsg::HoldExpired { lease }
+            });
+            pool.holders.insert(
+                lease,
+                Holder {
+                    name: waiter.holder,
+                    since: now,
+                    timer,
+                },
+            );
             pool.peak = pool.peak.max(pool.holders.len());
             self.leases.insert(lease, idx);
         }
@@ -408,8 +463,11 @@ impl StartSlotsState {
             .pools
             .iter()
             .map(|p| {
-                let mut holders: Vec<(Arc<str>, Instant)> =
-                    p.holders.values().map(|h| (h.name.clone(), h.since)).collect();
+                let mut holders: Vec<(Arc<str>, Instant)> = p
+                    .holders
+                    .values()
+                    .map(|h| (h.name.clone(), h.since))
+                    .collect();
                 holders.sort_by_key(|(_, since)| *since);
                 PoolView {
                     name: p.name.clone(),
@@ -417,7 +475,12 @@ impl StartSlotsState {
                     holders,
                     peak_holders: p.peak,
                     queue_len: p.queue.len(),
-                    queue_head: p.queue.iter().take(QUEUE_HEAD).map(|w| w.holder.clone()).collect(),
+                    queue_head: p
+                        .queue
+                        .iter()
+                        .take(QUEUE_HEAD)
+                        .map(|w| w.holder.clone())
+                        .collect(),
                 }
             })
             .collect();

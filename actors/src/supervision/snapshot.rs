@@ -176,7 +176,13 @@ impl NodeSnapshot {
     }
 
     fn render_into(&self, out: &mut String, first: &str, rest: &str) {
-        let _ = write!(out, "{first}{}  {}  {}", self.id, self.state.as_str(), self.restart);
+        let _ = write!(
+            out,
+            "{first}{}  {}  {}",
+            self.id,
+            self.state.as_str(),
+            self.restart
+        );
         if let Some(strategy) = &self.strategy {
             let _ = write!(out, "  {strategy}");
         }
@@ -185,7 +191,11 @@ impl NodeSnapshot {
         }
         let _ = write!(out, "  gen {}", self.generation);
         if self.restarts_total > 0 {
-            let _ = write!(out, "  restarts {} ({} in window)", self.restarts_total, self.restarts_in_window);
+            let _ = write!(
+                out,
+                "  restarts {} ({} in window)",
+                self.restarts_total, self.restarts_in_window
+            );
         }
         if let Some(ms) = self.uptime_ms {
             let _ = write!(out, "  up {}", human_ms(ms));
@@ -201,8 +211,11 @@ impl NodeSnapshot {
         }
         out.push('\n');
         for pool in &self.pools {
-            let holders: Vec<String> =
-                pool.holders.iter().map(|h| format!("{} {}", h.holder, human_ms(h.held_ms))).collect();
+            let holders: Vec<String> = pool
+                .holders
+                .iter()
+                .map(|h| format!("{} {}", h.holder, human_ms(h.held_ms)))
+                .collect();
             let _ = writeln!(
                 out,
                 "{rest}    pool {}: {}/{} held [{}], {} queued",
@@ -216,7 +229,11 @@ impl NodeSnapshot {
         let n = self.children.len();
         for (i, child) in self.children.iter().enumerate() {
             let last = i + 1 == n;
-            let (branch, indent) = if last { ("└── ", "    ") } else { ("├── ", "│   ") };
+            let (branch, indent) = if last {
+                ("└── ", "    ")
+            } else {
+                ("├── ", "│   ")
+            };
             child.render_into(out, &format!("{rest}{branch}"), &format!("{rest}{indent}"));
         }
     }
@@ -262,11 +279,16 @@ mod tests {
     fn not_ready_names_down_permanent_children_and_unready_reporters() {
         let mut root = node("root", NodeState::Running, "permanent", true);
         let mut gw = node("root/gw", NodeState::Running, "permanent", true);
-        gw.children.push(node("root/gw/a", NodeState::BackingOff, "permanent", false));
-        gw.children.push(node("root/gw/b", NodeState::Stopped, "transient", false));
-        gw.children.push(node("root/gw/c", NodeState::Running, "transient", false));
+        gw.children
+            .push(node("root/gw/a", NodeState::BackingOff, "permanent", false));
+        gw.children
+            .push(node("root/gw/b", NodeState::Stopped, "transient", false));
+        gw.children
+            .push(node("root/gw/c", NodeState::Running, "transient", false));
         let mut parked = node("root/p", NodeState::Parked, "permanent", false);
-        parked.children.push(node("root/p/x", NodeState::Stopped, "permanent", false));
+        parked
+            .children
+            .push(node("root/p/x", NodeState::Stopped, "permanent", false));
         root.children = vec![gw, parked];
         assert_eq!(root.not_ready(), ["root/gw/a", "root/gw/c", "root/p"]);
         assert_eq!(root.find("root/gw/c").map(|n| n.id.as_str()), Some("c"));
@@ -277,16 +299,21 @@ mod tests {
     #[test]
     fn text_draws_branches() {
         let mut root = node("root", NodeState::Running, "permanent", true);
-        root.children.push(node("root/a", NodeState::Running, "permanent", true));
+        root.children
+            .push(node("root/a", NodeState::Running, "permanent", true));
         let mut b = node("root/b", NodeState::BackingOff, "permanent", false);
         b.next_restart_in_ms = Some(1500);
-        b.children.push(node("root/b/c", NodeState::Stopped, "permanent", false));
+        b.children
+            .push(node("root/b/c", NodeState::Stopped, "permanent", false));
         root.children.push(b);
         let text = root.render_text();
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 4, "{text}");
         assert!(lines[1].starts_with("├── a  running"), "{text}");
-        assert!(lines[2].starts_with("└── b  backing_off") && lines[2].contains("next start in 1.5s"), "{text}");
+        assert!(
+            lines[2].starts_with("└── b  backing_off") && lines[2].contains("next start in 1.5s"),
+            "{text}"
+        );
         assert!(lines[3].starts_with("    └── c  stopped"), "{text}");
     }
 }

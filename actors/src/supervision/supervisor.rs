@@ -38,7 +38,9 @@ use super::backoff::Jitter;
 use super::child::{ChildContext, ChildSpec, Probe};
 use super::exit::{ExitHandle, ExitRequest};
 use super::metrics as m;
-use super::policy::{Action, Decision, Exit, Failure, FailureClass, History, Policy, Restart, decide};
+use super::policy::{
+    Action, Decision, Exit, Failure, FailureClass, History, Policy, Restart, decide,
+};
 use super::snapshot::NodeState;
 use super::view::{ChildView, FailureView, Inner, SupervisorView};
 
@@ -83,6 +85,18 @@ pub enum ControlAction {
     Kill,
 }
 
+impl ControlAction {
+    /// The lower-case verb, as in the admin API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Restart => "restart",
+            Self::Stop => "stop",
+            Self::Start => "start",
+            Self::Kill => "kill",
+        }
+    }
+}
+
 impl FromStr for ControlAction {
     type Err = SupervisorError;
 
@@ -125,6 +139,9 @@ pub enum SupervisorError {
     /// The supervisor is stopping or gone.
     #[error("the supervisor is shutting down")]
     ShuttingDown,
+    /// The supervisor did not answer in time (it may be stuck stopping a child).
+    #[error("the supervisor did not answer within {0} s")]
+    Timeout(u64),
 }
 
 /// Messages of [`Supervisor`].
@@ -181,8 +198,12 @@ impl fmt::Debug for SupervisorMsg {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::RestartDue { order, token } => write!(f, "RestartDue({order}, {token})"),
-            Self::LivenessDue { order, generation } => write!(f, "LivenessDue({order}, {generation})"),
-            Self::StartFailed { order, failure, .. } => write!(f, "StartFailed({order}, {failure})"),
+            Self::LivenessDue { order, generation } => {
+                write!(f, "LivenessDue({order}, {generation})")
+            }
+            Self::StartFailed { order, failure, .. } => {
+                write!(f, "StartFailed({order}, {failure})")
+            }
             Self::Add { spec, .. } => write!(f, "Add({})", spec.id),
             Self::Remove { id, .. } => write!(f, "Remove({id})"),
             Self::Control { id, action, .. } => write!(f, "Control({id}, {action:?})"),
@@ -326,7 +347,8 @@ impl Drop for Child {
 }
 
 fn state_gauge(kind: &str, state: NodeState, delta: f64) {
-    metrics::gauge!(m::CHILDREN, "kind" => kind.to_string(), "state" => state.as_str()).increment(delta);
+    metrics::gauge!(m::CHILDREN, "kind" => kind.to_string(), "state" => state.as_str())
+        .increment(delta);
 }
 
 impl ChildSpec {
@@ -336,24 +358,33 @@ impl ChildSpec {
     /// timeout, which must cover the graceful stop of everything below it.
     pub fn supervisor(id: impl Into<String>, strategy: Strategy, children: Vec<ChildSpec>) -> Self {
         let children = Arc::new(children);
-        let mut policy = Policy { shutdown_timeout: Duration::from_secs(30), ..Policy::default() };
+        let mut policy = Policy {
+            shutdown_timeout: Duration::from_secs(30),
+            ..Policy::default()
+        };
         policy.backoff.initial = Duration::from_millis(100);
         policy.backoff.max = Duration::from_secs(10);
-        ChildSpec::new(id, "supervisor", Restart::Permanent, move |ctx: ChildContext| {
-            let children = children.clone();
-            async move {
-                let args = SupervisorArgs {
-                    path: ctx.path.clone(),
-                    strategy,
-                    children: children.as_ref().clone(),
-                    exit: ctx.exit.clone(),
-                    jitter: ctx.jitter.clone(),
-                    inner: ctx.inner.clone(),
-                };
-                let (actor, _) = Actor::spawn_linked(None, Supervisor, args, ctx.supervisor.clone()).await?;
-                Ok(actor.get_cell())
-            }
-        })
+        ChildSpec::new(
+            id,
+            "supervisor",
+            Restart::Permanent,
+            move |ctx: ChildContext| {
+                let children = children.clone();
+                async move {
+                    let args = SupervisorArgs {
+                        path: ctx.path.clone(),
+                        strategy,
+                        children: children.as_ref().clone(),
+                        exit: ctx.exit.clone(),
+                        jitter: ctx.jitter.clone(),
+                        inner: ctx.inner.clone(),
+                    };
+                    let (actor, _) =
+                        Actor::spawn_linked(None, Supervisor, args, ctx.supervisor.clone()).await?;
+                    Ok(actor.get_cell())
+                }
+            },
+        )
         .with_policy(policy)
     }
 }
@@ -417,15 +448,20 @@ impl Actor for Supervisor {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            SupervisorMsg::RestartDue { order, token } => state.restart_due(&myself, order, token).await,
+            SupervisorMsg::RestartDue { order, token } => {
+                state.restart_due(&myself, order, token).await
+            }
             SupervisorMsg::LivenessDue { order, generation } => {
                 state.liveness_due(&myself, order, generation).await
             }
-            SupervisorMsg::StartFailed { order, generation, failure } => {
-                let current = state
-                    .children
-                    .get(&order)
-                    .is_some_and(|c| c.generation == generation && c.cell.is_none() && c.state == NodeState::Starting);
+            SupervisorMsg::StartFailed {
+                order,
+                generation,
+                failure,
+            } => {
+                let current = state.children.get(&order).is_some_and(|c| {
+                    c.generation == generation && c.cell.is_none() && c.state == NodeState::Starting
+                });
                 if current {
                     state.on_exit(&myself, order, Exit::Failed(failure)).await
                 } else {
@@ -442,7 +478,9 @@ impl Actor for Supervisor {
                 let _ = reply.send(result);
                 Ok(())
             }
-            SupervisorMsg::Control { id, action, reply } => state.control(&myself, &id, action, reply).await,
+            SupervisorMsg::Control { id, action, reply } => {
+                state.control(&myself, &id, action, reply).await
+            }
         }
     }
 
@@ -463,23 +501,30 @@ impl Actor for Supervisor {
                 }
                 Ok(())
             }
-            SupervisionEvent::ActorFailed(cell, err) => match state.by_actor.remove(&cell.get_id()) {
-                Some(order) => state.on_exit(&myself, order, Exit::Failed(Failure::classify(&err))).await,
+            SupervisionEvent::ActorFailed(cell, err) => match state.by_actor.remove(&cell.get_id())
+            {
+                Some(order) => {
+                    state
+                        .on_exit(&myself, order, Exit::Failed(Failure::classify(&err)))
+                        .await
+                }
                 None => {
                     debug!(supervisor = %state.path, error = %err, "Ignoring the failure of a stale incarnation.");
                     Ok(())
                 }
             },
-            SupervisionEvent::ActorTerminated(cell, _, reason) => match state.by_actor.remove(&cell.get_id()) {
-                Some(order) => {
-                    let exit = match reason.as_deref() {
-                        Some("killed") => Exit::Failed(Failure::transient("killed")),
-                        _ => Exit::Normal(reason),
-                    };
-                    state.on_exit(&myself, order, exit).await
+            SupervisionEvent::ActorTerminated(cell, _, reason) => {
+                match state.by_actor.remove(&cell.get_id()) {
+                    Some(order) => {
+                        let exit = match reason.as_deref() {
+                            Some("killed") => Exit::Failed(Failure::transient("killed")),
+                            _ => Exit::Normal(reason),
+                        };
+                        state.on_exit(&myself, order, exit).await
+                    }
+                    None => Ok(()),
                 }
-                None => Ok(()),
-            },
+            }
             _ => Ok(()),
         }
     }
@@ -513,9 +558,16 @@ impl SupervisorState {
 
     /// Starts a new incarnation of child `order`. A failed start is reported to the
     /// supervisor's own mailbox, so its consequences are decided in order like any exit.
-    async fn start_child(&mut self, myself: &ActorRef<SupervisorMsg>, order: u64) -> Result<ActorCell, SupervisorError> {
+    async fn start_child(
+        &mut self,
+        myself: &ActorRef<SupervisorMsg>,
+        order: u64,
+    ) -> Result<ActorCell, SupervisorError> {
         let Some(child) = self.children.get_mut(&order) else {
-            return Err(SupervisorError::UnknownChild(format!("{}/#{order}", self.path)));
+            return Err(SupervisorError::UnknownChild(format!(
+                "{}/#{order}",
+                self.path
+            )));
         };
         let now = Instant::now();
         child.generation += 1;
@@ -545,9 +597,13 @@ impl SupervisorState {
                 if let Some(child) = self.children.get_mut(&order) {
                     child.cell = Some(cell.clone());
                     if let Some(timeout) = liveness {
-                        child.liveness_timer = Some(myself.send_after(timeout, move || {
-                            SupervisorMsg::LivenessDue { order, generation }
-                        }));
+                        child.liveness_timer =
+                            Some(
+                                myself.send_after(timeout, move || SupervisorMsg::LivenessDue {
+                                    order,
+                                    generation,
+                                }),
+                            );
                     }
                 }
                 Ok(cell)
@@ -558,7 +614,11 @@ impl SupervisorState {
                     other => Failure::transient(other.to_string()),
                 };
                 let reason = failure.to_string();
-                let _ = myself.send_message(SupervisorMsg::StartFailed { order, generation, failure });
+                let _ = myself.send_message(SupervisorMsg::StartFailed {
+                    order,
+                    generation,
+                    failure,
+                });
                 Err(SupervisorError::StartFailed { path, reason })
             }
         }
@@ -575,8 +635,12 @@ impl SupervisorState {
 
     /// Stops child `order` gracefully within its shutdown timeout, else kills it.
     async fn stop_child(&mut self, order: u64, reason: &str) {
-        let Some(cell) = self.detach(order) else { return };
-        let Some(child) = self.children.get_mut(&order) else { return };
+        let Some(cell) = self.detach(order) else {
+            return;
+        };
+        let Some(child) = self.children.get_mut(&order) else {
+            return;
+        };
         child.set_state(NodeState::Stopping);
         let (path, timeout) = (child.path.clone(), child.spec.policy.shutdown_timeout);
         self.publish(order);
@@ -615,27 +679,49 @@ impl SupervisorState {
         }
         let unit = self.jitter.unit();
         let now = Instant::now();
-        let Some(child) = self.children.get_mut(&order) else { return Ok(()) };
+        let Some(child) = self.children.get_mut(&order) else {
+            return Ok(());
+        };
         child.cell = None;
         child.cancel_liveness();
-        let ran_for = child.started.map(|(t, _)| now.saturating_duration_since(t)).unwrap_or_default();
+        let ran_for = child
+            .started
+            .map(|(t, _)| now.saturating_duration_since(t))
+            .unwrap_or_default();
         child.started = None;
         let failure = exit.effective_failure(child.spec.restart);
         if let Some(f) = &failure {
-            child.last_failure =
-                Some(FailureView { class: f.class, reason: f.reason.clone(), at: SystemTime::now() });
+            child.last_failure = Some(FailureView {
+                class: f.class,
+                reason: f.reason.clone(),
+                at: SystemTime::now(),
+            });
         }
-        let decision = decide(&exit, child.spec.restart, &child.spec.policy, &mut child.history, ran_for, now, unit);
+        let decision = decide(
+            &exit,
+            child.spec.restart,
+            &child.spec.policy,
+            &mut child.history,
+            ran_for,
+            now,
+            unit,
+        );
         let path = child.path.clone();
         let kind = child.spec.kind.clone();
-        let cause = failure.as_ref().map(|f| f.to_string()).unwrap_or_else(|| "stopped".to_string());
+        let cause = failure
+            .as_ref()
+            .map(|f| f.to_string())
+            .unwrap_or_else(|| "stopped".to_string());
 
         match decision {
             Decision::Restart { delay, attempt } => {
-                let class = failure.as_ref().map_or(FailureClass::Transient, |f| f.class);
+                let class = failure
+                    .as_ref()
+                    .map_or(FailureClass::Transient, |f| f.class);
                 metrics::counter!(m::RESTARTS_TOTAL, "kind" => kind.clone(), "class" => class.as_str())
                     .increment(1);
-                metrics::histogram!(m::BACKOFF_DELAY_SECONDS, "kind" => kind).record(delay.as_secs_f64());
+                metrics::histogram!(m::BACKOFF_DELAY_SECONDS, "kind" => kind)
+                    .record(delay.as_secs_f64());
                 let delay_ms = delay.as_millis() as u64;
                 warn!(actor = %path, attempt, delay_ms, error = %cause, "Restarting after failure.");
                 let warn_after = child.spec.policy.warn_after;
@@ -652,8 +738,10 @@ impl SupervisorState {
                     let _ = self.start_child(myself, order).await;
                 } else if let Some(child) = self.children.get_mut(&order) {
                     let token = child.timer_token;
-                    child.restart_timer =
-                        Some(myself.send_after(delay, move || SupervisorMsg::RestartDue { order, token }));
+                    child.restart_timer = Some(
+                        myself
+                            .send_after(delay, move || SupervisorMsg::RestartDue { order, token }),
+                    );
                 }
                 Ok(())
             }
@@ -669,10 +757,17 @@ impl SupervisorState {
                 self.publish(order);
                 Ok(())
             }
-            Decision::GiveUp { action, exit_code, reason } => {
-                metrics::counter!(m::GIVE_UPS_TOTAL, "kind" => kind, "action" => action.as_str()).increment(1);
+            Decision::GiveUp {
+                action,
+                exit_code,
+                reason,
+            } => {
+                metrics::counter!(m::GIVE_UPS_TOTAL, "kind" => kind, "action" => action.as_str())
+                    .increment(1);
                 child.set_state(NodeState::Parked);
-                let fatal = failure.as_ref().is_some_and(|f| f.class == FailureClass::Fatal);
+                let fatal = failure
+                    .as_ref()
+                    .is_some_and(|f| f.class == FailureClass::Fatal);
                 self.publish(order);
                 match action {
                     Action::Park => {
@@ -681,14 +776,22 @@ impl SupervisorState {
                     }
                     Action::Exit => {
                         error!(actor = %path, reason = %reason, code = exit_code, "Giving up; the process will exit.");
-                        self.exit.request(ExitRequest { code: exit_code, path, reason });
+                        self.exit.request(ExitRequest {
+                            code: exit_code,
+                            path,
+                            reason,
+                        });
                         Ok(())
                     }
                     Action::Escalate => {
                         error!(actor = %path, reason = %reason, "Giving up; escalating to the parent supervisor.");
                         self.stop_all().await;
                         let reason = format!("{path} gave up: {reason}");
-                        let failure = if fatal { Failure::fatal(reason) } else { Failure::transient(reason) };
+                        let failure = if fatal {
+                            Failure::fatal(reason)
+                        } else {
+                            Failure::transient(reason)
+                        };
                         Err(Box::new(failure))
                     }
                 }
@@ -701,11 +804,19 @@ impl SupervisorState {
         let in_group = |o: &u64, c: &Child| {
             *o != order
                 && c.spec.restart != Restart::Temporary
-                && matches!(c.state, NodeState::Starting | NodeState::Running | NodeState::BackingOff)
+                && matches!(
+                    c.state,
+                    NodeState::Starting | NodeState::Running | NodeState::BackingOff
+                )
         };
         match self.strategy {
             Strategy::OneForOne => Vec::new(),
-            Strategy::OneForAll => self.children.iter().filter(|(o, c)| in_group(o, c)).map(|(o, _)| *o).collect(),
+            Strategy::OneForAll => self
+                .children
+                .iter()
+                .filter(|(o, c)| in_group(o, c))
+                .map(|(o, _)| *o)
+                .collect(),
             Strategy::RestForOne => self
                 .children
                 .range(order + 1..)
@@ -716,7 +827,9 @@ impl SupervisorState {
     }
 
     fn has_group(&self, leader: u64) -> bool {
-        self.children.values().any(|c| c.group_leader == Some(leader))
+        self.children
+            .values()
+            .any(|c| c.group_leader == Some(leader))
     }
 
     /// Stops the siblings that restart with `leader`, in reverse start order, and marks them
@@ -770,8 +883,12 @@ impl SupervisorState {
         order: u64,
         generation: u64,
     ) -> Result<(), ActorProcessingErr> {
-        let Some(child) = self.children.get_mut(&order) else { return Ok(()) };
-        let Some(timeout) = child.spec.policy.liveness_timeout else { return Ok(()) };
+        let Some(child) = self.children.get_mut(&order) else {
+            return Ok(());
+        };
+        let Some(timeout) = child.spec.policy.liveness_timeout else {
+            return Ok(());
+        };
         if child.generation != generation || child.cell.is_none() {
             return Ok(());
         }
@@ -780,8 +897,9 @@ impl SupervisorState {
         let silent = now.saturating_duration_since(last);
         if silent < timeout {
             let next = timeout - silent;
-            child.liveness_timer =
-                Some(myself.send_after(next, move || SupervisorMsg::LivenessDue { order, generation }));
+            child.liveness_timer = Some(myself.send_after(next, move || {
+                SupervisorMsg::LivenessDue { order, generation }
+            }));
             return Ok(());
         }
         let path = child.path.clone();
@@ -798,7 +916,11 @@ impl SupervisorState {
         self.on_exit(myself, order, Exit::Failed(failure)).await
     }
 
-    async fn add(&mut self, myself: &ActorRef<SupervisorMsg>, spec: ChildSpec) -> Result<ActorCell, SupervisorError> {
+    async fn add(
+        &mut self,
+        myself: &ActorRef<SupervisorMsg>,
+        spec: ChildSpec,
+    ) -> Result<ActorCell, SupervisorError> {
         if self.shutting_down {
             return Err(SupervisorError::ShuttingDown);
         }
@@ -832,7 +954,10 @@ impl SupervisorState {
         reply: RpcReplyPort<Result<(), SupervisorError>>,
     ) -> Result<(), ActorProcessingErr> {
         let Some(&order) = self.by_id.get(id) else {
-            let _ = reply.send(Err(SupervisorError::UnknownChild(format!("{}/{id}", self.path))));
+            let _ = reply.send(Err(SupervisorError::UnknownChild(format!(
+                "{}/{id}",
+                self.path
+            ))));
             return Ok(());
         };
         if self.shutting_down {
@@ -843,7 +968,12 @@ impl SupervisorState {
             Some(c) => (c.path.clone(), c.cell.is_some()),
             None => return Ok(()),
         };
-        let conflict = |reason: &str| Err(SupervisorError::Conflict { path: path.clone(), reason: reason.to_string() });
+        let conflict = |reason: &str| {
+            Err(SupervisorError::Conflict {
+                path: path.clone(),
+                reason: reason.to_string(),
+            })
+        };
         info!(actor = %path, action = ?action, "Operator action.");
         match action {
             ControlAction::Stop => {
@@ -883,7 +1013,12 @@ impl SupervisorState {
                 };
                 let _ = cell.kill_and_wait(Some(KILL_WAIT)).await;
                 let _ = reply.send(Ok(()));
-                self.on_exit(myself, order, Exit::Failed(Failure::transient("killed by operator"))).await
+                self.on_exit(
+                    myself,
+                    order,
+                    Exit::Failed(Failure::transient("killed by operator")),
+                )
+                .await
             }
         }
     }
@@ -891,7 +1026,10 @@ impl SupervisorState {
 
 /// Stops `cell` gracefully within `timeout`, then kills it.
 async fn stop_cell(path: &str, cell: &ActorCell, timeout: Duration, reason: &str) {
-    match cell.stop_and_wait(Some(reason.to_string()), Some(timeout)).await {
+    match cell
+        .stop_and_wait(Some(reason.to_string()), Some(timeout))
+        .await
+    {
         Ok(()) => debug!(actor = %path, reason, "Stopped gracefully."),
         Err(RactorErr::Timeout) => {
             let timeout_ms = timeout.as_millis() as u64;

@@ -17,8 +17,16 @@ const S: Duration = Duration::from_secs(1);
 
 #[derive(Debug)]
 enum Event {
-    Started { id: String, generation: u64, at: Instant, actor: ActorRef<TestMsg> },
-    Stopped { id: String, at: Instant },
+    Started {
+        id: String,
+        generation: u64,
+        at: Instant,
+        actor: ActorRef<TestMsg>,
+    },
+    Stopped {
+        id: String,
+        at: Instant,
+    },
 }
 
 #[derive(Debug)]
@@ -45,11 +53,19 @@ impl Actor for TestChild {
     type State = TestArgs;
     type Arguments = TestArgs;
 
-    async fn pre_start(&self, _: ActorRef<TestMsg>, args: TestArgs) -> Result<TestArgs, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        _: ActorRef<TestMsg>,
+        args: TestArgs,
+    ) -> Result<TestArgs, ActorProcessingErr> {
         Ok(args)
     }
 
-    async fn post_start(&self, myself: ActorRef<TestMsg>, s: &mut TestArgs) -> Result<(), ActorProcessingErr> {
+    async fn post_start(
+        &self,
+        myself: ActorRef<TestMsg>,
+        s: &mut TestArgs,
+    ) -> Result<(), ActorProcessingErr> {
         s.probe.set_ready(true);
         let _ = s.events.send(Event::Started {
             id: s.id.clone(),
@@ -60,12 +76,24 @@ impl Actor for TestChild {
         Ok(())
     }
 
-    async fn post_stop(&self, _: ActorRef<TestMsg>, s: &mut TestArgs) -> Result<(), ActorProcessingErr> {
-        let _ = s.events.send(Event::Stopped { id: s.id.clone(), at: Instant::now() });
+    async fn post_stop(
+        &self,
+        _: ActorRef<TestMsg>,
+        s: &mut TestArgs,
+    ) -> Result<(), ActorProcessingErr> {
+        let _ = s.events.send(Event::Stopped {
+            id: s.id.clone(),
+            at: Instant::now(),
+        });
         Ok(())
     }
 
-    async fn handle(&self, myself: ActorRef<TestMsg>, msg: TestMsg, s: &mut TestArgs) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        myself: ActorRef<TestMsg>,
+        msg: TestMsg,
+        s: &mut TestArgs,
+    ) -> Result<(), ActorProcessingErr> {
         match msg {
             TestMsg::Fail(f) => return Err(Box::new(f)),
             TestMsg::Panic => panic!("boom"),
@@ -100,9 +128,15 @@ fn child(id: &str, restart: Restart, policy: Policy, events: &UnboundedSender<Ev
     let events = events.clone();
     let name = id.to_string();
     ChildSpec::new(id, "test", restart, move |ctx: ChildContext| {
-        let args = TestArgs { id: name.clone(), generation: ctx.generation, probe: ctx.probe.clone(), events: events.clone() };
+        let args = TestArgs {
+            id: name.clone(),
+            generation: ctx.generation,
+            probe: ctx.probe.clone(),
+            events: events.clone(),
+        };
         async move {
-            let (actor, _) = Actor::spawn_linked(None, TestChild, args, ctx.supervisor.clone()).await?;
+            let (actor, _) =
+                Actor::spawn_linked(None, TestChild, args, ctx.supervisor.clone()).await?;
             Ok(actor.get_cell())
         }
     })
@@ -115,9 +149,16 @@ struct Harness {
 }
 
 impl Harness {
-    async fn start(strategy: Strategy, specs: impl FnOnce(&UnboundedSender<Event>) -> Vec<ChildSpec>) -> Self {
+    async fn start(
+        strategy: Strategy,
+        specs: impl FnOnce(&UnboundedSender<Event>) -> Vec<ChildSpec>,
+    ) -> Self {
         let (tx, events) = unbounded_channel();
-        let options = TreeOptions { strategy, jitter: Jitter::fixed(0.0), exit: ExitHandle::new() };
+        let options = TreeOptions {
+            strategy,
+            jitter: Jitter::fixed(0.0),
+            exit: ExitHandle::new(),
+        };
         let tree = Tree::start(specs(&tx), options).await.expect("tree starts");
         Self { tree, events }
     }
@@ -132,7 +173,12 @@ impl Harness {
     /// The next event, which must be the start of `id`; returns (generation, at, actor).
     async fn started(&mut self, id: &str) -> (u64, Instant, ActorRef<TestMsg>) {
         match self.next().await {
-            Event::Started { id: got, generation, at, actor } if got == id => (generation, at, actor),
+            Event::Started {
+                id: got,
+                generation,
+                at,
+                actor,
+            } if got == id => (generation, at, actor),
             other => panic!("expected {id} to start, got {other:?}"),
         }
     }
@@ -153,7 +199,9 @@ impl Harness {
 
     fn node(&self, path: &str) -> NodeSnapshot {
         let snap = self.tree.handle().snapshot();
-        snap.find(path).cloned().unwrap_or_else(|| panic!("no {path} in {}", snap.render_text()))
+        snap.find(path)
+            .cloned()
+            .unwrap_or_else(|| panic!("no {path} in {}", snap.render_text()))
     }
 
     /// Lets queued messages be handled without moving the paused clock.
@@ -165,12 +213,17 @@ impl Harness {
 }
 
 fn fail(actor: &ActorRef<TestMsg>, reason: &str) {
-    actor.send_message(TestMsg::Fail(Failure::transient(reason))).expect("child alive");
+    actor
+        .send_message(TestMsg::Fail(Failure::transient(reason)))
+        .expect("child alive");
 }
 
 #[tokio::test(start_paused = true)]
 async fn restarts_follow_exponential_backoff_and_reset_after_a_healthy_run() {
-    let mut h = Harness::start(Strategy::OneForOne, |tx| vec![child("a", Restart::Permanent, policy(), tx)]).await;
+    let mut h = Harness::start(Strategy::OneForOne, |tx| {
+        vec![child("a", Restart::Permanent, policy(), tx)]
+    })
+    .await;
     let (g, _, mut actor) = h.started("a").await;
     assert_eq!(g, 1);
     // Delays 1, 2, 4, 8 s, then capped at 8 s.
@@ -181,7 +234,10 @@ async fn restarts_follow_exponential_backoff_and_reset_after_a_healthy_run() {
         let node = h.node("root/a");
         assert_eq!(node.state, NodeState::BackingOff);
         assert_eq!(node.next_restart_in_ms, Some(delay * 1000));
-        assert_eq!(node.last_failure.as_ref().map(|f| f.reason.as_str()), Some("connection reset by peer"));
+        assert_eq!(
+            node.last_failure.as_ref().map(|f| f.reason.as_str()),
+            Some("connection reset by peer")
+        );
         let (g, at, next) = h.started("a").await;
         assert_eq!(g, expected_gen);
         assert_eq!(at - failed_at, S * delay as u32, "generation {g}");
@@ -199,7 +255,10 @@ async fn restarts_follow_exponential_backoff_and_reset_after_a_healthy_run() {
 
 #[tokio::test(start_paused = true)]
 async fn panic_and_kill_count_as_transient() {
-    let mut h = Harness::start(Strategy::OneForOne, |tx| vec![child("a", Restart::Transient, policy(), tx)]).await;
+    let mut h = Harness::start(Strategy::OneForOne, |tx| {
+        vec![child("a", Restart::Transient, policy(), tx)]
+    })
+    .await;
     let (_, _, actor) = h.started("a").await;
     actor.send_message(TestMsg::Panic).expect("alive");
     let (g, _, actor) = h.started("a").await;
@@ -209,7 +268,10 @@ async fn panic_and_kill_count_as_transient() {
     actor.get_cell().kill();
     let (g, _, actor) = h.started("a").await;
     assert_eq!(g, 3);
-    assert_eq!(h.node("root/a").last_failure.expect("failure").reason, "killed");
+    assert_eq!(
+        h.node("root/a").last_failure.expect("failure").reason,
+        "killed"
+    );
     // A transient child that stops normally stays stopped.
     actor.send_message(TestMsg::StopSelf).expect("alive");
     h.stopped("a").await;
@@ -219,30 +281,45 @@ async fn panic_and_kill_count_as_transient() {
 
 #[tokio::test(start_paused = true)]
 async fn permanent_child_that_stops_on_its_own_is_restarted() {
-    let mut h = Harness::start(Strategy::OneForOne, |tx| vec![child("a", Restart::Permanent, policy(), tx)]).await;
+    let mut h = Harness::start(Strategy::OneForOne, |tx| {
+        vec![child("a", Restart::Permanent, policy(), tx)]
+    })
+    .await;
     let (_, _, actor) = h.started("a").await;
     actor.send_message(TestMsg::StopSelf).expect("alive");
     h.stopped("a").await;
     let (g, _, _) = h.started("a").await;
     assert_eq!(g, 2);
-    assert_eq!(h.node("root/a").last_failure.expect("failure").reason, "stopped on its own: done");
+    assert_eq!(
+        h.node("root/a").last_failure.expect("failure").reason,
+        "stopped on its own: done"
+    );
 }
 
 #[tokio::test(start_paused = true)]
 async fn fatal_failure_parks_without_restart_and_siblings_keep_running() {
     let mut h = Harness::start(Strategy::OneForOne, |tx| {
-        vec![child("a", Restart::Permanent, policy(), tx), child("b", Restart::Permanent, policy(), tx)]
+        vec![
+            child("a", Restart::Permanent, policy(), tx),
+            child("b", Restart::Permanent, policy(), tx),
+        ]
     })
     .await;
     let (_, _, a) = h.started("a").await;
     let (_, _, b) = h.started("b").await;
-    a.send_message(TestMsg::Fail(Failure::fatal("M_FORBIDDEN: invalid password"))).expect("alive");
+    a.send_message(TestMsg::Fail(Failure::fatal(
+        "M_FORBIDDEN: invalid password",
+    )))
+    .expect("alive");
     h.quiet_for(120 * S).await;
     let node = h.node("root/a");
     assert_eq!(node.state, NodeState::Parked);
     assert_eq!(node.restarts_total, 0);
     let f = node.last_failure.expect("failure");
-    assert_eq!((f.class.as_str(), f.reason.as_str()), ("fatal", "M_FORBIDDEN: invalid password"));
+    assert_eq!(
+        (f.class.as_str(), f.reason.as_str()),
+        ("fatal", "M_FORBIDDEN: invalid password")
+    );
     assert_eq!(h.node("root/b").state, NodeState::Running);
     assert_eq!(h.tree.handle().snapshot().not_ready(), ["root/a"]);
     // The sibling still restarts normally.
@@ -262,7 +339,10 @@ async fn budget_counts_failures_when_they_happen_despite_long_backoff() {
     p.window = 100 * S;
     p.backoff.initial = 40 * S;
     p.backoff.max = 40 * S;
-    let mut h = Harness::start(Strategy::OneForOne, |tx| vec![child("a", Restart::Permanent, p, tx)]).await;
+    let mut h = Harness::start(Strategy::OneForOne, |tx| {
+        vec![child("a", Restart::Permanent, p, tx)]
+    })
+    .await;
     let (_, t0, a) = h.started("a").await;
     fail(&a, "one");
     let (_, t1, a) = h.started("a").await;
@@ -286,16 +366,27 @@ async fn exhausted_budget_with_exit_asks_for_exit_code_75() {
     let mut p = policy();
     p.max_restarts = 1;
     p.on_exhausted = Action::Exit;
-    let mut h = Harness::start(Strategy::OneForOne, |tx| vec![child("listener", Restart::Permanent, p, tx)]).await;
+    let mut h = Harness::start(Strategy::OneForOne, |tx| {
+        vec![child("listener", Restart::Permanent, p, tx)]
+    })
+    .await;
     let (_, _, a) = h.started("listener").await;
     fail(&a, "address in use");
     let (_, _, a) = h.started("listener").await;
     assert!(h.tree.exit().get().is_none());
     fail(&a, "address in use");
-    let request = tokio::time::timeout(S, h.tree.exit().requested()).await.expect("exit requested");
+    let request = tokio::time::timeout(S, h.tree.exit().requested())
+        .await
+        .expect("exit requested");
     assert_eq!(request.code, EXIT_BUDGET_EXHAUSTED);
     assert_eq!(request.path, "root/listener");
-    assert!(request.reason.starts_with("restart budget spent: 2 failures within 60000 ms"), "{}", request.reason);
+    assert!(
+        request
+            .reason
+            .starts_with("restart budget spent: 2 failures within 60000 ms"),
+        "{}",
+        request.reason
+    );
     // The program then shuts the tree down in order.
     let report = h.tree.shutdown(10 * S).await;
     assert!(report.graceful);
@@ -305,11 +396,20 @@ async fn exhausted_budget_with_exit_asks_for_exit_code_75() {
 async fn fatal_with_exit_asks_for_exit_code_78() {
     let mut p = policy();
     p.on_fatal = Action::Exit;
-    let mut h = Harness::start(Strategy::OneForOne, |tx| vec![child("node", Restart::Permanent, p, tx)]).await;
+    let mut h = Harness::start(Strategy::OneForOne, |tx| {
+        vec![child("node", Restart::Permanent, p, tx)]
+    })
+    .await;
     let (_, _, a) = h.started("node").await;
-    a.send_message(TestMsg::Fail(Failure::fatal("unauthorized"))).expect("alive");
-    let request = tokio::time::timeout(S, h.tree.exit().requested()).await.expect("exit requested");
-    assert_eq!((request.code, request.reason.as_str()), (EXIT_FATAL, "fatal: unauthorized"));
+    a.send_message(TestMsg::Fail(Failure::fatal("unauthorized")))
+        .expect("alive");
+    let request = tokio::time::timeout(S, h.tree.exit().requested())
+        .await
+        .expect("exit requested");
+    assert_eq!(
+        (request.code, request.reason.as_str()),
+        (EXIT_FATAL, "fatal: unauthorized")
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -322,7 +422,10 @@ async fn escalate_fails_the_supervisor_to_its_parent() {
             ChildSpec::supervisor(
                 "sub",
                 Strategy::OneForOne,
-                vec![child("a", Restart::Permanent, p, tx), child("b", Restart::Permanent, policy(), tx)],
+                vec![
+                    child("a", Restart::Permanent, p, tx),
+                    child("b", Restart::Permanent, policy(), tx),
+                ],
             ),
             child("c", Restart::Permanent, policy(), tx),
         ]
@@ -344,9 +447,15 @@ async fn escalate_fails_the_supervisor_to_its_parent() {
     assert_eq!(at - failed_at, Duration::from_millis(100));
     h.started("b").await;
     let sub = h.node("root/sub");
-    assert_eq!((sub.generation, sub.restarts_total, sub.state), (2, 1, NodeState::Running));
+    assert_eq!(
+        (sub.generation, sub.restarts_total, sub.state),
+        (2, 1, NodeState::Running)
+    );
     let reason = sub.last_failure.expect("failure").reason;
-    assert!(reason.starts_with("root/sub/a gave up: restart budget spent"), "{reason}");
+    assert!(
+        reason.starts_with("root/sub/a gave up: restart budget spent"),
+        "{reason}"
+    );
     // The sibling of the supervisor was untouched.
     assert_eq!(h.node("root/c").generation, 1);
 }
@@ -354,7 +463,10 @@ async fn escalate_fails_the_supervisor_to_its_parent() {
 #[tokio::test(start_paused = true)]
 async fn one_for_all_restarts_every_sibling_in_start_order() {
     let mut h = Harness::start(Strategy::OneForAll, |tx| {
-        ["a", "b", "c"].iter().map(|id| child(id, Restart::Permanent, policy(), tx)).collect()
+        ["a", "b", "c"]
+            .iter()
+            .map(|id| child(id, Restart::Permanent, policy(), tx))
+            .collect()
     })
     .await;
     h.started("a").await;
@@ -378,7 +490,10 @@ async fn one_for_all_restarts_every_sibling_in_start_order() {
 #[tokio::test(start_paused = true)]
 async fn rest_for_one_restarts_only_the_later_siblings() {
     let mut h = Harness::start(Strategy::RestForOne, |tx| {
-        ["a", "b", "c"].iter().map(|id| child(id, Restart::Permanent, policy(), tx)).collect()
+        ["a", "b", "c"]
+            .iter()
+            .map(|id| child(id, Restart::Permanent, policy(), tx))
+            .collect()
     })
     .await;
     h.started("a").await;
@@ -396,18 +511,29 @@ async fn rest_for_one_restarts_only_the_later_siblings() {
 
 #[tokio::test(start_paused = true)]
 async fn stop_during_backoff_cancels_the_pending_restart() {
-    let mut h = Harness::start(Strategy::OneForOne, |tx| vec![child("a", Restart::Permanent, policy(), tx)]).await;
+    let mut h = Harness::start(Strategy::OneForOne, |tx| {
+        vec![child("a", Restart::Permanent, policy(), tx)]
+    })
+    .await;
     let (_, _, a) = h.started("a").await;
     fail(&a, "boom");
     h.settle().await;
     assert_eq!(h.node("root/a").state, NodeState::BackingOff);
-    h.tree.handle().control("root/a", ControlAction::Stop).await.expect("stop");
+    h.tree
+        .handle()
+        .control("root/a", ControlAction::Stop)
+        .await
+        .expect("stop");
     h.quiet_for(600 * S).await;
     let node = h.node("root/a");
     assert_eq!((node.state, node.generation), (NodeState::Stopped, 1));
     // Start brings it back at once, with a fresh budget.
     let asked = Instant::now();
-    h.tree.handle().control("root/a", ControlAction::Start).await.expect("start");
+    h.tree
+        .handle()
+        .control("root/a", ControlAction::Start)
+        .await
+        .expect("start");
     let (g, at, _) = h.started("a").await;
     assert_eq!((g, at), (2, asked));
     assert_eq!(h.node("root/a").consecutive_failures, 0);
@@ -415,9 +541,16 @@ async fn stop_during_backoff_cancels_the_pending_restart() {
 
 #[tokio::test(start_paused = true)]
 async fn operator_restart_is_not_a_failure_and_its_stale_exit_is_ignored() {
-    let mut h = Harness::start(Strategy::OneForOne, |tx| vec![child("a", Restart::Permanent, policy(), tx)]).await;
+    let mut h = Harness::start(Strategy::OneForOne, |tx| {
+        vec![child("a", Restart::Permanent, policy(), tx)]
+    })
+    .await;
     h.started("a").await;
-    h.tree.handle().control("root/a", ControlAction::Restart).await.expect("restart");
+    h.tree
+        .handle()
+        .control("root/a", ControlAction::Restart)
+        .await
+        .expect("restart");
     // post_stop of generation 1 then start of generation 2; the old incarnation's
     // termination event arrives after it was replaced and must not trigger another restart.
     h.stopped("a").await;
@@ -425,7 +558,10 @@ async fn operator_restart_is_not_a_failure_and_its_stale_exit_is_ignored() {
     assert_eq!(g, 2);
     h.quiet_for(600 * S).await;
     let node = h.node("root/a");
-    assert_eq!((node.generation, node.restarts_total, node.state), (2, 0, NodeState::Running));
+    assert_eq!(
+        (node.generation, node.restarts_total, node.state),
+        (2, 0, NodeState::Running)
+    );
     assert!(node.last_failure.is_none());
 }
 
@@ -433,37 +569,64 @@ async fn operator_restart_is_not_a_failure_and_its_stale_exit_is_ignored() {
 async fn operator_kill_is_a_failure_and_start_revives_a_parked_child() {
     let mut p = policy();
     p.max_restarts = 1;
-    let mut h = Harness::start(Strategy::OneForOne, |tx| vec![child("a", Restart::Permanent, p, tx)]).await;
+    let mut h = Harness::start(Strategy::OneForOne, |tx| {
+        vec![child("a", Restart::Permanent, p, tx)]
+    })
+    .await;
     h.started("a").await;
     let handle = h.tree.handle();
-    handle.control("root/a", ControlAction::Kill).await.expect("kill");
+    handle
+        .control("root/a", ControlAction::Kill)
+        .await
+        .expect("kill");
     let (g, _, _) = h.started("a").await;
     assert_eq!(g, 2);
-    assert_eq!(h.node("root/a").last_failure.expect("f").reason, "killed by operator");
-    handle.control("root/a", ControlAction::Kill).await.expect("kill");
+    assert_eq!(
+        h.node("root/a").last_failure.expect("f").reason,
+        "killed by operator"
+    );
+    handle
+        .control("root/a", ControlAction::Kill)
+        .await
+        .expect("kill");
     h.quiet_for(60 * S).await;
     assert_eq!(h.node("root/a").state, NodeState::Parked);
     // Kill of a parked child is refused; start revives it with a fresh budget.
-    let err = handle.control("root/a", ControlAction::Kill).await.expect_err("not running");
+    let err = handle
+        .control("root/a", ControlAction::Kill)
+        .await
+        .expect_err("not running");
     assert!(matches!(err, SupervisorError::Conflict { .. }), "{err}");
-    handle.control("root/a", ControlAction::Start).await.expect("start");
+    handle
+        .control("root/a", ControlAction::Start)
+        .await
+        .expect("start");
     let (g, _, _) = h.started("a").await;
     assert_eq!(g, 3);
-    handle.control("root/a", ControlAction::Kill).await.expect("kill");
+    handle
+        .control("root/a", ControlAction::Kill)
+        .await
+        .expect("kill");
     let (g, _, _) = h.started("a").await;
     assert_eq!(g, 4, "budget was reset by start");
     assert_eq!(
         handle.control("root/nope", ControlAction::Stop).await,
         Err(SupervisorError::UnknownChild("root/nope".to_string()))
     );
-    assert!(matches!(handle.control("root", ControlAction::Stop).await, Err(SupervisorError::Conflict { .. })));
+    assert!(matches!(
+        handle.control("root", ControlAction::Stop).await,
+        Err(SupervisorError::Conflict { .. })
+    ));
 }
 
 #[tokio::test(start_paused = true)]
 async fn hung_child_is_killed_at_its_liveness_timeout_and_restarted() {
     let mut p = policy();
     p.liveness_timeout = Some(10 * S);
-    let mut h = Harness::start(Strategy::OneForOne, |tx| vec![child("a", Restart::Permanent, p, tx)]).await;
+    let mut h = Harness::start(Strategy::OneForOne, |tx| {
+        vec![child("a", Restart::Permanent, p, tx)]
+    })
+    .await;
     let (_, t0, a) = h.started("a").await;
     // Beats keep it alive past its timeout…
     for _ in 0..5 {
@@ -475,13 +638,19 @@ async fn hung_child_is_killed_at_its_liveness_timeout_and_restarted() {
     assert_eq!(g, 2);
     assert_eq!(at - t0, 41 * S);
     let f = h.node("root/a").last_failure.expect("failure");
-    assert_eq!((f.class.as_str(), f.reason.as_str()), ("hung", "no heartbeat for 10000 ms"));
+    assert_eq!(
+        (f.class.as_str(), f.reason.as_str()),
+        ("hung", "no heartbeat for 10000 ms")
+    );
 }
 
 #[tokio::test(start_paused = true)]
 async fn ordered_shutdown_kills_a_child_that_ignores_stop_after_its_timeout() {
     let mut h = Harness::start(Strategy::OneForOne, |tx| {
-        ["a", "b", "c"].iter().map(|id| child(id, Restart::Permanent, policy(), tx)).collect()
+        ["a", "b", "c"]
+            .iter()
+            .map(|id| child(id, Restart::Permanent, policy(), tx))
+            .collect()
     })
     .await;
     h.started("a").await;
@@ -500,7 +669,10 @@ async fn ordered_shutdown_kills_a_child_that_ignores_stop_after_its_timeout() {
         }
     }
     // c stops at once; b never runs post_stop (killed after its 2 s timeout); a stops then.
-    assert_eq!(order, [("c".to_string(), Duration::ZERO), ("a".to_string(), 2 * S)]);
+    assert_eq!(
+        order,
+        [("c".to_string(), Duration::ZERO), ("a".to_string(), 2 * S)]
+    );
     let (report, done) = shutdown.await.expect("joined");
     assert!(report.graceful);
     assert_eq!(done - t0, 2 * S);
@@ -510,15 +682,33 @@ async fn ordered_shutdown_kills_a_child_that_ignores_stop_after_its_timeout() {
 async fn dynamic_children_are_added_removed_and_temporary_ones_vanish_on_exit() {
     let (tx, mut events) = unbounded_channel();
     let tree = Tree::start(
-        vec![ChildSpec::supervisor("sessions", Strategy::OneForOne, vec![])],
-        TreeOptions { jitter: Jitter::fixed(0.0), ..TreeOptions::default() },
+        vec![ChildSpec::supervisor(
+            "sessions",
+            Strategy::OneForOne,
+            vec![],
+        )],
+        TreeOptions {
+            jitter: Jitter::fixed(0.0),
+            ..TreeOptions::default()
+        },
     )
     .await
     .expect("tree");
-    let sessions = tree.handle().supervisor("root/sessions").expect("supervisor");
-    sessions.add(child("conn-1", Restart::Temporary, policy(), &tx)).await.expect("added");
-    sessions.add(child("conn-2", Restart::Temporary, policy(), &tx)).await.expect("added");
-    let dup = sessions.add(child("conn-2", Restart::Temporary, policy(), &tx)).await;
+    let sessions = tree
+        .handle()
+        .supervisor("root/sessions")
+        .expect("supervisor");
+    sessions
+        .add(child("conn-1", Restart::Temporary, policy(), &tx))
+        .await
+        .expect("added");
+    sessions
+        .add(child("conn-2", Restart::Temporary, policy(), &tx))
+        .await
+        .expect("added");
+    let dup = sessions
+        .add(child("conn-2", Restart::Temporary, policy(), &tx))
+        .await;
     assert!(matches!(dup, Err(SupervisorError::Conflict { .. })));
     let mut actors = Vec::new();
     for _ in 0..2 {
@@ -527,7 +717,11 @@ async fn dynamic_children_are_added_removed_and_temporary_ones_vanish_on_exit() 
         }
     }
     let ids = |t: &Tree| -> Vec<String> {
-        t.handle().snapshot().find("root/sessions").map(|n| n.children.iter().map(|c| c.id.clone()).collect()).unwrap_or_default()
+        t.handle()
+            .snapshot()
+            .find("root/sessions")
+            .map(|n| n.children.iter().map(|c| c.id.clone()).collect())
+            .unwrap_or_default()
     };
     assert_eq!(ids(&tree), ["conn-1", "conn-2"]);
     // A temporary child that fails is not restarted and leaves the tree.
@@ -536,39 +730,64 @@ async fn dynamic_children_are_added_removed_and_temporary_ones_vanish_on_exit() 
     assert_eq!(ids(&tree), ["conn-2"]);
     sessions.remove("conn-2").await.expect("removed");
     assert!(ids(&tree).is_empty());
-    assert!(matches!(sessions.remove("conn-2").await, Err(SupervisorError::UnknownChild(_))));
+    assert!(matches!(
+        sessions.remove("conn-2").await,
+        Err(SupervisorError::UnknownChild(_))
+    ));
 }
 
 #[tokio::test(start_paused = true)]
 async fn failed_start_goes_through_the_same_decision() {
     let attempts = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
     let counter = attempts.clone();
-    let spec = ChildSpec::new("flaky", "test", Restart::Permanent, move |_ctx: ChildContext| {
-        let n = counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        async move {
-            let err: ActorProcessingErr = if n < 2 {
-                Box::new(Failure::transient(format!("bind failed #{n}")))
-            } else {
-                Box::new(Failure::fatal("bad config"))
-            };
-            Err(ractor::SpawnErr::StartupFailed(err))
-        }
-    })
+    let spec = ChildSpec::new(
+        "flaky",
+        "test",
+        Restart::Permanent,
+        move |_ctx: ChildContext| {
+            let n = counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async move {
+                let err: ActorProcessingErr = if n < 2 {
+                    Box::new(Failure::transient(format!("bind failed #{n}")))
+                } else {
+                    Box::new(Failure::fatal("bad config"))
+                };
+                Err(ractor::SpawnErr::StartupFailed(err))
+            }
+        },
+    )
     .with_policy(policy());
-    let tree = Tree::start(vec![spec], TreeOptions { jitter: Jitter::fixed(0.0), ..TreeOptions::default() })
-        .await
-        .expect("tree");
+    let tree = Tree::start(
+        vec![spec],
+        TreeOptions {
+            jitter: Jitter::fixed(0.0),
+            ..TreeOptions::default()
+        },
+    )
+    .await
+    .expect("tree");
     tokio::time::sleep(10 * S).await;
-    let node = tree.handle().snapshot().find("root/flaky").cloned().expect("node");
+    let node = tree
+        .handle()
+        .snapshot()
+        .find("root/flaky")
+        .cloned()
+        .expect("node");
     assert_eq!(attempts.load(std::sync::atomic::Ordering::SeqCst), 3);
-    assert_eq!((node.state, node.restarts_total, node.generation), (NodeState::Parked, 2, 3));
+    assert_eq!(
+        (node.state, node.restarts_total, node.generation),
+        (NodeState::Parked, 2, 3)
+    );
     assert_eq!(node.last_failure.expect("f").reason, "bad config");
 }
 
 #[tokio::test(start_paused = true)]
 async fn snapshot_reports_uptime_readiness_and_renders() {
     let mut h = Harness::start(Strategy::OneForOne, |tx| {
-        vec![child("a", Restart::Permanent, policy(), tx), child("b", Restart::Permanent, policy(), tx).reports_readiness()]
+        vec![
+            child("a", Restart::Permanent, policy(), tx),
+            child("b", Restart::Permanent, policy(), tx).reports_readiness(),
+        ]
     })
     .await;
     h.started("a").await;
@@ -577,10 +796,19 @@ async fn snapshot_reports_uptime_readiness_and_renders() {
     let snap = h.tree.handle().snapshot();
     let a = snap.find("root/a").expect("a");
     assert_eq!(a.uptime_ms, Some(5000));
-    assert!(a.ready && snap.find("root/b").expect("b").ready, "TestChild reports ready in post_start");
+    assert!(
+        a.ready && snap.find("root/b").expect("b").ready,
+        "TestChild reports ready in post_start"
+    );
     let text = snap.render_text();
-    assert!(text.starts_with("root  running  permanent  one_for_one"), "{text}");
-    assert!(text.contains("├── a  running  permanent  [test]  gen 1  up 5.0s"), "{text}");
+    assert!(
+        text.starts_with("root  running  permanent  one_for_one"),
+        "{text}"
+    );
+    assert!(
+        text.contains("├── a  running  permanent  [test]  gen 1  up 5.0s"),
+        "{text}"
+    );
     let json = serde_json::to_value(&snap).expect("json");
     assert_eq!(json["children"][1]["state"], "running");
     assert_eq!(json["children"][0]["uptime_ms"], 5000);
@@ -617,13 +845,18 @@ mod slots {
 
     #[tokio::test(start_paused = true)]
     async fn grants_in_fifo_order_and_never_more_than_max() {
-        let (client, _actor) = SlotClient::spawn_standalone(pool(2, 0, 60_000), Jitter::fixed(0.0)).await.expect("spawn");
+        let (client, _actor) = SlotClient::spawn_standalone(pool(2, 0, 60_000), Jitter::fixed(0.0))
+            .await
+            .expect("spawn");
         let (tx, mut rx) = unbounded_channel();
         let mut tasks = Vec::new();
         for i in 0..6 {
             let (client, tx) = (client.clone(), tx.clone());
             tasks.push(tokio::spawn(async move {
-                let guard = client.acquire("p", &format!("w{i}"), false).await.expect("slot");
+                let guard = client
+                    .acquire("p", &format!("w{i}"), false)
+                    .await
+                    .expect("slot");
                 tx.send((i, Instant::now())).expect("send");
                 tokio::time::sleep(S).await;
                 drop(guard);
@@ -638,7 +871,10 @@ mod slots {
         }
         assert_eq!(got, [(0, 0), (1, 0), (2, 1), (3, 1), (4, 2), (5, 2)]);
         assert_eq!(
-            client.acquire("nope", "x", false).await.expect_err("unknown pool"),
+            client
+                .acquire("nope", "x", false)
+                .await
+                .expect_err("unknown pool"),
             SlotError::UnknownPool("nope".to_string())
         );
     }
@@ -646,7 +882,10 @@ mod slots {
     #[tokio::test(start_paused = true)]
     async fn jitter_delays_only_first_starts() {
         // Draws are fixed at 0.5: a first start waits exactly half the 2 s jitter.
-        let (client, _actor) = SlotClient::spawn_standalone(pool(3, 2000, 60_000), Jitter::fixed(0.5)).await.expect("spawn");
+        let (client, _actor) =
+            SlotClient::spawn_standalone(pool(3, 2000, 60_000), Jitter::fixed(0.5))
+                .await
+                .expect("spawn");
         let t0 = Instant::now();
         let first = client.acquire("p", "a", true).await.expect("slot");
         assert_eq!(Instant::now() - t0, Duration::from_millis(1000));
@@ -658,7 +897,10 @@ mod slots {
 
     #[tokio::test(start_paused = true)]
     async fn cancelled_waiters_are_skipped_and_use_no_turn() {
-        let (client, _actor) = SlotClient::spawn_standalone(pool(1, 1000, 60_000), Jitter::fixed(0.5)).await.expect("spawn");
+        let (client, _actor) =
+            SlotClient::spawn_standalone(pool(1, 1000, 60_000), Jitter::fixed(0.5))
+                .await
+                .expect("spawn");
         let holder = client.acquire("p", "holder", false).await.expect("slot");
         // One waiter queued, one still jittering (first start): both give up.
         let queued = {
@@ -674,28 +916,46 @@ mod slots {
         jittering.abort();
         let next = {
             let c = client.clone();
-            tokio::spawn(async move { c.acquire("p", "next", false).await.map(|g| (g, Instant::now())) })
+            tokio::spawn(async move {
+                c.acquire("p", "next", false)
+                    .await
+                    .map(|g| (g, Instant::now()))
+            })
         };
         settle().await;
         tokio::time::sleep(2 * S).await; // the jitter timer fires; its waiter is gone
         let released_at = Instant::now();
         holder.release();
         let (_guard, at) = next.await.expect("joined").expect("slot");
-        assert_eq!(at, released_at, "the next live waiter gets the slot at once");
+        assert_eq!(
+            at, released_at,
+            "the next live waiter gets the slot at once"
+        );
     }
 
     #[tokio::test(start_paused = true)]
     async fn hold_timeout_force_releases() {
-        let (client, _actor) = SlotClient::spawn_standalone(pool(1, 0, 5000), Jitter::fixed(0.0)).await.expect("spawn");
+        let (client, _actor) = SlotClient::spawn_standalone(pool(1, 0, 5000), Jitter::fixed(0.0))
+            .await
+            .expect("spawn");
         let t0 = Instant::now();
-        let _stuck = client.acquire("p", "root/stuck", false).await.expect("slot");
-        let _next = client.acquire("p", "root/next", false).await.expect("slot after the hold timeout");
+        let _stuck = client
+            .acquire("p", "root/stuck", false)
+            .await
+            .expect("slot");
+        let _next = client
+            .acquire("p", "root/next", false)
+            .await
+            .expect("slot after the hold timeout");
         assert_eq!(Instant::now() - t0, 5 * S);
     }
 
     #[tokio::test(start_paused = true)]
     async fn release_on_holder_panic_and_release_is_idempotent() {
-        let (client, _actor) = SlotClient::spawn_standalone(pool(1, 0, 600_000), Jitter::fixed(0.0)).await.expect("spawn");
+        let (client, _actor) =
+            SlotClient::spawn_standalone(pool(1, 0, 600_000), Jitter::fixed(0.0))
+                .await
+                .expect("spawn");
         let c = client.clone();
         let panicker = tokio::spawn(async move {
             let _guard = c.acquire("p", "panicker", false).await.expect("slot");
@@ -703,7 +963,10 @@ mod slots {
         });
         assert!(panicker.await.is_err());
         let t0 = Instant::now();
-        let g = client.acquire("p", "after", false).await.expect("slot freed by the panic");
+        let g = client
+            .acquire("p", "after", false)
+            .await
+            .expect("slot freed by the panic");
         assert_eq!(Instant::now(), t0);
         // Releasing twice (drop after an explicit release of a stale lease) frees one slot only.
         g.release();
@@ -723,12 +986,21 @@ mod slots {
             type Msg = ();
             type State = SlotGuard;
             type Arguments = SlotClient;
-            async fn pre_start(&self, _: ActorRef<()>, c: SlotClient) -> Result<SlotGuard, ActorProcessingErr> {
+            async fn pre_start(
+                &self,
+                _: ActorRef<()>,
+                c: SlotClient,
+            ) -> Result<SlotGuard, ActorProcessingErr> {
                 Ok(c.acquire("p", "actor", false).await?)
             }
         }
-        let (client, _actor) = SlotClient::spawn_standalone(pool(1, 0, 600_000), Jitter::fixed(0.0)).await.expect("spawn");
-        let (holder, _) = Actor::spawn(None, Holder, client.clone()).await.expect("holder");
+        let (client, _actor) =
+            SlotClient::spawn_standalone(pool(1, 0, 600_000), Jitter::fixed(0.0))
+                .await
+                .expect("spawn");
+        let (holder, _) = Actor::spawn(None, Holder, client.clone())
+            .await
+            .expect("holder");
         holder.get_cell().kill();
         let t0 = Instant::now();
         let _g = client.acquire("p", "next", false).await.expect("freed");
@@ -743,7 +1015,10 @@ mod slots {
         for seed in 0..40u64 {
             let mut rng = StdRng::seed_from_u64(seed);
             let max = rng.random_range(1..4usize);
-            let (client, actor) = SlotClient::spawn_standalone(pool(max, 0, 600_000), Jitter::fixed(0.0)).await.expect("spawn");
+            let (client, actor) =
+                SlotClient::spawn_standalone(pool(max, 0, 600_000), Jitter::fixed(0.0))
+                    .await
+                    .expect("spawn");
             let live = Arc::new(AtomicUsize::new(0));
             let peak = Arc::new(AtomicUsize::new(0));
             let (order_tx, mut order_rx) = unbounded_channel::<usize>();
@@ -754,10 +1029,18 @@ mod slots {
             for step in 0..60 {
                 match rng.random_range(0..4) {
                     0 | 1 => {
-                        let (client, live, peak, order_tx, hold_tx) =
-                            (client.clone(), live.clone(), peak.clone(), order_tx.clone(), hold_tx.clone());
+                        let (client, live, peak, order_tx, hold_tx) = (
+                            client.clone(),
+                            live.clone(),
+                            peak.clone(),
+                            order_tx.clone(),
+                            hold_tx.clone(),
+                        );
                         let task = tokio::spawn(async move {
-                            let guard = client.acquire("p", &format!("w{step}"), false).await.expect("slot");
+                            let guard = client
+                                .acquire("p", &format!("w{step}"), false)
+                                .await
+                                .expect("slot");
                             // Counts this holder until the task ends, also when aborted.
                             struct Live(Arc<AtomicUsize>);
                             impl Drop for Live {
@@ -799,7 +1082,10 @@ mod slots {
                 while let Ok(h) = hold_rx.try_recv() {
                     holders.push(h);
                 }
-                assert!(live.load(Ordering::SeqCst) <= max, "seed {seed} step {step}");
+                assert!(
+                    live.load(Ordering::SeqCst) <= max,
+                    "seed {seed} step {step}"
+                );
             }
             // Drain: release everyone still holding until all live waiters were served.
             loop {
@@ -822,8 +1108,11 @@ mod slots {
             let mut sorted = grants.clone();
             sorted.sort_unstable();
             assert_eq!(grants, sorted, "seed {seed}: grants out of arrival order");
-            let expected: Vec<usize> =
-                waiting.iter().map(|(s, _)| *s).filter(|s| !cancelled.contains(s)).collect();
+            let expected: Vec<usize> = waiting
+                .iter()
+                .map(|(s, _)| *s)
+                .filter(|s| !cancelled.contains(s))
+                .collect();
             for s in &expected {
                 assert!(grants.contains(s), "seed {seed}: waiter {s} never served");
             }
@@ -837,7 +1126,10 @@ mod slots {
         let client = SlotClient::new();
         let tree = Tree::start(
             vec![client.spec("start_slots", pool(2, 0, 600_000))],
-            TreeOptions { jitter: Jitter::fixed(0.0), ..TreeOptions::default() },
+            TreeOptions {
+                jitter: Jitter::fixed(0.0),
+                ..TreeOptions::default()
+            },
         )
         .await
         .expect("tree");
@@ -847,8 +1139,26 @@ mod slots {
         let snap = tree.handle().snapshot();
         let pools = &snap.find("root/start_slots").expect("node").pools;
         assert_eq!(pools.len(), 1);
-        assert_eq!(pools[0].holders, [HolderSnapshot { holder: "root/x".to_string(), held_ms: 1000 }]);
-        assert_eq!((pools[0].max_concurrent, pools[0].peak_holders, pools[0].queue_len), (2, 1, 0));
-        assert!(snap.render_text().contains("pool p: 1/2 held [root/x 1.0s], 0 queued"), "{}", snap.render_text());
+        assert_eq!(
+            pools[0].holders,
+            [HolderSnapshot {
+                holder: "root/x".to_string(),
+                held_ms: 1000
+            }]
+        );
+        assert_eq!(
+            (
+                pools[0].max_concurrent,
+                pools[0].peak_holders,
+                pools[0].queue_len
+            ),
+            (2, 1, 0)
+        );
+        assert!(
+            snap.render_text()
+                .contains("pool p: 1/2 held [root/x 1.0s], 0 queued"),
+            "{}",
+            snap.render_text()
+        );
     }
 }

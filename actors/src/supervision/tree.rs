@@ -3,8 +3,8 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use ractor::{Actor, ActorCell, ActorRef, RactorErr, SpawnErr};
 use ractor::rpc::CallResult;
+use ractor::{Actor, ActorCell, ActorRef, RactorErr, SpawnErr};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{info, warn};
@@ -13,7 +13,9 @@ use super::backoff::Jitter;
 use super::child::ChildSpec;
 use super::exit::ExitHandle;
 use super::snapshot::{NodeSnapshot, NodeState};
-use super::supervisor::{ControlAction, Strategy, Supervisor, SupervisorArgs, SupervisorError, SupervisorMsg};
+use super::supervisor::{
+    ControlAction, Strategy, Supervisor, SupervisorArgs, SupervisorError, SupervisorMsg,
+};
 use super::view::{self, Inner};
 
 /// The name of the root node; every path starts with it.
@@ -35,7 +37,11 @@ pub struct TreeOptions {
 
 impl Default for TreeOptions {
     fn default() -> Self {
-        Self { strategy: Strategy::OneForOne, jitter: Jitter::random(), exit: ExitHandle::new() }
+        Self {
+            strategy: Strategy::OneForOne,
+            jitter: Jitter::random(),
+            exit: ExitHandle::new(),
+        }
     }
 }
 
@@ -64,7 +70,8 @@ pub struct ShutdownReport {
 }
 
 impl Tree {
-    /// Starts the root supervisor with `children` and waits until they have been started.
+    /// Starts the root supervisor; returns once every child has been spawned (each
+    /// supervisor spawns its children in `pre_start`) and the tree is published.
     pub async fn start(children: Vec<ChildSpec>, options: TreeOptions) -> Result<Tree, SpawnErr> {
         let (tx, rx) = watch::channel(Inner::Leaf);
         let args = SupervisorArgs {
@@ -82,7 +89,10 @@ impl Tree {
             strategy: options.strategy,
             started: (Instant::now(), SystemTime::now()),
         };
-        Ok(Tree { handle, exit: options.exit })
+        Ok(Tree {
+            handle,
+            exit: options.exit,
+        })
     }
 
     /// The handle for readers and operators.
@@ -104,22 +114,39 @@ impl Tree {
     /// left. Reports what was still up if the deadline passed.
     pub async fn shutdown(&self, deadline: Duration) -> ShutdownReport {
         let root = self.handle.root.get_cell();
-        info!(deadline_ms = deadline.as_millis() as u64, "Shutting down the tree.");
-        match root.stop_and_wait(Some("shutdown".to_string()), Some(deadline)).await {
-            Ok(()) | Err(RactorErr::Messaging(_)) => ShutdownReport { graceful: true, still_running: Vec::new() },
+        info!(
+            deadline_ms = deadline.as_millis() as u64,
+            "Shutting down the tree."
+        );
+        match root
+            .stop_and_wait(Some("shutdown".to_string()), Some(deadline))
+            .await
+        {
+            Ok(()) | Err(RactorErr::Messaging(_)) => ShutdownReport {
+                graceful: true,
+                still_running: Vec::new(),
+            },
             Err(_) => {
                 let still_running: Vec<String> = self
                     .handle
                     .snapshot()
                     .walk()
                     .into_iter()
-                    .filter(|n| matches!(n.state, NodeState::Running | NodeState::Starting | NodeState::Stopping))
+                    .filter(|n| {
+                        matches!(
+                            n.state,
+                            NodeState::Running | NodeState::Starting | NodeState::Stopping
+                        )
+                    })
                     .filter(|n| n.children.is_empty())
                     .map(|n| n.path.clone())
                     .collect();
                 warn!(still_running = ?still_running, "Shutdown deadline passed; killing what is left.");
                 let _ = root.kill_and_wait(Some(Duration::from_secs(2))).await;
-                ShutdownReport { graceful: false, still_running }
+                ShutdownReport {
+                    graceful: false,
+                    still_running,
+                }
             }
         }
     }
@@ -130,12 +157,19 @@ impl TreeHandle {
     pub fn snapshot(&self) -> NodeSnapshot {
         let now = Instant::now();
         let (strategy, children, pools) = view::read_inner(&self.inner, now);
-        let alive = self.root.get_status() <= ractor::ActorStatus::Running;
+        let alive = matches!(
+            self.root.get_status(),
+            ractor::ActorStatus::Starting | ractor::ActorStatus::Running
+        );
         NodeSnapshot {
             path: ROOT.to_string(),
             id: ROOT.to_string(),
             kind: "supervisor".to_string(),
-            state: if alive { NodeState::Running } else { NodeState::Stopped },
+            state: if alive {
+                NodeState::Running
+            } else {
+                NodeState::Stopped
+            },
             restart: "permanent".to_string(),
             strategy: strategy.or_else(|| Some(self.strategy.as_str().to_string())),
             generation: 1,
@@ -145,7 +179,8 @@ impl TreeHandle {
             last_failure: None,
             next_restart_in_ms: None,
             started_at: alive.then(|| view::rfc3339(self.started.1)),
-            uptime_ms: alive.then(|| now.saturating_duration_since(self.started.0).as_millis() as u64),
+            uptime_ms: alive
+                .then(|| now.saturating_duration_since(self.started.0).as_millis() as u64),
             ready: alive,
             pools,
             children,
@@ -183,7 +218,12 @@ impl TreeHandle {
         }
         let parent = view::control_of(&inner).ok_or_else(unknown)?;
         let id = id.to_string();
-        call(&parent, move |reply| SupervisorMsg::Control { id, action, reply }).await
+        call(&parent, move |reply| SupervisorMsg::Control {
+            id,
+            action,
+            reply,
+        })
+        .await
     }
 }
 
@@ -224,6 +264,7 @@ async fn call<T: Send + 'static>(
 ) -> Result<T, SupervisorError> {
     match actor.call(build, Some(CONTROL_TIMEOUT)).await {
         Ok(CallResult::Success(result)) => result,
+        Ok(CallResult::Timeout) => Err(SupervisorError::Timeout(CONTROL_TIMEOUT.as_secs())),
         _ => Err(SupervisorError::ShuttingDown),
     }
 }

@@ -121,7 +121,10 @@ pub(crate) fn snapshot_child(view: &ChildView, now: Instant) -> NodeSnapshot {
                 .map(|t| t.saturating_duration_since(now).as_millis() as u64),
             _ => None,
         },
-        started_at: view.started.filter(|_| is_up(view.state)).map(|(_, wall)| rfc3339(wall)),
+        started_at: view
+            .started
+            .filter(|_| is_up(view.state))
+            .map(|(_, wall)| rfc3339(wall)),
         uptime_ms: view
             .started
             .filter(|_| is_up(view.state))
@@ -133,7 +136,10 @@ pub(crate) fn snapshot_child(view: &ChildView, now: Instant) -> NodeSnapshot {
 }
 
 fn is_up(state: NodeState) -> bool {
-    matches!(state, NodeState::Starting | NodeState::Running | NodeState::Stopping)
+    matches!(
+        state,
+        NodeState::Starting | NodeState::Running | NodeState::Stopping
+    )
 }
 
 /// Reads a node's insides: (strategy, children, pools).
@@ -146,7 +152,11 @@ pub(crate) fn read_inner(
         let guard = inner.borrow();
         match &*guard {
             Inner::Leaf => (None, Vec::new(), Vec::new()),
-            Inner::Supervisor(s) => (Some(s.strategy), s.children.values().cloned().collect(), Vec::new()),
+            Inner::Supervisor(s) => (
+                Some(s.strategy),
+                s.children.values().cloned().collect(),
+                Vec::new(),
+            ),
             Inner::Pools(p) => (None, Vec::new(), p.clone()),
         }
     };
@@ -181,9 +191,16 @@ pub(crate) fn control_of(inner: &watch::Receiver<Inner>) -> Option<ActorRef<Supe
 }
 
 /// The insides receiver of child `id` of the supervisor whose insides are `inner`.
-pub(crate) fn child_inner(inner: &watch::Receiver<Inner>, id: &str) -> Option<watch::Receiver<Inner>> {
+pub(crate) fn child_inner(
+    inner: &watch::Receiver<Inner>,
+    id: &str,
+) -> Option<watch::Receiver<Inner>> {
     match &*inner.borrow() {
-        Inner::Supervisor(s) => s.children.values().find(|c| c.id == id).map(|c| c.inner.clone()),
+        Inner::Supervisor(s) => s
+            .children
+            .values()
+            .find(|c| c.id == id)
+            .map(|c| c.inner.clone()),
         _ => None,
     }
 }

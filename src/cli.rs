@@ -1,0 +1,213 @@
+//! The command line: `warden run | tree | health | config show|check`.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::admin;
+use crate::config::{self, ConfigSources, EXIT_CONFIG, Flag, Loaded};
+use crate::run;
+
+/// warden keeps a multi-account chat-agent gateway alive: every long-lived part is a
+/// supervised actor with bounded, jittered restarts.
+#[derive(Debug, Parser)]
+#[command(name = "warden", version, about)]
+pub struct Cli {
+    /// Config file (default: $WARDEN_CONFIG, else config/warden.toml when present).
+    #[arg(long, global = true, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the gateway: the supervision tree, the gateway listener and the admin endpoint.
+    Run(RunFlags),
+    /// Print the live supervision tree from the admin endpoint.
+    Tree(AdminFlags),
+    /// Exit 0 when the admin endpoint's /healthz answers 200, else 1 (for HEALTHCHECK).
+    Health(AdminFlags),
+    /// Inspect the configuration.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+/// Flags of `warden run`; each overrides its config key.
+#[derive(Debug, Args, Default)]
+pub struct RunFlags {
+    /// gateway.bind
+    #[arg(long, value_name = "ADDR")]
+    pub gateway_bind: Option<String>,
+    /// admin.bind
+    #[arg(long, value_name = "ADDR")]
+    pub admin_bind: Option<String>,
+    /// state.dir
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<String>,
+    /// telemetry.log_format: pretty or json
+    #[arg(long, value_name = "FORMAT")]
+    pub log_format: Option<String>,
+    /// telemetry.log_filter, e.g. "info,warden_actors=debug"
+    #[arg(long, value_name = "FILTER")]
+    pub log_filter: Option<String>,
+}
+
+/// Where the admin endpoint is.
+#[derive(Debug, Args)]
+pub struct AdminFlags {
+    /// Admin endpoint URL (default: from admin.bind in the config).
+    #[arg(long, value_name = "URL")]
+    pub admin: Option<String>,
+    /// Bearer token (default: admin.token from the config).
+    #[arg(long, value_name = "TOKEN")]
+    pub token: Option<String>,
+}
+
+/// `warden config …`
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Print the effective config, the source of every value, secrets masked.
+    Show,
+    /// Validate the config: exit 0 when it is valid, 64 with the error when not.
+    Check,
+}
+
+impl RunFlags {
+    fn flags(&self) -> Vec<Flag> {
+        let pairs = [
+            ("gateway.bind", "--gateway-bind", &self.gateway_bind),
+            ("admin.bind", "--admin-bind", &self.admin_bind),
+            ("state.dir", "--state-dir", &self.state_dir),
+            ("telemetry.log_format", "--log-format", &self.log_format),
+            ("telemetry.log_filter", "--log-filter", &self.log_filter),
+        ];
+        pairs
+            .into_iter()
+            .filter_map(|(key, name, value)| value.clone().map(|value| Flag { key, value, name }))
+            .collect()
+    }
+}
+
+/// Runs the command line; returns the process exit code.
+pub fn main(cli: Cli) -> i32 {
+    match cli.command {
+        Command::Run(ref flags) => {
+            let sources = ConfigSources {
+                path: cli.config.clone(),
+                flags: flags.flags(),
+            };
+            let loaded = match config::load(&sources) {
+                Ok(loaded) => loaded,
+                Err(e) => return fail(&e.to_string(), e.exit_code()),
+            };
+            match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt.block_on(run::run(loaded)),
+                Err(e) => fail(&format!("cannot start the async runtime: {e}"), 70),
+            }
+        }
+        Command::Tree(ref flags) => client(&cli, flags, |url, token| async move {
+            match admin::fetch_tree_text(&url, token.as_deref()).await {
+                Ok(text) => {
+                    out(&text);
+                    0
+                }
+                Err(e) => fail(&e.to_string(), 1),
+            }
+        }),
+        Command::Health(ref flags) => client(&cli, flags, |url, _| async move {
+            match admin::check_health(&url).await {
+                Ok(()) => 0,
+                Err(e) => fail(&e.to_string(), 1),
+            }
+        }),
+        Command::Config(ref sub) => {
+            let sources = ConfigSources {
+                path: cli.config.clone(),
+                flags: Vec::new(),
+            };
+            match (config::load(&sources), sub) {
+                (Err(e), _) => fail(&e.to_string(), e.exit_code()),
+                (Ok(loaded), ConfigCommand::Show) => {
+                    out(&loaded.render_show());
+                    0
+                }
+                (Ok(loaded), ConfigCommand::Check) => {
+                    let from = loaded
+                        .file()
+                        .map_or("built-in defaults and environment".to_string(), |f| {
+                            format!("{} (with defaults and environment)", f.display())
+                        });
+                    out(&format!("config ok: {from}\n"));
+                    0
+                }
+            }
+        }
+    }
+}
+
+/// Resolves the admin URL and token (flags first, then config) and runs `f` on a small
+/// runtime.
+fn client<F, Fut>(cli: &Cli, flags: &AdminFlags, f: F) -> i32
+where
+    F: FnOnce(String, Option<String>) -> Fut,
+    Fut: std::future::Future<Output = i32>,
+{
+    let loaded = config::load(&ConfigSources {
+        path: cli.config.clone(),
+        flags: Vec::new(),
+    });
+    let (url, token) = match (&flags.admin, loaded) {
+        (Some(url), loaded) => {
+            let token = flags
+                .token
+                .clone()
+                .or_else(|| loaded.ok().and_then(|l| l.config.admin.token));
+            (url.clone(), token)
+        }
+        (None, Ok(loaded)) => (
+            admin_url(&loaded),
+            flags.token.clone().or(loaded.config.admin.token),
+        ),
+        (None, Err(e)) => return fail(&format!("{e} (or pass --admin URL)"), EXIT_CONFIG),
+    };
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt.block_on(f(url, token)),
+        Err(e) => fail(&format!("cannot start the async runtime: {e}"), 70),
+    }
+}
+
+/// `http://` + admin.bind, with an unspecified address replaced by loopback.
+fn admin_url(loaded: &Loaded) -> String {
+    let mut addr: SocketAddr = loaded.config.admin.bind;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(if addr.is_ipv4() {
+            [127, 0, 0, 1].into()
+        } else {
+            std::net::Ipv6Addr::LOCALHOST.into()
+        });
+    }
+    format!("http://{addr}")
+}
+
+fn out(text: &str) {
+    let mut stdout = std::io::stdout().lock();
+    let _ = stdout.write_all(text.as_bytes());
+    let _ = stdout.flush();
+}
+
+/// Prints `warden: message` to stderr and returns `code`.
+fn fail(message: &str, code: i32) -> i32 {
+    let _ = writeln!(std::io::stderr(), "warden: {message}");
+    code
+}
