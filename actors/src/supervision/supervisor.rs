@@ -32,7 +32,7 @@ use ractor::{
 };
 use tokio::sync::watch;
 use tokio::time::Instant;
-use tracing::{debug, error, info, warn};
+use tracing::{Instrument, debug, error, info, warn};
 
 use super::backoff::Jitter;
 use super::child::{ChildContext, ChildSpec, Probe};
@@ -233,6 +233,8 @@ pub struct Supervisor;
 /// What a supervisor knows while it runs.
 pub struct SupervisorState {
     path: String,
+    /// `actor` span with `actor.kind = supervisor` and `actor.path`; wraps every handler.
+    span: tracing::Span,
     strategy: Strategy,
     exit: ExitHandle,
     jitter: Jitter,
@@ -399,7 +401,9 @@ impl Actor for Supervisor {
         myself: ActorRef<Self::Msg>,
         args: SupervisorArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
+        let span = tracing::info_span!("actor", actor.kind = "supervisor", actor.path = %args.path);
         let mut state = SupervisorState {
+            span,
             path: args.path,
             strategy: args.strategy,
             exit: args.exit,
@@ -447,41 +451,48 @@ impl Actor for Supervisor {
         msg: Self::Msg,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        match msg {
-            SupervisorMsg::RestartDue { order, token } => {
-                state.restart_due(&myself, order, token).await
-            }
-            SupervisorMsg::LivenessDue { order, generation } => {
-                state.liveness_due(&myself, order, generation).await
-            }
-            SupervisorMsg::StartFailed {
-                order,
-                generation,
-                failure,
-            } => {
-                let current = state.children.get(&order).is_some_and(|c| {
-                    c.generation == generation && c.cell.is_none() && c.state == NodeState::Starting
-                });
-                if current {
-                    state.on_exit(&myself, order, Exit::Failed(failure)).await
-                } else {
+        let span = state.span.clone();
+        async move {
+            match msg {
+                SupervisorMsg::RestartDue { order, token } => {
+                    state.restart_due(&myself, order, token).await
+                }
+                SupervisorMsg::LivenessDue { order, generation } => {
+                    state.liveness_due(&myself, order, generation).await
+                }
+                SupervisorMsg::StartFailed {
+                    order,
+                    generation,
+                    failure,
+                } => {
+                    let current = state.children.get(&order).is_some_and(|c| {
+                        c.generation == generation
+                            && c.cell.is_none()
+                            && c.state == NodeState::Starting
+                    });
+                    if current {
+                        state.on_exit(&myself, order, Exit::Failed(failure)).await
+                    } else {
+                        Ok(())
+                    }
+                }
+                SupervisorMsg::Add { spec, reply } => {
+                    let result = state.add(&myself, spec).await;
+                    let _ = reply.send(result);
                     Ok(())
                 }
-            }
-            SupervisorMsg::Add { spec, reply } => {
-                let result = state.add(&myself, spec).await;
-                let _ = reply.send(result);
-                Ok(())
-            }
-            SupervisorMsg::Remove { id, reply } => {
-                let result = state.remove(&id).await;
-                let _ = reply.send(result);
-                Ok(())
-            }
-            SupervisorMsg::Control { id, action, reply } => {
-                state.control(&myself, &id, action, reply).await
+                SupervisorMsg::Remove { id, reply } => {
+                    let result = state.remove(&id).await;
+                    let _ = reply.send(result);
+                    Ok(())
+                }
+                SupervisorMsg::Control { id, action, reply } => {
+                    state.control(&myself, &id, action, reply).await
+                }
             }
         }
+        .instrument(span)
+        .await
     }
 
     async fn handle_supervisor_evt(
@@ -490,43 +501,48 @@ impl Actor for Supervisor {
         event: SupervisionEvent,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        match event {
-            SupervisionEvent::ActorStarted(cell) => {
-                if let Some(&order) = state.by_actor.get(&cell.get_id()) {
-                    if let Some(child) = state.children.get_mut(&order) {
-                        child.set_state(NodeState::Running);
-                        debug!(actor = %child.path, generation = child.generation, "Running.");
+        let span = state.span.clone();
+        async move {
+            match event {
+                SupervisionEvent::ActorStarted(cell) => {
+                    if let Some(&order) = state.by_actor.get(&cell.get_id()) {
+                        if let Some(child) = state.children.get_mut(&order) {
+                            child.set_state(NodeState::Running);
+                            debug!(actor = %child.path, generation = child.generation, "Running.");
+                        }
+                        state.publish(order);
                     }
-                    state.publish(order);
-                }
-                Ok(())
-            }
-            SupervisionEvent::ActorFailed(cell, err) => match state.by_actor.remove(&cell.get_id())
-            {
-                Some(order) => {
-                    state
-                        .on_exit(&myself, order, Exit::Failed(Failure::classify(&err)))
-                        .await
-                }
-                None => {
-                    debug!(supervisor = %state.path, error = %err, "Ignoring the failure of a stale incarnation.");
                     Ok(())
                 }
-            },
-            SupervisionEvent::ActorTerminated(cell, _, reason) => {
-                match state.by_actor.remove(&cell.get_id()) {
+                SupervisionEvent::ActorFailed(cell, err) => match state.by_actor.remove(&cell.get_id())
+                {
                     Some(order) => {
-                        let exit = match reason.as_deref() {
-                            Some("killed") => Exit::Failed(Failure::transient("killed")),
-                            _ => Exit::Normal(reason),
-                        };
-                        state.on_exit(&myself, order, exit).await
+                        state
+                            .on_exit(&myself, order, Exit::Failed(Failure::classify(&err)))
+                            .await
                     }
-                    None => Ok(()),
+                    None => {
+                        debug!(supervisor = %state.path, error = %err, "Ignoring the failure of a stale incarnation.");
+                        Ok(())
+                    }
+                },
+                SupervisionEvent::ActorTerminated(cell, _, reason) => {
+                    match state.by_actor.remove(&cell.get_id()) {
+                        Some(order) => {
+                            let exit = match reason.as_deref() {
+                                Some("killed") => Exit::Failed(Failure::transient("killed")),
+                                _ => Exit::Normal(reason),
+                            };
+                            state.on_exit(&myself, order, exit).await
+                        }
+                        None => Ok(()),
+                    }
                 }
+                _ => Ok(()),
             }
-            _ => Ok(()),
         }
+        .instrument(span)
+        .await
     }
 }
 

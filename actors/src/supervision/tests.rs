@@ -679,6 +679,35 @@ async fn ordered_shutdown_kills_a_child_that_ignores_stop_after_its_timeout() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn shutdown_is_recursive_and_in_reverse_start_order() {
+    let mut h = Harness::start(Strategy::OneForOne, |tx| {
+        vec![
+            child("a", Restart::Permanent, policy(), tx),
+            ChildSpec::supervisor(
+                "sub",
+                Strategy::OneForOne,
+                vec![
+                    child("x", Restart::Permanent, policy(), tx),
+                    child("y", Restart::Permanent, policy(), tx),
+                ],
+            ),
+            child("z", Restart::Permanent, policy(), tx),
+        ]
+    })
+    .await;
+    for id in ["a", "x", "y", "z"] {
+        h.started(id).await;
+    }
+    let report = h.tree.shutdown(60 * S).await;
+    assert!(report.graceful);
+    for id in ["z", "y", "x", "a"] {
+        h.stopped(id).await;
+    }
+    let snap = h.tree.handle().snapshot();
+    assert_eq!(snap.state, NodeState::Stopped);
+}
+
+#[tokio::test(start_paused = true)]
 async fn dynamic_children_are_added_removed_and_temporary_ones_vanish_on_exit() {
     let (tx, mut events) = unbounded_channel();
     let tree = Tree::start(
