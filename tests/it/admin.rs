@@ -491,7 +491,14 @@ async fn metrics_count_restarts() -> anyhow::Result<()> {
     );
     assert!(text.contains("# HELP warden_restarts_total"), "{text}");
 
-    if let Some(promtool) = std::env::var_os("PROMTOOL") {
+    let promtool = std::env::var_os("PROMTOOL");
+    // scripts/test.sh installs promtool and sets PROMTOOL; under CI a missing one is a
+    // failure, never a skip.
+    ensure!(
+        promtool.is_some() || std::env::var("CI").as_deref() != Ok("true"),
+        "CI=true but PROMTOOL is not set: run the suite through ./scripts/test.sh"
+    );
+    if let Some(promtool) = promtool {
         use tokio::io::AsyncWriteExt as _;
         let mut child = tokio::process::Command::new(&promtool)
             .args(["check", "metrics"])

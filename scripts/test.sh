@@ -1,0 +1,168 @@
+#!/usr/bin/env bash
+# warden's test command: installs what the tests need when it is absent, then runs the
+# whole suite. Works from any directory; idempotent; fast when everything is present
+# (no package index update then).
+#
+#   ./scripts/test.sh                  # everything
+#   ./scripts/test.sh -- --nocapture   # extra arguments go to the test binaries
+#
+# Environment:
+#   CI=true             a tool that is missing and cannot be installed fails the run
+#                       (outside CI it is a warning, and the tests that need it decide)
+#   WARDEN_TOOLS_DIR    where fetched tools are kept (default ~/.cache/warden/tools)
+#   PROMTOOL            a promtool to use instead of looking for one
+#
+# Exported for the tests:
+#   PROMTOOL            path of promtool, which validates the /metrics exposition
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+CI=${CI:-false}
+TOOLS_DIR=${WARDEN_TOOLS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/warden/tools}
+
+log() { printf '==> %s\n' "$*" >&2; }
+
+# Prints a command, then runs it.
+run() {
+    printf '+ %s\n' "$*" >&2
+    "$@"
+}
+
+# Runs a command as root: directly when we are root, else through sudo.
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then
+        run "$@"
+    elif command -v sudo >/dev/null 2>&1; then
+        # Under CI nobody can type a password: fail instead of waiting for one.
+        if [ "$CI" = true ]; then
+            run sudo -n "$@"
+        else
+            run sudo "$@"
+        fi
+    else
+        log "cannot run as root (no sudo): $*"
+        return 1
+    fi
+}
+
+# A tool is missing and could not be installed: fatal under CI, a warning otherwise.
+missing() {
+    if [ "$CI" = true ]; then
+        log "error: $1 is required and could not be installed: $2"
+        exit 1
+    fi
+    log "warning: $1 is not available ($2); tests that need it will say so"
+}
+
+# `apt-get update`, at most once per run, and only when an install needs it.
+APT_UPDATED=false
+apt_update_once() {
+    if [ "$APT_UPDATED" = false ]; then
+        # Explicit returns: callers use `||`, which turns off `set -e` in here.
+        as_root apt-get update -qq || return 1
+        APT_UPDATED=true
+    fi
+}
+
+# The candidate version of a Debian package, or nothing.
+apt_candidate() {
+    apt-cache policy "$1" 2>/dev/null | awk '$1 == "Candidate:" && $2 != "(none)" { print $2 }'
+}
+
+# --- promtool ---------------------------------------------------------------------------
+# promtool validates the Prometheus text exposition of /metrics (`promtool check metrics`).
+# Debian ships it in the `prometheus` package, but installing that package pulls in 37
+# packages (a Prometheus server, node exporter, JavaScript libraries) and starts services.
+# We only fetch the package file (about 19 MB) and extract the promtool binary (about
+# 46 MB, static) into $TOOLS_DIR: no root needed beyond refreshing the package index.
+ensure_promtool() {
+    if [ -n "${PROMTOOL:-}" ] && [ -x "$PROMTOOL" ]; then
+        export PROMTOOL
+        return
+    fi
+    local found
+    if found=$(command -v promtool); then
+        export PROMTOOL=$found
+        return
+    fi
+    if [ -x "$TOOLS_DIR/promtool" ] && "$TOOLS_DIR/promtool" --version >/dev/null 2>&1; then
+        export PROMTOOL=$TOOLS_DIR/promtool
+        return
+    fi
+    if ! command -v apt-get >/dev/null 2>&1 || ! command -v dpkg-deb >/dev/null 2>&1; then
+        missing promtool "no apt-get/dpkg-deb on this machine to fetch Debian's prometheus package"
+        return
+    fi
+
+    log "promtool not found: extracting it from Debian's prometheus package into $TOOLS_DIR"
+    if [ -z "$(apt_candidate prometheus)" ]; then
+        apt_update_once || true
+    fi
+    if [ -z "$(apt_candidate prometheus)" ]; then
+        missing promtool "Debian's package index has no prometheus package"
+        return
+    fi
+
+    local work status=0
+    work=$(mktemp -d)
+    fetch_promtool "$work" || status=$?
+    rm -rf "$work"
+    case $status in
+        0) export PROMTOOL=$TOOLS_DIR/promtool ;;
+        1) missing promtool "could not download Debian's prometheus package" ;;
+        *) missing promtool "could not extract promtool from Debian's prometheus package" ;;
+    esac
+}
+
+# Downloads Debian's prometheus package into $1 and installs its promtool into
+# $TOOLS_DIR. Returns 1 when the download fails, 2 when the extraction does.
+fetch_promtool() {
+    local work=$1
+    # apt drops privileges to _apt for downloads, which cannot write to a root-owned
+    # temporary folder; as root, download as root.
+    local apt_opts=()
+    if [ "$(id -u)" -eq 0 ]; then
+        apt_opts=(-o APT::Sandbox::User=root)
+    fi
+    # A stale index can name a version the mirror no longer has: refresh once and retry.
+    if ! (cd "$work" && run apt-get "${apt_opts[@]}" -qq download prometheus); then
+        [ "$APT_UPDATED" = false ] || return 1
+        apt_update_once || return 1
+        (cd "$work" && run apt-get "${apt_opts[@]}" -qq download prometheus) || return 1
+    fi
+    local deb
+    deb=$(find "$work" -maxdepth 1 -name 'prometheus_*.deb' -print -quit)
+    [ -n "$deb" ] || return 1
+    dpkg-deb --fsys-tarfile "$deb" | tar -x -C "$work" ./usr/bin/promtool || return 2
+    "$work/usr/bin/promtool" --version >/dev/null 2>&1 || return 2
+    mkdir -p "$TOOLS_DIR"
+    # Install under a temporary name, then rename: concurrent runs never see half a file.
+    install -m 0755 "$work/usr/bin/promtool" "$TOOLS_DIR/promtool.$$" || return 2
+    mv -f "$TOOLS_DIR/promtool.$$" "$TOOLS_DIR/promtool" || return 2
+}
+
+# --- Synapse ----------------------------------------------------------------------------
+# ===== ensure_synapse: EMPTY FOR NOW — issue 5 fills it =====
+# It will provide a real Matrix homeserver for the Matrix tests (a pinned matrix-synapse
+# in a reused venv, a generated loopback-only config, started and stopped by this script,
+# its address exported for the tests).
+ensure_synapse() {
+    :
+}
+
+main() {
+    if ! command -v cargo >/dev/null 2>&1; then
+        log "error: cargo is not on PATH"
+        exit 1
+    fi
+    ensure_promtool
+    ensure_synapse
+
+    if [ -n "${PROMTOOL:-}" ]; then
+        log "PROMTOOL=$PROMTOOL ($("$PROMTOOL" --version 2>&1 | head -n 1))"
+    fi
+    run cargo test --workspace --all-targets --locked "$@"
+}
+
+main "$@"
