@@ -250,6 +250,9 @@ pub enum Decision {
     },
 }
 
+/// With an unlimited budget, failures in the window are counted up to this many.
+pub const TRACKED_FAILURES: usize = 256;
+
 /// The restart history of one child, across its incarnations.
 #[derive(Debug, Clone, Default)]
 pub struct History {
@@ -311,10 +314,18 @@ pub fn decide(
     }
     history.consecutive = history.consecutive.saturating_add(1);
     history.failures.push_back(now);
-    while history
-        .failures
-        .front()
-        .is_some_and(|t| now.duration_since(*t) >= policy.window)
+    // Keep the window's failures, but no more than the budget needs: an unlimited budget
+    // would otherwise make every restart of a crash-looping child copy a growing list
+    // into the published view.
+    let keep = usize::try_from(policy.max_restarts)
+        .unwrap_or(usize::MAX)
+        .saturating_add(1)
+        .max(TRACKED_FAILURES);
+    while history.failures.len() > keep
+        || history
+            .failures
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= policy.window)
     {
         history.failures.pop_front();
     }
@@ -571,6 +582,45 @@ mod tests {
             ));
             assert!(h.in_window(p.window, t) <= 2);
         }
+    }
+
+    #[test]
+    fn unlimited_budget_tracks_a_bounded_number_of_failures() {
+        let p = policy(0, 3600);
+        let mut h = History::default();
+        let t0 = Instant::now();
+        for i in 0..1000u64 {
+            let t = t0 + Duration::from_millis(i);
+            decide(
+                &failed(),
+                Restart::Permanent,
+                &p,
+                &mut h,
+                Duration::ZERO,
+                t,
+                0.0,
+            );
+        }
+        assert_eq!(
+            h.in_window(p.window, t0 + Duration::from_secs(1)),
+            TRACKED_FAILURES
+        );
+        // A budget larger than the cap keeps what it needs to be enforced.
+        let p = policy(500, 3600);
+        let mut h = History::default();
+        let mut last = None;
+        for i in 0..501u64 {
+            last = Some(decide(
+                &failed(),
+                Restart::Permanent,
+                &p,
+                &mut h,
+                Duration::ZERO,
+                t0 + Duration::from_millis(i),
+                0.0,
+            ));
+        }
+        assert!(matches!(last, Some(Decision::GiveUp { .. })));
     }
 
     #[test]

@@ -69,7 +69,8 @@ pub struct NodeSnapshot {
     pub generation: u64,
     /// Restarts over the child's whole life.
     pub restarts_total: u64,
-    /// Failures inside the current budget window.
+    /// Failures inside the current budget window (with an unlimited budget, counted up to
+    /// 256).
     pub restarts_in_window: u64,
     /// Failures in a row since the child last ran `reset_after` without failing.
     pub consecutive_failures: u32,
