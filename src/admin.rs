@@ -276,7 +276,7 @@ async fn healthz(State(state): State<AdminState>) -> Response {
     let uptime_ms = state.uptime_ms();
     let (code, status) = match state.tree.get() {
         None => (StatusCode::OK, "starting"),
-        Some(tree) if tree.snapshot().state == NodeState::Running => (StatusCode::OK, "ok"),
+        Some(tree) if tree.is_running() => (StatusCode::OK, "ok"),
         Some(_) => (StatusCode::SERVICE_UNAVAILABLE, "down"),
     };
     (code, axum::Json(Health { status, uptime_ms })).into_response()
@@ -290,7 +290,7 @@ async fn readyz(State(state): State<AdminState>) -> Response {
             if snapshot.state == NodeState::Running {
                 snapshot.not_ready()
             } else {
-                vec![snapshot.path]
+                vec![snapshot.path.to_string()]
             }
         }
     };
@@ -334,20 +334,41 @@ struct TreeQuery {
 async fn tree(State(state): State<AdminState>, uri: Uri) -> Result<Response, ApiError> {
     let Query(query) = Query::<TreeQuery>::try_from_uri(&uri)
         .map_err(|_| ApiError::BadRequest("the query string is malformed".to_string()))?;
-    let snapshot = state.tree_or_starting()?.snapshot();
-    match query.format.as_deref() {
-        None | Some("json") => Ok(axum::Json(snapshot).into_response()),
-        Some("text") => Ok((
-            [(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("text/plain; charset=utf-8"),
-            )],
-            snapshot.render_text(),
-        )
-            .into_response()),
-        Some(other) => Err(ApiError::BadRequest(format!(
-            "unknown format {other:?}: expected json or text"
-        ))),
+    let handle = state.tree_or_starting()?.clone();
+    let text = match query.format.as_deref() {
+        None | Some("json") => false,
+        Some("text") => true,
+        Some(other) => {
+            return Err(ApiError::BadRequest(format!(
+                "unknown format {other:?}: expected json or text"
+            )));
+        }
+    };
+    // Reading and encoding a tree of thousands of children is milliseconds of CPU: keep it
+    // off the runtime's workers, which also run the actors.
+    let rendered = tokio::task::spawn_blocking(move || {
+        let snapshot = handle.snapshot();
+        if text {
+            Ok(snapshot.render_text().into_bytes())
+        } else {
+            serde_json::to_vec(&snapshot)
+        }
+    })
+    .await;
+    match rendered {
+        Ok(Ok(body)) => {
+            let content_type = if text {
+                "text/plain; charset=utf-8"
+            } else {
+                "application/json"
+            };
+            Ok((
+                [(header::CONTENT_TYPE, HeaderValue::from_static(content_type))],
+                body,
+            )
+                .into_response())
+        }
+        _ => Err(ApiError::Internal("cannot render the tree".to_string())),
     }
 }
 
@@ -422,6 +443,8 @@ enum ApiError {
     MetricsOff,
     /// A supervisor refused an operator action.
     Supervisor(SupervisorError),
+    /// Something failed inside the endpoint (500); the detail is logged, not returned.
+    Internal(String),
 }
 
 impl From<SupervisorError> for ApiError {
@@ -462,6 +485,14 @@ impl ApiError {
                 "this endpoint does not accept that method".to_string(),
             ),
             ApiError::BadRequest(message) => (StatusCode::BAD_REQUEST, "bad_request", message),
+            ApiError::Internal(detail) => {
+                warn!(detail = %detail, "Admin endpoint error.");
+                (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    "the admin endpoint failed; see its log".to_string(),
+                )
+            }
             ApiError::MetricsOff => (
                 StatusCode::NOT_FOUND,
                 "not_found",

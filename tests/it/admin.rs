@@ -255,10 +255,7 @@ async fn probes_tree_and_operator_actions() -> anyhow::Result<()> {
             tree.render_text()
         );
     }
-    assert_eq!(
-        child(&tree, "root/admin").map(|n| n.kind.as_str()),
-        Some("admin")
-    );
+    assert_eq!(child(&tree, "root/admin").map(|n| &*n.kind), Some("admin"));
     let response = fx
         .http
         .get(fx.url("/admin/tree?format=text"))

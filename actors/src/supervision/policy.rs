@@ -31,6 +31,16 @@ pub enum Restart {
     Temporary,
 }
 
+impl From<Restart> for super::snapshot::RestartKind {
+    fn from(r: Restart) -> Self {
+        match r {
+            Restart::Permanent => Self::Permanent,
+            Restart::Transient => Self::Transient,
+            Restart::Temporary => Self::Temporary,
+        }
+    }
+}
+
 impl Restart {
     /// The lower-case name used in snapshots and logs.
     pub fn as_str(self) -> &'static str {

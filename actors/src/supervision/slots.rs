@@ -8,7 +8,8 @@
 //!
 //! ## Messages
 //! `Acquire` (from [`SlotClient::acquire`]), `Enqueue` (a first start's jitter is over),
-//! `Release` (a [`SlotGuard`] was dropped), `HoldExpired` (a holder kept its slot too long).
+//! `Release` (a [`SlotGuard`] was dropped), `HoldCheck` (the pool's earliest hold deadline
+//! passed: force-release every holder past its hold timeout).
 //!
 //! ## Supervision
 //! A permanent child of the root. Its clients hold a [`SlotClient`], which follows the actor
@@ -95,10 +96,11 @@ pub enum SlotMsg {
         /// Its lease.
         lease: u64,
     },
-    /// A lease reached its hold timeout.
-    HoldExpired {
-        /// The lease.
-        lease: u64,
+    /// The earliest hold deadline of a pool passed. One timer per pool, armed for its
+    /// earliest holder, rather than one per lease.
+    HoldCheck {
+        /// The pool's index.
+        pool: usize,
     },
 }
 
@@ -248,7 +250,6 @@ struct Waiter {
 struct Holder {
     name: Arc<str>,
     since: Instant,
-    timer: Timer,
 }
 
 struct Pool {
@@ -257,6 +258,33 @@ struct Pool {
     holders: HashMap<u64, Holder>,
     queue: VecDeque<Waiter>,
     peak: usize,
+    /// The hold-timeout timer, armed while anyone holds a slot.
+    hold_timer: Option<Timer>,
+    metrics: PoolMetrics,
+}
+
+/// A pool's metric handles, made once so the hot path allocates no labels.
+struct PoolMetrics {
+    holders: metrics::Gauge,
+    peak: metrics::Gauge,
+    queue: metrics::Gauge,
+    wait: metrics::Histogram,
+    cancelled: metrics::Counter,
+    hold_timeouts: metrics::Counter,
+}
+
+impl PoolMetrics {
+    fn new(pool: &str) -> Self {
+        let label = || ("pool", pool.to_string());
+        Self {
+            holders: metrics::gauge!(m::SLOT_HOLDERS, &[label()]),
+            peak: metrics::gauge!(m::SLOT_HOLDERS_PEAK, &[label()]),
+            queue: metrics::gauge!(m::SLOT_QUEUE, &[label()]),
+            wait: metrics::histogram!(m::SLOT_WAIT_SECONDS, &[label()]),
+            cancelled: metrics::counter!(m::SLOT_CANCELLED_TOTAL, &[label()]),
+            hold_timeouts: metrics::counter!(m::SLOT_HOLD_TIMEOUTS_TOTAL, &[label()]),
+        }
+    }
 }
 
 /// The start-slot actor's state.
@@ -286,6 +314,7 @@ impl Actor for StartSlots {
             .pools
             .into_iter()
             .map(|(name, settings)| Pool {
+                metrics: PoolMetrics::new(&name),
                 name: name.into(),
                 settings: PoolSettings {
                     max_concurrent: settings.max_concurrent.max(1),
@@ -294,6 +323,7 @@ impl Actor for StartSlots {
                 holders: HashMap::new(),
                 queue: VecDeque::new(),
                 peak: 0,
+                hold_timer: None,
             })
             .collect();
         args.client.set(Some(myself));
@@ -326,8 +356,9 @@ impl Actor for StartSlots {
             state.client.set(None);
         }
         for pool in &mut state.pools {
-            for (_, holder) in pool.holders.drain() {
-                holder.timer.abort();
+            pool.holders.clear();
+            if let Some(timer) = pool.hold_timer.take() {
+                timer.abort();
             }
         }
         for (_, (_, _, timer)) in state.jittering.drain() {
@@ -379,23 +410,32 @@ impl Actor for StartSlots {
             }
             SlotMsg::Release { lease } => {
                 if let Some(idx) = state.leases.remove(&lease) {
-                    if let Some(holder) = state.pools[idx].holders.remove(&lease) {
-                        holder.timer.abort();
-                    }
+                    state.pools[idx].holders.remove(&lease);
                     state.grant(&myself, idx);
                 }
             }
-            SlotMsg::HoldExpired { lease } => {
-                if let Some(idx) = state.leases.remove(&lease) {
-                    let pool = &mut state.pools[idx];
+            SlotMsg::HoldCheck { pool: idx } => {
+                let now = Instant::now();
+                let pool = &mut state.pools[idx];
+                pool.hold_timer = None;
+                let timeout = pool.settings.hold_timeout;
+                let expired: Vec<u64> = pool
+                    .holders
+                    .iter()
+                    .filter(|(_, h)| now.saturating_duration_since(h.since) >= timeout)
+                    .map(|(lease, _)| *lease)
+                    .collect();
+                for lease in expired {
                     if let Some(holder) = pool.holders.remove(&lease) {
-                        let held_ms = holder.since.elapsed().as_millis() as u64;
+                        let held_ms =
+                            now.saturating_duration_since(holder.since).as_millis() as u64;
                         warn!(pool = %pool.name, holder = %holder.name, held_ms,
                             "Start slot held past its hold timeout; force-released.");
-                        metrics::counter!(m::SLOT_HOLD_TIMEOUTS_TOTAL, "pool" => pool.name.to_string()).increment(1);
+                        pool.metrics.hold_timeouts.increment(1);
                     }
-                    state.grant(&myself, idx);
+                    state.leases.remove(&lease);
                 }
+                state.grant(&myself, idx);
             }
         }
         Ok(())
@@ -411,8 +451,7 @@ impl StartSlotsState {
                 break;
             };
             if waiter.reply.is_closed() {
-                metrics::counter!(m::SLOT_CANCELLED_TOTAL, "pool" => pool.name.to_string())
-                    .increment(1);
+                pool.metrics.cancelled.increment(1);
                 continue;
             }
             let lease = self.next_id;
@@ -425,26 +464,32 @@ impl StartSlotsState {
             if let Err(Ok(mut guard)) = waiter.reply.send(Ok(guard)) {
                 // The caller left between the check and the send.
                 guard.disarm();
-                metrics::counter!(m::SLOT_CANCELLED_TOTAL, "pool" => pool.name.to_string())
-                    .increment(1);
+                pool.metrics.cancelled.increment(1);
                 continue;
             }
             let now = Instant::now();
-            metrics::histogram!(m::SLOT_WAIT_SECONDS, "pool" => pool.name.to_string())
+            pool.metrics
+                .wait
                 .record(now.saturating_duration_since(waiter.asked_at).as_secs_f64());
-            let timer = myself.send_after(pool.settings.hold_timeout, move || {
-                SlotMsg::HoldExpired { lease }
-            });
             pool.holders.insert(
                 lease,
                 Holder {
                     name: waiter.holder,
                     since: now,
-                    timer,
                 },
             );
             pool.peak = pool.peak.max(pool.holders.len());
             self.leases.insert(lease, idx);
+        }
+        // Arm the pool's hold timer for its earliest holder.
+        let pool = &mut self.pools[idx];
+        if pool.hold_timer.is_none()
+            && let Some(first) = pool.holders.values().map(|h| h.since).min()
+        {
+            let due =
+                (first + pool.settings.hold_timeout).saturating_duration_since(Instant::now());
+            pool.hold_timer =
+                Some(myself.send_after(due, move || SlotMsg::HoldCheck { pool: idx }));
         }
         self.gauges(idx);
         self.publish();
@@ -452,10 +497,9 @@ impl StartSlotsState {
 
     fn gauges(&self, idx: usize) {
         let pool = &self.pools[idx];
-        let name = pool.name.to_string();
-        metrics::gauge!(m::SLOT_HOLDERS, "pool" => name.clone()).set(pool.holders.len() as f64);
-        metrics::gauge!(m::SLOT_HOLDERS_PEAK, "pool" => name.clone()).set(pool.peak as f64);
-        metrics::gauge!(m::SLOT_QUEUE, "pool" => name).set(pool.queue.len() as f64);
+        pool.metrics.holders.set(pool.holders.len() as f64);
+        pool.metrics.peak.set(pool.peak as f64);
+        pool.metrics.queue.set(pool.queue.len() as f64);
     }
 
     fn publish(&self) {

@@ -4,6 +4,7 @@
 //! inside the kernel never changes the API by accident.
 
 use std::fmt::Write as _;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -49,19 +50,45 @@ impl NodeState {
     ];
 }
 
+/// When a node is brought back after it exits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RestartKind {
+    /// Always.
+    Permanent,
+    /// Only after a failure.
+    Transient,
+    /// Never.
+    Temporary,
+}
+
+impl RestartKind {
+    /// The snake-case name, as in the JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RestartKind::Permanent => "permanent",
+            RestartKind::Transient => "transient",
+            RestartKind::Temporary => "temporary",
+        }
+    }
+}
+
 /// One node of the tree and everything below it.
+///
+/// Strings that do not change while a node runs are shared (`Arc<str>`), so reading a large
+/// tree allocates little more than its `children` vectors.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NodeSnapshot {
     /// Full path, e.g. `root/gateway/listener`.
-    pub path: String,
+    pub path: Arc<str>,
     /// Last path segment.
-    pub id: String,
+    pub id: Arc<str>,
     /// The child's kind (`supervisor`, `start_slots`, `matrix_account`, …).
-    pub kind: String,
+    pub kind: Arc<str>,
     /// Its state.
     pub state: NodeState,
     /// `permanent`, `transient` or `temporary`.
-    pub restart: String,
+    pub restart: RestartKind,
     /// For supervisors: `one_for_one`, `one_for_all` or `rest_for_one`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub strategy: Option<String>,
@@ -79,7 +106,7 @@ pub struct NodeSnapshot {
     /// When backing off: how long until the next start.
     pub next_restart_in_ms: Option<u64>,
     /// When the current incarnation started (RFC 3339), if it runs.
-    pub started_at: Option<String>,
+    pub started_at: Option<Arc<str>>,
     /// How long the current incarnation has run, if it runs.
     pub uptime_ms: Option<u64>,
     /// Running, and (for children that report it) said it is ready.
@@ -132,12 +159,12 @@ pub struct HolderSnapshot {
 impl NodeSnapshot {
     /// Finds a node by full path.
     pub fn find(&self, path: &str) -> Option<&NodeSnapshot> {
-        if self.path == path {
+        if &*self.path == path {
             return Some(self);
         }
-        let rest = path.strip_prefix(self.path.as_str())?.strip_prefix('/')?;
+        let rest = path.strip_prefix(&*self.path)?.strip_prefix('/')?;
         let next = rest.split('/').next()?;
-        self.children.iter().find(|c| c.id == next)?.find(path)
+        self.children.iter().find(|c| &*c.id == next)?.find(path)
     }
 
     /// Every node, depth first, this one included.
@@ -160,9 +187,9 @@ impl NodeSnapshot {
 
     fn collect_not_ready(&self, out: &mut Vec<String>) {
         for child in &self.children {
-            let must_run = child.restart == "permanent";
+            let must_run = child.restart == RestartKind::Permanent;
             if !child.ready && (must_run || child.state == NodeState::Running) {
-                out.push(child.path.clone());
+                out.push(child.path.to_string());
             } else {
                 child.collect_not_ready(out);
             }
@@ -182,12 +209,12 @@ impl NodeSnapshot {
             "{first}{}  {}  {}",
             self.id,
             self.state.as_str(),
-            self.restart
+            self.restart.as_str()
         );
         if let Some(strategy) = &self.strategy {
             let _ = write!(out, "  {strategy}");
         }
-        if self.kind != "supervisor" {
+        if &*self.kind != "supervisor" {
             let _ = write!(out, "  [{}]", self.kind);
         }
         let _ = write!(out, "  gen {}", self.generation);
@@ -256,11 +283,14 @@ mod tests {
 
     fn node(path: &str, state: NodeState, restart: &str, ready: bool) -> NodeSnapshot {
         NodeSnapshot {
-            path: path.to_string(),
-            id: path.rsplit('/').next().unwrap_or(path).to_string(),
-            kind: "test".to_string(),
+            path: path.into(),
+            id: path.rsplit('/').next().unwrap_or(path).into(),
+            kind: "test".into(),
             state,
-            restart: restart.to_string(),
+            restart: match restart {
+                "permanent" => RestartKind::Permanent,
+                _ => RestartKind::Transient,
+            },
             strategy: None,
             generation: 1,
             restarts_total: 0,
@@ -292,7 +322,7 @@ mod tests {
             .push(node("root/p/x", NodeState::Stopped, "permanent", false));
         root.children = vec![gw, parked];
         assert_eq!(root.not_ready(), ["root/gw/a", "root/gw/c", "root/p"]);
-        assert_eq!(root.find("root/gw/c").map(|n| n.id.as_str()), Some("c"));
+        assert_eq!(root.find("root/gw/c").map(|n| &*n.id), Some("c"));
         assert!(root.find("root/gw/zz").is_none());
         assert!(root.find("rootx").is_none());
     }

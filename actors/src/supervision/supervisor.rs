@@ -42,7 +42,7 @@ use super::policy::{
     Action, Decision, Exit, Failure, FailureClass, History, Policy, Restart, decide,
 };
 use super::snapshot::NodeState;
-use super::view::{ChildView, FailureView, Inner, SupervisorView};
+use super::view::{ChildView, FailureView, Inner, SupervisorView, rfc3339};
 
 /// A pending timer message.
 type Timer = JoinHandle<Result<(), ractor::MessagingErr<SupervisorMsg>>>;
@@ -256,7 +256,10 @@ struct Child {
     generation: u64,
     cell: Option<ActorCell>,
     history: History,
-    started: Option<(Instant, SystemTime)>,
+    /// When the current incarnation started, and that time as RFC 3339 (formatted once).
+    started: Option<(Instant, Arc<str>)>,
+    /// The id, path and kind as shared strings for the published view.
+    names: (Arc<str>, Arc<str>, Arc<str>),
     last_failure: Option<FailureView>,
     next_restart_at: Option<Instant>,
     /// Set while it waits to restart together with the child of that order.
@@ -273,8 +276,15 @@ struct Child {
 impl Child {
     fn new(spec: ChildSpec, parent: &str) -> Self {
         let (tx, rx) = watch::channel(Inner::Leaf);
+        let path = format!("{parent}/{}", spec.id);
+        let names = (
+            Arc::from(spec.id.as_str()),
+            Arc::from(path.as_str()),
+            Arc::from(spec.kind.as_str()),
+        );
         let child = Self {
-            path: format!("{parent}/{}", spec.id),
+            names,
+            path,
             spec,
             state: NodeState::Stopped,
             generation: 0,
@@ -320,9 +330,9 @@ impl Child {
 
     fn view(&self) -> Arc<ChildView> {
         Arc::new(ChildView {
-            id: self.spec.id.clone(),
-            path: self.path.clone(),
-            kind: self.spec.kind.clone(),
+            id: self.names.0.clone(),
+            path: self.names.1.clone(),
+            kind: self.names.2.clone(),
             restart: self.spec.restart,
             readiness: self.spec.readiness,
             state: self.state,
@@ -333,7 +343,7 @@ impl Child {
             consecutive: self.history.consecutive,
             last_failure: self.last_failure.clone(),
             next_restart_at: self.next_restart_at,
-            started: self.started,
+            started: self.started.clone(),
             probe: self.probe.clone(),
             inner: self.inner_rx.clone(),
         })
@@ -589,7 +599,7 @@ impl SupervisorState {
         child.generation += 1;
         child.cancel_restart();
         child.probe = Probe::new(now);
-        child.started = Some((now, SystemTime::now()));
+        child.started = Some((now, rfc3339(SystemTime::now()).into()));
         child.set_state(NodeState::Starting);
         let ctx = ChildContext {
             supervisor: myself.get_cell(),
@@ -702,7 +712,8 @@ impl SupervisorState {
         child.cancel_liveness();
         let ran_for = child
             .started
-            .map(|(t, _)| now.saturating_duration_since(t))
+            .as_ref()
+            .map(|(t, _)| now.saturating_duration_since(*t))
             .unwrap_or_default();
         child.started = None;
         let failure = exit.effective_failure(child.spec.restart);

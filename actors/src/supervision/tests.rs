@@ -749,7 +749,7 @@ async fn dynamic_children_are_added_removed_and_temporary_ones_vanish_on_exit() 
         t.handle()
             .snapshot()
             .find("root/sessions")
-            .map(|n| n.children.iter().map(|c| c.id.clone()).collect())
+            .map(|n| n.children.iter().map(|c| c.id.to_string()).collect())
             .unwrap_or_default()
     };
     assert_eq!(ids(&tree), ["conn-1", "conn-2"]);
@@ -977,6 +977,22 @@ mod slots {
             .await
             .expect("slot after the hold timeout");
         assert_eq!(Instant::now() - t0, 5 * S);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_holder_is_released_at_its_own_hold_deadline() {
+        let (client, _actor) = SlotClient::spawn_standalone(pool(2, 0, 5000), Jitter::fixed(0.0))
+            .await
+            .expect("spawn");
+        let t0 = Instant::now();
+        let _a = client.acquire("p", "a", false).await.expect("slot");
+        tokio::time::sleep(2 * S).await;
+        let _b = client.acquire("p", "b", false).await.expect("slot");
+        // Both slots held: c waits for a's deadline (5 s), d for b's (7 s).
+        let _c = client.acquire("p", "c", false).await.expect("slot");
+        assert_eq!(Instant::now() - t0, 5 * S);
+        let _d = client.acquire("p", "d", false).await.expect("slot");
+        assert_eq!(Instant::now() - t0, 7 * S);
     }
 
     #[tokio::test(start_paused = true)]

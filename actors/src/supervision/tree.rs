@@ -12,7 +12,7 @@ use tracing::{info, warn};
 use super::backoff::Jitter;
 use super::child::ChildSpec;
 use super::exit::ExitHandle;
-use super::snapshot::{NodeSnapshot, NodeState};
+use super::snapshot::{NodeSnapshot, NodeState, RestartKind};
 use super::supervisor::{
     ControlAction, Strategy, Supervisor, SupervisorArgs, SupervisorError, SupervisorMsg,
 };
@@ -139,7 +139,7 @@ impl Tree {
                         )
                     })
                     .filter(|n| n.children.is_empty())
-                    .map(|n| n.path.clone())
+                    .map(|n| n.path.to_string())
                     .collect();
                 warn!(still_running = ?still_running, "Shutdown deadline passed; killing what is left.");
                 let _ = root.kill_and_wait(Some(Duration::from_secs(2))).await;
@@ -162,15 +162,15 @@ impl TreeHandle {
             ractor::ActorStatus::Starting | ractor::ActorStatus::Running
         );
         NodeSnapshot {
-            path: ROOT.to_string(),
-            id: ROOT.to_string(),
-            kind: "supervisor".to_string(),
+            path: ROOT.into(),
+            id: ROOT.into(),
+            kind: "supervisor".into(),
             state: if alive {
                 NodeState::Running
             } else {
                 NodeState::Stopped
             },
-            restart: "permanent".to_string(),
+            restart: RestartKind::Permanent,
             strategy: strategy.or_else(|| Some(self.strategy.as_str().to_string())),
             generation: 1,
             restarts_total: 0,
@@ -178,13 +178,21 @@ impl TreeHandle {
             consecutive_failures: 0,
             last_failure: None,
             next_restart_in_ms: None,
-            started_at: alive.then(|| view::rfc3339(self.started.1)),
+            started_at: alive.then(|| view::rfc3339(self.started.1).into()),
             uptime_ms: alive
                 .then(|| now.saturating_duration_since(self.started.0).as_millis() as u64),
             ready: alive,
             pools,
             children,
         }
+    }
+
+    /// Whether the root supervisor runs; cheap (no snapshot).
+    pub fn is_running(&self) -> bool {
+        matches!(
+            self.root.get_status(),
+            ractor::ActorStatus::Starting | ractor::ActorStatus::Running
+        )
     }
 
     /// The root actor's cell.

@@ -44,9 +44,9 @@ pub struct SupervisorView {
 
 /// One child as its supervisor last published it.
 pub struct ChildView {
-    pub(crate) id: String,
-    pub(crate) path: String,
-    pub(crate) kind: String,
+    pub(crate) id: Arc<str>,
+    pub(crate) path: Arc<str>,
+    pub(crate) kind: Arc<str>,
     pub(crate) restart: Restart,
     pub(crate) readiness: Readiness,
     pub(crate) state: NodeState,
@@ -57,7 +57,8 @@ pub struct ChildView {
     pub(crate) consecutive: u32,
     pub(crate) last_failure: Option<FailureView>,
     pub(crate) next_restart_at: Option<Instant>,
-    pub(crate) started: Option<(Instant, SystemTime)>,
+    /// When the current incarnation started, and that time formatted once (RFC 3339).
+    pub(crate) started: Option<(Instant, Arc<str>)>,
     pub(crate) probe: Probe,
     pub(crate) inner: watch::Receiver<Inner>,
 }
@@ -100,7 +101,7 @@ pub(crate) fn snapshot_child(view: &ChildView, now: Instant) -> NodeSnapshot {
         id: view.id.clone(),
         kind: view.kind.clone(),
         state: view.state,
-        restart: view.restart.as_str().to_string(),
+        restart: view.restart.into(),
         strategy,
         generation: view.generation,
         restarts_total: view.restarts_total,
@@ -123,12 +124,14 @@ pub(crate) fn snapshot_child(view: &ChildView, now: Instant) -> NodeSnapshot {
         },
         started_at: view
             .started
+            .as_ref()
             .filter(|_| is_up(view.state))
-            .map(|(_, wall)| rfc3339(wall)),
+            .map(|(_, at)| at.clone()),
         uptime_ms: view
             .started
+            .as_ref()
             .filter(|_| is_up(view.state))
-            .map(|(t, _)| now.saturating_duration_since(t).as_millis() as u64),
+            .map(|(t, _)| now.saturating_duration_since(*t).as_millis() as u64),
         ready,
         pools,
         children,
@@ -199,7 +202,7 @@ pub(crate) fn child_inner(
         Inner::Supervisor(s) => s
             .children
             .values()
-            .find(|c| c.id == id)
+            .find(|c| &*c.id == id)
             .map(|c| c.inner.clone()),
         _ => None,
     }
