@@ -140,6 +140,28 @@ impl Fixture {
         Ok((status, value))
     }
 
+    /// Sends `req path` and asserts the answer is the error `status` with `code` in the
+    /// one error shape; returns the body.
+    async fn expect_error(
+        &self,
+        req: Req,
+        path: &str,
+        token: Option<&str>,
+        status: StatusCode,
+        code: &str,
+    ) -> anyhow::Result<Value> {
+        let (got, body) = match req {
+            Req::Get => self.get_json(path, token).await?,
+            Req::Post => self.post(path, token).await?,
+        };
+        assert_eq!(
+            (got, error_code(&body)),
+            (status, code),
+            "{req:?} {path}: {body}"
+        );
+        Ok(body)
+    }
+
     async fn post(&self, path: &str, token: Option<&str>) -> anyhow::Result<(StatusCode, Value)> {
         let mut request = self.http.post(self.url(path));
         if let Some(token) = token {
@@ -205,6 +227,13 @@ impl Fixture {
         );
         Ok(())
     }
+}
+
+/// The two request methods the error checks use.
+#[derive(Debug, Clone, Copy)]
+enum Req {
+    Get,
+    Post,
 }
 
 fn error_code(body: &Value) -> &str {
@@ -278,12 +307,14 @@ async fn probes_tree_and_operator_actions() -> anyhow::Result<()> {
         text.contains("└── admin  running  permanent  [admin]"),
         "{text}"
     );
-    let (status, body) = fx.get_json("/admin/tree?format=yaml", None).await?;
-    assert_eq!(
-        (status, error_code(&body)),
-        (StatusCode::BAD_REQUEST, "bad_request"),
-        "{body}"
-    );
+    fx.expect_error(
+        Req::Get,
+        "/admin/tree?format=yaml",
+        None,
+        StatusCode::BAD_REQUEST,
+        "bad_request",
+    )
+    .await?;
 
     // A kill is a transient failure: the child comes back as generation 2.
     let (status, body) = fx.post("/admin/actors/root/alpha/kill", None).await?;
@@ -297,71 +328,93 @@ async fn probes_tree_and_operator_actions() -> anyhow::Result<()> {
     .await?;
 
     // Refusals, each in the one error shape.
-    let (status, body) = fx.post("/admin/actors/root/alpha/explode", None).await?;
-    assert_eq!(
-        (status, error_code(&body)),
-        (StatusCode::BAD_REQUEST, "bad_action"),
-        "{body}"
-    );
-    let (status, body) = fx.post("/admin/actors/root/nobody/restart", None).await?;
-    assert_eq!(
-        (status, error_code(&body)),
-        (StatusCode::NOT_FOUND, "unknown_actor"),
-        "{body}"
-    );
+    fx.expect_error(
+        Req::Post,
+        "/admin/actors/root/alpha/explode",
+        None,
+        StatusCode::BAD_REQUEST,
+        "bad_action",
+    )
+    .await?;
+    let body = fx
+        .expect_error(
+            Req::Post,
+            "/admin/actors/root/nobody/restart",
+            None,
+            StatusCode::NOT_FOUND,
+            "unknown_actor",
+        )
+        .await?;
     assert_eq!(body["error"]["message"], "no actor at root/nobody");
-    let (status, body) = fx.post("/admin/actors/root/alpha/start", None).await?;
-    assert_eq!(
-        (status, error_code(&body)),
-        (StatusCode::CONFLICT, "conflict"),
-        "{body}"
-    );
-    let (status, body) = fx.post("/admin/actors/root/restart", None).await?;
-    assert_eq!(
-        (status, error_code(&body)),
-        (StatusCode::CONFLICT, "conflict"),
-        "{body}"
-    );
+    fx.expect_error(
+        Req::Post,
+        "/admin/actors/root/alpha/start",
+        None,
+        StatusCode::CONFLICT,
+        "conflict",
+    )
+    .await?;
+    let body = fx
+        .expect_error(
+            Req::Post,
+            "/admin/actors/root/restart",
+            None,
+            StatusCode::CONFLICT,
+            "conflict",
+        )
+        .await?;
     let message = body["error"]["message"].as_str().unwrap_or("");
     assert!(message.contains("the root cannot be controlled"), "{body}");
-    let (status, body) = fx.post("/admin/actors/kill", None).await?;
-    assert_eq!(
-        (status, error_code(&body)),
-        (StatusCode::BAD_REQUEST, "bad_request"),
-        "{body}"
-    );
+    fx.expect_error(
+        Req::Post,
+        "/admin/actors/kill",
+        None,
+        StatusCode::BAD_REQUEST,
+        "bad_request",
+    )
+    .await?;
     // The endpoint does not act on itself: the answer would be cut off.
-    let (status, body) = fx.post("/admin/actors/root/admin/stop", None).await?;
-    assert_eq!(
-        (status, error_code(&body)),
-        (StatusCode::CONFLICT, "conflict"),
-        "{body}"
-    );
-    let (status, body) = fx.get_json("/no/such/thing", None).await?;
-    assert_eq!(
-        (status, error_code(&body)),
-        (StatusCode::NOT_FOUND, "not_found"),
-        "{body}"
-    );
-    let (status, body) = fx.get_json("/admin/actors/root/alpha/kill", None).await?;
-    assert_eq!(
-        (status, error_code(&body)),
-        (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
-        "{body}"
-    );
-    let (status, body) = fx.post("/healthz", None).await?;
-    assert_eq!(
-        (status, error_code(&body)),
-        (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
-        "{body}"
-    );
+    fx.expect_error(
+        Req::Post,
+        "/admin/actors/root/admin/stop",
+        None,
+        StatusCode::CONFLICT,
+        "conflict",
+    )
+    .await?;
+    fx.expect_error(
+        Req::Get,
+        "/no/such/thing",
+        None,
+        StatusCode::NOT_FOUND,
+        "not_found",
+    )
+    .await?;
+    fx.expect_error(
+        Req::Get,
+        "/admin/actors/root/alpha/kill",
+        None,
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+    )
+    .await?;
+    fx.expect_error(
+        Req::Post,
+        "/healthz",
+        None,
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+    )
+    .await?;
     // No metrics recorder in this fixture.
-    let (status, body) = fx.get_json("/metrics", None).await?;
-    assert_eq!(
-        (status, error_code(&body)),
-        (StatusCode::NOT_FOUND, "not_found"),
-        "{body}"
-    );
+    fx.expect_error(
+        Req::Get,
+        "/metrics",
+        None,
+        StatusCode::NOT_FOUND,
+        "not_found",
+    )
+    .await?;
 
     let (status, config) = fx.get_json("/admin/config", None).await?;
     assert_eq!(status, StatusCode::OK);
@@ -413,12 +466,14 @@ async fn token_guards_everything_but_the_probes() -> anyhow::Result<()> {
     assert_eq!(status, StatusCode::OK);
     let (status, _) = fx.get("/admin/config", None).await?;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
-    let (status, body) = fx.post("/admin/actors/root/alpha/restart", None).await?;
-    assert_eq!(
-        (status, error_code(&body)),
-        (StatusCode::UNAUTHORIZED, "unauthorized"),
-        "{body}"
-    );
+    fx.expect_error(
+        Req::Post,
+        "/admin/actors/root/alpha/restart",
+        None,
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+    )
+    .await?;
     let (status, body) = fx
         .post("/admin/actors/root/alpha/restart", Some(token))
         .await?;
@@ -534,18 +589,22 @@ async fn before_the_tree_is_handed_over() -> anyhow::Result<()> {
     let (status, ready) = fx.get_json("/readyz", None).await?;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(ready, json!({ "status": "not_ready", "failing": ["root"] }));
-    let (status, body) = fx.get_json("/admin/tree", None).await?;
-    assert_eq!(
-        (status, error_code(&body)),
-        (StatusCode::SERVICE_UNAVAILABLE, "starting"),
-        "{body}"
-    );
-    let (status, body) = fx.post("/admin/actors/root/alpha/restart", None).await?;
-    assert_eq!(
-        (status, error_code(&body)),
-        (StatusCode::SERVICE_UNAVAILABLE, "starting"),
-        "{body}"
-    );
+    fx.expect_error(
+        Req::Get,
+        "/admin/tree",
+        None,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "starting",
+    )
+    .await?;
+    fx.expect_error(
+        Req::Post,
+        "/admin/actors/root/alpha/restart",
+        None,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "starting",
+    )
+    .await?;
     let (status, _) = fx.get("/admin/config", None).await?;
     assert_eq!(status, StatusCode::OK);
 
