@@ -162,7 +162,15 @@ main() {
     if [ -n "${PROMTOOL:-}" ]; then
         log "PROMTOOL=$PROMTOOL ($("$PROMTOOL" --version 2>&1 | head -n 1))"
     fi
-    run cargo test --workspace --all-targets --locked "$@"
+    # The benchmark smoke run prints last; end with one plain line that totals every test
+    # binary's "test result" line, so the outcome is the closing line of the log.
+    local out status=0
+    out=$(mktemp)
+    run cargo test --workspace --all-targets --locked "$@" 2>&1 | tee "$out" || status=$?
+    awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed;?$/) p += $i; if ($(i+1) ~ /^failed;?$/) f += $i } }
+         END { printf "warden: %d passed, %d failed\n", p, f }' "$out"
+    rm -f "$out"
+    return "$status"
 }
 
 main "$@"
