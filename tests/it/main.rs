@@ -1,5 +1,7 @@
 //! warden's integration tests: one binary, one module per area.
 
 mod admin;
+mod call;
 mod config;
+mod gateway;
 mod process;

@@ -4,6 +4,7 @@
 //! and node registry are issue 4 and answer `/ws` with 501 until then.
 
 pub mod listener;
+pub mod protocol;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -1,0 +1,1 @@
+//! Integration tests: warden call and the gateway client.

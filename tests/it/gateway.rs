@@ -1,0 +1,1 @@
+//! Integration tests: the gateway over real sockets.
