@@ -4,6 +4,7 @@
 //!   slots, liveness and the live tree snapshot. It knows nothing about any domain.
 //!
 //! * [`serve`] — an HTTP server as a supervised actor (used by the gateway and admin).
+//! * [`node`] — the node host's command runner (the connection actor: issue 4).
 //! * [`gateway`] — the gateway listener (protocol and sessions: issue 4).
 //!
 //! Domain actors (gateway, node, Matrix, approvals) live in their own modules beside it,
@@ -11,5 +12,6 @@
 //! its supervisor.
 
 pub mod gateway;
+pub mod node;
 pub mod serve;
 pub mod supervision;
