@@ -679,8 +679,46 @@ impl SupervisorState {
     }
 
     /// Stops every child in reverse start order (shutdown, escalation).
+    ///
+    /// Temporary children (one per connection) are independent of each other and of their
+    /// siblings' order, so they stop together first: a thousand slow clients then cost one
+    /// shutdown timeout, not a thousand.
     async fn stop_all(&mut self) {
         self.shutting_down = true;
+        let temporary: Vec<u64> = self
+            .children
+            .iter()
+            .filter(|(_, c)| c.spec.restart == Restart::Temporary && c.cell.is_some())
+            .map(|(o, _)| *o)
+            .collect();
+        let mut stopping = Vec::with_capacity(temporary.len());
+        for order in temporary {
+            if let Some(cell) = self.detach(order)
+                && let Some(child) = self.children.get_mut(&order)
+            {
+                child.set_state(NodeState::Stopping);
+                stopping.push((
+                    order,
+                    child.path.clone(),
+                    child.spec.policy.shutdown_timeout,
+                    cell,
+                ));
+                self.publish(order);
+            }
+        }
+        futures_util::future::join_all(
+            stopping
+                .iter()
+                .map(|(_, path, timeout, cell)| stop_cell(path, cell, *timeout, "shutdown")),
+        )
+        .await;
+        for (order, ..) in stopping {
+            if let Some(child) = self.children.get_mut(&order) {
+                child.set_state(NodeState::Stopped);
+                child.started = None;
+            }
+            self.publish(order);
+        }
         let orders: Vec<u64> = self.children.keys().rev().copied().collect();
         for order in orders {
             if let Some(child) = self.children.get_mut(&order) {

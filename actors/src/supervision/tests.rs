@@ -708,6 +708,53 @@ async fn shutdown_is_recursive_and_in_reverse_start_order() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn shutdown_stops_temporary_children_together() {
+    let (tx, mut events) = unbounded_channel();
+    let tree = Tree::start(
+        vec![ChildSpec::supervisor(
+            "sessions",
+            Strategy::OneForOne,
+            vec![],
+        )],
+        TreeOptions {
+            jitter: Jitter::fixed(0.0),
+            ..TreeOptions::default()
+        },
+    )
+    .await
+    .expect("tree");
+    let sessions = tree
+        .handle()
+        .supervisor("root/sessions")
+        .expect("supervisor");
+    for i in 0..50 {
+        sessions
+            .add(child(
+                &format!("conn-{i}"),
+                Restart::Temporary,
+                policy(),
+                &tx,
+            ))
+            .await
+            .expect("added");
+    }
+    // Every session is busy and deaf to stop: each is killed after its 2 s timeout, all at once.
+    for _ in 0..50 {
+        if let Some(Event::Started { actor, .. }) = events.recv().await {
+            actor.send_message(TestMsg::Block(3600 * S)).expect("alive");
+        }
+    }
+    tokio::task::yield_now().await;
+    let t0 = Instant::now();
+    assert!(tree.shutdown(60 * S).await.graceful);
+    assert_eq!(
+        Instant::now() - t0,
+        2 * S,
+        "50 sessions cost one shutdown timeout, not fifty"
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn dynamic_children_are_added_removed_and_temporary_ones_vanish_on_exit() {
     let (tx, mut events) = unbounded_channel();
     let tree = Tree::start(
@@ -1109,11 +1156,11 @@ mod slots {
                         waiting.push_back((step, task));
                     }
                     2 => {
-                        if let Some((step, task)) = waiting.pop_back() {
-                            if !task.is_finished() {
-                                task.abort();
-                                cancelled.insert(step);
-                            }
+                        if let Some((step, task)) = waiting.pop_back()
+                            && !task.is_finished()
+                        {
+                            task.abort();
+                            cancelled.insert(step);
                         }
                     }
                     _ => {
