@@ -4,13 +4,16 @@
 //! root                one_for_one
 //! ├── start_slots     permanent   FIFO start-slot pools
 //! ├── gateway         rest_for_one
-//! │   └── listener    permanent   GET /health (the WebSocket protocol is issue 4)
+//! │   ├── listener    permanent   WS /ws, GET /health
+//! │   └── sessions    one_for_one one temporary child per socket
 //! └── admin           permanent   /healthz /readyz /metrics /admin/*
 //! ```
 //!
 //! The process ends on SIGTERM or SIGINT (exit 0 after an ordered shutdown), when a child
 //! whose policy says `exit` gives up (75 or 78, after the same shutdown), or if the root
-//! itself dies (70).
+//! itself dies (70). Before an ordered shutdown it sets the gateway's shutdown intent from
+//! `gateway.on_shutdown`, which decides what every session tells its client (event
+//! `shutdown`, then close 1012 or 1001).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,8 +21,8 @@ use std::time::Duration;
 use serde_json::json;
 use tokio::sync::watch;
 use tracing::{error, info, warn};
-use warden_actors::gateway::listener;
-use warden_actors::supervision::{ChildSpec, SlotClient, Strategy, Tree, TreeOptions};
+use warden_actors::gateway::{self, GatewayState, ShutdownIntent, listener};
+use warden_actors::supervision::{SlotClient, Tree, TreeOptions};
 
 use crate::admin::{self, AdminState};
 use crate::config::{EXIT_CONFIG, Loaded};
@@ -70,19 +73,16 @@ pub async fn run(loaded: Loaded) -> i32 {
         metrics,
     );
     let gateway_bound = Arc::new(watch::Sender::new(None));
+    let gateway_state = GatewayState::new(config.gateway.clone());
     let slots = SlotClient::new();
     let children = vec![
         slots
             .spec("start_slots", config.pools())
             .with_policy(config.policy_for("start_slots", None)),
-        ChildSpec::supervisor(
-            "gateway",
-            Strategy::RestForOne,
-            vec![listener::spec(
-                &config.gateway,
-                config.policy_for(listener::KIND, None),
-                gateway_bound,
-            )],
+        gateway::spec(
+            &gateway_state,
+            config.policy_for(listener::KIND, None),
+            gateway_bound,
         ),
         admin::spec(
             &config.admin,
@@ -99,6 +99,7 @@ pub async fn run(loaded: Loaded) -> i32 {
         }
     };
     let _ = admin_state.set_tree(tree.handle());
+    let _ = gateway_state.set_tree(tree.handle());
     info!(
         version = env!("CARGO_PKG_VERSION"),
         config = %loaded.file().map_or("(none)".to_string(), |p| p.display().to_string()),
@@ -129,6 +130,7 @@ pub async fn run(loaded: Loaded) -> i32 {
         }
     };
     if !matches!(stop, Stop::RootDied) {
+        gateway_state.set_shutdown_intent(ShutdownIntent::from_settings(&config.gateway));
         let report = tree.shutdown(deadline).await;
         if report.graceful {
             info!(code, "Shutdown complete.");

@@ -604,7 +604,8 @@ fn unknown_key_in_the_file() {
             format!(
                 "invalid config: gateway.bnd: unknown key `bnd`, expected one of `bind`, \
                  `token`, `token_file`, `handshake_timeout_ms`, `max_preauth_per_ip`, \
-                 `tick_interval_ms`, `max_frame_bytes` (from file {})",
+                 `tick_interval_ms`, `max_frame_bytes`, `on_shutdown`, `expected_back_ms` \
+                 (from file {})",
                 abs("warden.toml")?
             )
         );

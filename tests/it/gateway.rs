@@ -1,1 +1,678 @@
 //! Integration tests: the gateway over real sockets.
+//!
+//! Each test starts the `gateway` subtree the way `warden run` does ([`gateway::spec`] under
+//! a real [`Tree`]) with the listener on `127.0.0.1:0`, and speaks protocol v1 with a raw
+//! tokio-tungstenite client — also to play a node. Every wait has a deadline.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use warden_actors::gateway::protocol::{close, parse_retry_after};
+use warden_actors::gateway::{self, GatewaySettings, GatewayState};
+use warden_actors::supervision::{Jitter, Policy, Tree, TreeOptions};
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// How long any one step may take before a test fails.
+const DEADLINE: Duration = Duration::from_secs(5);
+
+const TOKEN: &str = "s3cret";
+
+/// A running gateway subtree.
+struct Gateway {
+    tree: Tree,
+    state: GatewayState,
+    addr: SocketAddr,
+}
+
+impl Gateway {
+    /// Starts the subtree; hands it its tree handle unless `starting` is wanted.
+    async fn start(settings: GatewaySettings, set_tree: bool) -> Self {
+        let state = GatewayState::new(settings);
+        let bound = Arc::new(watch::Sender::new(None));
+        let spec = gateway::spec(&state, Policy::default(), bound.clone());
+        let options = TreeOptions {
+            jitter: Jitter::fixed(0.0),
+            ..TreeOptions::default()
+        };
+        let tree = Tree::start(vec![spec], options).await.expect("tree");
+        if set_tree {
+            assert!(state.set_tree(tree.handle()).is_ok());
+        }
+        let addr = bound
+            .borrow()
+            .expect("the listener is bound once the tree has started");
+        Self { tree, state, addr }
+    }
+
+    async fn default() -> Self {
+        Self::start(settings(), true).await
+    }
+
+    fn url(&self) -> String {
+        format!("ws://{}/ws", self.addr)
+    }
+
+    /// A socket that has read its `connect.challenge`.
+    async fn open(&self) -> Ws {
+        let (mut ws, _) = tokio_tungstenite::connect_async(self.url())
+            .await
+            .expect("upgrade");
+        let challenge = next_frame(&mut ws).await;
+        assert_eq!(challenge["type"], "event");
+        assert_eq!(challenge["event"], "connect.challenge");
+        assert!(
+            challenge["payload"]["nonce"]
+                .as_str()
+                .is_some_and(|n| n.len() == 32)
+        );
+        assert!(challenge["payload"]["ts"].as_u64().is_some_and(|ts| ts > 0));
+        ws
+    }
+
+    /// A socket past `hello-ok` as `role`; returns it and the hello payload.
+    async fn hello(&self, role: &str, extra: Value) -> (Ws, Value) {
+        let mut ws = self.open().await;
+        send(&mut ws, &connect_req("c", role, TOKEN, extra)).await;
+        let res = next_res(&mut ws, "c").await;
+        assert_eq!(res["ok"], true, "{res}");
+        (ws, res["payload"].clone())
+    }
+
+    async fn operator(&self) -> Ws {
+        self.hello("operator", json!({})).await.0
+    }
+
+    async fn node(&self, name: &str, commands: &[&str]) -> Ws {
+        let node = json!({ "node": { "name": name, "commands": commands } });
+        self.hello("node", node).await.0
+    }
+}
+
+fn settings() -> GatewaySettings {
+    GatewaySettings {
+        bind: SocketAddr::from(([127, 0, 0, 1], 0)),
+        token: Some(TOKEN.to_string()),
+        ..GatewaySettings::default()
+    }
+}
+
+fn connect_req(id: &str, role: &str, token: &str, extra: Value) -> Value {
+    let mut params = json!({
+        "protocol": 1,
+        "role": role,
+        "token": token,
+        "client": { "name": "it", "version": "0" },
+    });
+    if let (Some(p), Some(extra)) = (params.as_object_mut(), extra.as_object()) {
+        p.extend(extra.clone());
+    }
+    json!({ "type": "req", "id": id, "method": "connect", "params": params })
+}
+
+async fn send(ws: &mut Ws, frame: &Value) {
+    ws.send(Message::text(frame.to_string()))
+        .await
+        .expect("send");
+}
+
+/// What the server sent next: a text frame, or how it closed.
+enum Next {
+    Frame(Value),
+    Closed(Option<(u16, String)>),
+}
+
+async fn next(ws: &mut Ws) -> Next {
+    loop {
+        let msg = tokio::time::timeout(DEADLINE, ws.next())
+            .await
+            .expect("nothing from the server within the deadline");
+        match msg {
+            Some(Ok(Message::Text(t))) => {
+                return Next::Frame(serde_json::from_str(t.as_str()).expect("JSON frame"));
+            }
+            Some(Ok(Message::Close(frame))) => {
+                return Next::Closed(
+                    frame.map(|f: CloseFrame| (u16::from(f.code), f.reason.to_string())),
+                );
+            }
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => panic!("read failed: {e}"),
+            None => return Next::Closed(None),
+        }
+    }
+}
+
+async fn next_frame(ws: &mut Ws) -> Value {
+    match next(ws).await {
+        Next::Frame(v) => v,
+        Next::Closed(c) => panic!("closed while a frame was expected: {c:?}"),
+    }
+}
+
+/// The `res` to request `id`, skipping events.
+async fn next_res(ws: &mut Ws, id: &str) -> Value {
+    loop {
+        let frame = next_frame(ws).await;
+        if frame["type"] == "res" && frame["id"] == id {
+            return frame;
+        }
+        assert_eq!(frame["type"], "event", "unexpected frame {frame}");
+    }
+}
+
+/// The next event other than `tick`.
+async fn next_event(ws: &mut Ws) -> Value {
+    loop {
+        let frame = next_frame(ws).await;
+        assert_eq!(frame["type"], "event", "unexpected frame {frame}");
+        if frame["event"] != "tick" {
+            return frame;
+        }
+    }
+}
+
+/// Skips frames until the close; returns its code and reason, and the frames before it.
+async fn closed(ws: &mut Ws) -> ((u16, String), Vec<Value>) {
+    let mut frames = Vec::new();
+    loop {
+        match next(ws).await {
+            Next::Frame(v) => frames.push(v),
+            Next::Closed(Some(c)) => return (c, frames),
+            Next::Closed(None) => panic!("closed without a close frame after {frames:?}"),
+        }
+    }
+}
+
+async fn call(ws: &mut Ws, id: &str, method: &str, params: Value) -> Value {
+    send(
+        ws,
+        &json!({ "type": "req", "id": id, "method": method, "params": params }),
+    )
+    .await;
+    next_res(ws, id).await
+}
+
+fn error_code(res: &Value) -> &str {
+    assert_eq!(res["ok"], false, "{res}");
+    res["error"]["code"].as_str().expect("error code")
+}
+
+/// Polls `check` until it holds, or fails at the deadline.
+async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + DEADLINE;
+    while !check() {
+        assert!(Instant::now() < deadline, "not within {DEADLINE:?}: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn handshake_for_each_role() {
+    let gw = Gateway::default().await;
+    let (mut op, hello) = gw.hello("operator", json!({})).await;
+    assert_eq!(hello["type"], "hello-ok");
+    assert_eq!(hello["server"]["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(hello["policy"]["tick_interval_ms"], 30_000);
+    assert_eq!(hello["policy"]["max_frame_bytes"], 1 << 20);
+    let (mut approver, _) = gw.hello("approver", json!({ "account": "nova" })).await;
+    let mut node = gw.node("box", &["uptime"]).await;
+    for ws in [&mut op, &mut approver, &mut node] {
+        let res = call(ws, "h", "health", json!({})).await;
+        assert_eq!(res["payload"], json!({ "status": "ok" }));
+    }
+    let status = call(&mut op, "s", "status", json!({})).await;
+    let p = &status["payload"];
+    assert_eq!(p["version"], env!("CARGO_PKG_VERSION"));
+    assert!(p["uptime_ms"].as_u64().is_some());
+    assert_eq!(
+        p["sessions"],
+        json!({ "operator": 1, "node": 1, "approver": 1, "handshaking": 0 })
+    );
+    // Operator-only methods are forbidden to the others.
+    let res = call(&mut node, "t", "tree", json!({})).await;
+    assert_eq!(error_code(&res), "forbidden");
+    // The tree shows the sessions under root/gateway/sessions.
+    let tree = call(&mut op, "t", "tree", json!({})).await;
+    let gateway = &tree["payload"]["children"][0];
+    assert_eq!(gateway["path"], "root/gateway");
+    assert_eq!(gateway["children"][0]["path"], "root/gateway/listener");
+    let sessions = &gateway["children"][1];
+    assert_eq!(sessions["path"], "root/gateway/sessions");
+    let kids = sessions["children"].as_array().expect("sessions");
+    assert_eq!(kids.len(), 3, "{sessions}");
+    assert!(
+        kids.iter()
+            .all(|k| k["kind"] == "gateway_session" && k["restart"] == "temporary")
+    );
+    // A role node without its node info is refused.
+    let mut bad = gw.open().await;
+    send(&mut bad, &connect_req("c", "node", TOKEN, json!({}))).await;
+    let res = next_res(&mut bad, "c").await;
+    assert_eq!(error_code(&res), "bad_request");
+    assert_eq!(closed(&mut bad).await.0.0, close::POLICY);
+}
+
+#[tokio::test]
+async fn wrong_token_is_unauthorized_then_1008() {
+    let gw = Gateway::default().await;
+    let mut ws = gw.open().await;
+    send(&mut ws, &connect_req("c", "operator", "wrong", json!({}))).await;
+    let res = next_res(&mut ws, "c").await;
+    assert_eq!(error_code(&res), "unauthorized");
+    let ((code, _), _) = closed(&mut ws).await;
+    assert_eq!(code, close::POLICY);
+
+    // A request before connect is refused the same way.
+    let mut ws = gw.open().await;
+    let res = call(&mut ws, "1", "health", json!({})).await;
+    assert_eq!(error_code(&res), "unauthorized");
+    assert_eq!(
+        closed(&mut ws).await.0,
+        (close::POLICY, "connect first".to_string())
+    );
+}
+
+#[tokio::test]
+async fn bad_protocol_version_is_refused() {
+    let gw = Gateway::default().await;
+    let mut ws = gw.open().await;
+    let mut req = connect_req("c", "operator", TOKEN, json!({}));
+    req["params"]["protocol"] = json!(2);
+    send(&mut ws, &req).await;
+    let res = next_res(&mut ws, "c").await;
+    assert_eq!(error_code(&res), "bad_request");
+    let message = res["error"]["message"].as_str().expect("message");
+    assert!(message.contains("protocol version 2"), "{message}");
+    assert_eq!(closed(&mut ws).await.0.0, close::POLICY);
+}
+
+#[tokio::test]
+async fn slow_handshake_is_closed_with_4408_at_the_timeout() {
+    let gw = Gateway::start(
+        GatewaySettings {
+            handshake_timeout_ms: 300,
+            ..settings()
+        },
+        true,
+    )
+    .await;
+    let t0 = Instant::now();
+    let mut ws = gw.open().await;
+    let ((code, reason), _) = closed(&mut ws).await;
+    let waited = t0.elapsed();
+    assert_eq!(
+        (code, reason.as_str()),
+        (close::HANDSHAKE_TIMEOUT, "handshake timeout")
+    );
+    assert!(waited >= Duration::from_millis(300), "{waited:?}");
+    assert!(waited < Duration::from_secs(3), "{waited:?}");
+    eventually("the pre-auth slot is released", || gw.state.counts().3 == 0).await;
+}
+
+#[tokio::test]
+async fn handshake_storm_from_one_ip_gets_503_beyond_the_limit() {
+    let gw = Gateway::default().await;
+    let mut op = gw.operator().await;
+    let attempts = (0..40).map(|_| tokio_tungstenite::connect_async(gw.url()));
+    let results = futures_util::future::join_all(attempts).await;
+    let mut open = Vec::new();
+    let mut refused = 0;
+    for result in results {
+        match result {
+            Ok((ws, _)) => open.push(ws),
+            Err(tungstenite::Error::Http(response)) => {
+                assert_eq!(response.status().as_u16(), 503);
+                let retry = response.headers().get("retry-after").expect("Retry-After");
+                assert_eq!(retry, "1");
+                let body: Value =
+                    serde_json::from_slice(response.body().as_deref().unwrap_or_default())
+                        .expect("JSON body");
+                assert_eq!(body["error"]["code"], "too_many_handshakes");
+                refused += 1;
+            }
+            Err(e) => panic!("unexpected connect error: {e}"),
+        }
+    }
+    assert_eq!((open.len(), refused), (32, 8));
+    // The authenticated client is unaffected.
+    let res = call(&mut op, "h", "health", json!({})).await;
+    assert_eq!(res["ok"], true);
+    let status = call(&mut op, "s", "status", json!({})).await;
+    assert_eq!(status["payload"]["sessions"]["handshaking"], 32);
+    // Slots come back when the sockets go.
+    drop(open);
+    eventually("every pre-auth slot is released", || {
+        gw.state.counts().3 == 0
+    })
+    .await;
+    let _ = gw.open().await;
+}
+
+#[tokio::test]
+async fn oversize_frames_are_closed_with_1009() {
+    let max = 128 * 1024;
+    let gw = Gateway::start(
+        GatewaySettings {
+            max_frame_bytes: max,
+            ..settings()
+        },
+        true,
+    )
+    .await;
+    // Before hello: over 64 KiB, though under max_frame_bytes.
+    let mut ws = gw.open().await;
+    send(&mut ws, &json!({ "pad": "x".repeat(70 * 1024) })).await;
+    assert_eq!(closed(&mut ws).await.0.0, close::TOO_BIG);
+    // After hello: 100 KiB is fine, over max_frame_bytes is not.
+    let mut ws = gw.operator().await;
+    let res = call(
+        &mut ws,
+        "1",
+        "health",
+        json!({ "pad": "x".repeat(100 * 1024) }),
+    )
+    .await;
+    assert_eq!(res["ok"], true);
+    send(&mut ws, &json!({ "pad": "x".repeat(max + 1) })).await;
+    assert_eq!(closed(&mut ws).await.0.0, close::TOO_BIG);
+}
+
+#[tokio::test]
+async fn malformed_frames_are_closed_with_1007() {
+    let gw = Gateway::default().await;
+    let mut ws = gw.open().await;
+    ws.send(Message::text("{not json")).await.expect("send");
+    assert_eq!(closed(&mut ws).await.0.0, close::INVALID_FRAME);
+    let mut ws = gw.operator().await;
+    send(&mut ws, &json!({ "type": "frob", "id": "1" })).await;
+    assert_eq!(closed(&mut ws).await.0.0, close::INVALID_FRAME);
+    let mut ws = gw.operator().await;
+    ws.send(Message::binary(vec![1, 2, 3])).await.expect("send");
+    assert_eq!(closed(&mut ws).await.0.0, close::INVALID_FRAME);
+}
+
+#[tokio::test]
+async fn unknown_method_is_an_error_and_the_session_goes_on() {
+    let gw = Gateway::default().await;
+    let mut ws = gw.operator().await;
+    let res = call(&mut ws, "1", "frobnicate", json!({})).await;
+    assert_eq!(error_code(&res), "unknown_method");
+    let res = call(&mut ws, "2", "approvals.list", json!({})).await;
+    assert_eq!(error_code(&res), "not_implemented");
+    let res = call(&mut ws, "3", "connect", json!({})).await;
+    assert_eq!(error_code(&res), "bad_request");
+    let res = call(&mut ws, "4", "health", json!({})).await;
+    assert_eq!(res["ok"], true);
+}
+
+#[tokio::test]
+async fn before_the_tree_is_set_sockets_get_1013_with_retry_after() {
+    let gw = Gateway::start(settings(), false).await;
+    let (mut ws, _) = tokio_tungstenite::connect_async(gw.url())
+        .await
+        .expect("upgrade");
+    let ((code, reason), frames) = closed(&mut ws).await;
+    assert!(frames.is_empty(), "{frames:?}");
+    assert_eq!(code, close::TRY_AGAIN);
+    assert!(
+        parse_retry_after(&reason).is_some_and(|ms| ms > 0),
+        "{reason}"
+    );
+    eventually("the pre-auth slot is released", || gw.state.counts().3 == 0).await;
+}
+
+#[tokio::test]
+async fn shutdown_tells_every_socket_1012() {
+    let gw = Gateway::default().await;
+    let mut op = gw.operator().await;
+    let mut handshaking = gw.open().await;
+    let (report, (op_close, op_frames), (hs_close, hs_frames)) = tokio::join!(
+        gw.tree.shutdown(Duration::from_secs(10)),
+        closed(&mut op),
+        closed(&mut handshaking),
+    );
+    assert!(report.graceful, "{report:?}");
+    assert_eq!(op_close, (close::RESTART, "service restart".to_string()));
+    let shutdown = op_frames.last().expect("a shutdown event");
+    assert_eq!(shutdown["event"], "shutdown");
+    assert_eq!(
+        shutdown["payload"],
+        json!({ "restart": true, "expected_back_ms": 1000 })
+    );
+    assert_eq!(hs_close.0, close::RESTART);
+    assert!(hs_frames.is_empty(), "{hs_frames:?}");
+    // The listener stopped after the sessions.
+    assert!(tokio_tungstenite::connect_async(gw.url()).await.is_err());
+}
+
+/// The program announces the shutdown before it stops the tree: every socket is told at
+/// once, without waiting for the kernel to stop the sessions one by one.
+#[tokio::test]
+async fn an_announced_final_stop_closes_every_socket_with_1001_at_once() {
+    let gw = Gateway::default().await;
+    let mut op = gw.operator().await;
+    let mut handshaking = gw.open().await;
+    gw.state.set_shutdown_intent(gateway::ShutdownIntent::Stop);
+    let ((code, reason), frames) = closed(&mut op).await;
+    assert_eq!(
+        (code, reason.as_str()),
+        (close::GOING_AWAY, "server stopping")
+    );
+    let notice = frames.last().expect("a shutdown event");
+    assert_eq!(notice["event"], "shutdown");
+    assert_eq!(
+        notice["payload"],
+        json!({ "restart": false, "expected_back_ms": 0 })
+    );
+    assert_eq!(closed(&mut handshaking).await.0.0, close::GOING_AWAY);
+    eventually("the sessions are gone", || {
+        gw.state.counts() == (0, 0, 0, 0)
+    })
+    .await;
+    let report = gw.tree.shutdown(Duration::from_secs(10)).await;
+    assert!(report.graceful, "{report:?}");
+}
+
+#[tokio::test]
+async fn a_silent_client_is_closed_with_4000_after_two_ticks() {
+    let gw = Gateway::start(
+        GatewaySettings {
+            tick_interval_ms: 200,
+            ..settings()
+        },
+        true,
+    )
+    .await;
+    let mut ws = gw.operator().await;
+    // Not reading means not answering pings: the client sends nothing.
+    let t0 = Instant::now();
+    eventually("the silent session ends", || gw.state.counts().0 == 0).await;
+    assert!(
+        t0.elapsed() >= Duration::from_millis(400),
+        "{:?}",
+        t0.elapsed()
+    );
+    let ((code, reason), frames) = closed(&mut ws).await;
+    assert_eq!(
+        (code, reason.as_str()),
+        (close::NO_TICK, "no frame for 2 ticks")
+    );
+    assert!(frames.iter().any(|f| f["event"] == "tick"), "{frames:?}");
+    assert!(t0.elapsed() < Duration::from_secs(3));
+}
+
+/// Answers the next `node.invoke` the fake node receives with `answer(params)`.
+async fn answer_invoke(node: &mut Ws, answer: impl FnOnce(&Value) -> Value) -> Value {
+    let req = next_event_or_req(node).await;
+    assert_eq!(req["method"], "node.invoke", "{req}");
+    let id = req["id"].as_str().expect("id").to_string();
+    let mut res = answer(&req["params"]);
+    res["type"] = json!("res");
+    res["id"] = json!(id);
+    send(node, &res).await;
+    req["params"].clone()
+}
+
+async fn next_event_or_req(ws: &mut Ws) -> Value {
+    loop {
+        let frame = next_frame(ws).await;
+        if frame["type"] == "req" {
+            return frame;
+        }
+    }
+}
+
+#[tokio::test]
+async fn node_registry_list_events_and_invoke() {
+    let gw = Gateway::default().await;
+    let mut op = gw.operator().await;
+    let sub = call(
+        &mut op,
+        "sub",
+        "subscribe",
+        json!({ "events": ["node.connected", "node.disconnected"] }),
+    )
+    .await;
+    assert_eq!(
+        sub["payload"]["events"],
+        json!(["node.connected", "node.disconnected"])
+    );
+
+    let res = call(
+        &mut op,
+        "0",
+        "nodes.invoke",
+        json!({ "node": "box", "command": "uptime" }),
+    )
+    .await;
+    assert_eq!(error_code(&res), "unknown_node");
+
+    let mut node = gw.node("box", &["uptime", "slow"]).await;
+    let ev = next_event(&mut op).await;
+    assert_eq!(ev["event"], "node.connected");
+    assert_eq!(
+        ev["payload"],
+        json!({ "name": "box", "commands": ["uptime", "slow"] })
+    );
+
+    let list = call(&mut op, "l", "nodes.list", json!({})).await;
+    let entries = list["payload"].as_array().expect("list");
+    assert_eq!(entries.len(), 1, "{list}");
+    assert_eq!(entries[0]["name"], "box");
+    assert_eq!(entries[0]["commands"], json!(["uptime", "slow"]));
+    assert_eq!(entries[0]["connected"], true);
+    assert!(entries[0]["connected_at"].as_u64().is_some());
+    assert!(entries[0]["last_seen"].as_u64().is_some());
+
+    // A round trip: the node gets node.invoke and its answer comes back.
+    let invoke = json!({ "node": "box", "command": "uptime", "args": ["-p"] });
+    send(
+        &mut op,
+        &json!({ "type": "req", "id": "1", "method": "nodes.invoke", "params": invoke }),
+    )
+    .await;
+    let params = answer_invoke(
+        &mut node,
+        |_| json!({ "ok": true, "payload": { "stdout": "up 3 days" } }),
+    )
+    .await;
+    assert_eq!(params, json!({ "command": "uptime", "args": ["-p"] }));
+    let res = next_res(&mut op, "1").await;
+    assert_eq!(res["payload"], json!({ "stdout": "up 3 days" }));
+
+    // The node's errors are relayed as they are.
+    send(
+        &mut op,
+        &json!({ "type": "req", "id": "2", "method": "nodes.invoke",
+        "params": { "node": "box", "command": "uptime" } }),
+    )
+    .await;
+    answer_invoke(
+        &mut node,
+        |_| json!({ "ok": false, "error": { "code": "exit_status", "message": "exit 1" } }),
+    )
+    .await;
+    let res = next_res(&mut op, "2").await;
+    assert_eq!(error_code(&res), "exit_status");
+
+    let res = call(
+        &mut op,
+        "3",
+        "nodes.invoke",
+        json!({ "node": "box", "command": "rm" }),
+    )
+    .await;
+    assert_eq!(error_code(&res), "unknown_command");
+
+    // No answer within timeout_ms.
+    let t0 = Instant::now();
+    let res = call(
+        &mut op,
+        "4",
+        "nodes.invoke",
+        json!({ "node": "box", "command": "slow", "timeout_ms": 200 }),
+    )
+    .await;
+    assert_eq!(error_code(&res), "timeout");
+    assert!(t0.elapsed() >= Duration::from_millis(200));
+    let seen = next_event_or_req(&mut node).await;
+    assert_eq!(seen["params"]["command"], "slow");
+
+    // The node leaves: the event, then node_offline.
+    node.close(None).await.expect("close");
+    let ev = next_event(&mut op).await;
+    assert_eq!(
+        ev,
+        json!({ "type": "event", "event": "node.disconnected", "payload": { "name": "box" } })
+    );
+    let res = call(
+        &mut op,
+        "5",
+        "nodes.invoke",
+        json!({ "node": "box", "command": "uptime" }),
+    )
+    .await;
+    assert_eq!(error_code(&res), "node_offline");
+    let list = call(&mut op, "l2", "nodes.list", json!({})).await;
+    assert_eq!(list["payload"][0]["connected"], false);
+    assert!(list["payload"][0].get("connected_at").is_none(), "{list}");
+}
+
+#[tokio::test]
+async fn a_node_reconnecting_under_its_name_replaces_the_old_session() {
+    let gw = Gateway::default().await;
+    let mut op = gw.operator().await;
+    let mut old = gw.node("box", &["uptime"]).await;
+    let mut new = gw.node("box", &["uptime", "df"]).await;
+    let ((code, reason), _) = closed(&mut old).await;
+    assert_eq!(
+        (code, reason.as_str()),
+        (close::POLICY, "replaced by a new connection")
+    );
+    drop(old);
+    eventually("one node session is left", || gw.state.counts().1 == 1).await;
+    let list = call(&mut op, "l", "nodes.list", json!({})).await;
+    let entries = list["payload"].as_array().expect("list");
+    assert_eq!(entries.len(), 1, "{list}");
+    assert_eq!(entries[0]["connected"], true);
+    assert_eq!(entries[0]["commands"], json!(["uptime", "df"]));
+    // Calls go to the new session.
+    send(
+        &mut op,
+        &json!({ "type": "req", "id": "1", "method": "nodes.invoke",
+        "params": { "node": "box", "command": "df" } }),
+    )
+    .await;
+    answer_invoke(&mut new, |_| json!({ "ok": true, "payload": "fine" })).await;
+    assert_eq!(next_res(&mut op, "1").await["payload"], "fine");
+}

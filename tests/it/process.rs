@@ -214,7 +214,7 @@ async fn run_kill_restart_and_sigterm() {
     assert!(out.status.success(), "{text}");
     assert!(
         text.contains(
-            "└── listener  running  permanent  [gateway_listener]  gen 2  restarts 1 (1 in window)"
+            "├── listener  running  permanent  [gateway_listener]  gen 2  restarts 1 (1 in window)"
         ),
         "{text}"
     );

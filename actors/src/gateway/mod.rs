@@ -1,15 +1,48 @@
-//! The gateway: listener, sessions and (later) the wire protocol.
+//! The gateway: the WebSocket listener, one session actor per socket, the event hub and the
+//! node registry.
 //!
-//! This version has the listener actor with `GET /health`; the WebSocket protocol, sessions
-//! and node registry are issue 4 and answer `/ws` with 501 until then.
+//! ```text
+//! root/gateway        rest_for_one          (spec)
+//! ├── listener        permanent             (listener.rs) axum: WS /ws, GET /health
+//! └── sessions        one_for_one, dynamic  one temporary `conn-<n>` per socket (session.rs)
+//! ```
+//!
+//! * [`GatewayState`] — what the listener and every session share: settings, the tree handle
+//!   (unset while the program is still starting), the [`hub::Hub`] of events, the
+//!   [`registry::Registry`] of nodes, the per-IP pre-auth counter, session counts by role and
+//!   the shutdown intent the program sets before it shuts the tree down.
+//! * [`spec`] — the `gateway` subtree, built the same way by `warden run` and the tests.
+//! * [`protocol`] — the wire format; [`client`] — the client side of it; [`metrics`] — every
+//!   metric name the gateway records.
+//!
+//! Later issues add `approvals` between `listener` and `sessions`: a listener restart then
+//! restarts both, in order.
 
+pub mod client;
+pub mod hub;
 pub mod listener;
 pub mod protocol;
+pub mod registry;
+pub mod session;
 
-use std::net::SocketAddr;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Deserialize;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::supervision::{ChildSpec, Policy, Strategy, TreeHandle};
+use hub::Hub;
+use protocol::{Role, ShutdownNotice, close};
+use registry::Registry;
+
+/// Path of the sessions supervisor when [`spec`] is a child of the root.
+pub const SESSIONS_PATH: &str = "root/gateway/sessions";
 
 /// `[gateway]` settings.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -17,7 +50,8 @@ use serde::Deserialize;
 pub struct GatewaySettings {
     /// Address of the WebSocket listener. Default `127.0.0.1:18789`.
     pub bind: SocketAddr,
-    /// Shared token clients present in `connect`. Secret.
+    /// Shared token clients present in `connect`. Secret. Without one, any token is
+    /// accepted (the config refuses a non-loopback `bind` without a token).
     pub token: Option<String>,
     /// File holding `token` (trailing newline ignored).
     pub token_file: Option<PathBuf>,
@@ -29,6 +63,12 @@ pub struct GatewaySettings {
     pub tick_interval_ms: u64,
     /// Largest frame after `hello-ok`, in bytes. Default 1 MiB.
     pub max_frame_bytes: usize,
+    /// What clients are told on a graceful shutdown (SIGTERM, SIGINT, an exit request):
+    /// `restart` (event `shutdown {restart: true}`, close 1012) or `stop` (close 1001).
+    /// Default `restart`.
+    pub on_shutdown: OnShutdown,
+    /// With `on_shutdown = "restart"`: the `expected_back_ms` clients are given. Default 1000.
+    pub expected_back_ms: u64,
 }
 
 impl Default for GatewaySettings {
@@ -41,6 +81,298 @@ impl Default for GatewaySettings {
             max_preauth_per_ip: 32,
             tick_interval_ms: 30_000,
             max_frame_bytes: 1 << 20,
+            on_shutdown: OnShutdown::Restart,
+            expected_back_ms: 1000,
         }
     }
+}
+
+/// `gateway.on_shutdown`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnShutdown {
+    /// The process is expected back (a container restart, a deploy).
+    Restart,
+    /// The process stops for good.
+    Stop,
+}
+
+/// What sessions tell their clients when the tree shuts down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShutdownIntent {
+    /// Back soon: event `shutdown {restart: true, expected_back_ms}`, close 1012.
+    Restart {
+        /// When to expect the gateway back.
+        expected_back_ms: u64,
+    },
+    /// Gone for good: event `shutdown {restart: false}`, close 1001.
+    Stop,
+}
+
+impl ShutdownIntent {
+    /// The intent `settings` ask for.
+    pub fn from_settings(settings: &GatewaySettings) -> Self {
+        match settings.on_shutdown {
+            OnShutdown::Restart => Self::Restart {
+                expected_back_ms: settings.expected_back_ms,
+            },
+            OnShutdown::Stop => Self::Stop,
+        }
+    }
+
+    /// The close code and reason that go with it.
+    pub fn close(self) -> (u16, &'static str) {
+        match self {
+            Self::Restart { .. } => (close::RESTART, "service restart"),
+            Self::Stop => (close::GOING_AWAY, "server stopping"),
+        }
+    }
+
+    /// The payload of the `shutdown` event.
+    pub fn notice(self) -> ShutdownNotice {
+        match self {
+            Self::Restart { expected_back_ms } => ShutdownNotice {
+                restart: true,
+                expected_back_ms,
+            },
+            Self::Stop => ShutdownNotice {
+                restart: false,
+                expected_back_ms: 0,
+            },
+        }
+    }
+}
+
+/// Metric names the gateway records.
+pub mod metrics {
+    /// Gauge: authenticated sessions, by `role`.
+    pub const SESSIONS: &str = "warden_gateway_sessions";
+    /// Gauge: sockets between the upgrade and `hello-ok`.
+    pub const HANDSHAKING: &str = "warden_gateway_handshaking";
+    /// Counter: upgrades refused with 503 because an IP had too many handshaking sockets.
+    pub const PREAUTH_REJECTIONS_TOTAL: &str = "warden_gateway_preauth_rejections_total";
+    /// Counter: sockets the server closed, by `code`.
+    pub const CLOSES_TOTAL: &str = "warden_gateway_closes_total";
+    /// Counter: sessions closed with 4000 after two ticks without a client frame.
+    pub const IDLE_CLOSES_TOTAL: &str = "warden_gateway_idle_closes_total";
+    /// Counter: sockets closed with 4408 because the handshake took too long.
+    pub const HANDSHAKE_TIMEOUTS_TOTAL: &str = "warden_gateway_handshake_timeouts_total";
+    /// Counter: `connect` requests refused, by `reason` (`unauthorized`, `bad_request`).
+    pub const CONNECT_REFUSALS_TOTAL: &str = "warden_gateway_connect_refusals_total";
+}
+
+/// What the listener and every session share. Cheap to clone: everything is behind one `Arc`.
+#[derive(Clone)]
+pub struct GatewayState(Arc<Shared>);
+
+struct Shared {
+    settings: GatewaySettings,
+    /// The tree the sessions are children of. The gateway is itself part of that tree, so
+    /// the program sets it once `Tree::start` returns; until then sockets get 1013.
+    tree: OnceLock<TreeHandle>,
+    /// Events for subscribed sessions.
+    hub: Hub,
+    /// Connected (and formerly connected) nodes.
+    registry: Registry,
+    /// Handshaking sockets per client IP.
+    preauth: Mutex<HashMap<IpAddr, u32>>,
+    /// Handshaking sockets in all.
+    handshaking: AtomicU64,
+    /// Authenticated sessions by role: operator, node, approver.
+    roles: [AtomicU64; 3],
+    /// Numbers the sockets: `conn-<n>`.
+    next_conn: AtomicU64,
+    /// When this state was built (the gateway's uptime).
+    started_at: Instant,
+    /// Set by the program before it shuts the tree down (until then, what the settings
+    /// say); every session watches it, so all close at once rather than one after another.
+    intent: watch::Sender<Option<ShutdownIntent>>,
+}
+
+impl GatewayState {
+    /// A state for `settings`; the tree is set later with [`GatewayState::set_tree`].
+    pub fn new(settings: GatewaySettings) -> Self {
+        Self(Arc::new(Shared {
+            hub: Hub::new(),
+            registry: Registry::default(),
+            tree: OnceLock::new(),
+            preauth: Mutex::new(HashMap::new()),
+            handshaking: AtomicU64::new(0),
+            roles: Default::default(),
+            next_conn: AtomicU64::new(1),
+            started_at: Instant::now(),
+            intent: watch::Sender::new(None),
+            settings,
+        }))
+    }
+
+    /// Hands the running tree to the gateway. Only the first call has an effect; a second
+    /// one returns its handle back.
+    pub fn set_tree(&self, handle: TreeHandle) -> Result<(), TreeHandle> {
+        self.0.tree.set(handle)
+    }
+
+    /// Announces the shutdown that follows: every running session tells its client
+    /// (event `shutdown`, then close 1012 or 1001) at once, in parallel; sessions that
+    /// start or stop later use the same intent. The program calls it right before
+    /// `Tree::shutdown`; without it, a tree shutdown still closes every session, one after
+    /// the other, with the intent the settings give.
+    pub fn set_shutdown_intent(&self, intent: ShutdownIntent) {
+        self.0.intent.send_replace(Some(intent));
+    }
+
+    /// What clients are told when the tree shuts down.
+    pub fn shutdown_intent(&self) -> ShutdownIntent {
+        self.0
+            .intent
+            .borrow()
+            .unwrap_or_else(|| ShutdownIntent::from_settings(&self.0.settings))
+    }
+
+    /// Follows the announced shutdown (see [`GatewayState::set_shutdown_intent`]).
+    pub(crate) fn watch_shutdown(&self) -> watch::Receiver<Option<ShutdownIntent>> {
+        self.0.intent.subscribe()
+    }
+
+    /// The settings.
+    pub fn settings(&self) -> &GatewaySettings {
+        &self.0.settings
+    }
+
+    /// The tree, once the program has set it.
+    pub fn tree(&self) -> Option<&TreeHandle> {
+        self.0.tree.get()
+    }
+
+    /// The event hub.
+    pub fn hub(&self) -> &Hub {
+        &self.0.hub
+    }
+
+    /// The node registry.
+    pub fn registry(&self) -> &Registry {
+        &self.0.registry
+    }
+
+    /// How long the gateway has been up.
+    pub fn uptime(&self) -> Duration {
+        self.0.started_at.elapsed()
+    }
+
+    /// A fresh socket number.
+    pub(crate) fn next_conn(&self) -> u64 {
+        self.0.next_conn.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Session counts: `(operator, node, approver, handshaking)`.
+    pub fn counts(&self) -> (u64, u64, u64, u64) {
+        let r = &self.0.roles;
+        (
+            r[0].load(Ordering::Relaxed),
+            r[1].load(Ordering::Relaxed),
+            r[2].load(Ordering::Relaxed),
+            self.0.handshaking.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Takes a pre-auth slot for `ip`, unless it already holds `max_preauth_per_ip`.
+    pub(crate) fn try_preauth(&self, ip: IpAddr) -> Option<PreauthSlot> {
+        let max = self.0.settings.max_preauth_per_ip;
+        let mut map = self.0.preauth.lock().unwrap_or_else(|e| e.into_inner());
+        let held = map.entry(ip).or_insert(0);
+        if *held >= max {
+            return None;
+        }
+        *held += 1;
+        drop(map);
+        self.0.handshaking.fetch_add(1, Ordering::Relaxed);
+        ::metrics::gauge!(metrics::HANDSHAKING).increment(1.0);
+        Some(PreauthSlot {
+            state: self.clone(),
+            ip,
+        })
+    }
+
+    /// Counts one authenticated session of `role` until the guard drops.
+    pub(crate) fn count_role(&self, role: Role) -> RoleCount {
+        self.0.roles[role_index(role)].fetch_add(1, Ordering::Relaxed);
+        ::metrics::gauge!(metrics::SESSIONS, "role" => role.as_str()).increment(1.0);
+        RoleCount {
+            state: self.clone(),
+            role,
+        }
+    }
+}
+
+fn role_index(role: Role) -> usize {
+    match role {
+        Role::Operator => 0,
+        Role::Node => 1,
+        Role::Approver => 2,
+    }
+}
+
+/// One handshaking socket's share of its IP's pre-auth allowance; released on drop (at
+/// `hello-ok`, or when the socket ends however it ends).
+pub struct PreauthSlot {
+    state: GatewayState,
+    ip: IpAddr,
+}
+
+impl Drop for PreauthSlot {
+    fn drop(&mut self) {
+        let mut map = self
+            .state
+            .0
+            .preauth
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(held) = map.get_mut(&self.ip) {
+            *held = held.saturating_sub(1);
+            if *held == 0 {
+                map.remove(&self.ip);
+            }
+        }
+        drop(map);
+        self.state.0.handshaking.fetch_sub(1, Ordering::Relaxed);
+        ::metrics::gauge!(metrics::HANDSHAKING).decrement(1.0);
+    }
+}
+
+/// One authenticated session in the counts by role; uncounted on drop.
+pub(crate) struct RoleCount {
+    state: GatewayState,
+    role: Role,
+}
+
+impl Drop for RoleCount {
+    fn drop(&mut self) {
+        self.state.0.roles[role_index(self.role)].fetch_sub(1, Ordering::Relaxed);
+        ::metrics::gauge!(metrics::SESSIONS, "role" => self.role.as_str()).decrement(1.0);
+    }
+}
+
+/// The `gateway` subtree: `listener` (its policy is `listener_policy`; `bound` receives its
+/// address on each start) then `sessions`, a one-for-one supervisor of per-socket children
+/// added at run time.
+pub fn spec(
+    state: &GatewayState,
+    listener_policy: Policy,
+    bound: Arc<watch::Sender<Option<SocketAddr>>>,
+) -> ChildSpec {
+    ChildSpec::supervisor(
+        "gateway",
+        Strategy::RestForOne,
+        vec![
+            listener::spec(state, listener_policy, bound),
+            ChildSpec::supervisor("sessions", Strategy::OneForOne, Vec::new()),
+        ],
+    )
+}
+
+/// Milliseconds since the Unix epoch.
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }

@@ -56,6 +56,14 @@ pub mod code {
     pub const NOT_IMPLEMENTED: &str = "not_implemented";
     /// Something failed inside the gateway.
     pub const INTERNAL: &str = "internal";
+    /// `nodes.invoke`: no node of that name has ever connected.
+    pub const UNKNOWN_NODE: &str = "unknown_node";
+    /// `nodes.invoke`: the node connected before but is not connected now.
+    pub const NODE_OFFLINE: &str = "node_offline";
+    /// `nodes.invoke`: the node did not declare that command.
+    pub const UNKNOWN_COMMAND: &str = "unknown_command";
+    /// `nodes.invoke`: the node did not answer within `timeout_ms`.
+    pub const TIMEOUT: &str = "timeout";
 }
 
 /// One frame.
@@ -107,7 +115,12 @@ pub struct ErrorBody {
 impl Frame {
     /// A successful answer.
     pub fn ok(id: impl Into<String>, payload: Value) -> Self {
-        Frame::Res { id: id.into(), ok: true, payload: Some(payload), error: None }
+        Frame::Res {
+            id: id.into(),
+            ok: true,
+            payload: Some(payload),
+            error: None,
+        }
     }
 
     /// A failed answer.
@@ -116,13 +129,19 @@ impl Frame {
             id: id.into(),
             ok: false,
             payload: None,
-            error: Some(ErrorBody { code: code.to_string(), message: message.into() }),
+            error: Some(ErrorBody {
+                code: code.to_string(),
+                message: message.into(),
+            }),
         }
     }
 
     /// An event.
     pub fn event(event: impl Into<String>, payload: Value) -> Self {
-        Frame::Event { event: event.into(), payload }
+        Frame::Event {
+            event: event.into(),
+            payload,
+        }
     }
 
     /// The JSON text of this frame.
@@ -249,6 +268,61 @@ pub struct ShutdownNotice {
     pub expected_back_ms: u64,
 }
 
+/// The params of `subscribe`: the event names to forward to this session from now on
+/// (added to those subscribed before).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubscribeParams {
+    /// Event names, e.g. `node.connected`.
+    pub events: Vec<String>,
+}
+
+/// The params of `nodes.invoke` (from an operator).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InvokeParams {
+    /// The node's name.
+    pub node: String,
+    /// One of the commands it declared.
+    pub command: String,
+    /// Passed on to the node as they are.
+    #[serde(default, skip_serializing_if = "Value::is_null")]
+    pub args: Value,
+    /// How long to wait for the node's answer; default [`DEFAULT_INVOKE_TIMEOUT_MS`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+}
+
+/// How long `nodes.invoke` waits for the node by default.
+pub const DEFAULT_INVOKE_TIMEOUT_MS: u64 = 60_000;
+
+/// The params of `node.invoke`, the request the gateway sends a node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeInvokeParams {
+    /// One of the commands the node declared.
+    pub command: String,
+    /// The operator's arguments, as they are.
+    #[serde(default, skip_serializing_if = "Value::is_null")]
+    pub args: Value,
+}
+
+/// One entry of `nodes.list`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeListing {
+    /// Its name.
+    pub name: String,
+    /// The commands it declared (at its last connect).
+    pub commands: Vec<String>,
+    /// Whether it is connected now.
+    pub connected: bool,
+    /// When its current connection completed `connect`, ms since the Unix epoch; absent
+    /// while it is offline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connected_at: Option<u64>,
+    /// When the gateway last received a frame from it, ms since the Unix epoch.
+    pub last_seen: u64,
+}
+
 /// The reason text of a 1013 close: `starting; retry_after_ms=<n>`.
 pub fn try_again_reason(retry_after_ms: u64) -> String {
     format!("starting; retry_after_ms={retry_after_ms}")
@@ -256,7 +330,9 @@ pub fn try_again_reason(retry_after_ms: u64) -> String {
 
 /// Reads `retry_after_ms` back from a 1013 close reason.
 pub fn parse_retry_after(reason: &str) -> Option<u64> {
-    reason.split(';').find_map(|part| part.trim().strip_prefix("retry_after_ms=")?.parse().ok())
+    reason
+        .split(';')
+        .find_map(|part| part.trim().strip_prefix("retry_after_ms=")?.parse().ok())
 }
 
 #[cfg(test)]
@@ -268,9 +344,19 @@ mod tests {
     #[test]
     fn frames_round_trip_in_the_documented_shape() {
         let req = Frame::parse(r#"{"type":"req","id":"1","method":"health"}"#).expect("req");
-        assert_eq!(req, Frame::Req { id: "1".into(), method: "health".into(), params: Value::Null });
+        assert_eq!(
+            req,
+            Frame::Req {
+                id: "1".into(),
+                method: "health".into(),
+                params: Value::Null
+            }
+        );
         let ok = Frame::ok("1", json!({"status": "ok"}));
-        assert_eq!(ok.to_text(), r#"{"type":"res","id":"1","ok":true,"payload":{"status":"ok"}}"#);
+        assert_eq!(
+            ok.to_text(),
+            r#"{"type":"res","id":"1","ok":true,"payload":{"status":"ok"}}"#
+        );
         let err = Frame::err("2", code::UNKNOWN_METHOD, "no method frob");
         assert_eq!(
             err.to_text(),

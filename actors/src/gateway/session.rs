@@ -1,0 +1,1124 @@
+//! One gateway session: the actor that owns one WebSocket, from the upgrade to the close.
+//!
+//! On start it sends `connect.challenge {nonce, ts}`. The first text frame must be a `req`
+//! `connect` with valid [`ConnectParams`]: protocol 1, the gateway token (compared in
+//! constant time; any token when none is configured), and for role `node` its name and
+//! commands. Success answers `hello-ok` and releases the socket's pre-auth slot; any
+//! refusal answers an error (`unauthorized` for a wrong token, `bad_request` otherwise) and
+//! closes with 1008. Anything but `connect` before `hello-ok` — another request, a `res`,
+//! an `event` — is a policy failure too: a request gets error `unauthorized` ("connect
+//! first"), then the socket is closed with 1008.
+//!
+//! | what | close |
+//! |---|---|
+//! | no `hello-ok` within `handshake_timeout_ms` | 4408 "handshake timeout" |
+//! | a frame over 64 KiB before `hello-ok`, over `max_frame_bytes` after | 1009 |
+//! | invalid JSON, not a frame of the protocol, a binary frame, invalid UTF-8 | 1007 |
+//! | no client frame (text, ping or pong) for 2 × `tick_interval_ms` | 4000 |
+//! | a newer connection of the same node name | 1008 "replaced by a new connection" |
+//! | the program announces a shutdown, or a graceful stop | event `shutdown`, then 1012 / 1001 |
+//!
+//! A request with an unknown method gets error `unknown_method` and the session goes on.
+//! After `hello-ok` the session sends `tick {ts}` and a WebSocket ping every tick interval.
+//!
+//! Methods: `health` (every role); `subscribe {events}` (operator, approver); `status`,
+//! `tree`, `nodes.list` and `nodes.invoke {node, command, args, timeout_ms?}` (operator;
+//! others get `forbidden`); the approvals and chat methods answer `not_implemented`.
+//! `nodes.invoke` forwards a `req node.invoke {command, args}` to the node's session, which
+//! relays the node's `res` back; the operator's session times the call out.
+//!
+//! ## Messages
+//! From the socket, forwarded by the pump task: `Inbound` (a frame), `ReadFailed` (a read
+//! error: too big, bad UTF-8, broken), `ReadEnded`; from the hub through the same task:
+//! `Event`, `Lagged`; and `Shutdown`, when the program announces one
+//! ([`GatewayState::set_shutdown_intent`]). Timers: `HandshakeTimeout`, `Tick`, `IdleCheck`, `LingerOver`. From
+//! other sessions: `Replaced` (a newer session took this node's name), `Invoke` (to a node's
+//! session), `InvokeDone` (back to the operator's session). `InvokeTimedOut` and
+//! `InvokeExpired` end a pending invocation on either side.
+//!
+//! ## Supervision
+//! A temporary child `conn-<n>` of `root/gateway/sessions`, added by the listener for each
+//! upgraded socket. It owns the socket's write half and one task, the pump, which reads the
+//! socket and the hub and forwards both as messages; the state aborts the pump and every
+//! timer when dropped (also on a kill). Every client frame beats the session's probe; the
+//! kernel's `liveness_timeout` (the longer of 2 × tick and the handshake timeout, plus
+//! [`LIVENESS_MARGIN`]) is a backstop for a session that stops processing.
+//!
+//! ## Restart policy
+//! `temporary`: never restarted — the client reconnects. `post_stop` (a graceful stop)
+//! tells an authenticated client `shutdown {restart, expected_back_ms}` from the gateway's
+//! shutdown intent, then closes every socket, handshaking ones too, with 1012 (restart) or
+//! 1001 (stop). No socket is left to a generic close.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use ractor::{Actor, ActorProcessingErr, ActorRef, SpawnErr};
+use serde_json::{Value, json};
+use subtle::ConstantTimeEq;
+use tokio::sync::{broadcast, watch};
+use tokio::task::{AbortHandle, JoinHandle};
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite;
+use tracing::{Instrument, debug, info, warn};
+
+use super::hub::{HubEvent, event};
+use super::protocol::{
+    Challenge, ConnectParams, DEFAULT_INVOKE_TIMEOUT_MS, ErrorBody, Frame, HelloOk, InvokeParams,
+    MAX_PREAUTH_FRAME_BYTES, NodeInvokeParams, PROTOCOL_VERSION, Role, ServerInfo, SessionPolicy,
+    SubscribeParams, close, code,
+};
+use super::registry::{Lookup, Registration};
+use super::{GatewayState, PreauthSlot, RoleCount, ShutdownIntent, metrics, now_ms};
+use crate::supervision::{ChildContext, ChildSpec, Policy, Probe, Restart};
+
+/// The kind of session children, for metrics.
+pub const KIND: &str = "gateway_session";
+
+/// Added to the kernel's liveness timeout of a session, over what the session enforces
+/// itself, so that the kernel only ever catches a session that stopped processing.
+pub const LIVENESS_MARGIN: Duration = Duration::from_secs(5);
+
+/// How long a write to the socket may take before the client counts as gone.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// After the server's close frame: how long to wait for the client's.
+const CLOSE_LINGER: Duration = Duration::from_secs(1);
+
+/// In `post_stop`: how long the shutdown notice, the close frame and the client's answer
+/// may take together (sessions stop one after the other, so keep it short).
+const STOP_LINGER: Duration = Duration::from_millis(500);
+
+/// A session's graceful stop limit; above [`STOP_LINGER`] plus a margin.
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What a session is started with: the socket, moved in once.
+pub struct SessionStart {
+    /// The upgraded socket.
+    pub socket: WebSocket,
+    /// The client's address.
+    pub peer: SocketAddr,
+    /// The socket's number (`conn-<n>`).
+    pub conn: u64,
+    /// The socket's pre-auth slot, held until `hello-ok`.
+    pub preauth: PreauthSlot,
+}
+
+/// The spec of session `id`: temporary, with a liveness backstop. Its start function takes
+/// the socket out of `start`; a second start (there is none for a temporary child) fails.
+pub fn spec(id: &str, state: &GatewayState, start: Arc<Mutex<Option<SessionStart>>>) -> ChildSpec {
+    let settings = state.settings();
+    let tick = Duration::from_millis(settings.tick_interval_ms);
+    let handshake = Duration::from_millis(settings.handshake_timeout_ms);
+    let policy = Policy {
+        liveness_timeout: Some((tick * 2).max(handshake) + LIVENESS_MARGIN),
+        shutdown_timeout: SHUTDOWN_TIMEOUT,
+        ..Policy::default()
+    };
+    let state = state.clone();
+    ChildSpec::new(id, KIND, Restart::Temporary, move |ctx: ChildContext| {
+        let taken = start.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let state = state.clone();
+        async move {
+            let Some(start) = taken else {
+                return Err(SpawnErr::StartupFailed(
+                    "the session's socket was already taken".into(),
+                ));
+            };
+            SessionActor::start(ctx, state, start).await
+        }
+    })
+    .with_policy(policy)
+}
+
+/// Messages of [`SessionActor`].
+pub enum SessionMsg {
+    /// A frame from the client.
+    Inbound(Message),
+    /// Reading the socket failed; nothing more will be read.
+    ReadFailed(ReadFailure),
+    /// The socket's read half ended (after a close, or the connection dropped).
+    ReadEnded,
+    /// An event from the hub.
+    Event(Arc<HubEvent>),
+    /// The hub dropped this many events the session was too slow to take.
+    Lagged(u64),
+    /// The handshake deadline.
+    HandshakeTimeout,
+    /// Time to send `tick` and a ping.
+    Tick,
+    /// Time to check that the client sent a frame within two ticks.
+    IdleCheck,
+    /// The client did not answer the close frame in time.
+    LingerOver,
+    /// A newer session registered this node's name.
+    Replaced,
+    /// The program announced a shutdown: tell the client and close now.
+    Shutdown(ShutdownIntent),
+    /// (To a node's session.) Forward `node.invoke` to the node.
+    Invoke(Invoke),
+    /// (To an operator's session.) The node's answer to its request `id`.
+    InvokeDone {
+        /// The operator's request id.
+        id: String,
+        /// The node's payload, or its error.
+        result: Result<Value, ErrorBody>,
+    },
+    /// (Operator side.) The node did not answer request `id` in time.
+    InvokeTimedOut {
+        /// The operator's request id.
+        id: String,
+    },
+    /// (Node side.) Forget the invocation sent as request `id`.
+    InvokeExpired {
+        /// The gateway's request id towards the node.
+        id: String,
+    },
+}
+
+/// A `nodes.invoke` on its way to a node's session.
+pub struct Invoke {
+    /// The command.
+    pub command: String,
+    /// Its arguments.
+    pub args: Value,
+    /// How long the operator waits.
+    pub timeout: Duration,
+    /// The operator's session.
+    pub reply_to: ActorRef<SessionMsg>,
+    /// The operator's request id.
+    pub req_id: String,
+}
+
+/// Why reading a socket failed.
+#[derive(Debug)]
+pub enum ReadFailure {
+    /// A frame or message over the size limit.
+    TooBig,
+    /// A text frame that is not UTF-8.
+    BadUtf8,
+    /// The connection broke.
+    Broken(String),
+}
+
+impl ReadFailure {
+    fn classify(err: axum::Error) -> Self {
+        match err.into_inner().downcast::<tungstenite::Error>() {
+            Ok(e) => match *e {
+                tungstenite::Error::Capacity(_) => Self::TooBig,
+                tungstenite::Error::Utf8(_) => Self::BadUtf8,
+                other => Self::Broken(other.to_string()),
+            },
+            Err(other) => Self::Broken(other.to_string()),
+        }
+    }
+}
+
+/// The session actor.
+pub struct SessionActor;
+
+/// One socket's arguments.
+pub struct SessionArgs {
+    gateway: GatewayState,
+    start: SessionStart,
+    probe: Probe,
+    span: tracing::Span,
+}
+
+impl SessionActor {
+    /// Spawns a session linked to the context's supervisor (for the start function).
+    async fn start(
+        ctx: ChildContext,
+        gateway: GatewayState,
+        start: SessionStart,
+    ) -> Result<ractor::ActorCell, SpawnErr> {
+        let args = SessionArgs {
+            gateway,
+            start,
+            probe: ctx.probe.clone(),
+            span: ctx.span(),
+        };
+        let (actor, _) =
+            Actor::spawn_linked(None, SessionActor, args, ctx.supervisor.clone()).await?;
+        Ok(actor.get_cell())
+    }
+}
+
+/// Where a session is in its life.
+enum Phase {
+    /// Before `hello-ok`: holds the pre-auth slot.
+    Handshake { _preauth: PreauthSlot },
+    /// After `hello-ok`.
+    Ready(Authed),
+}
+
+/// An authenticated client.
+struct Authed {
+    role: Role,
+    /// The client program's name, for logs.
+    client: String,
+    /// Counts this session by role until dropped.
+    _count: RoleCount,
+    /// For a node: its registration, dropped (unregistered) with the state.
+    node: Option<Registration>,
+}
+
+/// A timer or task aborted when dropped.
+struct Aborting(AbortHandle);
+
+impl Drop for Aborting {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl<T> From<JoinHandle<T>> for Aborting {
+    fn from(handle: JoinHandle<T>) -> Self {
+        Self(handle.abort_handle())
+    }
+}
+
+/// An invocation sent to this node, waiting for its `res`.
+struct PendingInvoke {
+    reply_to: ActorRef<SessionMsg>,
+    req_id: String,
+    _expiry: Aborting,
+}
+
+/// What a session knows while it runs.
+pub struct SessionState {
+    gateway: GatewayState,
+    /// The socket's number (`conn-<n>`), which identifies its node registration.
+    conn: u64,
+    peer: SocketAddr,
+    probe: Probe,
+    /// `actor` span of this session; wraps every handler and the pump.
+    span: tracing::Span,
+    /// The socket's write half; only the actor writes.
+    sink: SplitSink<WebSocket, Message>,
+    /// Reads the socket and the hub; joined (briefly) in `post_stop`, aborted on drop.
+    pump: JoinHandle<()>,
+    phase: Phase,
+    /// A close frame was sent or received: no more frames go out.
+    closing: bool,
+    /// The read half ended with an error (its unread bytes make lingering worthwhile).
+    read_failed: bool,
+    /// When the client last sent a frame of any kind.
+    last_frame: Instant,
+    /// Event names this client subscribed to.
+    subscriptions: HashSet<String>,
+    handshake_timer: Option<Aborting>,
+    ticker: Option<Aborting>,
+    idle_timer: Option<Aborting>,
+    linger_timer: Option<Aborting>,
+    /// (Operator side.) Invocations waiting for a node, by the operator's request id; each
+    /// holds its timeout timer.
+    invokes_out: HashMap<String, Aborting>,
+    /// (Node side.) Invocations sent to this node, by the gateway's request id.
+    invokes_in: HashMap<String, PendingInvoke>,
+    next_req: u64,
+}
+
+impl Drop for SessionState {
+    fn drop(&mut self) {
+        self.pump.abort();
+        // A node that goes away leaves no operator waiting for its timeout.
+        for (_, pending) in self.invokes_in.drain() {
+            let _ = pending.reply_to.send_message(SessionMsg::InvokeDone {
+                id: pending.req_id,
+                result: Err(ErrorBody {
+                    code: code::NODE_OFFLINE.to_string(),
+                    message: "the node disconnected before answering".to_string(),
+                }),
+            });
+        }
+    }
+}
+
+impl Actor for SessionActor {
+    type Msg = SessionMsg;
+    type State = SessionState;
+    type Arguments = SessionArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<SessionMsg>,
+        args: SessionArgs,
+    ) -> Result<SessionState, ActorProcessingErr> {
+        let SessionArgs {
+            gateway,
+            start,
+            probe,
+            span,
+        } = args;
+        let (sink, stream) = start.socket.split();
+        let pump = tokio::spawn(
+            pump(
+                stream,
+                gateway.hub().subscribe(),
+                gateway.watch_shutdown(),
+                myself.clone(),
+            )
+            .instrument(span.clone()),
+        );
+        let timeout = Duration::from_millis(gateway.settings().handshake_timeout_ms);
+        let handshake_timer = myself.send_after(timeout, || SessionMsg::HandshakeTimeout);
+        Ok(SessionState {
+            gateway,
+            conn: start.conn,
+            peer: start.peer,
+            probe,
+            span,
+            sink,
+            pump,
+            phase: Phase::Handshake {
+                _preauth: start.preauth,
+            },
+            closing: false,
+            read_failed: false,
+            last_frame: Instant::now(),
+            subscriptions: HashSet::new(),
+            handshake_timer: Some(handshake_timer.into()),
+            ticker: None,
+            idle_timer: None,
+            linger_timer: None,
+            invokes_out: HashMap::new(),
+            invokes_in: HashMap::new(),
+            next_req: 1,
+        })
+    }
+
+    async fn post_start(
+        &self,
+        myself: ActorRef<SessionMsg>,
+        state: &mut SessionState,
+    ) -> Result<(), ActorProcessingErr> {
+        let span = state.span.clone();
+        async {
+            debug!(peer = %state.peer, "Socket opened; sending the challenge.");
+            let challenge = Challenge {
+                nonce: nonce(),
+                ts: now_ms(),
+            };
+            let frame = Frame::event(event::CHALLENGE, to_value(&challenge));
+            state.send(&myself, &frame).await;
+        }
+        .instrument(span)
+        .await;
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<SessionMsg>,
+        msg: SessionMsg,
+        state: &mut SessionState,
+    ) -> Result<(), ActorProcessingErr> {
+        let span = state.span.clone();
+        state.on_message(&myself, msg).instrument(span).await;
+        Ok(())
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<SessionMsg>,
+        state: &mut SessionState,
+    ) -> Result<(), ActorProcessingErr> {
+        let span = state.span.clone();
+        state.on_stop().instrument(span).await;
+        Ok(())
+    }
+}
+
+/// Forwards the socket's frames, the hub's events and an announced shutdown to the
+/// session, until the socket's read half ends.
+async fn pump(
+    mut stream: SplitStream<WebSocket>,
+    mut events: broadcast::Receiver<Arc<HubEvent>>,
+    mut shutdown: watch::Receiver<Option<ShutdownIntent>>,
+    session: ActorRef<SessionMsg>,
+) {
+    let mut hub_open = true;
+    let mut shutdown_open = true;
+    loop {
+        // A failed send means the session is stopping; keep reading so its close completes.
+        tokio::select! {
+            item = stream.next() => match item {
+                Some(Ok(msg)) => {
+                    let _ = session.send_message(SessionMsg::Inbound(msg));
+                }
+                Some(Err(e)) => {
+                    let _ = session.send_message(SessionMsg::ReadFailed(ReadFailure::classify(e)));
+                }
+                None => {
+                    let _ = session.send_message(SessionMsg::ReadEnded);
+                    return;
+                }
+            },
+            ev = events.recv(), if hub_open => match ev {
+                Ok(ev) => {
+                    let _ = session.send_message(SessionMsg::Event(ev));
+                }
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    let _ = session.send_message(SessionMsg::Lagged(n));
+                }
+                Err(broadcast::error::RecvError::Closed) => hub_open = false,
+            },
+            changed = shutdown.changed(), if shutdown_open => match changed {
+                Ok(()) => {
+                    let intent = *shutdown.borrow_and_update();
+                    if let Some(intent) = intent {
+                        let _ = session.send_message(SessionMsg::Shutdown(intent));
+                    }
+                }
+                Err(_) => shutdown_open = false,
+            },
+        }
+    }
+}
+
+impl SessionState {
+    async fn on_message(&mut self, myself: &ActorRef<SessionMsg>, msg: SessionMsg) {
+        match msg {
+            SessionMsg::Inbound(frame) => self.on_frame(myself, frame).await,
+            SessionMsg::ReadFailed(failure) => {
+                self.read_failed = true;
+                match failure {
+                    ReadFailure::TooBig => {
+                        let limit = self.frame_limit();
+                        debug!(peer = %self.peer, limit, "Frame too big; closing with 1009.");
+                        self.close(
+                            myself,
+                            close::TOO_BIG,
+                            &format!("frame larger than {limit} bytes"),
+                        )
+                        .await;
+                    }
+                    ReadFailure::BadUtf8 => {
+                        self.close(myself, close::INVALID_FRAME, "text frame is not UTF-8")
+                            .await;
+                    }
+                    ReadFailure::Broken(error) => {
+                        debug!(peer = %self.peer, error = %error, "Socket broke.");
+                        self.closing = true;
+                        myself.stop(Some("socket broke".to_string()));
+                    }
+                }
+            }
+            SessionMsg::ReadEnded => {
+                if !self.closing {
+                    debug!(peer = %self.peer, "The client dropped the connection without a close frame.");
+                    self.closing = true;
+                    myself.stop(Some("connection dropped".to_string()));
+                } else if !self.read_failed {
+                    // The close handshake is complete.
+                    myself.stop(None);
+                }
+                // Else: unread bytes may remain; keep the socket until the linger is over,
+                // so the client reads the close frame before the connection resets.
+            }
+            SessionMsg::Event(ev) => {
+                if self.is_ready() && self.subscriptions.contains(&ev.name) {
+                    let text = ev.text.to_string();
+                    self.write(myself, Message::Text(text.into())).await;
+                }
+            }
+            SessionMsg::Lagged(n) => {
+                if !self.subscriptions.is_empty() {
+                    warn!(peer = %self.peer, dropped = n, "Session fell behind the event hub; events were dropped.");
+                }
+            }
+            SessionMsg::HandshakeTimeout => {
+                if matches!(self.phase, Phase::Handshake { .. }) {
+                    let timeout_ms = self.gateway.settings().handshake_timeout_ms;
+                    warn!(peer = %self.peer, timeout_ms, "Handshake timed out; closing with 4408.");
+                    ::metrics::counter!(metrics::HANDSHAKE_TIMEOUTS_TOTAL).increment(1);
+                    self.close(myself, close::HANDSHAKE_TIMEOUT, "handshake timeout")
+                        .await;
+                }
+            }
+            SessionMsg::Tick => {
+                let frame = Frame::event(event::TICK, json!({ "ts": now_ms() }));
+                if self.send(myself, &frame).await {
+                    self.write(myself, Message::Ping(Default::default())).await;
+                }
+            }
+            SessionMsg::IdleCheck => self.idle_check(myself).await,
+            SessionMsg::LingerOver => {
+                debug!(peer = %self.peer, "The client did not answer the close frame in time.");
+                myself.stop(None);
+            }
+            SessionMsg::Replaced => {
+                info!(peer = %self.peer, node = %self.node_name().unwrap_or_default(),
+                    "A newer connection took this node's name; closing this one with 1008.");
+                self.close(myself, close::POLICY, "replaced by a new connection")
+                    .await;
+            }
+            SessionMsg::Shutdown(intent) => {
+                if self.is_ready() {
+                    let notice = Frame::event(event::SHUTDOWN, to_value(&intent.notice()));
+                    self.send(myself, &notice).await;
+                }
+                let (code, reason) = intent.close();
+                self.close(myself, code, reason).await;
+            }
+            SessionMsg::Invoke(invoke) => self.forward_invoke(myself, invoke).await,
+            SessionMsg::InvokeDone { id, result } => {
+                if self.invokes_out.remove(&id).is_some() {
+                    let frame = match result {
+                        Ok(payload) => Frame::ok(id, payload),
+                        Err(error) => Frame::Res {
+                            id,
+                            ok: false,
+                            payload: None,
+                            error: Some(error),
+                        },
+                    };
+                    self.send(myself, &frame).await;
+                }
+            }
+            SessionMsg::InvokeTimedOut { id } => {
+                if self.invokes_out.remove(&id).is_some() {
+                    let frame = Frame::err(id, code::TIMEOUT, "the node did not answer in time");
+                    self.send(myself, &frame).await;
+                }
+            }
+            SessionMsg::InvokeExpired { id } => {
+                self.invokes_in.remove(&id);
+            }
+        }
+    }
+
+    /// One frame from the client.
+    async fn on_frame(&mut self, myself: &ActorRef<SessionMsg>, msg: Message) {
+        if self.closing {
+            return;
+        }
+        self.probe.beat();
+        self.last_frame = Instant::now();
+        if let Some(node) = self.registration() {
+            node.seen();
+        }
+        let text = match msg {
+            Message::Text(text) => text,
+            Message::Binary(_) => {
+                self.close(
+                    myself,
+                    close::INVALID_FRAME,
+                    "binary frames are not part of the protocol",
+                )
+                .await;
+                return;
+            }
+            Message::Ping(_) | Message::Pong(_) => return,
+            Message::Close(frame) => {
+                debug!(peer = %self.peer, code = frame.as_ref().map(|f| f.code), "The client closed the socket.");
+                // The WebSocket layer answers the close; the read half then ends.
+                self.closing = true;
+                return;
+            }
+        };
+        let limit = self.frame_limit();
+        if text.len() > limit {
+            debug!(peer = %self.peer, limit, "Frame too big; closing with 1009.");
+            self.close(
+                myself,
+                close::TOO_BIG,
+                &format!("frame larger than {limit} bytes"),
+            )
+            .await;
+            return;
+        }
+        let frame = match Frame::parse(text.as_str()) {
+            Ok(frame) => frame,
+            Err(e) => {
+                debug!(peer = %self.peer, error = %e, "Invalid frame; closing with 1007.");
+                self.close(myself, close::INVALID_FRAME, "not a frame of the protocol")
+                    .await;
+                return;
+            }
+        };
+        match (&self.phase, frame) {
+            (Phase::Handshake { .. }, Frame::Req { id, method, params }) if method == "connect" => {
+                self.connect(myself, id, params).await;
+            }
+            (Phase::Handshake { .. }, Frame::Req { id, .. }) => {
+                let reply = Frame::err(id, code::UNAUTHORIZED, "send connect first");
+                if self.send(myself, &reply).await {
+                    self.close(myself, close::POLICY, "connect first").await;
+                }
+            }
+            (Phase::Handshake { .. }, _) => {
+                self.close(myself, close::POLICY, "connect first").await;
+            }
+            (Phase::Ready(_), Frame::Req { id, method, params }) => {
+                self.request(myself, id, &method, params).await;
+            }
+            (
+                Phase::Ready(_),
+                Frame::Res {
+                    id,
+                    ok,
+                    payload,
+                    error,
+                },
+            ) => {
+                self.node_answer(id, ok, payload, error);
+            }
+            (Phase::Ready(_), Frame::Event { event, .. }) => {
+                debug!(peer = %self.peer, event = %event, "Ignoring an event from a client.");
+            }
+        }
+    }
+
+    /// The `connect` request.
+    async fn connect(&mut self, myself: &ActorRef<SessionMsg>, id: String, params: Value) {
+        let params: ConnectParams = match serde_json::from_value(params) {
+            Ok(p) => p,
+            Err(e) => {
+                return self
+                    .refuse(
+                        myself,
+                        id,
+                        code::BAD_REQUEST,
+                        format!("bad connect params: {e}"),
+                    )
+                    .await;
+            }
+        };
+        if params.protocol != PROTOCOL_VERSION {
+            let message = format!(
+                "unsupported protocol version {}; this gateway speaks {PROTOCOL_VERSION}",
+                params.protocol
+            );
+            return self.refuse(myself, id, code::BAD_REQUEST, message).await;
+        }
+        if !self.token_matches(&params.token) {
+            warn!(peer = %self.peer, role = params.role.as_str(), client = %params.client.name,
+                "Connect refused: wrong token.");
+            return self
+                .refuse(myself, id, code::UNAUTHORIZED, "wrong token".to_string())
+                .await;
+        }
+        let node = match (params.role, params.node) {
+            (Role::Node, Some(node)) if !node.name.is_empty() => Some(node),
+            (Role::Node, _) => {
+                let message = "role node needs node {name, commands}".to_string();
+                return self.refuse(myself, id, code::BAD_REQUEST, message).await;
+            }
+            (_, _) => None,
+        };
+        let settings = self.gateway.settings();
+        let hello = HelloOk {
+            kind: "hello-ok".to_string(),
+            server: ServerInfo {
+                version: env!("CARGO_PKG_VERSION").to_string(),
+            },
+            policy: SessionPolicy {
+                tick_interval_ms: settings.tick_interval_ms,
+                max_frame_bytes: settings.max_frame_bytes,
+            },
+        };
+        let tick = Duration::from_millis(settings.tick_interval_ms);
+        // Dropping the handshake phase releases the pre-auth slot.
+        self.handshake_timer = None;
+        self.phase = Phase::Ready(Authed {
+            role: params.role,
+            client: params.client.name.clone(),
+            _count: self.gateway.count_role(params.role),
+            node: None,
+        });
+        if !self.send(myself, &Frame::ok(id, to_value(&hello))).await {
+            return;
+        }
+        self.ticker = Some(myself.send_interval(tick, || SessionMsg::Tick).into());
+        self.idle_timer = Some(myself.send_after(tick * 2, || SessionMsg::IdleCheck).into());
+        info!(peer = %self.peer, role = params.role.as_str(), client = %params.client.name,
+            node = node.as_ref().map(|n| n.name.as_str()), "Session authenticated.");
+        if let Some(node) = node {
+            let (registration, replaced) = Registration::register(
+                &self.gateway,
+                &node.name,
+                node.commands,
+                self.conn,
+                myself.clone(),
+            );
+            if let Phase::Ready(authed) = &mut self.phase {
+                authed.node = Some(registration);
+            }
+            if let Some(old) = replaced {
+                let _ = old.send_message(SessionMsg::Replaced);
+            }
+        }
+    }
+
+    /// Refuses a `connect`: the error, then close 1008.
+    async fn refuse(
+        &mut self,
+        myself: &ActorRef<SessionMsg>,
+        id: String,
+        code: &str,
+        message: String,
+    ) {
+        ::metrics::counter!(metrics::CONNECT_REFUSALS_TOTAL, "reason" => code.to_string())
+            .increment(1);
+        debug!(peer = %self.peer, code, message = %message, "Connect refused; closing with 1008.");
+        if self.send(myself, &Frame::err(id, code, message)).await {
+            self.close(myself, close::POLICY, code).await;
+        }
+    }
+
+    fn token_matches(&self, given: &str) -> bool {
+        match &self.gateway.settings().token {
+            None => true,
+            Some(token) => bool::from(token.as_bytes().ct_eq(given.as_bytes())),
+        }
+    }
+
+    /// A request after `hello-ok`.
+    async fn request(
+        &mut self,
+        myself: &ActorRef<SessionMsg>,
+        id: String,
+        method: &str,
+        params: Value,
+    ) {
+        let Phase::Ready(authed) = &self.phase else {
+            return;
+        };
+        let role = authed.role;
+        let operator_only = matches!(method, "status" | "tree" | "nodes.list" | "nodes.invoke");
+        if operator_only && role != Role::Operator {
+            let message = format!("{method} is for operators, not {}s", role.as_str());
+            self.send(myself, &Frame::err(id, code::FORBIDDEN, message))
+                .await;
+            return;
+        }
+        let reply = match method {
+            "connect" => Frame::err(id, code::BAD_REQUEST, "already connected"),
+            "health" => Frame::ok(id, json!({ "status": "ok" })),
+            "status" => {
+                let (operator, node, approver, handshaking) = self.gateway.counts();
+                Frame::ok(
+                    id,
+                    json!({
+                        "version": env!("CARGO_PKG_VERSION"),
+                        "uptime_ms": self.gateway.uptime().as_millis() as u64,
+                        "sessions": {
+                            "operator": operator,
+                            "node": node,
+                            "approver": approver,
+                            "handshaking": handshaking,
+                        },
+                    }),
+                )
+            }
+            "tree" => self.tree(id).await,
+            "subscribe" => {
+                if role == Role::Node {
+                    Frame::err(id, code::FORBIDDEN, "nodes cannot subscribe")
+                } else {
+                    match serde_json::from_value::<SubscribeParams>(params) {
+                        Ok(p) => {
+                            self.subscriptions.extend(p.events);
+                            let mut events: Vec<&String> = self.subscriptions.iter().collect();
+                            events.sort();
+                            Frame::ok(id, json!({ "events": events }))
+                        }
+                        Err(e) => {
+                            Frame::err(id, code::BAD_REQUEST, format!("bad subscribe params: {e}"))
+                        }
+                    }
+                }
+            }
+            "nodes.list" => Frame::ok(id, to_value(&self.gateway.registry().list())),
+            "nodes.invoke" => match self.invoke(myself, &id, params) {
+                Ok(()) => return,
+                Err((code, message)) => Frame::err(id, code, message),
+            },
+            "approvals.request" | "approvals.list" | "approvals.resolve" | "chat.send" => {
+                Frame::err(
+                    id,
+                    code::NOT_IMPLEMENTED,
+                    format!("{method} is not available in this version"),
+                )
+            }
+            other => Frame::err(id, code::UNKNOWN_METHOD, format!("no method {other:?}")),
+        };
+        self.send(myself, &reply).await;
+    }
+
+    /// The `tree` method: the kernel's snapshot, taken off the actor's thread.
+    async fn tree(&self, id: String) -> Frame {
+        let Some(tree) = self.gateway.tree().cloned() else {
+            return Frame::err(id, code::INTERNAL, "the tree is not available yet");
+        };
+        match tokio::task::spawn_blocking(move || serde_json::to_value(tree.snapshot())).await {
+            Ok(Ok(snapshot)) => Frame::ok(id, snapshot),
+            Ok(Err(e)) => Frame::err(id, code::INTERNAL, format!("cannot encode the tree: {e}")),
+            Err(e) => Frame::err(id, code::INTERNAL, format!("cannot read the tree: {e}")),
+        }
+    }
+
+    /// `nodes.invoke` from an operator: hands the call to the node's session, or says why not.
+    fn invoke(
+        &mut self,
+        myself: &ActorRef<SessionMsg>,
+        id: &str,
+        params: Value,
+    ) -> Result<(), (&'static str, String)> {
+        let params: InvokeParams = serde_json::from_value(params)
+            .map_err(|e| (code::BAD_REQUEST, format!("bad nodes.invoke params: {e}")))?;
+        if self.invokes_out.contains_key(id) {
+            return Err((code::BAD_REQUEST, format!("request {id:?} is still open")));
+        }
+        let offline = || {
+            (
+                code::NODE_OFFLINE,
+                format!("node {:?} is not connected", params.node),
+            )
+        };
+        let (commands, session) = match self.gateway.registry().lookup(&params.node) {
+            Lookup::Unknown => {
+                return Err((
+                    code::UNKNOWN_NODE,
+                    format!("no node {:?} has connected", params.node),
+                ));
+            }
+            Lookup::Offline => return Err(offline()),
+            Lookup::Online { commands, session } => (commands, session),
+        };
+        if !commands.contains(&params.command) {
+            let message = format!("node {:?} has no command {:?}", params.node, params.command);
+            return Err((code::UNKNOWN_COMMAND, message));
+        }
+        let timeout = Duration::from_millis(params.timeout_ms.unwrap_or(DEFAULT_INVOKE_TIMEOUT_MS));
+        let invoke = Invoke {
+            command: params.command,
+            args: params.args,
+            timeout,
+            reply_to: myself.clone(),
+            req_id: id.to_string(),
+        };
+        session
+            .send_message(SessionMsg::Invoke(invoke))
+            .map_err(|_| offline())?;
+        let timed_out = id.to_string();
+        let timer = myself.send_after(timeout, move || SessionMsg::InvokeTimedOut {
+            id: timed_out,
+        });
+        self.invokes_out.insert(id.to_string(), timer.into());
+        Ok(())
+    }
+
+    /// (Node side.) Sends `node.invoke` to the node and remembers who asked.
+    async fn forward_invoke(&mut self, myself: &ActorRef<SessionMsg>, invoke: Invoke) {
+        let fail = |message: &str| {
+            let _ = invoke.reply_to.send_message(SessionMsg::InvokeDone {
+                id: invoke.req_id.clone(),
+                result: Err(ErrorBody {
+                    code: code::NODE_OFFLINE.to_string(),
+                    message: message.to_string(),
+                }),
+            });
+        };
+        if self.closing || self.registration().is_none() {
+            fail("the node is disconnecting");
+            return;
+        }
+        let id = format!("inv-{}", self.next_req);
+        self.next_req += 1;
+        let params = NodeInvokeParams {
+            command: invoke.command.clone(),
+            args: invoke.args.clone(),
+        };
+        let frame = Frame::Req {
+            id: id.clone(),
+            method: "node.invoke".to_string(),
+            params: to_value(&params),
+        };
+        if !self.send(myself, &frame).await {
+            fail("the node's connection failed");
+            return;
+        }
+        let expired = id.clone();
+        let expiry = myself.send_after(invoke.timeout, move || SessionMsg::InvokeExpired {
+            id: expired,
+        });
+        self.invokes_in.insert(
+            id,
+            PendingInvoke {
+                reply_to: invoke.reply_to,
+                req_id: invoke.req_id,
+                _expiry: expiry.into(),
+            },
+        );
+    }
+
+    /// (Node side.) A `res` from the node: relayed to the operator that asked.
+    fn node_answer(
+        &mut self,
+        id: String,
+        ok: bool,
+        payload: Option<Value>,
+        error: Option<ErrorBody>,
+    ) {
+        let Some(pending) = self.invokes_in.remove(&id) else {
+            debug!(peer = %self.peer, id = %id, "Ignoring an answer to no open request.");
+            return;
+        };
+        let result = if ok {
+            Ok(payload.unwrap_or(Value::Null))
+        } else {
+            Err(error.unwrap_or_else(|| ErrorBody {
+                code: code::INTERNAL.to_string(),
+                message: "the node failed without saying why".to_string(),
+            }))
+        };
+        let _ = pending.reply_to.send_message(SessionMsg::InvokeDone {
+            id: pending.req_id,
+            result,
+        });
+    }
+
+    /// Closes with 4000 after two ticks without a client frame; else checks again when the
+    /// two ticks since the last frame are over.
+    async fn idle_check(&mut self, myself: &ActorRef<SessionMsg>) {
+        let window = Duration::from_millis(self.gateway.settings().tick_interval_ms) * 2;
+        let silent = self.last_frame.elapsed();
+        if silent >= window {
+            let silent_ms = silent.as_millis() as u64;
+            info!(peer = %self.peer, silent_ms, "No frame from the client for two ticks; closing with 4000.");
+            ::metrics::counter!(metrics::IDLE_CLOSES_TOTAL).increment(1);
+            self.close(myself, close::NO_TICK, "no frame for 2 ticks")
+                .await;
+        } else {
+            let next = window - silent;
+            self.idle_timer = Some(myself.send_after(next, || SessionMsg::IdleCheck).into());
+        }
+    }
+
+    /// Sends a close frame, then waits for the client's (or the linger) before stopping.
+    async fn close(&mut self, myself: &ActorRef<SessionMsg>, code: u16, reason: &str) {
+        if self.closing {
+            return;
+        }
+        let sent = self.write(myself, close_message(code, reason)).await;
+        self.closing = true;
+        self.stop_timers();
+        if sent {
+            ::metrics::counter!(metrics::CLOSES_TOTAL, "code" => code.to_string()).increment(1);
+            self.linger_timer = Some(
+                myself
+                    .send_after(CLOSE_LINGER, || SessionMsg::LingerOver)
+                    .into(),
+            );
+        }
+    }
+
+    /// Graceful stop: tells the client why and closes the socket, unless it is closed already.
+    async fn on_stop(&mut self) {
+        self.stop_timers();
+        let role = match &self.phase {
+            Phase::Ready(a) => Some((a.role, a.client.clone())),
+            Phase::Handshake { .. } => None,
+        };
+        if !self.closing {
+            self.closing = true;
+            let intent = self.gateway.shutdown_intent();
+            let (code, reason) = intent.close();
+            let notice = Frame::event(event::SHUTDOWN, to_value(&intent.notice()));
+            let sink = &mut self.sink;
+            let pump = &mut self.pump;
+            let closed = tokio::time::timeout(STOP_LINGER, async {
+                if role.is_some() {
+                    sink.send(Message::Text(notice.to_text().into())).await?;
+                }
+                sink.send(close_message(code, reason)).await?;
+                // Let the client answer, so the connection ends cleanly.
+                let _ = pump.await;
+                Ok::<(), axum::Error>(())
+            })
+            .await;
+            ::metrics::counter!(metrics::CLOSES_TOTAL, "code" => code.to_string()).increment(1);
+            debug!(peer = %self.peer, code, answered = matches!(closed, Ok(Ok(()))), "Socket closed on stop.");
+        }
+        if let Some((role, client)) = role {
+            info!(peer = %self.peer, role = role.as_str(), client = %client, "Session ended.");
+        }
+    }
+
+    fn stop_timers(&mut self) {
+        self.handshake_timer = None;
+        self.ticker = None;
+        self.idle_timer = None;
+    }
+
+    /// Sends a frame; false (and the session stopping) if the socket failed.
+    async fn send(&mut self, myself: &ActorRef<SessionMsg>, frame: &Frame) -> bool {
+        self.write(myself, Message::Text(frame.to_text().into()))
+            .await
+    }
+
+    /// Writes one message within [`WRITE_TIMEOUT`]; on failure the session stops.
+    async fn write(&mut self, myself: &ActorRef<SessionMsg>, msg: Message) -> bool {
+        if self.closing {
+            return false;
+        }
+        let error = match tokio::time::timeout(WRITE_TIMEOUT, self.sink.send(msg)).await {
+            Ok(Ok(())) => return true,
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!("no progress within {} ms", WRITE_TIMEOUT.as_millis()),
+        };
+        debug!(peer = %self.peer, error = %error, "Cannot write to the socket; ending the session.");
+        self.closing = true;
+        myself.stop(Some("socket write failed".to_string()));
+        false
+    }
+
+    /// Largest frame accepted now: 64 KiB before `hello-ok`, `max_frame_bytes` after.
+    fn frame_limit(&self) -> usize {
+        match self.phase {
+            Phase::Handshake { .. } => MAX_PREAUTH_FRAME_BYTES,
+            Phase::Ready(_) => self.gateway.settings().max_frame_bytes,
+        }
+    }
+
+    fn is_ready(&self) -> bool {
+        matches!(self.phase, Phase::Ready(_))
+    }
+
+    fn registration(&self) -> Option<&Registration> {
+        match &self.phase {
+            Phase::Ready(Authed { node: Some(r), .. }) => Some(r),
+            _ => None,
+        }
+    }
+
+    fn node_name(&self) -> Option<String> {
+        self.registration().map(|r| r.name().to_string())
+    }
+}
+
+fn close_message(code: u16, reason: &str) -> Message {
+    Message::Close(Some(CloseFrame {
+        code,
+        reason: reason.into(),
+    }))
+}
+
+/// JSON of a wire type; these serialize infallibly (strings, numbers, JSON values).
+fn to_value<T: serde::Serialize>(value: &T) -> Value {
+    serde_json::to_value(value).unwrap_or(Value::Null)
+}
+
+/// 16 random bytes, hex.
+fn nonce() -> String {
+    let bytes: [u8; 16] = rand::random();
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
