@@ -1,12 +1,14 @@
-//! The command line: `warden run | tree | health | config show|check`.
+//! The command line: `warden run | tree | health | call | config show|check`.
 
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
 use crate::admin;
+use crate::call::{self, CallRequest};
 use crate::config::{self, ConfigSources, EXIT_CONFIG, Flag, Loaded};
 use crate::run;
 
@@ -32,6 +34,10 @@ pub enum Command {
     Tree(AdminFlags),
     /// Exit 0 when the admin endpoint's /healthz answers 200, else 1 (for HEALTHCHECK).
     Health(AdminFlags),
+    /// Call a gateway method and print its JSON result; retries while the gateway is
+    /// restarting, never re-sends a request that may have been delivered unless it is
+    /// read-only.
+    Call(CallFlags),
     /// Inspect the configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -66,6 +72,26 @@ pub struct AdminFlags {
     /// Bearer token (default: admin.token from the config).
     #[arg(long, value_name = "TOKEN")]
     pub token: Option<String>,
+}
+
+/// Flags of `warden call`.
+#[derive(Debug, Args)]
+pub struct CallFlags {
+    /// The method: health, status, tree, nodes.list, nodes.invoke, chat.send, approvals.*
+    #[arg(value_name = "METHOD")]
+    pub method: String,
+    /// Its params, a JSON object (default {}).
+    #[arg(long, value_name = "JSON")]
+    pub params: Option<String>,
+    /// Gateway URL (default: ws:// + gateway.bind + /ws from the config).
+    #[arg(long, value_name = "URL")]
+    pub gateway: Option<String>,
+    /// Gateway token (default: gateway.token from the config).
+    #[arg(long, value_name = "TOKEN")]
+    pub token: Option<String>,
+    /// Give up after this many seconds, retries included.
+    #[arg(long, value_name = "SECS", default_value = "30", value_parser = parse_secs)]
+    pub timeout: Duration,
 }
 
 /// `warden config …`
@@ -128,6 +154,7 @@ pub fn main(cli: Cli) -> i32 {
                 Err(e) => fail(&e.to_string(), 1),
             }
         }),
+        Command::Call(ref flags) => call_command(&cli, flags),
         Command::Config(ref sub) => {
             let sources = ConfigSources {
                 path: cli.config.clone(),
@@ -187,9 +214,75 @@ where
     }
 }
 
+/// `warden call`: params first (exit 64 when not an object), then the URL and token (flags
+/// first, then config), then the call with its retries; each retry is a line on stderr.
+fn call_command(cli: &Cli, flags: &CallFlags) -> i32 {
+    let params = match call::parse_params(flags.params.as_deref()) {
+        Ok(params) => params,
+        Err(e) => return fail(&e, EXIT_CONFIG),
+    };
+    let loaded = config::load(&ConfigSources {
+        path: cli.config.clone(),
+        flags: Vec::new(),
+    });
+    let (url, token) = match (&flags.gateway, loaded) {
+        (Some(url), loaded) => {
+            let token = flags
+                .token
+                .clone()
+                .or_else(|| loaded.ok().and_then(|l| l.config.gateway.token));
+            (url.clone(), token)
+        }
+        (None, Ok(loaded)) => (
+            format!("ws://{}/ws", loopback(loaded.config.gateway.bind)),
+            flags.token.clone().or(loaded.config.gateway.token),
+        ),
+        (None, Err(e)) => return fail(&format!("{e} (or pass --gateway URL)"), EXIT_CONFIG),
+    };
+    let request = CallRequest {
+        url,
+        token: token.unwrap_or_default(),
+        method: flags.method.clone(),
+        params,
+        timeout: flags.timeout,
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return fail(&format!("cannot start the async runtime: {e}"), 70),
+    };
+    let log = |line: &str| {
+        let _ = writeln!(std::io::stderr(), "warden: {line}");
+    };
+    match rt.block_on(call::call(&request, log)) {
+        Ok(value) => {
+            let text = serde_json::to_string_pretty(&value).unwrap_or_else(|_| value.to_string());
+            out(&format!("{text}\n"));
+            0
+        }
+        Err(e) => fail(&e.to_string(), 1),
+    }
+}
+
+/// `--timeout SECS`: a positive number of seconds.
+fn parse_secs(text: &str) -> Result<Duration, String> {
+    match text.parse::<f64>() {
+        Ok(secs) if secs > 0.0 => {
+            Duration::try_from_secs_f64(secs).map_err(|e| format!("{text}: {e}"))
+        }
+        _ => Err(format!("{text:?} is not a positive number of seconds")),
+    }
+}
+
 /// `http://` + admin.bind, with an unspecified address replaced by loopback.
 fn admin_url(loaded: &Loaded) -> String {
-    let mut addr: SocketAddr = loaded.config.admin.bind;
+    format!("http://{}", loopback(loaded.config.admin.bind))
+}
+
+/// `addr`, with an unspecified IP replaced by loopback.
+fn loopback(mut addr: SocketAddr) -> SocketAddr {
     if addr.ip().is_unspecified() {
         addr.set_ip(if addr.is_ipv4() {
             [127, 0, 0, 1].into()
@@ -197,7 +290,7 @@ fn admin_url(loaded: &Loaded) -> String {
             std::net::Ipv6Addr::LOCALHOST.into()
         });
     }
-    format!("http://{addr}")
+    addr
 }
 
 fn out(text: &str) {

@@ -4,6 +4,7 @@
 //! tests can drive it. The supervision kernel and the actors are in `warden-actors`.
 
 pub mod admin;
+pub mod call;
 pub mod cli;
 pub mod config;
 pub mod run;
