@@ -107,6 +107,10 @@ pub struct Failure {
     /// The earliest the next start may happen (e.g. a server's `Retry-After`). The backoff
     /// delay is raised to it, even beyond the backoff's `max`.
     pub retry_after: Option<Duration>,
+    /// The cause is expected to clear soon (a peer announced a restart): wait at most about
+    /// this long, jittered like the backoff, whatever the attempt count. `retry_after`
+    /// still wins.
+    pub retry_within: Option<Duration>,
 }
 
 impl Failure {
@@ -116,6 +120,7 @@ impl Failure {
             class: FailureClass::Transient,
             reason: reason.into(),
             retry_after: None,
+            retry_within: None,
         }
     }
 
@@ -125,12 +130,19 @@ impl Failure {
             class: FailureClass::Fatal,
             reason: reason.into(),
             retry_after: None,
+            retry_within: None,
         }
     }
 
     /// Sets the earliest time of the next start.
     pub fn retry_after(mut self, delay: Duration) -> Self {
         self.retry_after = Some(delay);
+        self
+    }
+
+    /// Caps the next delay: the cause is expected to clear within about `cap`.
+    pub fn retry_within(mut self, cap: Duration) -> Self {
+        self.retry_within = Some(cap);
         self
     }
 
@@ -361,6 +373,11 @@ pub fn decide(
     }
 
     let mut delay = policy.backoff.delay(history.consecutive - 1, unit);
+    if let Some(cap) = failure.retry_within {
+        // Jittered like the backoff, so peers told the same thing do not retry in step.
+        let cut = policy.backoff.jitter.clamp(0.0, 1.0) * unit.clamp(0.0, 1.0);
+        delay = delay.min(cap.mul_f64(1.0 - cut));
+    }
     if let Some(floor) = failure.retry_after {
         delay = delay.max(floor);
     }
@@ -648,6 +665,55 @@ mod tests {
             0.0,
         ));
         assert_eq!(d, Duration::from_secs(90));
+    }
+
+    #[test]
+    fn retry_within_caps_a_grown_delay_with_jitter() {
+        let p = policy(0, 60);
+        let mut h = History::default();
+        let now = Instant::now();
+        for _ in 0..6 {
+            decide(
+                &failed(),
+                Restart::Permanent,
+                &p,
+                &mut h,
+                Duration::ZERO,
+                now,
+                0.0,
+            );
+        }
+        // The 7th delay would be 60 s; the peer said it will be back soon.
+        let exit =
+            Exit::Failed(Failure::transient("refused").retry_within(Duration::from_millis(500)));
+        let mut jittered = policy(0, 60);
+        jittered.backoff.jitter = 0.2;
+        let d = delay_of(decide(
+            &exit,
+            Restart::Permanent,
+            &jittered,
+            &mut h,
+            Duration::ZERO,
+            now,
+            0.5,
+        ));
+        assert_eq!(d, Duration::from_millis(450));
+        // A server's Retry-After still wins over the cap.
+        let exit = Exit::Failed(
+            Failure::transient("busy")
+                .retry_within(Duration::from_millis(500))
+                .retry_after(Duration::from_secs(2)),
+        );
+        let d = delay_of(decide(
+            &exit,
+            Restart::Permanent,
+            &p,
+            &mut h,
+            Duration::ZERO,
+            now,
+            0.0,
+        ));
+        assert_eq!(d, Duration::from_secs(2));
     }
 
     #[test]

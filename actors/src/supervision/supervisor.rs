@@ -977,6 +977,7 @@ impl SupervisorState {
             class: FailureClass::Hung,
             reason: format!("no heartbeat for {silent_ms} ms"),
             retry_after: None,
+            retry_within: None,
         };
         self.on_exit(myself, order, Exit::Failed(failure)).await
     }
