@@ -110,7 +110,12 @@ pub struct AdminState {
     /// The admin actor's own path, set when it first starts: actions on it (or above it)
     /// are refused, since they would cut off their own answer.
     own_path: Arc<OnceLock<String>>,
+    /// Extra fields for `/healthz` (e.g. a node's connection), if the program has any.
+    health: Option<HealthProbe>,
 }
+
+/// Adds fields to the `/healthz` body: called on every request, must be cheap.
+pub type HealthProbe = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
 
 impl AdminState {
     /// A state serving `config` at `/admin/config`, guarded by `token` when one is given,
@@ -129,7 +134,14 @@ impl AdminState {
             started_at: Instant::now(),
             bound: Arc::new(watch::Sender::new(None)),
             own_path: Arc::new(OnceLock::new()),
+            health: None,
         }
+    }
+
+    /// Adds `probe`'s fields to every `/healthz` answer.
+    pub fn with_health(mut self, probe: HealthProbe) -> Self {
+        self.health = Some(probe);
+        self
     }
 
     /// Hands the running tree to the endpoint. Only the first call has an effect; a second
@@ -253,6 +265,9 @@ struct Health {
     /// `ok`, `starting` (the tree is not handed over yet) or `down` (the root stopped).
     status: &'static str,
     uptime_ms: u64,
+    /// The program's extra fields (a node's `connected`, `last_connected_at`, …).
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    extra: Option<serde_json::Value>,
 }
 
 /// `/readyz` payload.
@@ -279,7 +294,16 @@ async fn healthz(State(state): State<AdminState>) -> Response {
         Some(tree) if tree.is_running() => (StatusCode::OK, "ok"),
         Some(_) => (StatusCode::SERVICE_UNAVAILABLE, "down"),
     };
-    (code, axum::Json(Health { status, uptime_ms })).into_response()
+    let extra = state.health.as_ref().map(|probe| probe());
+    (
+        code,
+        axum::Json(Health {
+            status,
+            uptime_ms,
+            extra,
+        }),
+    )
+        .into_response()
 }
 
 async fn readyz(State(state): State<AdminState>) -> Response {

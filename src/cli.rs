@@ -30,6 +30,9 @@ pub struct Cli {
 pub enum Command {
     /// Run the gateway: the supervision tree, the gateway listener and the admin endpoint.
     Run(RunFlags),
+    /// Run as a node host: connect to the gateway of `[node]` and run its declared
+    /// commands; reconnects through its supervisor, forever, logging every attempt.
+    Node(RunFlags),
     /// Print the live supervision tree from the admin endpoint.
     Tree(AdminFlags),
     /// Exit 0 when the admin endpoint's /healthz answers 200, else 1 (for HEALTHCHECK).
@@ -43,7 +46,8 @@ pub enum Command {
     Config(ConfigCommand),
 }
 
-/// Flags of `warden run`; each overrides its config key.
+/// Flags of `warden run` and `warden node`; each overrides its config key (a node ignores
+/// `--gateway-bind`).
 #[derive(Debug, Args, Default)]
 pub struct RunFlags {
     /// gateway.bind
@@ -122,7 +126,8 @@ impl RunFlags {
 /// Runs the command line; returns the process exit code.
 pub fn main(cli: Cli) -> i32 {
     match cli.command {
-        Command::Run(ref flags) => {
+        Command::Run(ref flags) | Command::Node(ref flags) => {
+            let node = matches!(cli.command, Command::Node(_));
             let sources = ConfigSources {
                 path: cli.config.clone(),
                 flags: flags.flags(),
@@ -135,6 +140,7 @@ pub fn main(cli: Cli) -> i32 {
                 .enable_all()
                 .build()
             {
+                Ok(rt) if node => rt.block_on(crate::node::run(loaded)),
                 Ok(rt) => rt.block_on(run::run(loaded)),
                 Err(e) => fail(&format!("cannot start the async runtime: {e}"), 70),
             }

@@ -7,5 +7,7 @@ pub mod admin;
 pub mod call;
 pub mod cli;
 pub mod config;
+pub mod node;
+pub mod program;
 pub mod run;
 pub mod telemetry;

@@ -1,4 +1,4 @@
-//! `warden run`: builds the tree from the config, serves, and shuts down in order.
+//! `warden run`: builds the gateway tree from the config, serves, and shuts down in order.
 //!
 //! ```text
 //! root                one_for_one
@@ -18,60 +18,30 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::json;
 use tokio::sync::watch;
-use tracing::{error, info, warn};
+use tracing::{error, info};
 use warden_actors::gateway::{self, GatewayState, ShutdownIntent, listener};
 use warden_actors::supervision::{SlotClient, Tree, TreeOptions};
 
-use crate::admin::{self, AdminState};
+use crate::admin;
 use crate::config::{EXIT_CONFIG, Loaded};
-use crate::telemetry;
-
-/// The process exit code when the root supervisor died on its own (EX_SOFTWARE).
-pub const EXIT_ROOT_DIED: i32 = 70;
-
-/// Why `run` is ending.
-enum Stop {
-    Signal(&'static str),
-    Exit(warden_actors::supervision::ExitRequest),
-    RootDied,
-}
+use crate::program::{EXIT_ROOT_DIED, Program};
 
 /// Runs the gateway until a signal or an exit request; returns the process exit code.
 pub async fn run(loaded: Loaded) -> i32 {
-    let config = &loaded.config;
-    let telemetry = match telemetry::init(&config.telemetry) {
-        Ok(t) => t,
-        Err(e) => {
-            eprintln_line(&format!("warden: {e}"));
-            return EXIT_CONFIG;
-        }
+    let program = match Program::start(&loaded) {
+        Ok(program) => program,
+        Err(code) => return code,
     };
+    let config = &loaded.config;
     if let Some(alias) = config.matrix.accounts.keys().next() {
         error!(key = %format!("matrix.accounts.{alias}"),
             "Matrix accounts are not supported by this version yet; remove them from the config to run the gateway.");
-        telemetry.shutdown().await;
+        program.abort().await;
         return EXIT_CONFIG;
     }
-    let metrics = match admin::install_metrics() {
-        Ok(handle) => Some(handle),
-        Err(e) => {
-            warn!(error = %e, "Metrics are off: cannot install the recorder.");
-            None
-        }
-    };
 
-    let entries: Vec<serde_json::Value> = loaded
-        .entries()
-        .into_iter()
-        .map(|e| json!({ "key": e.key, "value": e.value, "source": e.source }))
-        .collect();
-    let admin_state = AdminState::new(
-        json!({ "entries": entries }),
-        config.admin.token.clone(),
-        metrics,
-    );
+    let admin_state = program.admin_state(&loaded);
     let gateway_bound = Arc::new(watch::Sender::new(None));
     let gateway_state = GatewayState::new(config.gateway.clone());
     let slots = SlotClient::new();
@@ -94,7 +64,7 @@ pub async fn run(loaded: Loaded) -> i32 {
         Ok(tree) => tree,
         Err(e) => {
             error!(error = %e, "Cannot start the supervision tree.");
-            telemetry.shutdown().await;
+            program.abort().await;
             return EXIT_ROOT_DIED;
         }
     };
@@ -107,62 +77,11 @@ pub async fn run(loaded: Loaded) -> i32 {
         admin = %config.admin.bind,
         "warden started."
     );
-
-    let stop = tokio::select! {
-        name = signal() => Stop::Signal(name),
-        request = tree.exit().requested() => Stop::Exit(request),
-        () = tree.stopped() => Stop::RootDied,
-    };
     let deadline = Duration::from_millis(config.shutdown.deadline_ms);
-    let code = match &stop {
-        Stop::Signal(name) => {
-            info!(signal = name, "Signal received; shutting down.");
-            0
-        }
-        Stop::Exit(request) => {
-            error!(actor = %request.path, code = request.code, reason = %request.reason,
-                "A child gave up and its policy says exit; shutting down.");
-            request.code
-        }
-        Stop::RootDied => {
-            error!("The root supervisor died; exiting.");
-            EXIT_ROOT_DIED
-        }
-    };
-    if !matches!(stop, Stop::RootDied) {
-        gateway_state.set_shutdown_intent(ShutdownIntent::from_settings(&config.gateway));
-        let report = tree.shutdown(deadline).await;
-        if report.graceful {
-            info!(code, "Shutdown complete.");
-        } else {
-            warn!(still_running = ?report.still_running, "Shutdown deadline passed; the rest was killed.");
-        }
-    }
-    telemetry.shutdown().await;
-    code
-}
-
-/// Waits for SIGTERM or SIGINT; returns its name.
-async fn signal() -> &'static str {
-    use tokio::signal::unix::{SignalKind, signal};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut term), Ok(mut int)) => tokio::select! {
-            _ = term.recv() => "SIGTERM",
-            _ = int.recv() => "SIGINT",
-        },
-        _ => {
-            // Without signal handlers only the exit paths can end the process.
-            warn!("Cannot install signal handlers.");
-            std::future::pending().await
-        }
-    }
-}
-
-/// For the one error that can happen before logging is set up.
-fn eprintln_line(line: &str) {
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr(), "{line}");
+    let intent = ShutdownIntent::from_settings(&config.gateway);
+    program
+        .serve(tree, deadline, std::future::pending(), || {
+            gateway_state.set_shutdown_intent(intent)
+        })
+        .await
 }

@@ -165,6 +165,21 @@ pub struct NodeSettings {
     /// `[node.commands.<name>]`: the only commands the node runs. Default none.
     #[serde(default)]
     pub commands: BTreeMap<String, NodeCommand>,
+    /// After losing an established connection, retry within `reconnect_within_ms` for this
+    /// long (plus the gateway's announced `expected_back_ms`), in ms. Default 10000.
+    #[serde(default = "default_reconnect_window_ms")]
+    pub reconnect_window_ms: u64,
+    /// The retry interval inside that window, in ms (jittered). Default 500.
+    #[serde(default = "default_reconnect_within_ms")]
+    pub reconnect_within_ms: u64,
+}
+
+fn default_reconnect_window_ms() -> u64 {
+    10_000
+}
+
+fn default_reconnect_within_ms() -> u64 {
+    500
 }
 
 impl fmt::Debug for NodeSettings {
@@ -176,6 +191,8 @@ impl fmt::Debug for NodeSettings {
             .field("name", &self.name)
             .field("max_disconnected_ms", &self.max_disconnected_ms)
             .field("commands", &self.commands)
+            .field("reconnect_window_ms", &self.reconnect_window_ms)
+            .field("reconnect_within_ms", &self.reconnect_within_ms)
             .finish()
     }
 }
@@ -195,6 +212,13 @@ pub struct NodeCommand {
     /// The run is killed after this long, in ms. Default 60000.
     #[serde(default = "default_command_timeout_ms")]
     pub timeout_ms: u64,
+    /// Bytes kept of each of stdout and stderr. Default 65536.
+    #[serde(default = "default_max_output_bytes")]
+    pub max_output_bytes: usize,
+}
+
+fn default_max_output_bytes() -> usize {
+    64 * 1024
 }
 
 fn default_command_timeout_ms() -> u64 {

@@ -4,4 +4,5 @@ mod admin;
 mod call;
 mod config;
 mod gateway;
+mod node;
 mod process;

@@ -12,20 +12,20 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::time::Instant;
 
-const BIN: &str = env!("CARGO_BIN_EXE_warden");
+pub(crate) const BIN: &str = env!("CARGO_BIN_EXE_warden");
 
 /// A running `warden` process and its log lines.
-struct Warden {
+pub(crate) struct Warden {
     child: Child,
     lines: Arc<Mutex<Vec<String>>>,
     _dir: TempDir,
 }
 
 /// A scratch directory removed on drop.
-struct TempDir(std::path::PathBuf);
+pub(crate) struct TempDir(pub(crate) std::path::PathBuf);
 
 impl TempDir {
-    fn new(name: &str) -> Self {
+    pub(crate) fn new(name: &str) -> Self {
         let dir = std::env::temp_dir().join(format!("warden-it-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("temp dir");
@@ -40,7 +40,7 @@ impl Drop for TempDir {
 }
 
 /// A `warden` command with a clean environment (no inherited `WARDEN_*`) in `dir`.
-fn command(dir: &TempDir, args: &[&str], envs: &[(&str, &str)]) -> Command {
+pub(crate) fn command(dir: &TempDir, args: &[&str], envs: &[(&str, &str)]) -> Command {
     let mut cmd = Command::new(BIN);
     cmd.args(args).current_dir(&dir.0).kill_on_drop(true);
     for (key, _) in std::env::vars() {
@@ -54,8 +54,7 @@ fn command(dir: &TempDir, args: &[&str], envs: &[(&str, &str)]) -> Command {
 
 impl Warden {
     /// Starts `warden run` with the gateway on `gateway` and the admin on a free port.
-    fn start(name: &str, gateway: &str, envs: &[(&str, &str)]) -> Self {
-        let dir = TempDir::new(name);
+    pub(crate) fn start(name: &str, gateway: &str, envs: &[(&str, &str)]) -> Self {
         let args = [
             "run",
             "--gateway-bind",
@@ -65,7 +64,13 @@ impl Warden {
             "--log-format",
             "json",
         ];
-        let mut child = command(&dir, &args, envs)
+        Self::spawn(TempDir::new(name), &args, envs)
+    }
+
+    /// Starts `warden` with `args` in `dir` (files for `--config` can be written there
+    /// first), logging JSON lines to stderr.
+    pub(crate) fn spawn(dir: TempDir, args: &[&str], envs: &[(&str, &str)]) -> Self {
+        let mut child = command(&dir, args, envs)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -86,12 +91,12 @@ impl Warden {
         }
     }
 
-    fn logs(&self) -> String {
+    pub(crate) fn logs(&self) -> String {
         self.lines.lock().expect("lines").join("\n")
     }
 
     /// Waits for a JSON log line whose message is `message`; returns it.
-    async fn wait_for_log(&self, message: &str, within: Duration) -> Value {
+    pub(crate) async fn wait_for_log(&self, message: &str, within: Duration) -> Value {
         let deadline = Instant::now() + within;
         loop {
             let found = self
@@ -113,14 +118,14 @@ impl Warden {
         }
     }
 
-    async fn admin(&self) -> String {
+    pub(crate) async fn admin(&self) -> String {
         let line = self
             .wait_for_log("Admin endpoint listening.", Duration::from_secs(10))
             .await;
         format!("http://{}", line["addr"].as_str().expect("addr"))
     }
 
-    fn signal(&self, sig: &str) {
+    pub(crate) fn signal(&self, sig: &str) {
         let pid = self.child.id().expect("running").to_string();
         let status = std::process::Command::new("kill")
             .args([sig, &pid])
@@ -129,7 +134,20 @@ impl Warden {
         assert!(status.success());
     }
 
-    async fn exit_code(&mut self, within: Duration) -> i32 {
+    /// Waits for the process to end however it ends (a signal too).
+    pub(crate) async fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+        match tokio::time::timeout(within, self.child.wait()).await {
+            Ok(status) => status.expect("wait"),
+            Err(_) => panic!("still running after {within:?}; logs:\n{}", self.logs()),
+        }
+    }
+
+    /// Whether the process still runs.
+    pub(crate) fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    pub(crate) async fn exit_code(&mut self, within: Duration) -> i32 {
         match tokio::time::timeout(within, self.child.wait()).await {
             Ok(status) => status.expect("wait").code().expect("exited, not signalled"),
             Err(_) => panic!("still running after {within:?}; logs:\n{}", self.logs()),
@@ -138,7 +156,11 @@ impl Warden {
 }
 
 /// Polls `GET url` until `check` accepts the JSON body, or fails at the deadline.
-async fn poll_json(url: &str, within: Duration, check: impl Fn(u16, &Value) -> bool) -> Value {
+pub(crate) async fn poll_json(
+    url: &str,
+    within: Duration,
+    check: impl Fn(u16, &Value) -> bool,
+) -> Value {
     let deadline = Instant::now() + within;
     let http = reqwest::Client::new();
     loop {

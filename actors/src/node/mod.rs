@@ -3,6 +3,7 @@
 //! * [`commands`] — runs one declared command: fixed argv, no shell, extra arguments only
 //!   when the command allows them, a timeout, capped output.
 //!
-//! The connection actor (`warden node`) is issue 4's remaining part.
+//! * [`connection`] — the connection actor: the supervisor's restart is its reconnect.
 
 pub mod commands;
+pub mod connection;

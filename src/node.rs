@@ -1,0 +1,135 @@
+//! `warden node`: this process as a node host connected to a gateway.
+//!
+//! ```text
+//! root                one_for_one
+//! ├── connection      permanent   the gateway connection; its restart is the reconnect
+//! └── admin           permanent   /healthz (with the connection's state) /readyz /metrics /admin/*
+//! ```
+//!
+//! `/healthz` adds `connected`, `last_connected_at`, `disconnected_ms`, `last_error` and
+//! `consecutive_failures`. With `node.max_disconnected_ms` set, a node that stays
+//! disconnected that long exits 75 after an ordered shutdown, so its service manager
+//! restarts it.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tracing::{error, info};
+use warden_actors::node::commands::CommandSpec;
+use warden_actors::node::connection::{self, ConnectionConfig, NodeStatus};
+use warden_actors::supervision::{EXIT_BUDGET_EXHAUSTED, Tree, TreeOptions};
+
+use crate::admin;
+use crate::config::{EXIT_CONFIG, Loaded, NodeSettings};
+use crate::program::{EXIT_ROOT_DIED, Program, Stop};
+
+/// How long a node handshake may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Runs the node host until a signal, an exit request or too long a disconnection.
+pub async fn run(loaded: Loaded) -> i32 {
+    let program = match Program::start(&loaded) {
+        Ok(program) => program,
+        Err(code) => return code,
+    };
+    let config = &loaded.config;
+    let Some(node) = config.node.clone() else {
+        error!(
+            key = "node",
+            "warden node needs a [node] table: gateway_url, token and commands."
+        );
+        program.abort().await;
+        return EXIT_CONFIG;
+    };
+    let connection_config = connection_config(&node);
+    let name = connection_config.name.clone();
+    let status = Arc::new(NodeStatus::new());
+
+    let probe_status = status.clone();
+    let admin_state = program
+        .admin_state(&loaded)
+        .with_health(Arc::new(move || probe_status.to_json()));
+    let children = vec![
+        connection::spec(
+            connection_config,
+            status.clone(),
+            config.policy_for(connection::KIND, None),
+        ),
+        admin::spec(
+            &config.admin,
+            admin_state.clone(),
+            config.policy_for("admin", None),
+        ),
+    ];
+    let tree = match Tree::start(children, TreeOptions::default()).await {
+        Ok(tree) => tree,
+        Err(e) => {
+            error!(error = %e, "Cannot start the supervision tree.");
+            program.abort().await;
+            return EXIT_ROOT_DIED;
+        }
+    };
+    let _ = admin_state.set_tree(tree.handle());
+    info!(version = env!("CARGO_PKG_VERSION"), gateway = %node.gateway_url, node = %name,
+        admin = %config.admin.bind, "warden node started.");
+
+    let limit = Duration::from_millis(node.max_disconnected_ms);
+    let too_long = async move {
+        if limit.is_zero() {
+            return std::future::pending().await;
+        }
+        let mut every = tokio::time::interval(Duration::from_millis(200));
+        loop {
+            every.tick().await;
+            if let Some(away) = status.disconnected_for()
+                && away >= limit
+            {
+                return Stop::Other {
+                    reason: format!(
+                        "disconnected from the gateway for {} ms, over node.max_disconnected_ms; exiting so the service manager restarts the node",
+                        away.as_millis()
+                    ),
+                    code: EXIT_BUDGET_EXHAUSTED,
+                };
+            }
+        }
+    };
+    let deadline = Duration::from_millis(config.shutdown.deadline_ms);
+    program.serve(tree, deadline, too_long, || {}).await
+}
+
+fn connection_config(node: &NodeSettings) -> ConnectionConfig {
+    let commands: BTreeMap<String, CommandSpec> = node
+        .commands
+        .iter()
+        .map(|(name, c)| {
+            let spec = CommandSpec {
+                argv: c.argv.clone(),
+                args: c.args,
+                timeout: Duration::from_millis(c.timeout_ms),
+                max_output_bytes: c.max_output_bytes,
+            };
+            (name.clone(), spec)
+        })
+        .collect();
+    ConnectionConfig {
+        gateway_url: node.gateway_url.clone(),
+        token: node.token.clone().unwrap_or_default(),
+        name: node.name.clone().unwrap_or_else(host_name),
+        commands: Arc::new(commands),
+        handshake_timeout: HANDSHAKE_TIMEOUT,
+        reconnect_window: Duration::from_millis(node.reconnect_window_ms),
+        reconnect_within: Duration::from_millis(node.reconnect_within_ms),
+    }
+}
+
+/// The host name, for a node without `node.name`.
+fn host_name() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "node".to_string())
+}
