@@ -347,9 +347,15 @@ impl GatewayClient {
         url: &str,
         options: ConnectOptions,
     ) -> Result<(GatewayClient, HelloOk), ConnectError> {
-        let (ws, _response) = tokio_tungstenite::connect_async(url)
-            .await
-            .map_err(ConnectError::from_ws)?;
+        // A small read buffer, as on the server: the 128 KiB default stays resident per
+        // connection, which adds up for a process holding many (benchmarks, hosts of
+        // many approval handlers).
+        let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+            .read_buffer_size(4 * 1024);
+        let (ws, _response) =
+            tokio_tungstenite::connect_async_with_config(url, Some(config), false)
+                .await
+                .map_err(ConnectError::from_ws)?;
         let mut client = GatewayClient {
             ws,
             last_id: 0,

@@ -61,7 +61,7 @@ use futures_util::{SinkExt, StreamExt};
 use ractor::{Actor, ActorProcessingErr, ActorRef, SpawnErr};
 use serde_json::{Value, json};
 use subtle::ConstantTimeEq;
-use tokio::sync::{broadcast, watch};
+use tokio::sync::{broadcast, oneshot, watch};
 use tokio::task::{AbortHandle, JoinHandle};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite;
@@ -312,6 +312,8 @@ pub struct SessionState {
     last_frame: Instant,
     /// Event names this client subscribed to.
     subscriptions: HashSet<String>,
+    /// Hands the pump a hub receiver at the first `subscribe`; `None` after that.
+    hub_handoff: Option<oneshot::Sender<broadcast::Receiver<Arc<HubEvent>>>>,
     handshake_timer: Option<Aborting>,
     ticker: Option<Aborting>,
     idle_timer: Option<Aborting>,
@@ -357,10 +359,13 @@ impl Actor for SessionActor {
             span,
         } = args;
         let (sink, stream) = start.socket.split();
+        // The hub receiver is handed to the pump only when the client subscribes: a
+        // session that never subscribes (every node) is never woken by the hub.
+        let (hub_handoff, hub_receiver) = oneshot::channel();
         let pump = tokio::spawn(
             pump(
                 stream,
-                gateway.hub().subscribe(),
+                hub_receiver,
                 gateway.watch_shutdown(),
                 myself.clone(),
             )
@@ -383,6 +388,7 @@ impl Actor for SessionActor {
             read_failed: false,
             last_frame: Instant::now(),
             subscriptions: HashSet::new(),
+            hub_handoff: Some(hub_handoff),
             handshake_timer: Some(handshake_timer.into()),
             ticker: None,
             idle_timer: None,
@@ -435,14 +441,26 @@ impl Actor for SessionActor {
     }
 }
 
+/// The next hub event, once the pump has a receiver.
+async fn next_event(
+    events: &mut Option<broadcast::Receiver<Arc<HubEvent>>>,
+) -> Result<Arc<HubEvent>, broadcast::error::RecvError> {
+    match events {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Forwards the socket's frames, the hub's events and an announced shutdown to the
 /// session, until the socket's read half ends.
 async fn pump(
     mut stream: SplitStream<WebSocket>,
-    mut events: broadcast::Receiver<Arc<HubEvent>>,
+    mut hub_receiver: oneshot::Receiver<broadcast::Receiver<Arc<HubEvent>>>,
     mut shutdown: watch::Receiver<Option<ShutdownIntent>>,
     session: ActorRef<SessionMsg>,
 ) {
+    let mut events: Option<broadcast::Receiver<Arc<HubEvent>>> = None;
+    let mut awaiting_hub = true;
     let mut hub_open = true;
     let mut shutdown_open = true;
     loop {
@@ -460,7 +478,11 @@ async fn pump(
                     return;
                 }
             },
-            ev = events.recv(), if hub_open => match ev {
+            handed = &mut hub_receiver, if awaiting_hub => {
+                awaiting_hub = false;
+                events = handed.ok();
+            }
+            ev = next_event(&mut events), if hub_open && events.is_some() => match ev {
                 Ok(ev) => {
                     let _ = session.send_message(SessionMsg::Event(ev));
                 }
@@ -826,6 +848,9 @@ impl SessionState {
                     match serde_json::from_value::<SubscribeParams>(params) {
                         Ok(p) => {
                             self.subscriptions.extend(p.events);
+                            if let Some(handoff) = self.hub_handoff.take() {
+                                let _ = handoff.send(self.gateway.hub().subscribe());
+                            }
                             let mut events: Vec<&String> = self.subscriptions.iter().collect();
                             events.sort();
                             Frame::ok(id, json!({ "events": events }))

@@ -253,7 +253,7 @@ impl Actor for ConnectionActor {
         {
             Ok((client, _hello)) => client,
             Err(err) => {
-                let failure = classify(&err, config, &args.status);
+                let failure = classify(&err, config, &args.status, &args.jitter);
                 args.status.down(&failure.reason, None);
                 return Err(Box::new(failure));
             }
@@ -300,7 +300,12 @@ impl Actor for ConnectionActor {
 }
 
 /// A connect error as a supervised failure.
-fn classify(err: &ConnectError, config: &ConnectionConfig, status: &NodeStatus) -> Failure {
+fn classify(
+    err: &ConnectError,
+    config: &ConnectionConfig,
+    status: &NodeStatus,
+    jitter: &Jitter,
+) -> Failure {
     let rejected = match err {
         ConnectError::Rejected { code: c, .. } => c == code::UNAUTHORIZED,
         ConnectError::Closed { code: c, .. } => *c == close::POLICY,
@@ -313,11 +318,24 @@ fn classify(err: &ConnectError, config: &ConnectionConfig, status: &NodeStatus) 
         ));
     }
     let mut failure = Failure::transient(err.to_string());
-    if status.in_fast_window() {
+    let fast = status.in_fast_window();
+    if fast {
         failure = failure.retry_within(config.reconnect_within);
     }
-    if let Some(hint) = err.retry_after() {
-        failure = failure.retry_after(hint);
+    match err {
+        // A 503 means the gateway is up but its pre-auth budget is full; slots free up as
+        // handshakes finish, within milliseconds. Its `Retry-After` cannot say less than a
+        // second, so inside the fast window the node retries at a random point of its fast
+        // interval instead, which also spreads the nodes that were refused together.
+        ConnectError::Busy { .. } if fast => {
+            failure =
+                failure.retry_within(config.reconnect_within.mul_f64(0.2 + 0.8 * jitter.unit()));
+        }
+        _ => {
+            if let Some(hint) = err.retry_after() {
+                failure = failure.retry_after(hint);
+            }
+        }
     }
     failure
 }
