@@ -235,7 +235,27 @@ fn parse_filter(text: &str, origin: &'static str) -> Result<EnvFilter, Telemetry
             .parse::<Directive>()
             .map_err(|source| invalid(directive, source))?;
     }
-    let joined = directives.join(",");
+    let mut joined = directives.join(",");
+    // No bare level (e.g. only `warden=debug`, or nothing): everything else logs at info.
+    if !directives
+        .iter()
+        .any(|d| !d.contains('=') && !d.contains('['))
+    {
+        joined = if joined.is_empty() {
+            "info".to_string()
+        } else {
+            format!("info,{joined}")
+        };
+    }
+    // ractor wraps every actor's loop in an INFO span named `Actor{id=…}`, which would
+    // prefix each line with opaque ids next to our own `actor{actor.kind, actor.path}`
+    // spans. Quiet it unless the operator's filter says something about ractor.
+    if !joined.contains("ractor") {
+        if !joined.is_empty() {
+            joined.push(',');
+        }
+        joined.push_str("ractor=warn");
+    }
     EnvFilter::builder()
         .with_default_directive(LevelFilter::INFO.into())
         .parse(&joined)
@@ -415,10 +435,28 @@ mod tests {
 
     #[test]
     fn valid_filters_parse_and_blank_means_info() {
-        assert_eq!(parse_filter("", SETTINGS_KEY).unwrap().to_string(), "info");
-        assert_eq!(
-            parse_filter(" , ", SETTINGS_KEY).unwrap().to_string(),
-            "info"
+        for blank in ["", " , "] {
+            let shown = parse_filter(blank, SETTINGS_KEY).unwrap().to_string();
+            assert!(
+                shown.contains("info") && shown.contains("ractor=warn"),
+                "{shown}"
+            );
+        }
+        // Only a target directive: everything else still logs at info.
+        let shown = parse_filter("warden=debug", SETTINGS_KEY)
+            .unwrap()
+            .to_string();
+        assert!(
+            shown.contains("info") && shown.contains("warden=debug"),
+            "{shown}"
+        );
+        // ractor's per-actor spans are quiet by default, unless the operator asks for them.
+        let shown = parse_filter("debug,ractor=trace", SETTINGS_KEY)
+            .unwrap()
+            .to_string();
+        assert!(
+            shown.contains("ractor=trace") && !shown.contains("ractor=warn"),
+            "{shown}"
         );
         let filter = parse_filter(" warn , warden_actors=debug ", SETTINGS_KEY).unwrap();
         let shown = filter.to_string();

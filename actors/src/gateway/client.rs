@@ -151,9 +151,11 @@ impl ConnectError {
     pub fn is_retryable(&self) -> bool {
         match self {
             ConnectError::Refused(_) | ConnectError::Busy { .. } => true,
-            ConnectError::Closed { code, .. } => {
-                !matches!(*code, close::POLICY | close::INVALID_FRAME | close::TOO_BIG)
-            }
+            // 1001: the server is stopping for good; a quick retry will not find it.
+            ConnectError::Closed { code, .. } => !matches!(
+                *code,
+                close::POLICY | close::INVALID_FRAME | close::TOO_BIG | close::GOING_AWAY
+            ),
             ConnectError::Http { .. }
             | ConnectError::Rejected { .. }
             | ConnectError::Timeout(_)
