@@ -61,7 +61,7 @@ use futures_util::{SinkExt, StreamExt};
 use ractor::{Actor, ActorProcessingErr, ActorRef, SpawnErr};
 use serde_json::{Value, json};
 use subtle::ConstantTimeEq;
-use tokio::sync::{broadcast, oneshot, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast, oneshot, watch};
 use tokio::task::{AbortHandle, JoinHandle};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite;
@@ -138,8 +138,9 @@ pub fn spec(id: &str, state: &GatewayState, start: Arc<Mutex<Option<SessionStart
 
 /// Messages of [`SessionActor`].
 pub enum SessionMsg {
-    /// A frame from the client.
-    Inbound(Message),
+    /// A frame from the client, with its place in the session's inbound window (released
+    /// once the frame is handled).
+    Inbound(Message, OwnedSemaphorePermit),
     /// Reading the socket failed; nothing more will be read.
     ReadFailed(ReadFailure),
     /// The socket's read half ended (after a close, or the connection dropped).
@@ -451,6 +452,9 @@ async fn next_event(
     }
 }
 
+/// Client frames a session may have waiting in its mailbox before the pump stops reading.
+const MAX_INBOUND_IN_FLIGHT: usize = 32;
+
 /// Forwards the socket's frames, the hub's events and an announced shutdown to the
 /// session, until the socket's read half ends.
 async fn pump(
@@ -460,15 +464,25 @@ async fn pump(
     session: ActorRef<SessionMsg>,
 ) {
     let mut events: Option<broadcast::Receiver<Arc<HubEvent>>> = None;
+    // At most this many client frames wait in the session's mailbox; past that the pump
+    // stops reading and TCP pushes back on the client, so a client flooding large frames
+    // cannot grow the gateway's memory.
+    let window = Arc::new(Semaphore::new(MAX_INBOUND_IN_FLIGHT));
     let mut awaiting_hub = true;
     let mut hub_open = true;
     let mut shutdown_open = true;
     loop {
         // A failed send means the session is stopping; keep reading so its close completes.
         tokio::select! {
-            item = stream.next() => match item {
+            (permit, item) = async {
+                let permit = window.clone().acquire_owned().await;
+                (permit, stream.next().await)
+            } => match item {
                 Some(Ok(msg)) => {
-                    let _ = session.send_message(SessionMsg::Inbound(msg));
+                    // The semaphore is never closed, so a permit is always granted.
+                    if let Ok(permit) = permit {
+                        let _ = session.send_message(SessionMsg::Inbound(msg, permit));
+                    }
                 }
                 Some(Err(e)) => {
                     let _ = session.send_message(SessionMsg::ReadFailed(ReadFailure::classify(e)));
@@ -507,7 +521,7 @@ async fn pump(
 impl SessionState {
     async fn on_message(&mut self, myself: &ActorRef<SessionMsg>, msg: SessionMsg) {
         match msg {
-            SessionMsg::Inbound(frame) => self.on_frame(myself, frame).await,
+            SessionMsg::Inbound(frame, _in_flight) => self.on_frame(myself, frame).await,
             SessionMsg::ReadFailed(failure) => {
                 self.read_failed = true;
                 match failure {
