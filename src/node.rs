@@ -18,11 +18,11 @@ use std::time::Duration;
 use tracing::{error, info};
 use warden_actors::node::commands::CommandSpec;
 use warden_actors::node::connection::{self, ConnectionConfig, NodeStatus};
-use warden_actors::supervision::{EXIT_BUDGET_EXHAUSTED, Tree, TreeOptions};
+use warden_actors::supervision::EXIT_BUDGET_EXHAUSTED;
 
 use crate::admin;
 use crate::config::{EXIT_CONFIG, Loaded, NodeSettings};
-use crate::program::{EXIT_ROOT_DIED, Program, Stop};
+use crate::program::{Program, Stop};
 
 /// How long a node handshake may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -62,15 +62,10 @@ pub async fn run(loaded: Loaded) -> i32 {
             config.policy_for("admin", None),
         ),
     ];
-    let tree = match Tree::start(children, TreeOptions::default()).await {
-        Ok(tree) => tree,
-        Err(e) => {
-            error!(error = %e, "Cannot start the supervision tree.");
-            program.abort().await;
-            return EXIT_ROOT_DIED;
-        }
+    let (program, tree) = match program.start_tree(children, &admin_state).await {
+        Ok(started) => started,
+        Err(code) => return code,
     };
-    let _ = admin_state.set_tree(tree.handle());
     info!(version = env!("CARGO_PKG_VERSION"), gateway = %node.gateway_url, node = %name,
         admin = %config.admin.bind, "warden node started.");
 

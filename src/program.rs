@@ -7,7 +7,7 @@ use std::time::Duration;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
 use tracing::{error, info, warn};
-use warden_actors::supervision::{ExitRequest, Tree};
+use warden_actors::supervision::{ChildSpec, ExitRequest, Tree, TreeOptions};
 
 use crate::admin::{self, AdminState};
 use crate::config::{EXIT_CONFIG, Loaded};
@@ -118,6 +118,26 @@ impl Program {
         }
         self.telemetry.shutdown().await;
         code
+    }
+
+    /// Starts the tree and hands it to the admin endpoint; when it cannot start, logs why,
+    /// ends logging and returns the exit code (70).
+    pub async fn start_tree(
+        self,
+        children: Vec<ChildSpec>,
+        admin: &AdminState,
+    ) -> Result<(Program, Tree), i32> {
+        match Tree::start(children, TreeOptions::default()).await {
+            Ok(tree) => {
+                let _ = admin.set_tree(tree.handle());
+                Ok((self, tree))
+            }
+            Err(e) => {
+                error!(error = %e, "Cannot start the supervision tree.");
+                self.abort().await;
+                Err(EXIT_ROOT_DIED)
+            }
+        }
     }
 
     /// Ends logging (flushing OTLP within its timeout) when the tree never started.

@@ -21,11 +21,11 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tracing::{error, info};
 use warden_actors::gateway::{self, GatewayState, ShutdownIntent, listener};
-use warden_actors::supervision::{SlotClient, Tree, TreeOptions};
+use warden_actors::supervision::SlotClient;
 
 use crate::admin;
 use crate::config::{EXIT_CONFIG, Loaded};
-use crate::program::{EXIT_ROOT_DIED, Program};
+use crate::program::Program;
 
 /// Runs the gateway until a signal or an exit request; returns the process exit code.
 pub async fn run(loaded: Loaded) -> i32 {
@@ -60,15 +60,10 @@ pub async fn run(loaded: Loaded) -> i32 {
             config.policy_for("admin", None),
         ),
     ];
-    let tree = match Tree::start(children, TreeOptions::default()).await {
-        Ok(tree) => tree,
-        Err(e) => {
-            error!(error = %e, "Cannot start the supervision tree.");
-            program.abort().await;
-            return EXIT_ROOT_DIED;
-        }
+    let (program, tree) = match program.start_tree(children, &admin_state).await {
+        Ok(started) => started,
+        Err(code) => return code,
     };
-    let _ = admin_state.set_tree(tree.handle());
     let _ = gateway_state.set_tree(tree.handle());
     info!(
         version = env!("CARGO_PKG_VERSION"),
