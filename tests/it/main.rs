@@ -3,6 +3,7 @@
 mod admin;
 mod call;
 mod config;
+mod fault_proxy;
 mod gateway;
 mod node;
 mod process;

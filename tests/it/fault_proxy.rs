@@ -1,0 +1,305 @@
+//! A TCP fault proxy for tests: forwards to an upstream and, on command, resets every
+//! connection (SO_LINGER 0, so peers see ECONNRESET), refuses new ones (the listener is
+//! closed, so connects see ECONNREFUSED), or stalls them (accepted, never forwarded).
+//!
+//! It stands between warden and a server it talks to (Synapse, a gateway) to produce the
+//! failures the tests are about, on real sockets. No packaged fault proxy is available from
+//! the registries this project can reach, so it is written here. It also records the
+//! request line of every HTTP request it forwards, so a test can count e.g. `whoami` calls.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{broadcast, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+/// What the proxy does with connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Forward both ways.
+    Forward,
+    /// Close the listener: new connects are refused. Open connections stay.
+    Refuse,
+    /// Accept new connections but never forward a byte on them.
+    Stall,
+}
+
+/// A running proxy; stops when dropped.
+pub struct FaultProxy {
+    addr: SocketAddr,
+    mode: watch::Sender<Mode>,
+    reset: broadcast::Sender<()>,
+    shared: Arc<Shared>,
+    task: JoinHandle<()>,
+}
+
+#[derive(Default)]
+struct Shared {
+    accepted: AtomicUsize,
+    active: AtomicUsize,
+    requests: Mutex<Vec<String>>,
+}
+
+impl FaultProxy {
+    /// Listens on a free loopback port and forwards to `upstream`.
+    pub async fn start(upstream: SocketAddr) -> std::io::Result<FaultProxy> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let (mode, mode_rx) = watch::channel(Mode::Forward);
+        let (reset, _) = broadcast::channel(16);
+        let shared = Arc::new(Shared::default());
+        let task = tokio::spawn(accept_loop(
+            listener,
+            addr,
+            upstream,
+            mode_rx,
+            reset.clone(),
+            shared.clone(),
+        ));
+        Ok(FaultProxy {
+            addr,
+            mode,
+            reset,
+            shared,
+            task,
+        })
+    }
+
+    /// Where clients connect.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Switches what happens to new connections.
+    pub fn set_mode(&self, mode: Mode) {
+        self.mode.send_replace(mode);
+    }
+
+    /// Resets every open connection (both sides see a reset); returns how many there were,
+    /// once they are gone.
+    pub async fn reset_all(&self) -> usize {
+        let open = self.shared.active.load(Ordering::SeqCst);
+        let _ = self.reset.send(());
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while self.shared.active.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        open
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> usize {
+        self.shared.accepted.load(Ordering::SeqCst)
+    }
+
+    /// Connections open now.
+    pub fn active(&self) -> usize {
+        self.shared.active.load(Ordering::SeqCst)
+    }
+
+    /// The request lines (`POST /_matrix/client/v3/login HTTP/1.1`) forwarded so far.
+    pub fn requests(&self) -> Vec<String> {
+        self.shared.requests.lock().expect("requests").clone()
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        let _ = self.reset.send(());
+        self.task.abort();
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    addr: SocketAddr,
+    upstream: SocketAddr,
+    mut mode: watch::Receiver<Mode>,
+    reset: broadcast::Sender<()>,
+    shared: Arc<Shared>,
+) {
+    let mut listener = Some(listener);
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        let current = *mode.borrow_and_update();
+        match (current, &listener) {
+            (Mode::Refuse, Some(_)) => listener = None,
+            (Mode::Forward | Mode::Stall, None) => match TcpListener::bind(addr).await {
+                Ok(l) => listener = Some(l),
+                Err(_) => {
+                    // The port is briefly busy after a close; try again.
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            },
+            _ => {}
+        }
+        let accepted = async {
+            match &listener {
+                Some(l) => l.accept().await.ok(),
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            changed = mode.changed() => if changed.is_err() { return },
+            accepted = accepted => {
+                let Some((client, _)) = accepted else { continue };
+                shared.accepted.fetch_add(1, Ordering::SeqCst);
+                shared.active.fetch_add(1, Ordering::SeqCst);
+                let (shared, reset) = (shared.clone(), reset.subscribe());
+                connections.spawn(async move {
+                    connection(client, upstream, current == Mode::Stall, reset, &shared).await;
+                    shared.active.fetch_sub(1, Ordering::SeqCst);
+                });
+            }
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+        }
+    }
+}
+
+/// Forwards one connection until either side closes or a reset is ordered.
+async fn connection(
+    mut client: TcpStream,
+    upstream: SocketAddr,
+    stall: bool,
+    mut reset: broadcast::Receiver<()>,
+    shared: &Shared,
+) {
+    if stall {
+        let _ = reset.recv().await;
+        let _ = client.set_zero_linger();
+        return;
+    }
+    let Ok(mut server) = TcpStream::connect(upstream).await else {
+        let _ = client.set_zero_linger();
+        return;
+    };
+    let (mut cr, mut cw) = client.split();
+    let (mut sr, mut sw) = server.split();
+    let to_server = async {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let n = match cr.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            record_requests(&buf[..n], shared);
+            if sw.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+        }
+        let _ = sw.shutdown().await;
+    };
+    let to_client = async {
+        let _ = tokio::io::copy(&mut sr, &mut cw).await;
+        let _ = cw.shutdown().await;
+    };
+    tokio::select! {
+        _ = async { tokio::join!(to_server, to_client) } => {}
+        _ = reset.recv() => {
+            let _ = client.set_zero_linger();
+            let _ = server.set_zero_linger();
+        }
+    }
+}
+
+/// Notes every HTTP request line that starts in this chunk (good enough for tests: request
+/// heads are small and arrive whole on loopback).
+fn record_requests(chunk: &[u8], shared: &Shared) {
+    const METHODS: [&str; 5] = ["GET ", "POST ", "PUT ", "DELETE ", "PATCH "];
+    let text = String::from_utf8_lossy(chunk);
+    let mut requests = shared.requests.lock().expect("requests");
+    for line in text.split("\r\n") {
+        if METHODS.iter().any(|m| line.starts_with(m)) && line.ends_with("HTTP/1.1") {
+            requests.push(line.to_string());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An echo server that answers each line, counting its connections.
+    async fn echo_server() -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 1024];
+                    while let Ok(n) = s.read(&mut buf).await {
+                        if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    async fn round_trip(s: &mut TcpStream, msg: &[u8]) -> std::io::Result<Vec<u8>> {
+        s.write_all(msg).await?;
+        let mut buf = vec![0u8; msg.len()];
+        s.read_exact(&mut buf).await?;
+        Ok(buf)
+    }
+
+    #[tokio::test]
+    async fn forwards_then_resets_refuses_and_stalls() {
+        let proxy = FaultProxy::start(echo_server().await).await.expect("proxy");
+        let mut a = TcpStream::connect(proxy.addr()).await.expect("connect");
+        assert_eq!(
+            round_trip(&mut a, b"GET /x HTTP/1.1\r\n\r\n")
+                .await
+                .expect("echo"),
+            b"GET /x HTTP/1.1\r\n\r\n"
+        );
+        assert_eq!(proxy.requests(), ["GET /x HTTP/1.1"]);
+
+        // Reset: the client's next read fails with ECONNRESET.
+        assert_eq!(proxy.reset_all().await, 1);
+        assert_eq!(proxy.active(), 0, "the reset connection is gone");
+        let mut buf = [0u8; 8];
+        let err = a.read(&mut buf).await.expect_err("reset");
+        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+
+        // Refuse: connects fail with ECONNREFUSED until forwarding resumes.
+        proxy.set_mode(Mode::Refuse);
+        let deadline = Instant::now() + Duration::from_secs(2);
+        loop {
+            match TcpStream::connect(proxy.addr()).await {
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => break,
+                _ => assert!(Instant::now() < deadline, "still accepting"),
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        proxy.set_mode(Mode::Forward);
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let mut b = loop {
+            if let Ok(s) = TcpStream::connect(proxy.addr()).await {
+                break s;
+            }
+            assert!(Instant::now() < deadline, "never accepting again");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        assert_eq!(round_trip(&mut b, b"ping").await.expect("echo"), b"ping");
+
+        // Stall: accepted, but nothing comes back.
+        proxy.set_mode(Mode::Stall);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let mut c = TcpStream::connect(proxy.addr()).await.expect("accepted");
+        let stalled =
+            tokio::time::timeout(Duration::from_millis(300), round_trip(&mut c, b"ping")).await;
+        assert!(stalled.is_err(), "a stalled connection answered");
+        // The forwarded connection from before still works.
+        assert_eq!(round_trip(&mut b, b"pong").await.expect("echo"), b"pong");
+        assert!(proxy.accepted() >= 3);
+    }
+}
