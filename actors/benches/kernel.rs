@@ -20,12 +20,14 @@
     reason = "a benchmark reports its figures on stdout"
 )]
 
+mod common;
+
 use std::collections::VecDeque;
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use common::{Report, Row, Size, Stats, ms};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use tokio::sync::{Barrier, mpsc, oneshot};
 use tokio::task::JoinSet;
@@ -38,68 +40,8 @@ use warden_actors::supervision::{
 // Figures
 // ---------------------------------------------------------------------------------------
 
-/// Percentiles of a sample, in microseconds.
-#[derive(Clone, Copy)]
-struct Stats {
-    n: usize,
-    p50: f64,
-    p99: f64,
-    max: f64,
-}
-
-impl Stats {
-    fn of(samples: &[Duration]) -> Stats {
-        let mut us: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1e6).collect();
-        us.sort_by(f64::total_cmp);
-        let at = |q: f64| -> f64 {
-            if us.is_empty() {
-                return f64::NAN;
-            }
-            let i = ((us.len() as f64 * q).ceil() as usize).clamp(1, us.len()) - 1;
-            us[i]
-        };
-        Stats {
-            n: us.len(),
-            p50: at(0.50),
-            p99: at(0.99),
-            max: at(1.0),
-        }
-    }
-}
-
-/// One line of the final table.
-struct Row {
-    bench: String,
-    metric: String,
-    value: String,
-    goal: String,
-    verdict: &'static str,
-}
-
-#[derive(Default)]
-struct Report {
-    rows: Vec<Row>,
-    /// A smoke run's figures say nothing about the goals: no verdicts.
-    no_verdicts: bool,
-}
-
+/// One tab-separated line per row, for a parent run to collect.
 impl Report {
-    fn add(&mut self, bench: &str, metric: &str, value: String, goal: &str, pass: Option<bool>) {
-        let verdict = match pass.filter(|_| !self.no_verdicts) {
-            Some(true) => "PASS",
-            Some(false) => "FAIL",
-            None => "",
-        };
-        self.rows.push(Row {
-            bench: bench.to_string(),
-            metric: metric.to_string(),
-            value,
-            goal: goal.to_string(),
-            verdict,
-        });
-    }
-
-    /// One tab-separated line per row, for a parent run to collect.
     fn print_rows(&self) {
         for r in &self.rows {
             println!(
@@ -108,53 +50,10 @@ impl Report {
             );
         }
     }
-
-    fn print(&self) {
-        let w = |f: fn(&Row) -> &str, head: &str| {
-            self.rows
-                .iter()
-                .map(|r| f(r).chars().count())
-                .chain([head.len()])
-                .max()
-                .unwrap_or(0)
-        };
-        let (wb, wm, wv, wg) = (
-            w(|r| &r.bench, "benchmark"),
-            w(|r| &r.metric, "metric"),
-            w(|r| &r.value, "value"),
-            w(|r| &r.goal, "goal"),
-        );
-        let mut out = String::new();
-        let _ = writeln!(
-            out,
-            "\n| {:wb$} | {:wm$} | {:>wv$} | {:wg$} | verdict |",
-            "benchmark", "metric", "value", "goal"
-        );
-        let _ = writeln!(
-            out,
-            "|{}|{}|{}|{}|---------|",
-            "-".repeat(wb + 2),
-            "-".repeat(wm + 2),
-            "-".repeat(wv + 2),
-            "-".repeat(wg + 2)
-        );
-        for r in &self.rows {
-            let _ = writeln!(
-                out,
-                "| {:wb$} | {:wm$} | {:>wv$} | {:wg$} | {:7} |",
-                r.bench, r.metric, r.value, r.goal, r.verdict
-            );
-        }
-        print!("{out}");
-    }
 }
 
 fn us(v: f64) -> String {
     format!("{v:.1} µs")
-}
-
-fn ms(v_us: f64) -> String {
-    format!("{:.2} ms", v_us / 1000.0)
 }
 
 /// The resident set size of this process, in KiB.
@@ -169,26 +68,7 @@ fn rss_kib() -> u64 {
         .unwrap_or(0)
 }
 
-/// How big a run is.
-#[derive(Clone, Copy, PartialEq)]
-enum Size {
-    /// Toy sizes, unoptimized: `cargo test` checks that every section still runs.
-    Smoke,
-    /// Smaller sizes for a quick look (`-- quick`).
-    Quick,
-    /// The sizes the goals are stated for.
-    Full,
-}
-
 impl Size {
-    fn pick<T>(self, smoke: T, quick: T, full: T) -> T {
-        match self {
-            Size::Smoke => smoke,
-            Size::Quick => quick,
-            Size::Full => full,
-        }
-    }
-
     /// The word that selects this size on the command line.
     fn word(self) -> &'static str {
         self.pick("smoke", "quick", "full")
@@ -472,14 +352,14 @@ async fn bench_restart(report: &mut Report, size: Size) {
     let ratio = w.p99 / r.p99;
     report.add(
         "restart",
-        &format!("raw ractor respawn p50 / p99 (n={})", r.n),
+        &format!("raw ractor respawn p50 / p99 (n={})", run.raw.len()),
         format!("{} / {}", us(r.p50), us(r.p99)),
         "baseline",
         None,
     );
     report.add(
         "restart",
-        &format!("warden p50 / p99 (n={})", w.n),
+        &format!("warden p50 / p99 (n={})", run.warden.len()),
         format!("{} / {}", us(w.p50), us(w.p99)),
         "",
         None,
@@ -868,6 +748,8 @@ impl Load {
 struct Probe {
     ping: Stats,
     churn: Stats,
+    /// How many restarts the churn loop made.
+    churned: usize,
     snapshots: usize,
 }
 
@@ -935,6 +817,7 @@ async fn probe_actors(
     Probe {
         ping: Stats::of(&pings),
         churn: Stats::of(&churn),
+        churned: churn.len(),
         snapshots: snapshots.load(Ordering::Relaxed),
     }
 }
@@ -1035,7 +918,7 @@ async fn snapshot_shape(
         .stop_and_wait(None, Some(Duration::from_secs(5)))
         .await;
     // Each operator restart starts a new incarnation: the generation proves they happened.
-    let churned: u64 = probes.iter().map(|(_, p)| p.churn.n as u64).sum();
+    let churned: u64 = probes.iter().map(|(_, p)| p.churned as u64).sum();
     let generation = handle
         .snapshot()
         .find(churn_path)
