@@ -6,12 +6,14 @@
 //! * [`serve`] — an HTTP server as a supervised actor (used by the gateway and admin).
 //! * [`node`] — the node host's command runner (the connection actor: issue 4).
 //! * [`gateway`] — the gateway listener (protocol and sessions: issue 4).
+//! * [`matrix`] — Matrix accounts (the only module that imports `matrix_sdk`).
 //!
 //! Domain actors (gateway, node, Matrix, approvals) live in their own modules beside it,
 //! each classifying its errors into [`supervision::Failure`]s and leaving every retry to
 //! its supervisor.
 
 pub mod gateway;
+pub mod matrix;
 pub mod node;
 pub mod serve;
 pub mod supervision;

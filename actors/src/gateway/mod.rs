@@ -12,12 +12,15 @@
 //!   [`registry::Registry`] of nodes, the per-IP pre-auth counter, session counts by role and
 //!   the shutdown intent the program sets before it shuts the tree down.
 //! * [`spec`] — the `gateway` subtree, built the same way by `warden run` and the tests.
+//! * [`chat`] — the chat accounts `chat.send` reaches and whose messages become
+//!   `chat.message` events.
 //! * [`protocol`] — the wire format; [`client`] — the client side of it; [`metrics`] — every
 //!   metric name the gateway records.
 //!
 //! Later issues add `approvals` between `listener` and `sessions`: a listener restart then
 //! restarts both, in order.
 
+pub mod chat;
 pub mod client;
 pub mod hub;
 pub mod listener;
@@ -37,6 +40,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::supervision::{ChildSpec, Policy, Strategy, TreeHandle};
+use chat::Chat;
 use hub::Hub;
 use protocol::{Role, ShutdownNotice, close};
 use registry::Registry;
@@ -172,6 +176,8 @@ struct Shared {
     tree: OnceLock<TreeHandle>,
     /// Events for subscribed sessions.
     hub: Hub,
+    /// Chat accounts (`chat.send`) and their inbound messages (`chat.message`).
+    chat: Chat,
     /// Connected (and formerly connected) nodes.
     registry: Registry,
     /// Handshaking sockets per client IP.
@@ -192,8 +198,10 @@ struct Shared {
 impl GatewayState {
     /// A state for `settings`; the tree is set later with [`GatewayState::set_tree`].
     pub fn new(settings: GatewaySettings) -> Self {
+        let hub = Hub::new();
         Self(Arc::new(Shared {
-            hub: Hub::new(),
+            chat: Chat::new(hub.clone()),
+            hub,
             registry: Registry::default(),
             tree: OnceLock::new(),
             preauth: Mutex::new(HashMap::new()),
@@ -247,6 +255,11 @@ impl GatewayState {
     /// The event hub.
     pub fn hub(&self) -> &Hub {
         &self.0.hub
+    }
+
+    /// The chat accounts.
+    pub fn chat(&self) -> &Chat {
+        &self.0.chat
     }
 
     /// The node registry.

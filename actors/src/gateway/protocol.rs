@@ -64,6 +64,13 @@ pub mod code {
     pub const UNKNOWN_COMMAND: &str = "unknown_command";
     /// `nodes.invoke`: the node did not answer within `timeout_ms`.
     pub const TIMEOUT: &str = "timeout";
+    /// `chat.send`: no account has that alias.
+    pub const UNKNOWN_ACCOUNT: &str = "unknown_account";
+    /// `chat.send`: the account has not finished its first sync (starting, backing off or
+    /// parked).
+    pub const ACCOUNT_NOT_READY: &str = "account_not_ready";
+    /// `chat.send`: the homeserver could not be reached or failed the send.
+    pub const SEND_FAILED: &str = "send_failed";
 }
 
 /// One frame.

@@ -22,8 +22,10 @@
 //! After `hello-ok` the session sends `tick {ts}` and a WebSocket ping every tick interval.
 //!
 //! Methods: `health` (every role); `subscribe {events}` (operator, approver); `status`,
-//! `tree`, `nodes.list` and `nodes.invoke {node, command, args, timeout_ms?}` (operator;
-//! others get `forbidden`); the approvals and chat methods answer `not_implemented`.
+//! `tree`, `nodes.list`, `nodes.invoke {node, command, args, timeout_ms?}` and `chat.send
+//! {account, room_id, body, thread_root?}` → `{event_id}` (operator; others get
+//! `forbidden`); the approvals methods answer `not_implemented`. `chat.send` runs off the
+//! actor and its answer comes back as a `Reply` message.
 //! `nodes.invoke` forwards a `req node.invoke {command, args}` to the node's session, which
 //! relays the node's `res` back; the operator's session times the call out.
 //!
@@ -67,6 +69,7 @@ use tokio::time::Instant;
 use tokio_tungstenite::tungstenite;
 use tracing::{Instrument, debug, info, warn};
 
+use super::chat::SendParams;
 use super::hub::{HubEvent, event};
 use super::protocol::{
     Challenge, ConnectParams, DEFAULT_INVOKE_TIMEOUT_MS, ErrorBody, Frame, HelloOk, InvokeParams,
@@ -180,6 +183,8 @@ pub enum SessionMsg {
         /// The gateway's request id towards the node.
         id: String,
     },
+    /// A reply worked out off the actor (`chat.send`), to send as it is.
+    Reply(Frame),
 }
 
 /// A `nodes.invoke` on its way to a node's session.
@@ -627,6 +632,9 @@ impl SessionState {
             SessionMsg::InvokeExpired { id } => {
                 self.invokes_in.remove(&id);
             }
+            SessionMsg::Reply(frame) => {
+                self.send(myself, &frame).await;
+            }
         }
     }
 
@@ -828,7 +836,10 @@ impl SessionState {
             return;
         };
         let role = authed.role;
-        let operator_only = matches!(method, "status" | "tree" | "nodes.list" | "nodes.invoke");
+        let operator_only = matches!(
+            method,
+            "status" | "tree" | "nodes.list" | "nodes.invoke" | "chat.send"
+        );
         if operator_only && role != Role::Operator {
             let message = format!("{method} is for operators, not {}s", role.as_str());
             self.send(myself, &Frame::err(id, code::FORBIDDEN, message))
@@ -880,13 +891,27 @@ impl SessionState {
                 Ok(()) => return,
                 Err((code, message)) => Frame::err(id, code, message),
             },
-            "approvals.request" | "approvals.list" | "approvals.resolve" | "chat.send" => {
-                Frame::err(
-                    id,
-                    code::NOT_IMPLEMENTED,
-                    format!("{method} is not available in this version"),
-                )
-            }
+            "chat.send" => match serde_json::from_value::<SendParams>(params) {
+                Ok(params) => {
+                    // The send waits on the homeserver: off the actor, answered by `Reply`.
+                    let chat = self.gateway.chat().clone();
+                    let me = myself.clone();
+                    tokio::spawn(async move {
+                        let frame = match chat.send(params).await {
+                            Ok(event_id) => Frame::ok(id, json!({ "event_id": event_id })),
+                            Err(e) => Frame::err(id, e.code(), e.message().to_string()),
+                        };
+                        let _ = me.send_message(SessionMsg::Reply(frame));
+                    });
+                    return;
+                }
+                Err(e) => Frame::err(id, code::BAD_REQUEST, format!("bad chat.send params: {e}")),
+            },
+            "approvals.request" | "approvals.list" | "approvals.resolve" => Frame::err(
+                id,
+                code::NOT_IMPLEMENTED,
+                format!("{method} is not available in this version"),
+            ),
             other => Frame::err(id, code::UNKNOWN_METHOD, format!("no method {other:?}")),
         };
         self.send(myself, &reply).await;

@@ -1,0 +1,776 @@
+//! The client actor of one Matrix account: opens its local state, restores the session or
+//! logs in, syncs, forwards allowed messages, and sends.
+//!
+//! ## Start (in `post_start`, so the supervisor is not held)
+//! 1. Look at `<state.dir>/matrix/<alias>/` (store.rs). Unusable local state — a store
+//!    without `session.json`, an unreadable one, a session of another user, a restore that
+//!    fails, or the SDK's "one-time key already uploaded" flag — is wiped and replaced by a
+//!    fresh login when a password is configured (at most once per start); without one it is
+//!    fatal, and the reason names the directory to remove.
+//! 2. A saved session is restored: no login, and sync resumes from the stored token.
+//!    Otherwise an `access_token` is used as it is (`whoami` only when `user_id` or
+//!    `device_id` is missing: the crypto store is keyed by the device), or the password
+//!    logs in, holding a slot of the `matrix_login` pool for the request. The session is
+//!    saved to `session.json` (0600).
+//! 3. A sync task runs `sync_once` in a loop and beats the liveness probe on each
+//!    response. The account is ready after its first successful sync.
+//!
+//! ## Messages
+//! `Send` — `chat.send` through this account (answered from a task, off the actor);
+//! `Synced` — the first sync succeeded; `SyncFailed` — the sync task ended with an error.
+//!
+//! ## Restart policy
+//! Kind `matrix_account`: 1 s → 60 s, ×2, jitter 20 %, unlimited, reset after 60 s
+//! healthy; fatal → park (the other accounts keep running); liveness 120 s without a sync
+//! response → hung → restarted. There is no retry inside: the SDK's retries are off and any
+//! error fails the incarnation (errors.rs classifies it). `M_UNKNOWN_TOKEN` with a password
+//! wipes the session and the restart logs in again, once; without a password it is fatal.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use matrix_sdk::authentication::matrix::MatrixSession;
+use matrix_sdk::config::{RequestConfig, SyncSettings};
+use matrix_sdk::ruma::api::client::filter::FilterDefinition;
+use matrix_sdk::ruma::api::client::sync::sync_events::v3::Filter as SyncFilter;
+use matrix_sdk::ruma::events::relation::Thread;
+use matrix_sdk::ruma::events::room::member::{MembershipState, StrippedRoomMemberEvent};
+use matrix_sdk::ruma::events::room::message::{
+    MessageType, OriginalSyncRoomMessageEvent, Relation, RoomMessageEventContent,
+};
+use matrix_sdk::ruma::{OwnedEventId, OwnedRoomId, UInt};
+use matrix_sdk::store::StateStoreDataKey;
+use matrix_sdk::{Client, Room, RoomState, SessionMeta, SessionTokens};
+use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, SpawnErr};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tracing::{Instrument, debug, info, warn};
+
+use super::errors::{self, Class, During};
+use super::inbound::{Filter, Seen};
+use super::store::{self, Local, Paths, SavedSession};
+use super::{AccountConfig, LOGIN_POOL};
+use crate::gateway::chat::{Chat, ChatAccount, ChatError, ChatMessage, SendFuture, SendParams};
+use crate::supervision::{ChildContext, ChildSpec, Failure, Probe, Restart, SlotClient};
+
+/// The kind of the client child, for policies and metrics.
+pub const KIND: &str = "matrix_account";
+
+/// How long the homeserver may hold a `/sync` open.
+const SYNC_TIMEOUT: Duration = Duration::from_secs(30);
+/// Timeout of every request (a sync gets this on top of [`SYNC_TIMEOUT`]).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Events per room a resumed sync may return before the timeline has a gap.
+const TIMELINE_LIMIT: u32 = 500;
+
+/// One account, across incarnations of its client: what `chat.send` reaches and what
+/// outlives a restart (recently forwarded events, whether a re-login was tried).
+pub(crate) struct Account {
+    config: AccountConfig,
+    paths: Paths,
+    chat: Chat,
+    filter: Filter,
+    /// The running incarnation once it is ready.
+    current: RwLock<Option<ActorRef<ClientMsg>>>,
+    seen: Mutex<Seen>,
+    /// Set when a rejected token made the account wipe its session; cleared by a good sync.
+    relogged_in: AtomicBool,
+}
+
+impl Account {
+    pub fn new(config: AccountConfig, chat: Chat) -> Self {
+        Self {
+            paths: Paths::new(config.dir.clone()),
+            filter: Filter::new(&config.allowed_rooms, &config.allowed_senders),
+            config,
+            chat,
+            current: RwLock::new(None),
+            seen: Mutex::new(Seen::default()),
+            relogged_in: AtomicBool::new(false),
+        }
+    }
+
+    fn set_current(&self, actor: Option<ActorRef<ClientMsg>>) {
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = actor;
+    }
+
+    fn first_time(&self, event_id: &str) -> bool {
+        self.seen
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .first_time(event_id)
+    }
+}
+
+impl ChatAccount for Account {
+    fn send(&self, params: SendParams) -> SendFuture {
+        let actor = self
+            .current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let alias = self.config.alias.clone();
+        Box::pin(async move {
+            let not_ready = || ChatError::NotReady(format!("account {alias:?} is not ready"));
+            let actor = actor.ok_or_else(not_ready)?;
+            let (reply, answer) = oneshot::channel();
+            actor
+                .send_message(ClientMsg::Send { params, reply })
+                .map_err(|_| not_ready())?;
+            answer.await.map_err(|_| not_ready())?
+        })
+    }
+}
+
+/// The client child's spec.
+pub(crate) fn spec(
+    account: Arc<Account>,
+    policy: crate::supervision::Policy,
+    slots: SlotClient,
+) -> ChildSpec {
+    ChildSpec::new(
+        "client",
+        KIND,
+        Restart::Permanent,
+        move |ctx: ChildContext| {
+            let args = ClientArgs {
+                account: account.clone(),
+                slots: slots.clone(),
+                probe: ctx.probe.clone(),
+                first_start: ctx.is_first_start(),
+                path: ctx.path.clone(),
+                span: ctx.span(),
+            };
+            async move {
+                let (actor, _) =
+                    Actor::spawn_linked(None, ClientActor, args, ctx.supervisor.clone()).await?;
+                Ok::<ActorCell, SpawnErr>(actor.get_cell())
+            }
+        },
+    )
+    .with_policy(policy)
+    .reports_readiness()
+}
+
+/// Messages of [`ClientActor`].
+pub(crate) enum ClientMsg {
+    /// `chat.send` through this account.
+    Send {
+        params: SendParams,
+        reply: oneshot::Sender<Result<String, ChatError>>,
+    },
+    /// The first sync succeeded.
+    Synced,
+    /// The sync task ended.
+    SyncFailed(Class),
+}
+
+/// The client actor.
+pub(crate) struct ClientActor;
+
+/// One incarnation's arguments.
+pub(crate) struct ClientArgs {
+    account: Arc<Account>,
+    slots: SlotClient,
+    probe: Probe,
+    first_start: bool,
+    path: String,
+    span: tracing::Span,
+}
+
+/// A running client.
+pub(crate) struct ClientState {
+    args: ClientArgs,
+    client: Option<Client>,
+    ready: bool,
+    sync: Option<JoinHandle<()>>,
+}
+
+impl Drop for ClientState {
+    fn drop(&mut self) {
+        if let Some(sync) = self.sync.take() {
+            sync.abort();
+        }
+    }
+}
+
+impl Actor for ClientActor {
+    type Msg = ClientMsg;
+    type State = ClientState;
+    type Arguments = ClientArgs;
+
+    async fn pre_start(
+        &self,
+        _: ActorRef<ClientMsg>,
+        args: ClientArgs,
+    ) -> Result<ClientState, ActorProcessingErr> {
+        Ok(ClientState {
+            args,
+            client: None,
+            ready: false,
+            sync: None,
+        })
+    }
+
+    async fn post_start(
+        &self,
+        myself: ActorRef<ClientMsg>,
+        state: &mut ClientState,
+    ) -> Result<(), ActorProcessingErr> {
+        let span = state.args.span.clone();
+        let started = Instant::now();
+        let (client, resumed) = open(&state.args).instrument(span.clone()).await?;
+        let forwarding = Arc::new(AtomicBool::new(resumed));
+        add_handlers(&client, &state.args.account, &forwarding);
+        let task = sync_loop(
+            client.clone(),
+            myself,
+            state.args.probe.clone(),
+            forwarding,
+            started,
+            resumed,
+        );
+        state.sync = Some(tokio::spawn(task.instrument(span)));
+        state.client = Some(client);
+        Ok(())
+    }
+
+    async fn post_stop(
+        &self,
+        myself: ActorRef<ClientMsg>,
+        state: &mut ClientState,
+    ) -> Result<(), ActorProcessingErr> {
+        let account = &state.args.account;
+        let mut current = account.current.write().unwrap_or_else(|e| e.into_inner());
+        if current
+            .as_ref()
+            .is_some_and(|a| a.get_id() == myself.get_id())
+        {
+            *current = None;
+        }
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<ClientMsg>,
+        msg: ClientMsg,
+        state: &mut ClientState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            ClientMsg::Send { params, reply } => {
+                let account = state.args.account.clone();
+                match (&state.client, state.ready) {
+                    (Some(client), true) => {
+                        let client = client.clone();
+                        let task = async move {
+                            let _ = reply.send(send(&client, &account, params).await);
+                        };
+                        tokio::spawn(task.instrument(state.args.span.clone()));
+                    }
+                    _ => {
+                        let alias = &account.config.alias;
+                        let _ = reply.send(Err(ChatError::NotReady(format!(
+                            "account {alias:?} is not ready"
+                        ))));
+                    }
+                }
+                Ok(())
+            }
+            ClientMsg::Synced => {
+                state.ready = true;
+                state.args.account.set_current(Some(myself));
+                state
+                    .args
+                    .account
+                    .relogged_in
+                    .store(false, Ordering::Relaxed);
+                Ok(())
+            }
+            ClientMsg::SyncFailed(class) => {
+                state.args.probe.set_ready(false);
+                Err(Box::new(settle(&state.args, class)))
+            }
+        }
+    }
+}
+
+/// Turns a classified error into the failure that ends the incarnation.
+fn settle(args: &ClientArgs, class: Class) -> Failure {
+    let account = &args.account;
+    match class {
+        Class::Transient(failure) | Class::Fatal(failure) => failure,
+        Class::UnknownToken => {
+            let dir = account.paths.dir.display();
+            if account.config.password.is_none() {
+                return Failure::fatal(format!(
+                    "the homeserver rejected the access token (M_UNKNOWN_TOKEN); set a new \
+                     access_token (and remove {dir}) or configure a password"
+                ));
+            }
+            if account.relogged_in.swap(true, Ordering::Relaxed) {
+                return Failure::fatal(
+                    "the homeserver rejected the access token (M_UNKNOWN_TOKEN) again right \
+                     after a fresh login"
+                        .to_string(),
+                );
+            }
+            if let Err(e) = store::wipe(&account.paths) {
+                return Failure::fatal(format!(
+                    "the access token was rejected and {dir} cannot be removed: {e}"
+                ));
+            }
+            args.span.in_scope(|| warn!(dir = %dir,
+                "The homeserver rejected the access token; the session was discarded and the restart logs in again."));
+            Failure::transient("access token rejected (M_UNKNOWN_TOKEN); logging in again")
+        }
+    }
+}
+
+/// Opens the account: restores its session or logs in. Returns the client and whether it
+/// resumes an earlier sync.
+async fn open(args: &ClientArgs) -> Result<(Client, bool), Failure> {
+    let account = &args.account;
+    let mut wiped = false;
+    loop {
+        let why = match try_open(args).await {
+            Ok(opened) => return Ok(opened),
+            Err(Open::Failed(failure)) => return Err(failure),
+            Err(Open::Unusable(why)) => why,
+        };
+        let dir = account.paths.dir.display();
+        if wiped {
+            return Err(Failure::fatal(format!(
+                "the local Matrix state is unusable even after a fresh login: {why}"
+            )));
+        }
+        if account.config.password.is_none() {
+            return Err(Failure::fatal(format!(
+                "the local Matrix state is unusable: {why}. Without a password warden cannot \
+                 log in fresh: remove {dir} and give a new access_token, or configure a password"
+            )));
+        }
+        warn!(dir = %dir, reason = %why, "The local Matrix state is unusable; wiping it and logging in fresh.");
+        store::wipe(&account.paths)
+            .map_err(|e| Failure::fatal(format!("cannot remove {dir}: {e}")))?;
+        wiped = true;
+    }
+}
+
+enum Open {
+    /// The local state cannot be used (wipe and log in fresh, if possible).
+    Unusable(String),
+    /// Anything else.
+    Failed(Failure),
+}
+
+impl From<Class> for Open {
+    fn from(class: Class) -> Self {
+        match class {
+            Class::Transient(f) | Class::Fatal(f) => Open::Failed(f),
+            Class::UnknownToken => Open::Failed(Failure::fatal(
+                "the homeserver rejected the access token (M_UNKNOWN_TOKEN)",
+            )),
+        }
+    }
+}
+
+async fn try_open(args: &ClientArgs) -> Result<(Client, bool), Open> {
+    let account = &args.account;
+    let config = &account.config;
+    let paths = &account.paths;
+    match store::inspect(paths, config.user_id.as_deref()) {
+        Local::Unusable(why) => Err(Open::Unusable(why)),
+        Local::Saved(saved) => {
+            let client = build(config, paths).await?;
+            // A token given in the config wins over the saved one (the operator rotated it).
+            let token = match &config.access_token {
+                Some(token) if config.password.is_none() => token.clone(),
+                _ => saved.access_token.clone(),
+            };
+            if let Some(device) = &config.device_id
+                && config.password.is_none()
+                && device != &saved.device_id
+            {
+                return Err(Open::Unusable(format!(
+                    "{} is for device {}, the config names device {device}",
+                    paths.session.display(),
+                    saved.device_id
+                )));
+            }
+            let session =
+                matrix_session(&saved.user_id, &saved.device_id, &token).map_err(Open::Unusable)?;
+            client
+                .restore_session(session)
+                .await
+                .map_err(|e| Open::Unusable(format!("restoring the session failed: {e}")))?;
+            if otk_conflict(&client).await {
+                return Err(Open::Unusable(
+                    "the crypto store lost one-time keys the homeserver still has (the SDK's \
+                     one-time-key-already-uploaded flag is set)"
+                        .to_string(),
+                ));
+            }
+            let resumed = matches!(
+                client
+                    .state_store()
+                    .get_kv_data(StateStoreDataKey::SyncToken)
+                    .await,
+                Ok(Some(_))
+            );
+            info!(user = %saved.user_id, device = %saved.device_id, resumed, "Restored the Matrix session.");
+            Ok((client, resumed))
+        }
+        Local::Fresh => {
+            let opened = fresh(args).await;
+            if opened.is_err() {
+                // Leave nothing half-made that the next start would take for a broken store.
+                let _ = store::wipe(paths);
+            }
+            opened
+        }
+    }
+}
+
+/// A first start (or one after a wipe): token or password.
+async fn fresh(args: &ClientArgs) -> Result<(Client, bool), Open> {
+    let account = &args.account;
+    let config = &account.config;
+    let paths = &account.paths;
+    store::create_dir(&paths.dir).map_err(|e| {
+        Open::Failed(Failure::fatal(format!(
+            "cannot create {}: {e}",
+            paths.dir.display()
+        )))
+    })?;
+    let client = build(config, paths).await?;
+    let saved = if let Some(token) = &config.access_token
+        && config.password.is_none()
+    {
+        let (user_id, device_id) = match (&config.user_id, &config.device_id) {
+            (Some(user), Some(device)) => (user.clone(), device.clone()),
+            _ => whoami(config, token).await?,
+        };
+        let session = matrix_session(&user_id, &device_id, token)
+            .map_err(|e| Open::Failed(Failure::fatal(e)))?;
+        client.restore_session(session).await.map_err(|e| {
+            Open::Failed(Failure::transient(format!(
+                "using the access token failed: {e}"
+            )))
+        })?;
+        SavedSession {
+            homeserver: config.homeserver.clone(),
+            user_id,
+            device_id,
+            access_token: token.clone(),
+        }
+    } else {
+        login(args, &client).await?
+    };
+    store::save(paths, &saved).map_err(|e| {
+        Open::Failed(Failure::fatal(format!(
+            "cannot write {}: {e}",
+            paths.session.display()
+        )))
+    })?;
+    Ok((client, false))
+}
+
+/// The password login, holding a `matrix_login` slot for the request.
+async fn login(args: &ClientArgs, client: &Client) -> Result<SavedSession, Open> {
+    let config = &args.account.config;
+    let (Some(user), Some(password)) = (&config.user_id, &config.password) else {
+        return Err(Open::Failed(Failure::fatal(
+            "a password login needs user_id and password",
+        )));
+    };
+    let slot = args
+        .slots
+        .acquire(LOGIN_POOL, &args.path, args.first_start)
+        .await
+        .map_err(|e| Open::Failed(Failure::transient(format!("no login slot: {e}"))))?;
+    let started = Instant::now();
+    let response = client
+        .matrix_auth()
+        .login_username(user, password)
+        .initial_device_display_name(&format!("warden {}", config.alias))
+        .send()
+        .await;
+    slot.release();
+    let response = response.map_err(|e| Open::from(errors::classify(&e, During::Login)))?;
+    info!(user = %response.user_id, device = %response.device_id,
+        login_ms = started.elapsed().as_millis() as u64, "Logged in to Matrix.");
+    Ok(SavedSession {
+        homeserver: config.homeserver.clone(),
+        user_id: response.user_id.to_string(),
+        device_id: response.device_id.to_string(),
+        access_token: response.access_token,
+    })
+}
+
+/// `GET /account/whoami` for a token without `user_id` or `device_id`.
+async fn whoami(config: &AccountConfig, token: &str) -> Result<(String, String), Open> {
+    let client = Client::builder()
+        .homeserver_url(&config.homeserver)
+        .request_config(request_config())
+        .build()
+        .await
+        .map_err(|e| {
+            Open::Failed(Failure::transient(format!(
+                "cannot reach the homeserver: {e}"
+            )))
+        })?;
+    let session = matrix_session(
+        config.user_id.as_deref().unwrap_or("@unknown:unknown"),
+        "WHOAMI",
+        token,
+    )
+    .map_err(|e| Open::Failed(Failure::fatal(e)))?;
+    // A memory-only client, just to carry the token.
+    client
+        .matrix_auth()
+        .restore_session(session, Default::default())
+        .await
+        .map_err(|e| Open::Failed(Failure::transient(format!("whoami failed: {e}"))))?;
+    let who = client
+        .whoami()
+        .await
+        .map_err(|e| Open::from(errors::classify_http(&e, During::Session)))?;
+    let device = who.device_id.ok_or_else(|| {
+        Open::Failed(Failure::fatal(
+            "whoami did not name the token's device; set device_id",
+        ))
+    })?;
+    Ok((who.user_id.to_string(), device.to_string()))
+}
+
+async fn build(config: &AccountConfig, paths: &Paths) -> Result<Client, Open> {
+    Client::builder()
+        .homeserver_url(&config.homeserver)
+        .sqlite_store(&paths.store, None)
+        .request_config(request_config())
+        .build()
+        .await
+        .map_err(|e| Open::Unusable(format!("cannot open the store: {e}")))
+}
+
+/// No retries inside the SDK: the supervisor is the retry layer.
+fn request_config() -> RequestConfig {
+    RequestConfig::new()
+        .disable_retry()
+        .timeout(REQUEST_TIMEOUT)
+}
+
+fn matrix_session(user_id: &str, device_id: &str, token: &str) -> Result<MatrixSession, String> {
+    let user_id = user_id
+        .try_into()
+        .map_err(|e| format!("bad user ID {user_id:?}: {e}"))?;
+    Ok(MatrixSession {
+        meta: SessionMeta {
+            user_id,
+            device_id: device_id.into(),
+        },
+        tokens: SessionTokens {
+            access_token: token.to_string(),
+            refresh_token: None,
+        },
+    })
+}
+
+/// Whether the SDK recorded that the homeserver already had one-time keys this store
+/// forgot: the crypto state is then beyond repair.
+async fn otk_conflict(client: &Client) -> bool {
+    matches!(
+        client
+            .state_store()
+            .get_kv_data(StateStoreDataKey::OneTimeKeyAlreadyUploaded)
+            .await,
+        Ok(Some(_))
+    )
+}
+
+/// Syncs until an error; the first response makes the account ready.
+async fn sync_loop(
+    client: Client,
+    actor: ActorRef<ClientMsg>,
+    probe: Probe,
+    forwarding: Arc<AtomicBool>,
+    started: Instant,
+    resumed: bool,
+) {
+    let mut first = true;
+    loop {
+        // A first sync of a fresh login only learns the state: one event per room, none
+        // forwarded (they are history). Later ones return up to TIMELINE_LIMIT per room.
+        let limit = if forwarding.load(Ordering::Relaxed) {
+            TIMELINE_LIMIT
+        } else {
+            1
+        };
+        let settings = SyncSettings::default()
+            .timeout(SYNC_TIMEOUT)
+            .filter(filter(limit));
+        match client.sync_once(settings).await {
+            Ok(response) => {
+                probe.beat();
+                if forwarding.load(Ordering::Relaxed) {
+                    for (room, update) in &response.rooms.joined {
+                        if update.timeline.limited {
+                            warn!(room = %room, limit = TIMELINE_LIMIT,
+                                "More messages arrived while the account was away than one sync returns; the older ones were not forwarded.");
+                        }
+                    }
+                }
+                forwarding.store(true, Ordering::Relaxed);
+                if first {
+                    first = false;
+                    probe.set_ready(true);
+                    let _ = actor.send_message(ClientMsg::Synced);
+                    info!(
+                        resumed,
+                        start_ms = started.elapsed().as_millis() as u64,
+                        "Matrix account ready."
+                    );
+                }
+            }
+            Err(e) => {
+                let class = errors::classify(&e, During::Session);
+                let _ = actor.send_message(ClientMsg::SyncFailed(class));
+                return;
+            }
+        }
+    }
+}
+
+fn filter(limit: u32) -> SyncFilter {
+    let mut filter = FilterDefinition::with_lazy_loading();
+    filter.room.timeline.limit = Some(UInt::from(limit));
+    SyncFilter::FilterDefinition(filter)
+}
+
+/// Forwards allowed messages and accepts allowed invites.
+fn add_handlers(client: &Client, account: &Arc<Account>, forwarding: &Arc<AtomicBool>) {
+    let on_message = {
+        let account = account.clone();
+        let forwarding = forwarding.clone();
+        move |ev: OriginalSyncRoomMessageEvent, room: Room, client: Client| {
+            let account = account.clone();
+            let forwarding = forwarding.clone();
+            async move {
+                if !forwarding.load(Ordering::Relaxed) {
+                    return;
+                }
+                forward(&account, &client, &room, ev);
+            }
+        }
+    };
+    client.add_event_handler(on_message);
+
+    let on_invite = {
+        let account = account.clone();
+        move |ev: StrippedRoomMemberEvent, room: Room, client: Client| {
+            let account = account.clone();
+            async move {
+                let own = client.user_id().is_some_and(|me| me == ev.state_key);
+                if !own || ev.content.membership != MembershipState::Invite {
+                    return;
+                }
+                let sender = ev.sender.as_str();
+                if !account.config.auto_join || !account.filter.sender_allowed(sender) {
+                    debug!(room = %room.room_id(), sender, "Ignoring an invite.");
+                    return;
+                }
+                // Joining waits on the homeserver: not inside the sync.
+                tokio::spawn(async move {
+                    match room.join().await {
+                        Ok(()) => {
+                            info!(room = %room.room_id(), sender = %ev.sender, "Joined a room on invite.")
+                        }
+                        Err(e) => {
+                            warn!(room = %room.room_id(), error = %e, "Could not join a room on invite.")
+                        }
+                    }
+                });
+            }
+        }
+    };
+    client.add_event_handler(on_invite);
+}
+
+fn forward(account: &Account, client: &Client, room: &Room, ev: OriginalSyncRoomMessageEvent) {
+    if client.user_id().is_some_and(|me| me == ev.sender) {
+        return;
+    }
+    let room_id = room.room_id().as_str();
+    let sender = ev.sender.as_str();
+    if !account.filter.room_allowed(room_id) || !account.filter.sender_allowed(sender) {
+        debug!(
+            room = room_id,
+            sender, "Not forwarding a message: room or sender not allowed."
+        );
+        return;
+    }
+    let body = match &ev.content.msgtype {
+        MessageType::Text(text) => text.body.clone(),
+        MessageType::Emote(emote) => emote.body.clone(),
+        _ => return,
+    };
+    let thread_root = match &ev.content.relates_to {
+        Some(Relation::Replacement(_)) => return,
+        Some(Relation::Thread(thread)) => Some(thread.event_id.to_string()),
+        _ => None,
+    };
+    if !account.first_time(ev.event_id.as_str()) {
+        return;
+    }
+    account.chat.deliver(&ChatMessage {
+        account: account.config.alias.clone(),
+        room_id: room_id.to_string(),
+        sender: sender.to_string(),
+        event_id: ev.event_id.to_string(),
+        body,
+        thread_root,
+    });
+}
+
+/// `chat.send` through `client`.
+async fn send(client: &Client, account: &Account, params: SendParams) -> Result<String, ChatError> {
+    let room_id = OwnedRoomId::try_from(params.room_id.as_str())
+        .map_err(|e| ChatError::BadRequest(format!("bad room_id {:?}: {e}", params.room_id)))?;
+    if !account.filter.room_allowed(room_id.as_str()) {
+        return Err(ChatError::Forbidden(format!(
+            "room {room_id} is not in allowed_rooms of account {:?}",
+            account.config.alias
+        )));
+    }
+    let room = client
+        .get_room(&room_id)
+        .filter(|room| room.state() == RoomState::Joined)
+        .ok_or_else(|| {
+            ChatError::Forbidden(format!(
+                "account {:?} is not in room {room_id}",
+                account.config.alias
+            ))
+        })?;
+    let mut content = RoomMessageEventContent::text_plain(params.body);
+    if let Some(root) = params.thread_root {
+        let root = OwnedEventId::try_from(root.as_str())
+            .map_err(|e| ChatError::BadRequest(format!("bad thread_root {root:?}: {e}")))?;
+        content.relates_to = Some(Relation::Thread(Thread::plain(root.clone(), root)));
+    }
+    match room.send(content).await {
+        Ok(sent) => Ok(sent.response.event_id.to_string()),
+        Err(e) => Err(match errors::classify(&e, During::Session) {
+            _ if e
+                .as_client_api_error()
+                .is_some_and(|api| api.status_code.as_u16() == 403) =>
+            {
+                ChatError::Forbidden(format!("the homeserver refused the send: {e}"))
+            }
+            Class::Transient(f) | Class::Fatal(f) => ChatError::Failed(f.reason),
+            Class::UnknownToken => ChatError::Failed("the access token was rejected".to_string()),
+        }),
+    }
+}

@@ -1,0 +1,131 @@
+//! matrix-sdk errors as supervision failures.
+//!
+//! The SDK's own retries are off ([`matrix_sdk::config::RequestConfig::disable_retry`]): the
+//! supervisor's restart with backoff is the one retry layer. So every error ends the
+//! incarnation, and the only question is which kind:
+//!
+//! | Error | Outcome |
+//! |---|---|
+//! | connection reset, refused, timed out; 5xx | transient |
+//! | 429 / `M_LIMIT_EXCEEDED` | transient, restart no sooner than its `retry_after` |
+//! | `M_UNKNOWN_TOKEN` | [`Class::UnknownToken`]: the caller logs in again or gives up |
+//! | `M_USER_DEACTIVATED`; `M_FORBIDDEN` and other 4xx at login | fatal |
+
+use std::error::Error as _;
+use std::io;
+use std::time::{Duration, SystemTime};
+
+use matrix_sdk::ruma::api::error::{ErrorKind, RetryAfter};
+use matrix_sdk::{HttpError, reqwest};
+
+use crate::supervision::Failure;
+
+/// How an error ends an incarnation.
+#[derive(Debug)]
+pub(crate) enum Class {
+    /// Retry through the supervisor.
+    Transient(Failure),
+    /// The access token was rejected.
+    UnknownToken,
+    /// Nothing a restart can fix.
+    Fatal(Failure),
+}
+
+/// Where the error happened: a rejected login is fatal, a rejected sync need not be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum During {
+    /// The password login.
+    Login,
+    /// `whoami`, `/sync`, key uploads.
+    Session,
+}
+
+/// Classifies an error of a request.
+pub(crate) fn classify_http(err: &HttpError, during: During) -> Class {
+    if let HttpError::Reqwest(e) = err {
+        return Class::Transient(Failure::transient(describe(e)));
+    }
+    if let HttpError::Cached(inner) = err {
+        return classify_http(inner, during);
+    }
+    let Some(api) = err.as_client_api_error() else {
+        return Class::Transient(Failure::transient(err.to_string()));
+    };
+    let status = api.status_code.as_u16();
+    let text = format!("{} ({status})", first_line(&err.to_string()));
+    match api.error_kind() {
+        Some(ErrorKind::UnknownToken(_)) => return Class::UnknownToken,
+        Some(ErrorKind::UserDeactivated) => {
+            return Class::Fatal(Failure::fatal(format!(
+                "the account is deactivated: {text}"
+            )));
+        }
+        Some(ErrorKind::LimitExceeded(data)) => {
+            let mut failure = Failure::transient(format!("rate limited: {text}"));
+            if let Some(delay) = data.retry_after.as_ref().and_then(retry_after) {
+                failure = failure.retry_after(delay);
+            }
+            return Class::Transient(failure);
+        }
+        _ => {}
+    }
+    if status == 429 {
+        return Class::Transient(Failure::transient(format!("rate limited: {text}")));
+    }
+    if status >= 500 {
+        return Class::Transient(Failure::transient(format!("homeserver error: {text}")));
+    }
+    match during {
+        During::Login => Class::Fatal(Failure::fatal(format!(
+            "login refused: {text}; check the password and user_id"
+        ))),
+        During::Session => Class::Transient(Failure::transient(format!("request refused: {text}"))),
+    }
+}
+
+/// Classifies an SDK error (a request's, or the store's).
+pub(crate) fn classify(err: &matrix_sdk::Error, during: During) -> Class {
+    match err {
+        matrix_sdk::Error::Http(http) => classify_http(http, during),
+        other => Class::Transient(Failure::transient(first_line(&other.to_string()))),
+    }
+}
+
+fn retry_after(hint: &RetryAfter) -> Option<Duration> {
+    match hint {
+        RetryAfter::Delay(delay) => Some(*delay),
+        RetryAfter::DateTime(at) => at.duration_since(SystemTime::now()).ok(),
+    }
+}
+
+/// A network error in the words an operator looks for: "connection reset by peer",
+/// "connection refused", "timed out", else the innermost cause.
+pub(crate) fn describe(err: &reqwest::Error) -> String {
+    if err.is_timeout() {
+        return "request timed out".to_string();
+    }
+    let mut source = err.source();
+    let mut innermost = None;
+    while let Some(e) = source {
+        if let Some(io) = e.downcast_ref::<io::Error>() {
+            match io.kind() {
+                io::ErrorKind::ConnectionReset => return "connection reset by peer".to_string(),
+                io::ErrorKind::ConnectionRefused => return "connection refused".to_string(),
+                io::ErrorKind::ConnectionAborted => return "connection aborted".to_string(),
+                io::ErrorKind::TimedOut => return "connection timed out".to_string(),
+                io::ErrorKind::UnexpectedEof => return "connection closed early".to_string(),
+                _ => {}
+            }
+        }
+        innermost = Some(e.to_string());
+        source = e.source();
+    }
+    match innermost {
+        Some(cause) => format!("{}: {cause}", first_line(&err.to_string())),
+        None => first_line(&err.to_string()),
+    }
+}
+
+fn first_line(text: &str) -> String {
+    text.lines().next().unwrap_or_default().to_string()
+}

@@ -1,0 +1,120 @@
+//! Matrix accounts as supervised actors. The only module that imports `matrix_sdk`.
+//!
+//! ```text
+//! root/channels              one_for_one   (channels_spec)
+//! └── matrix                 one_for_one
+//!     └── <alias>            rest_for_one  one per configured account (account_spec)
+//!         └── client         permanent     login/restore, sync loop, send (client.rs)
+//! ```
+//!
+//! * [`AccountConfig`] — one account's settings, already validated by the program.
+//! * `client.rs` — the client actor: opens the local state (store.rs), restores the session
+//!   or logs in through the `matrix_login` start-slot pool, then syncs; every error ends the
+//!   incarnation and the supervisor restarts it (errors.rs says how).
+//! * `inbound.rs` — which messages become `chat.message` events.
+//!
+//! Each account registers itself with the gateway's [`Chat`] when its subtree is built, so
+//! `chat.send` reaches it through whichever incarnation of the client is running.
+
+mod client;
+mod errors;
+mod inbound;
+mod store;
+
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::gateway::chat::Chat;
+use crate::supervision::{ChildSpec, Policy, SlotClient, Strategy};
+
+pub use client::KIND;
+
+/// The start-slot pool every password login passes.
+pub const LOGIN_POOL: &str = "matrix_login";
+
+/// One account's settings.
+#[derive(Clone)]
+pub struct AccountConfig {
+    /// The alias: the subtree's name and the `account` of `chat.*`.
+    pub alias: String,
+    /// Homeserver base URL.
+    pub homeserver: String,
+    /// Full user ID; with a token it may be left out (then `whoami` finds it).
+    pub user_id: Option<String>,
+    /// Password, for a password login (and a fresh login when local state is unusable or
+    /// the token is rejected).
+    pub password: Option<String>,
+    /// Access token of an existing session.
+    pub access_token: Option<String>,
+    /// The device of `access_token`.
+    pub device_id: Option<String>,
+    /// Key-backup recovery key, applied after a fresh login.
+    pub recovery_key: Option<String>,
+    /// Rooms the account acts in; empty = every joined room.
+    pub allowed_rooms: Vec<String>,
+    /// Senders whose messages are forwarded; empty = nobody, `*` = anyone.
+    pub allowed_senders: Vec<String>,
+    /// Join rooms an allowed sender invites the account to.
+    pub auto_join: bool,
+    /// `<state.dir>/matrix/<alias>`.
+    pub dir: PathBuf,
+}
+
+impl fmt::Debug for AccountConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mask = |s: &Option<String>| s.as_ref().map(|_| "****");
+        f.debug_struct("AccountConfig")
+            .field("alias", &self.alias)
+            .field("homeserver", &self.homeserver)
+            .field("user_id", &self.user_id)
+            .field("password", &mask(&self.password))
+            .field("access_token", &mask(&self.access_token))
+            .field("device_id", &self.device_id)
+            .field("recovery_key", &mask(&self.recovery_key))
+            .field("allowed_rooms", &self.allowed_rooms)
+            .field("allowed_senders", &self.allowed_senders)
+            .field("auto_join", &self.auto_join)
+            .field("dir", &self.dir)
+            .finish()
+    }
+}
+
+/// The `channels` subtree with one `matrix/<alias>` subtree per account, each with its
+/// client's policy.
+pub fn channels_spec(
+    accounts: Vec<(AccountConfig, Policy)>,
+    chat: &Chat,
+    slots: &SlotClient,
+) -> ChildSpec {
+    let accounts = accounts
+        .into_iter()
+        .map(|(config, policy)| account_spec(config, policy, chat, slots))
+        .collect();
+    ChildSpec::supervisor(
+        "channels",
+        Strategy::OneForOne,
+        vec![ChildSpec::supervisor(
+            "matrix",
+            Strategy::OneForOne,
+            accounts,
+        )],
+    )
+}
+
+/// The `<alias>` subtree of one account; registers the account with `chat`.
+pub fn account_spec(
+    config: AccountConfig,
+    policy: Policy,
+    chat: &Chat,
+    slots: &SlotClient,
+) -> ChildSpec {
+    let alias = config.alias.clone();
+    let account = Arc::new(client::Account::new(config, chat.clone()));
+    chat.register(&alias, account.clone());
+    ChildSpec::supervisor(
+        alias,
+        Strategy::RestForOne,
+        vec![client::spec(account, policy, slots.clone())],
+    )
+}
