@@ -6,6 +6,9 @@
 //! ├── gateway         rest_for_one
 //! │   ├── listener    permanent   WS /ws, GET /health
 //! │   └── sessions    one_for_one one temporary child per socket
+//! ├── channels        one_for_one (only with `[matrix.accounts.*]`)
+//! │   └── matrix      one_for_one
+//! │       └── <alias> rest_for_one one per account: `client`
 //! └── admin           permanent   /healthz /readyz /metrics /admin/*
 //! ```
 //!
@@ -19,12 +22,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
-use tracing::{error, info};
+use tracing::info;
 use warden_actors::gateway::{self, GatewayState, ShutdownIntent, listener};
-use warden_actors::supervision::SlotClient;
+use warden_actors::matrix::{self, AccountConfig};
+use warden_actors::supervision::{Policy, SlotClient};
 
 use crate::admin;
-use crate::config::{EXIT_CONFIG, Loaded};
+use crate::config::{Config, Loaded};
 use crate::program::Program;
 
 /// Runs the gateway until a signal or an exit request; returns the process exit code.
@@ -34,18 +38,12 @@ pub async fn run(loaded: Loaded) -> i32 {
         Err(code) => return code,
     };
     let config = &loaded.config;
-    if let Some(alias) = config.matrix.accounts.keys().next() {
-        error!(key = %format!("matrix.accounts.{alias}"),
-            "Matrix accounts are not supported by this version yet; remove them from the config to run the gateway.");
-        program.abort().await;
-        return EXIT_CONFIG;
-    }
 
     let admin_state = program.admin_state(&loaded);
     let gateway_bound = Arc::new(watch::Sender::new(None));
     let gateway_state = GatewayState::new(config.gateway.clone());
     let slots = SlotClient::new();
-    let children = vec![
+    let mut children = vec![
         slots
             .spec("start_slots", config.pools())
             .with_policy(config.policy_for("start_slots", None)),
@@ -54,12 +52,19 @@ pub async fn run(loaded: Loaded) -> i32 {
             config.policy_for(listener::KIND, None),
             gateway_bound,
         ),
-        admin::spec(
-            &config.admin,
-            admin_state.clone(),
-            config.policy_for("admin", None),
-        ),
     ];
+    if !config.matrix.accounts.is_empty() {
+        children.push(matrix::channels_spec(
+            matrix_accounts(config),
+            gateway_state.chat(),
+            &slots,
+        ));
+    }
+    children.push(admin::spec(
+        &config.admin,
+        admin_state.clone(),
+        config.policy_for("admin", None),
+    ));
     let (program, tree) = match program.start_tree(children, &admin_state).await {
         Ok(started) => started,
         Err(code) => return code,
@@ -79,4 +84,32 @@ pub async fn run(loaded: Loaded) -> i32 {
             gateway_state.set_shutdown_intent(intent)
         })
         .await
+}
+
+/// Each `[matrix.accounts.<alias>]` with its client's policy (`matrix_account`, then the
+/// account's own `supervision` layer).
+fn matrix_accounts(config: &Config) -> Vec<(AccountConfig, Policy)> {
+    let root = config.state.dir.join("matrix");
+    config
+        .matrix
+        .accounts
+        .iter()
+        .map(|(alias, acc)| {
+            let account = AccountConfig {
+                alias: alias.clone(),
+                homeserver: acc.homeserver.clone(),
+                user_id: acc.user_id.clone(),
+                password: acc.password.clone(),
+                access_token: acc.access_token.clone(),
+                device_id: acc.device_id.clone(),
+                recovery_key: acc.recovery_key.clone(),
+                allowed_rooms: acc.allowed_rooms.clone(),
+                allowed_senders: acc.allowed_senders.clone(),
+                auto_join: acc.auto_join,
+                dir: root.join(alias),
+            };
+            let policy = config.policy_for(matrix::KIND, Some(&acc.supervision));
+            (account, policy)
+        })
+        .collect()
 }

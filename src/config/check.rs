@@ -128,13 +128,33 @@ fn validate(
             let msg = format!("{:?} must start with http:// or https://", acc.homeserver);
             return Err(err(key("homeserver"), msg));
         }
-        if !(acc.user_id.starts_with('@') && acc.user_id.contains(':')) {
-            let msg = format!("{:?} must be a full user ID like @name:server", acc.user_id);
+        let full_id = |id: &str| id.starts_with('@') && id.contains(':');
+        if let Some(user_id) = &acc.user_id
+            && !full_id(user_id)
+        {
+            let msg = format!("{user_id:?} must be a full user ID like @name:server");
             return Err(err(key("user_id"), msg));
         }
         if acc.password.is_none() && acc.access_token.is_none() {
             let msg = "needs password or access_token (or password_file / access_token_file)";
             return Err(err(format!("matrix.accounts.{alias}"), msg.to_string()));
+        }
+        if acc.password.is_some() && acc.user_id.is_none() {
+            let msg = "is required for a password login".to_string();
+            return Err(err(key("user_id"), msg));
+        }
+        if let Some(room) = acc.allowed_rooms.iter().find(|r| !r.starts_with('!')) {
+            let msg =
+                format!("{room:?} is not a room ID: give IDs like \"!abc:server\", not aliases");
+            return Err(err(key("allowed_rooms"), msg));
+        }
+        if let Some(sender) = acc
+            .allowed_senders
+            .iter()
+            .find(|s| *s != "*" && !full_id(s))
+        {
+            let msg = format!("{sender:?} must be a full user ID like @name:server, or \"*\"");
+            return Err(err(key("allowed_senders"), msg));
         }
         check_policy(&key("supervision"), &acc.supervision, err)?;
     }

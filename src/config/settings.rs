@@ -73,8 +73,10 @@ pub struct MatrixSettings {
 pub struct AccountSettings {
     /// Homeserver base URL, `http://…` or `https://…`. Required.
     pub homeserver: String,
-    /// Full user ID, `@name:server`. Required.
-    pub user_id: String,
+    /// Full user ID, `@name:server`. Required with a password; with an access token it may be
+    /// left out (a `whoami` finds it before the first sync).
+    #[serde(default)]
+    pub user_id: Option<String>,
     /// Login password. Secret.
     pub password: Option<String>,
     /// File holding `password` (trailing newline ignored).
@@ -83,16 +85,19 @@ pub struct AccountSettings {
     pub access_token: Option<String>,
     /// File holding `access_token`.
     pub access_token_file: Option<PathBuf>,
-    /// Device ID of the session that `access_token` belongs to.
+    /// Device ID of the session that `access_token` belongs to (without it, a `whoami`
+    /// finds it before the first sync: the crypto store is keyed by the device).
     pub device_id: Option<String>,
     /// Key-backup recovery key. Secret.
     pub recovery_key: Option<String>,
     /// File holding `recovery_key`.
     pub recovery_key_file: Option<PathBuf>,
-    /// When non-empty, the account acts only in these rooms (IDs or aliases). Default empty.
+    /// When non-empty, the account acts only in these rooms: room IDs (`!…`), not aliases.
+    /// Default empty: every joined room.
     #[serde(default)]
     pub allowed_rooms: Vec<String>,
-    /// Users whose messages the account acts on. Default empty.
+    /// Users whose messages the account forwards: full IDs, case-insensitive; `"*"` is
+    /// anyone. Default empty: nobody.
     #[serde(default)]
     pub allowed_senders: Vec<String>,
     /// Join rooms it is invited to (by an allowed sender). Default true.
