@@ -11,7 +11,7 @@
 #
 # `start` installs when needed, generates DIR/homeserver.yaml on first use (a later start
 # in the same DIR keeps the data, the signing key and the shared secret, and picks a new
-# free port), and leaves in DIR:
+# free port unless SYNAPSE_PORT names one), and leaves in DIR:
 #   url             the base URL, http://127.0.0.1:PORT
 #   pid             the Synapse process id
 #   shared_secret   the registration shared secret (HMAC admin registration)
@@ -24,6 +24,9 @@
 #   WARDEN_TOOLS_DIR    where the venv is kept (default ~/.cache/warden/tools)
 #   PYTHON              the interpreter that creates the venv (default python3)
 #   SYNAPSE_READY_TIMEOUT  seconds to wait for /_matrix/client/versions (default 60)
+#   SYNAPSE_PORT        `start` listens on this loopback port instead of a free one, and
+#                       fails when it is taken: to stop a Synapse and start it again with
+#                       the same data at the same URL (`SYNAPSE_PORT=$PORT start DIR`)
 set -euo pipefail
 
 SYNAPSE_VERSION=1.163.2
@@ -79,9 +82,27 @@ cmd_install() {
     printf '%s\n' "$VENV"
 }
 
+# Installs Debian packages (as root, or through sudo when there is one).
+apt_install() {
+    local sudo=
+    [ "$(id -u)" -eq 0 ] || sudo=sudo
+    $sudo apt-get update -qq || true
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "$@" \
+        || die "could not install $* with apt-get"
+}
+
 install_venv() {
     local python=${PYTHON:-python3}
+    if ! command -v "$python" >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+        log "no $python: installing Debian's python3"
+        apt_install python3 python3-venv
+    fi
     command -v "$python" >/dev/null 2>&1 || die "no $python to create the Synapse venv"
+    # Debian's python3 comes without venv/ensurepip until python3-venv is installed.
+    if ! "$python" -c 'import venv, ensurepip' >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+        log "$python cannot make a venv: installing Debian's python3-venv"
+        apt_install python3-venv
+    fi
     log "installing matrix-synapse $SYNAPSE_VERSION into $VENV"
     # A venv is not relocatable, so it is built in place; the marker file says it is whole.
     rm -rf "$VENV"
@@ -120,6 +141,9 @@ cmd_start() {
         usage
         exit 2
     }
+    if [ -n "${SYNAPSE_PORT:-}" ] && ! [[ $SYNAPSE_PORT =~ ^[0-9]+$ && $SYNAPSE_PORT -ge 1 && $SYNAPSE_PORT -le 65535 ]]; then
+        die "SYNAPSE_PORT must be a port number, not '$SYNAPSE_PORT'"
+    fi
     local dir pid
     dir=$(abs_dir "$1")
     pid=$(live_pid "$dir")
@@ -135,7 +159,7 @@ cmd_start() {
         (umask 077 && "$VPY" -c 'import secrets; print(secrets.token_hex(32))' >"$dir/shared_secret")
     fi
     local port
-    port=$(patch_config "$dir")
+    port=$(patch_config "$dir") || die "could not configure Synapse in $dir"
     local url=http://127.0.0.1:$port
 
     rm -f "$dir/pid" "$dir/url"
@@ -188,9 +212,9 @@ show_logs() {
 }
 
 # Rewrites DIR/homeserver.yaml for tests (again on every start: a new free port each
-# time) and writes DIR/log.config. Prints the port.
+# time, or SYNAPSE_PORT) and writes DIR/log.config. Prints the port.
 patch_config() {
-    "$VPY" - "$1" <<'EOF'
+    "$VPY" - "$1" "${SYNAPSE_PORT:-0}" <<'EOF'
 import socket, sys, yaml
 
 d = sys.argv[1]
@@ -198,9 +222,15 @@ path = f"{d}/homeserver.yaml"
 with open(path) as f:
     c = yaml.safe_load(f)
 
-# A free loopback port: the kernel picks one; Synapse binds it a moment later.
+# A free loopback port: the kernel picks one; Synapse binds it a moment later. A fixed
+# port must be free now: SO_REUSEADDR as Synapse sets it, so connections of a previous
+# Synapse in TIME_WAIT do not count, but a listener does.
 with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        s.bind(("127.0.0.1", int(sys.argv[2])))
+    except OSError as e:
+        sys.exit(f"==> error: cannot listen on 127.0.0.1:{sys.argv[2]}: {e.strerror}")
     port = s.getsockname()[1]
 
 c["listeners"] = [{

@@ -14,6 +14,12 @@
 #
 # Exported for the tests:
 #   PROMTOOL            path of promtool, which validates the /metrics exposition
+#   SYNAPSE_TEST_URL    base URL of the one Synapse this run starts and stops (server name
+#                       `localhost`); unset when Synapse is not available
+#   SYNAPSE_TEST_SHARED_SECRET  its registration shared secret (HMAC admin registration)
+#   SYNAPSE_TEST_DIR    its directory (homeserver.yaml, homeserver.log, data)
+#   SYNAPSE_TEST_SCRIPT absolute path of scripts/synapse.sh, for tests that start their own
+# (Not WARDEN_*: warden reads every WARDEN_* variable as configuration.)
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -22,6 +28,16 @@ CI=${CI:-false}
 TOOLS_DIR=${WARDEN_TOOLS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/warden/tools}
 
 log() { printf '==> %s\n' "$*" >&2; }
+
+# Runs a command when the script exits, after the EXIT trap already set (if any).
+on_exit() {
+    local command=$1
+    # `trap -p EXIT` prints `trap -- 'CMD' EXIT`, quoted for reuse: parse it back.
+    eval "set -- $(trap -p EXIT)"
+    local previous=${3:-}
+    # shellcheck disable=SC2064 # expanded now on purpose
+    trap "$command${previous:+; $previous}" EXIT
+}
 
 # Prints a command, then runs it.
 run() {
@@ -143,12 +159,35 @@ fetch_promtool() {
 }
 
 # --- Synapse ----------------------------------------------------------------------------
-# ===== ensure_synapse: EMPTY FOR NOW — issue 5 fills it =====
-# It will provide a real Matrix homeserver for the Matrix tests (a pinned matrix-synapse
-# in a reused venv, a generated loopback-only config, started and stopped by this script,
-# its address exported for the tests).
+# One real Matrix homeserver for the whole run (scripts/synapse.sh: a pinned matrix-synapse
+# in a reused venv, a generated loopback-only config), started here in a temporary
+# directory and stopped when this script exits. The tests register their own users on it.
+SYNAPSE_SCRIPT=$PWD/scripts/synapse.sh
+SYNAPSE_DIR=
 ensure_synapse() {
-    :
+    # Only what this run starts: never a Synapse named by the calling environment.
+    unset SYNAPSE_TEST_URL SYNAPSE_TEST_SHARED_SECRET SYNAPSE_TEST_DIR SYNAPSE_TEST_SCRIPT
+    local script=$SYNAPSE_SCRIPT
+    if ! "$script" install >/dev/null; then
+        missing synapse "matrix-synapse could not be installed (see above)"
+        return
+    fi
+    SYNAPSE_DIR=$(mktemp -d "${TMPDIR:-/tmp}/warden-synapse.XXXXXX")
+    on_exit stop_synapse
+    if ! "$script" start "$SYNAPSE_DIR" >/dev/null; then
+        missing synapse "Synapse did not start (see above)"
+        return
+    fi
+    SYNAPSE_TEST_URL=$(cat "$SYNAPSE_DIR/url")
+    SYNAPSE_TEST_SHARED_SECRET=$(cat "$SYNAPSE_DIR/shared_secret")
+    export SYNAPSE_TEST_URL SYNAPSE_TEST_SHARED_SECRET
+    export SYNAPSE_TEST_DIR=$SYNAPSE_DIR SYNAPSE_TEST_SCRIPT=$script
+}
+
+stop_synapse() {
+    [ -n "$SYNAPSE_DIR" ] || return 0
+    "$SYNAPSE_SCRIPT" stop "$SYNAPSE_DIR" || true
+    rm -rf "$SYNAPSE_DIR"
 }
 
 main() {
@@ -161,6 +200,9 @@ main() {
 
     if [ -n "${PROMTOOL:-}" ]; then
         log "PROMTOOL=$PROMTOOL ($("$PROMTOOL" --version 2>&1 | head -n 1))"
+    fi
+    if [ -n "${SYNAPSE_TEST_URL:-}" ]; then
+        log "SYNAPSE_TEST_URL=$SYNAPSE_TEST_URL (in $SYNAPSE_TEST_DIR)"
     fi
     # The benchmark smoke run prints last; end with one plain line that totals every test
     # binary's "test result" line, so the outcome is the closing line of the log.

@@ -5,7 +5,8 @@
 //! It stands between warden and a server it talks to (Synapse, a gateway) to produce the
 //! failures the tests are about, on real sockets. No packaged fault proxy is available from
 //! the registries this project can reach, so it is written here. It also records the
-//! request line of every HTTP request it forwards, so a test can count e.g. `whoami` calls.
+//! request line of every HTTP request it forwards, so a test can count e.g. `whoami` calls,
+//! and when each was in flight, so a test can bound how many `login`s ran at once.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -43,6 +44,56 @@ struct Shared {
     accepted: AtomicUsize,
     active: AtomicUsize,
     requests: Mutex<Vec<String>>,
+    flights: Mutex<Flights>,
+}
+
+/// Every HTTP request forwarded, with when it was in flight: from its request line passing
+/// the proxy to the first bytes of an answer on its connection (or the connection's end).
+/// Times are steps of one counter, so that starts and ends are totally ordered.
+#[derive(Default)]
+struct Flights {
+    clock: u64,
+    all: Vec<Flight>,
+}
+
+struct Flight {
+    connection: usize,
+    line: String,
+    start: u64,
+    end: Option<u64>,
+}
+
+impl Flights {
+    fn tick(&mut self) -> u64 {
+        self.clock += 1;
+        self.clock
+    }
+
+    /// The answer to the oldest open request of `connection` has begun. HTTP/1.1 without
+    /// pipelining (what reqwest does) has one request at a time per connection, so the
+    /// following bytes of the same answer find no open request.
+    fn answered(&mut self, connection: usize) {
+        let now = self.tick();
+        if let Some(f) = self
+            .all
+            .iter_mut()
+            .find(|f| f.connection == connection && f.end.is_none())
+        {
+            f.end = Some(now);
+        }
+    }
+
+    /// `connection` is gone: none of its requests is in flight any more.
+    fn closed(&mut self, connection: usize) {
+        let now = self.tick();
+        for f in self
+            .all
+            .iter_mut()
+            .filter(|f| f.connection == connection && f.end.is_none())
+        {
+            f.end = Some(now);
+        }
+    }
 }
 
 impl FaultProxy {
@@ -106,6 +157,53 @@ impl FaultProxy {
     pub fn requests(&self) -> Vec<String> {
         self.shared.requests.lock().expect("requests").clone()
     }
+
+    /// How many requests whose request line contains `pattern` (e.g. `"/login"`) were
+    /// forwarded so far.
+    pub fn count(&self, pattern: &str) -> usize {
+        self.shared
+            .requests
+            .lock()
+            .expect("requests")
+            .iter()
+            .filter(|line| line.contains(pattern))
+            .count()
+    }
+
+    /// How many requests whose request line contains `pattern` are in flight now: forwarded,
+    /// and no answer has begun on their connection yet.
+    pub fn in_flight(&self, pattern: &str) -> usize {
+        let flights = self.shared.flights.lock().expect("flights");
+        flights
+            .all
+            .iter()
+            .filter(|f| f.end.is_none() && f.line.contains(pattern))
+            .count()
+    }
+
+    /// The most requests whose request line contains `pattern` that were ever in flight at
+    /// the same time, since the proxy started. A request is in flight from when its request
+    /// line passes the proxy until the first bytes of an answer come back on its connection
+    /// (or the connection ends). Counts HTTP/1.1 as reqwest speaks it: one request at a
+    /// time per connection (no pipelining).
+    pub fn peak_in_flight(&self, pattern: &str) -> usize {
+        let flights = self.shared.flights.lock().expect("flights");
+        // Every start and end is a distinct tick, so sorting them replays the history.
+        let mut steps: Vec<(u64, isize)> = Vec::new();
+        for f in flights.all.iter().filter(|f| f.line.contains(pattern)) {
+            steps.push((f.start, 1));
+            if let Some(end) = f.end {
+                steps.push((end, -1));
+            }
+        }
+        steps.sort_unstable();
+        let (mut now, mut peak) = (0isize, 0isize);
+        for (_, step) in steps {
+            now += step;
+            peak = peak.max(now);
+        }
+        usize::try_from(peak).unwrap_or(0)
+    }
 }
 
 impl Drop for FaultProxy {
@@ -149,11 +247,13 @@ async fn accept_loop(
             changed = mode.changed() => if changed.is_err() { return },
             accepted = accepted => {
                 let Some((client, _)) = accepted else { continue };
-                shared.accepted.fetch_add(1, Ordering::SeqCst);
+                let id = shared.accepted.fetch_add(1, Ordering::SeqCst);
                 shared.active.fetch_add(1, Ordering::SeqCst);
                 let (shared, reset) = (shared.clone(), reset.subscribe());
                 connections.spawn(async move {
-                    connection(client, upstream, current == Mode::Stall, reset, &shared).await;
+                    let stall = current == Mode::Stall;
+                    connection(client, upstream, stall, reset, id, &shared).await;
+                    shared.flights.lock().expect("flights").closed(id);
                     shared.active.fetch_sub(1, Ordering::SeqCst);
                 });
             }
@@ -162,12 +262,13 @@ async fn accept_loop(
     }
 }
 
-/// Forwards one connection until either side closes or a reset is ordered.
+/// Forwards one connection (number `id`) until either side closes or a reset is ordered.
 async fn connection(
     mut client: TcpStream,
     upstream: SocketAddr,
     stall: bool,
     mut reset: broadcast::Receiver<()>,
+    id: usize,
     shared: &Shared,
 ) {
     if stall {
@@ -188,7 +289,7 @@ async fn connection(
                 Ok(0) | Err(_) => break,
                 Ok(n) => n,
             };
-            record_requests(&buf[..n], shared);
+            record_requests(&buf[..n], id, shared);
             if sw.write_all(&buf[..n]).await.is_err() {
                 break;
             }
@@ -196,7 +297,17 @@ async fn connection(
         let _ = sw.shutdown().await;
     };
     let to_client = async {
-        let _ = tokio::io::copy(&mut sr, &mut cw).await;
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let n = match sr.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            shared.flights.lock().expect("flights").answered(id);
+            if cw.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+        }
         let _ = cw.shutdown().await;
     };
     tokio::select! {
@@ -208,15 +319,24 @@ async fn connection(
     }
 }
 
-/// Notes every HTTP request line that starts in this chunk (good enough for tests: request
-/// heads are small and arrive whole on loopback).
-fn record_requests(chunk: &[u8], shared: &Shared) {
+/// Notes every HTTP request line that starts in this chunk from connection `id`, as
+/// forwarded and in flight (good enough for tests: request heads are small and arrive whole
+/// on loopback).
+fn record_requests(chunk: &[u8], id: usize, shared: &Shared) {
     const METHODS: [&str; 5] = ["GET ", "POST ", "PUT ", "DELETE ", "PATCH "];
     let text = String::from_utf8_lossy(chunk);
     let mut requests = shared.requests.lock().expect("requests");
+    let mut flights = shared.flights.lock().expect("flights");
     for line in text.split("\r\n") {
         if METHODS.iter().any(|m| line.starts_with(m)) && line.ends_with("HTTP/1.1") {
             requests.push(line.to_string());
+            let start = flights.tick();
+            flights.all.push(Flight {
+                connection: id,
+                line: line.to_string(),
+                start,
+                end: None,
+            });
         }
     }
 }
@@ -301,5 +421,93 @@ mod tests {
         // The forwarded connection from before still works.
         assert_eq!(round_trip(&mut b, b"pong").await.expect("echo"), b"pong");
         assert!(proxy.accepted() >= 3);
+    }
+
+    /// An HTTP/1.1 server: `/fast` answers at once, `/slow` once `release` holds `true`.
+    async fn http_server(release: watch::Receiver<bool>) -> SocketAddr {
+        let slow = move || {
+            let mut release = release.clone();
+            async move {
+                let _ = release.wait_for(|go| *go).await;
+                "slow"
+            }
+        };
+        let app = axum::Router::new()
+            .route("/fast", axum::routing::get(|| async { "fast" }))
+            .route("/slow", axum::routing::get(slow));
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        addr
+    }
+
+    /// Polls `f` until it holds, for at most 5 s.
+    async fn eventually(what: &str, f: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !f() {
+            assert!(Instant::now() < deadline, "never: {what}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn counts_requests_in_flight() {
+        let (release, released) = watch::channel(false);
+        let proxy = FaultProxy::start(http_server(released).await)
+            .await
+            .expect("proxy");
+        let base = format!("http://{}", proxy.addr());
+        let client = reqwest::Client::new();
+        let get = |path: &'static str| {
+            let (client, url) = (client.clone(), format!("{base}{path}"));
+            async move {
+                let reply = client.get(url).send().await?.error_for_status()?;
+                reply.text().await
+            }
+        };
+
+        // One after the other on one kept-alive connection: never two in flight.
+        for _ in 0..3 {
+            assert_eq!(get("/fast").await.expect("fast"), "fast");
+        }
+        assert_eq!(proxy.accepted(), 1, "the connection was kept alive");
+        assert_eq!(proxy.count("/fast"), 3);
+        assert_eq!(proxy.in_flight("/fast"), 0);
+        assert_eq!(proxy.peak_in_flight("/fast"), 1);
+
+        // Three at once, held by the server: three in flight until they are answered.
+        let slow: Vec<_> = (0..3).map(|_| tokio::spawn(get("/slow"))).collect();
+        eventually("3 /slow in flight", || proxy.in_flight("/slow") == 3).await;
+        // Another path in between counts apart.
+        assert_eq!(get("/fast").await.expect("fast"), "fast");
+        assert_eq!(proxy.in_flight("/fast"), 0);
+        assert_eq!(proxy.peak_in_flight("/fast"), 1);
+        assert_eq!(
+            proxy.in_flight("/"),
+            3,
+            "a pattern matches any part of the line"
+        );
+        release.send_replace(true);
+        for task in slow {
+            assert_eq!(task.await.expect("join").expect("slow"), "slow");
+        }
+        assert_eq!(proxy.in_flight("/slow"), 0);
+        assert_eq!(proxy.peak_in_flight("/slow"), 3);
+        assert_eq!(
+            proxy.peak_in_flight("/"),
+            4,
+            "with the /fast among the /slow"
+        );
+        assert_eq!(proxy.peak_in_flight("/login"), 0);
+        assert_eq!(proxy.count("/slow"), 3);
+
+        // A request whose connection is reset is no longer in flight.
+        release.send_replace(false);
+        let held = tokio::spawn(get("/slow"));
+        eventually("1 /slow in flight", || proxy.in_flight("/slow") == 1).await;
+        proxy.reset_all().await;
+        assert_eq!(proxy.in_flight("/slow"), 0);
+        assert!(held.await.expect("join").is_err(), "a reset request failed");
+        assert_eq!(proxy.peak_in_flight("/slow"), 3);
     }
 }

@@ -5,5 +5,7 @@ mod call;
 mod config;
 mod fault_proxy;
 mod gateway;
+mod matrix;
 mod node;
 mod process;
+mod synapse;
