@@ -549,6 +549,9 @@ async fn whoami(config: &AccountConfig, token: &str) -> Result<(String, String),
 async fn build(config: &AccountConfig, paths: &Paths) -> Result<Client, Open> {
     Client::builder()
         .homeserver_url(&config.homeserver)
+        // The configured URL is the one to use: by default the SDK switches to the base URL
+        // a login response advertises, which may bypass a proxy the operator put in front.
+        .respect_login_well_known(false)
         .sqlite_store(&paths.store, None)
         .request_config(request_config())
         .build()

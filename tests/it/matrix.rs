@@ -1,0 +1,888 @@
+//! Matrix accounts against a real Synapse (the test run's, or a private one), with the
+//! fault proxy between warden and the homeserver where a test injects failures.
+//!
+//! Each test registers its own users and rooms, so they run in parallel on one Synapse.
+//! Operators are real gateway clients subscribed to `chat.message`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio::time::Instant;
+use warden_actors::gateway::client::{ConnectOptions, GatewayClient, Incoming};
+use warden_actors::gateway::protocol::{ClientInfo, Role};
+
+use crate::fault_proxy::{FaultProxy, Mode};
+use crate::process::{TempDir, Warden, poll_json};
+use crate::synapse::{self, EncryptedPeer, Synapse, User};
+
+const TOKEN: &str = "matrix-test-token";
+
+/// One `[matrix.accounts.<alias>]` table.
+struct Account<'a> {
+    alias: &'a str,
+    homeserver: String,
+    user: &'a User,
+    auth: Auth,
+    extra: &'a str,
+}
+
+enum Auth {
+    Password,
+    WrongPassword,
+    /// Token and user ID, with the device when given.
+    Token {
+        token: String,
+        device_id: Option<String>,
+        user_id: bool,
+    },
+}
+
+impl Account<'_> {
+    fn toml(&self) -> String {
+        let mut t = format!(
+            "[matrix.accounts.{}]\nhomeserver = \"{}\"\n",
+            self.alias, self.homeserver
+        );
+        match &self.auth {
+            Auth::Password => t.push_str(&format!(
+                "user_id = \"{}\"\npassword = \"{}\"\n",
+                self.user.user_id, self.user.password
+            )),
+            Auth::WrongPassword => t.push_str(&format!(
+                "user_id = \"{}\"\npassword = \"not-{}\"\n",
+                self.user.user_id, self.user.password
+            )),
+            Auth::Token {
+                token,
+                device_id,
+                user_id,
+            } => {
+                t.push_str(&format!("access_token = \"{token}\"\n"));
+                if *user_id {
+                    t.push_str(&format!("user_id = \"{}\"\n", self.user.user_id));
+                }
+                if let Some(device) = device_id {
+                    t.push_str(&format!("device_id = \"{device}\"\n"));
+                }
+            }
+        }
+        t + self.extra + "\n"
+    }
+}
+
+/// A running `warden run` with Matrix accounts.
+struct Rig {
+    warden: Warden,
+    admin: String,
+    gateway: String,
+}
+
+/// Starts warden with `accounts`, its state in `state` (which outlives the process).
+async fn start(name: &str, state: &Path, accounts: &[Account<'_>]) -> Rig {
+    let dir = TempDir::new(name);
+    let config: String = accounts.iter().map(Account::toml).collect();
+    std::fs::write(dir.0.join("warden.toml"), config).expect("config");
+    let args = [
+        "--config",
+        "warden.toml",
+        "run",
+        "--gateway-bind",
+        "127.0.0.1:0",
+        "--admin-bind",
+        "127.0.0.1:0",
+        "--log-format",
+        "json",
+    ];
+    let state = state.to_str().expect("utf-8 path");
+    let warden = Warden::spawn(
+        dir,
+        &args,
+        &[
+            ("WARDEN_GATEWAY__TOKEN", TOKEN),
+            ("WARDEN_STATE__DIR", state),
+            // Make the SDK's part visible in a failing test's output.
+            ("RUST_LOG", "info"),
+        ],
+    );
+    let admin = warden.admin().await;
+    let line = warden
+        .wait_for_log("Gateway endpoint listening.", Duration::from_secs(10))
+        .await;
+    let gateway = format!("ws://{}/ws", line["addr"].as_str().expect("addr"));
+    Rig {
+        warden,
+        admin,
+        gateway,
+    }
+}
+
+impl Rig {
+    /// The tree node of `<alias>`'s client.
+    async fn client_node(&self, alias: &str) -> Value {
+        let tree: Value = reqwest::get(format!("{}/admin/tree", self.admin))
+            .await
+            .expect("GET /admin/tree")
+            .json()
+            .await
+            .expect("tree JSON");
+        find(&tree, &format!("root/channels/matrix/{alias}/client"))
+            .cloned()
+            .unwrap_or(Value::Null)
+    }
+
+    /// Waits until `<alias>`'s client satisfies `check`; returns its node.
+    async fn wait_client(
+        &self,
+        alias: &str,
+        within: Duration,
+        check: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let deadline = Instant::now() + within;
+        loop {
+            let node = self.client_node(alias).await;
+            if check(&node) {
+                return node;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{alias}: condition not met within {within:?}; node: {node:#}\nlogs:\n{}",
+                self.warden.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until `<alias>` is ready (its first sync done).
+    async fn wait_ready(&self, alias: &str, within: Duration) -> Value {
+        self.wait_client(alias, within, |n| n["ready"] == true)
+            .await
+    }
+
+    /// An operator subscribed to `chat.message`.
+    async fn operator(&self) -> GatewayClient {
+        let options = ConnectOptions::new(
+            Role::Operator,
+            TOKEN,
+            ClientInfo {
+                name: "it-matrix".into(),
+                version: "0".into(),
+            },
+        );
+        let (mut op, _) = GatewayClient::connect(&self.gateway, options)
+            .await
+            .expect("operator connects");
+        op.call("subscribe", json!({ "events": ["chat.message"] }))
+            .await
+            .expect("subscribe");
+        op
+    }
+
+    /// `chat.send` as a one-off operator.
+    async fn chat_send(&self, params: Value) -> Result<Value, String> {
+        let mut op = self.operator().await;
+        let result = op
+            .call("chat.send", params)
+            .await
+            .map_err(|e| e.to_string());
+        op.close().await;
+        result
+    }
+}
+
+fn find<'a>(node: &'a Value, path: &str) -> Option<&'a Value> {
+    if node["path"] == path {
+        return Some(node);
+    }
+    node["children"]
+        .as_array()?
+        .iter()
+        .find_map(|c| find(c, path))
+}
+
+/// The next `chat.message` payload, or None at the deadline.
+async fn next_message(op: &mut GatewayClient, deadline: Instant) -> Option<Value> {
+    loop {
+        let left = deadline.checked_duration_since(Instant::now())?;
+        match tokio::time::timeout(left, op.next_event()).await {
+            Ok(Ok(Incoming::Event { event, payload })) if event == "chat.message" => {
+                return Some(payload);
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => panic!("operator connection failed: {e}"),
+            Err(_) => return None,
+        }
+    }
+}
+
+/// Collects `chat.message` payloads until `done` says so, or panics at the deadline.
+async fn collect(
+    rig: &Rig,
+    op: &mut GatewayClient,
+    within: Duration,
+    done: impl Fn(&[Value]) -> bool,
+) -> Vec<Value> {
+    let deadline = Instant::now() + within;
+    let mut got = Vec::new();
+    while !done(&got) {
+        match next_message(op, deadline).await {
+            Some(m) => got.push(m),
+            None => panic!(
+                "timed out after {within:?} with {} messages: {:?}\nwarden's logs:\n{}",
+                got.len(),
+                got.iter().map(|m| m["body"].clone()).collect::<Vec<_>>(),
+                rig.warden.logs()
+            ),
+        }
+    }
+    got
+}
+
+/// A room of `owner` that `bot` joined by accepting the invite itself (auto_join).
+async fn room_with(owner: &User, bot: &User, encrypted: bool) -> String {
+    let room = owner.create_room(&[&bot.user_id], encrypted).await;
+    owner
+        .wait_joined(&room, &bot.user_id, Duration::from_secs(30))
+        .await;
+    room
+}
+
+fn allow(owner: &User) -> String {
+    format!("allowed_senders = [\"{}\"]", owner.user_id)
+}
+
+fn synapse_addr(hs: &Synapse) -> SocketAddr {
+    hs.addr()
+}
+
+fn state_dir(name: &str) -> TempDir {
+    TempDir::new(&format!("state-{name}"))
+}
+
+fn session_file(state: &Path, alias: &str) -> PathBuf {
+    state.join("matrix").join(alias).join("session.json")
+}
+
+/// Scenario 1: a reset during the startup login is retried, and the account comes up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reset_during_startup_login_is_retried_and_the_account_comes_up() {
+    let Some(hs) = synapse::require!() else {
+        return;
+    };
+    let bot = hs.register("s1bot").await;
+    let proxy = FaultProxy::start(synapse_addr(hs)).await.expect("proxy");
+    proxy.set_mode(Mode::Stall);
+    let state = state_dir("s1");
+    let rig = start(
+        "matrix-s1",
+        &state.0,
+        &[Account {
+            alias: "nova",
+            homeserver: format!("http://{}", proxy.addr()),
+            user: &bot,
+            auth: Auth::Password,
+            extra: "",
+        }],
+    )
+    .await;
+    // The login's connection is held; then reset, and let the retry through.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while proxy.accepted() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "warden never connected to the proxy"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    proxy.set_mode(Mode::Forward);
+    assert!(proxy.reset_all().await >= 1, "a connection was reset");
+    let node = rig.wait_ready("nova", Duration::from_secs(30)).await;
+    assert!(node["restarts_total"].as_u64() >= Some(1), "{node:#}");
+    let reason = node["last_failure"]["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("connection reset by peer"), "{node:#}");
+    assert_eq!(node["last_failure"]["class"], "transient");
+    assert!(proxy.count("/login") >= 1);
+}
+
+/// Scenario 1, token variant: a reset during the `whoami` a token without `user_id` needs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reset_during_startup_whoami_is_retried_and_the_account_comes_up() {
+    let Some(hs) = synapse::require!() else {
+        return;
+    };
+    let bot = hs.register("s1who").await;
+    let (token, _device) = bot.login_fresh().await;
+    let proxy = FaultProxy::start(synapse_addr(hs)).await.expect("proxy");
+    proxy.set_mode(Mode::Stall);
+    let state = state_dir("s1who");
+    let rig = start(
+        "matrix-s1who",
+        &state.0,
+        &[Account {
+            alias: "nova",
+            homeserver: format!("http://{}", proxy.addr()),
+            user: &bot,
+            auth: Auth::Token {
+                token,
+                device_id: None,
+                user_id: false,
+            },
+            extra: "",
+        }],
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while proxy.accepted() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "warden never connected to the proxy"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    proxy.set_mode(Mode::Forward);
+    assert!(proxy.reset_all().await >= 1);
+    let node = rig.wait_ready("nova", Duration::from_secs(30)).await;
+    assert!(node["restarts_total"].as_u64() >= Some(1), "{node:#}");
+    assert!(proxy.count("/whoami") >= 1, "{:?}", proxy.requests());
+}
+
+/// Scenario 2: resets every 2 s for 30 s during sync while another user sends 100
+/// messages: the account never parks and the operator gets each message once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resets_every_two_seconds_lose_and_repeat_no_message() {
+    let Some(hs) = synapse::require!() else {
+        return;
+    };
+    let bot = hs.register("s2bot").await;
+    let owner = hs.register("s2owner").await;
+    let proxy = FaultProxy::start(synapse_addr(hs)).await.expect("proxy");
+    let state = state_dir("s2");
+    let rig = start(
+        "matrix-s2",
+        &state.0,
+        &[Account {
+            alias: "nova",
+            homeserver: format!("http://{}", proxy.addr()),
+            user: &bot,
+            auth: Auth::Password,
+            extra: &allow(&owner),
+        }],
+    )
+    .await;
+    rig.wait_ready("nova", Duration::from_secs(30)).await;
+    let room = room_with(&owner, &bot, false).await;
+    let mut op = rig.operator().await;
+
+    let started = Instant::now();
+    let resets = {
+        let proxy_resets = tokio::spawn({
+            let proxy = std::sync::Arc::new(proxy);
+            async move {
+                let mut total = 0;
+                let mut tick = tokio::time::interval(Duration::from_secs(2));
+                tick.tick().await;
+                for _ in 0..15 {
+                    tick.tick().await;
+                    total += proxy.reset_all().await;
+                }
+                total
+            }
+        });
+        let sender = tokio::spawn({
+            let (owner, room) = (owner.clone(), room.clone());
+            async move {
+                for i in 0..100 {
+                    owner.send_text(&room, &format!("msg {i:03}")).await;
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+            }
+        });
+        let got = collect(&rig, &mut op, Duration::from_secs(150), |got| {
+            got.len() >= 100
+        })
+        .await;
+        sender.await.expect("sender");
+        let resets = proxy_resets.await.expect("resets");
+        let bodies: Vec<String> = got
+            .iter()
+            .map(|m| m["body"].as_str().unwrap_or_default().to_string())
+            .collect();
+        let expected: Vec<String> = (0..100).map(|i| format!("msg {i:03}")).collect();
+        assert_eq!(bodies, expected, "every message once, in order");
+        // Nothing more arrives: no late duplicate.
+        let extra = next_message(&mut op, Instant::now() + Duration::from_secs(3)).await;
+        assert!(extra.is_none(), "a duplicate arrived: {extra:?}");
+        resets
+    };
+    let node = rig.client_node("nova").await;
+    eprintln!(
+        "scenario 2: 100 messages in {:.1} s, {resets} connections reset, {} restarts",
+        started.elapsed().as_secs_f64(),
+        node["restarts_total"]
+    );
+    // Backoff grows (1, 2, 4, 8 … s) while the resets go on, so later resets often find
+    // the account waiting rather than connected.
+    assert!(resets >= 3, "the resets hit open connections: {resets}");
+    assert!(node["restarts_total"].as_u64() >= Some(3), "{node:#}");
+    assert!(
+        !rig.warden.logs().contains("\"Parked"),
+        "the account parked:\n{}",
+        rig.warden.logs()
+    );
+    assert_eq!(node["state"], "running", "{node:#}");
+}
+
+/// Scenario 3: Synapse down for 60 s. The tree shows backing_off with the cause; the
+/// account is ready within its backoff cap after Synapse is back; messages sent while the
+/// account was away are all forwarded, and a send during the outage is refused, not lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn synapse_down_for_a_minute_backs_off_then_recovers_without_loss() {
+    let Some(_) = synapse::require!() else { return };
+    let hs = Synapse::start_private("s3").await;
+    let bot = hs.register("s3bot").await;
+    let owner = hs.register("s3owner").await;
+    let state = state_dir("s3");
+    let rig = start(
+        "matrix-s3",
+        &state.0,
+        &[Account {
+            alias: "nova",
+            homeserver: hs.url().to_string(),
+            user: &bot,
+            auth: Auth::Password,
+            extra: &allow(&owner),
+        }],
+    )
+    .await;
+    rig.wait_ready("nova", Duration::from_secs(30)).await;
+    let room = room_with(&owner, &bot, false).await;
+    let mut op = rig.operator().await;
+    owner.send_text(&room, "before").await;
+    let got = collect(&rig, &mut op, Duration::from_secs(20), |g| !g.is_empty()).await;
+    assert_eq!(got[0]["body"], "before");
+
+    hs.stop().await;
+    let down_at = Instant::now();
+    let node = rig
+        .wait_client("nova", Duration::from_secs(60), |n| {
+            n["state"] == "backing_off" && n["last_failure"]["reason"].is_string()
+        })
+        .await;
+    let reason = node["last_failure"]["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("connection refused") || reason.contains("connection reset"),
+        "{node:#}"
+    );
+    assert!(node["next_restart_in_ms"].is_u64(), "{node:#}");
+    let refused = rig
+        .chat_send(json!({"account": "nova", "room_id": room, "body": "during outage"}))
+        .await;
+    assert!(
+        refused
+            .as_ref()
+            .is_err_and(|e| e.contains("account_not_ready")),
+        "{refused:?}"
+    );
+    // The outage itself: Synapse stays down 60 s. The operator keeps reading (its session
+    // would idle out otherwise) and gets nothing.
+    let quiet = next_message(&mut op, down_at + Duration::from_secs(60)).await;
+    assert!(quiet.is_none(), "a message during the outage: {quiet:?}");
+
+    hs.start_again().await;
+    let back_at = Instant::now();
+    for i in 0..5 {
+        owner.send_text(&room, &format!("while away {i}")).await;
+    }
+    rig.wait_ready("nova", Duration::from_secs(70)).await;
+    let recovered = back_at.elapsed();
+    let got = collect(&rig, &mut op, Duration::from_secs(30), |g| g.len() >= 5).await;
+    let bodies: Vec<&str> = got.iter().filter_map(|m| m["body"].as_str()).collect();
+    assert_eq!(
+        bodies,
+        [
+            "while away 0",
+            "while away 1",
+            "while away 2",
+            "while away 3",
+            "while away 4"
+        ]
+    );
+    eprintln!(
+        "scenario 3: ready {:.1} s after Synapse came back (cap 60 s)",
+        recovered.as_secs_f64()
+    );
+    assert!(recovered <= Duration::from_secs(62), "{recovered:?}");
+}
+
+/// Scenario 4: a wrong password parks that account with a fatal reason; two healthy
+/// accounts keep syncing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_password_parks_one_account_and_the_others_keep_syncing() {
+    let Some(hs) = synapse::require!() else {
+        return;
+    };
+    let bad = hs.register("s4bad").await;
+    let good1 = hs.register("s4good").await;
+    let good2 = hs.register("s4good").await;
+    let owner = hs.register("s4owner").await;
+    let state = state_dir("s4");
+    let extra = allow(&owner);
+    let rig = start(
+        "matrix-s4",
+        &state.0,
+        &[
+            Account {
+                alias: "bad",
+                homeserver: hs.url().to_string(),
+                user: &bad,
+                auth: Auth::WrongPassword,
+                extra: "",
+            },
+            Account {
+                alias: "good1",
+                homeserver: hs.url().to_string(),
+                user: &good1,
+                auth: Auth::Password,
+                extra: &extra,
+            },
+            Account {
+                alias: "good2",
+                homeserver: hs.url().to_string(),
+                user: &good2,
+                auth: Auth::Password,
+                extra: &extra,
+            },
+        ],
+    )
+    .await;
+    let node = rig
+        .wait_client("bad", Duration::from_secs(30), |n| n["state"] == "parked")
+        .await;
+    assert_eq!(node["last_failure"]["class"], "fatal", "{node:#}");
+    let reason = node["last_failure"]["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("login refused") && reason.contains("M_FORBIDDEN"),
+        "{reason}"
+    );
+    assert_eq!(node["restarts_total"], 0, "a fatal failure is not retried");
+
+    rig.wait_ready("good1", Duration::from_secs(30)).await;
+    rig.wait_ready("good2", Duration::from_secs(30)).await;
+    let room1 = room_with(&owner, &good1, false).await;
+    let room2 = room_with(&owner, &good2, false).await;
+    let mut op = rig.operator().await;
+    owner.send_text(&room1, "to good1").await;
+    owner.send_text(&room2, "to good2").await;
+    let got = collect(&rig, &mut op, Duration::from_secs(20), |g| g.len() >= 2).await;
+    let mut pairs: Vec<(String, String)> = got
+        .iter()
+        .map(|m| (m["account"].to_string(), m["body"].to_string()))
+        .collect();
+    pairs.sort();
+    assert_eq!(
+        pairs,
+        [
+            ("\"good1\"".to_string(), "\"to good1\"".to_string()),
+            ("\"good2\"".to_string(), "\"to good2\"".to_string())
+        ]
+    );
+    let ready = poll_json(
+        &format!("{}/readyz", rig.admin),
+        Duration::from_secs(5),
+        |s, _| s == 503,
+    )
+    .await;
+    assert_eq!(ready["failing"], json!(["root/channels/matrix/bad/client"]));
+}
+
+/// Scenario 5: token auth with `user_id` and `device_id` set makes no `whoami` (and no
+/// login) before its first sync; without `user_id` it makes exactly one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_auth_with_user_id_makes_no_whoami() {
+    let Some(hs) = synapse::require!() else {
+        return;
+    };
+    let bot = hs.register("s5bot").await;
+    let other = hs.register("s5oth").await;
+    let (token, device) = bot.login_fresh().await;
+    let (token2, _) = other.login_fresh().await;
+    let proxy = FaultProxy::start(synapse_addr(hs)).await.expect("proxy");
+    let proxy2 = FaultProxy::start(synapse_addr(hs)).await.expect("proxy");
+    let state = state_dir("s5");
+    let rig = start(
+        "matrix-s5",
+        &state.0,
+        &[
+            Account {
+                alias: "nova",
+                homeserver: format!("http://{}", proxy.addr()),
+                user: &bot,
+                auth: Auth::Token {
+                    token,
+                    device_id: Some(device.clone()),
+                    user_id: true,
+                },
+                extra: "",
+            },
+            Account {
+                alias: "nouser",
+                homeserver: format!("http://{}", proxy2.addr()),
+                user: &other,
+                auth: Auth::Token {
+                    token: token2,
+                    device_id: None,
+                    user_id: false,
+                },
+                extra: "",
+            },
+        ],
+    )
+    .await;
+    rig.wait_ready("nova", Duration::from_secs(30)).await;
+    rig.wait_ready("nouser", Duration::from_secs(30)).await;
+    let requests = proxy.requests();
+    let first_sync = requests
+        .iter()
+        .position(|r| r.contains("/sync"))
+        .expect("a sync went through the proxy");
+    assert!(
+        !requests[..first_sync].iter().any(|r| r.contains("whoami")),
+        "{requests:#?}"
+    );
+    assert_eq!(proxy.count("/whoami"), 0, "{requests:#?}");
+    assert_eq!(proxy.count("/login"), 0, "{requests:#?}");
+    assert_eq!(proxy2.count("/whoami"), 1, "{:#?}", proxy2.requests());
+    let saved: Value = serde_json::from_slice(
+        &std::fs::read(session_file(&state.0, "nova")).expect("session.json"),
+    )
+    .expect("json");
+    assert_eq!(saved["device_id"], device.as_str());
+}
+
+/// Scenario 6: `session.json` deleted with the store kept, then corrupted: each time the
+/// account wipes its state, logs in fresh and comes up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_or_corrupted_session_is_recovered_by_a_fresh_login() {
+    let Some(hs) = synapse::require!() else {
+        return;
+    };
+    let bot = hs.register("s6bot").await;
+    let owner = hs.register("s6owner").await;
+    let state = state_dir("s6");
+    let extra = allow(&owner);
+    let account = || Account {
+        alias: "nova",
+        homeserver: hs.url().to_string(),
+        user: &bot,
+        auth: Auth::Password,
+        extra: &extra,
+    };
+    let device = |path: &Path| -> String {
+        let saved: Value =
+            serde_json::from_slice(&std::fs::read(path).expect("session.json")).expect("json");
+        saved["device_id"].as_str().expect("device_id").to_string()
+    };
+    let session = session_file(&state.0, "nova");
+
+    let mut rig = start("matrix-s6a", &state.0, &[account()]).await;
+    rig.wait_ready("nova", Duration::from_secs(30)).await;
+    let first = device(&session);
+    rig.warden.signal("-TERM");
+    rig.warden.wait_exit(Duration::from_secs(20)).await;
+    assert!(state.0.join("matrix/nova/store").is_dir());
+
+    // 1. session.json gone, store kept.
+    std::fs::remove_file(&session).expect("remove session.json");
+    let mut rig = start("matrix-s6b", &state.0, &[account()]).await;
+    rig.wait_ready("nova", Duration::from_secs(30)).await;
+    let wiped = rig
+        .warden
+        .wait_for_log(
+            "The local Matrix state is unusable; wiping it and logging in fresh.",
+            Duration::from_secs(5),
+        )
+        .await;
+    assert!(
+        wiped["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("without"),
+        "{wiped}"
+    );
+    let second = device(&session);
+    assert_ne!(first, second, "a fresh login makes a new device");
+    rig.warden.signal("-TERM");
+    rig.warden.wait_exit(Duration::from_secs(20)).await;
+
+    // 2. session.json corrupted.
+    std::fs::write(&session, b"{\"user_id\": 42").expect("corrupt session.json");
+    let rig = start("matrix-s6c", &state.0, &[account()]).await;
+    rig.wait_ready("nova", Duration::from_secs(30)).await;
+    let wiped = rig
+        .warden
+        .wait_for_log(
+            "The local Matrix state is unusable; wiping it and logging in fresh.",
+            Duration::from_secs(5),
+        )
+        .await;
+    assert!(
+        wiped["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("unreadable"),
+        "{wiped}"
+    );
+    let third = device(&session);
+    assert_ne!(second, third);
+    // And it works: a message is forwarded.
+    let room = room_with(&owner, &bot, false).await;
+    let mut op = rig.operator().await;
+    owner.send_text(&room, "after recovery").await;
+    let got = collect(&rig, &mut op, Duration::from_secs(20), |g| !g.is_empty()).await;
+    assert_eq!(got[0]["body"], "after recovery");
+}
+
+/// Scenario 7: 11 accounts start at once; all become ready and never more than 2 logins
+/// are in flight (the `matrix_login` start-slot pool).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eleven_accounts_start_with_at_most_two_logins_in_flight() {
+    let Some(hs) = synapse::require!() else {
+        return;
+    };
+    let mut users = Vec::new();
+    for _ in 0..11 {
+        users.push(hs.register("s7bot").await);
+    }
+    let proxy = FaultProxy::start(synapse_addr(hs)).await.expect("proxy");
+    let aliases: Vec<String> = (0..11).map(|i| format!("acct{i:02}")).collect();
+    let accounts: Vec<Account> = users
+        .iter()
+        .zip(&aliases)
+        .map(|(user, alias)| Account {
+            alias,
+            homeserver: format!("http://{}", proxy.addr()),
+            user,
+            auth: Auth::Password,
+            extra: "",
+        })
+        .collect();
+    let state = state_dir("s7");
+    let started = Instant::now();
+    let rig = start("matrix-s7", &state.0, &accounts).await;
+    for alias in &aliases {
+        rig.wait_ready(alias, Duration::from_secs(60)).await;
+    }
+    let took = started.elapsed();
+    let peak = proxy.peak_in_flight("/login");
+    eprintln!(
+        "scenario 7: 11 accounts ready in {:.2} s; peak logins in flight {peak}",
+        took.as_secs_f64()
+    );
+    assert_eq!(proxy.count("/login"), 11, "{:#?}", proxy.requests());
+    assert!(peak <= 2, "{peak} logins in flight at once");
+    assert!(peak >= 1);
+}
+
+/// Scenario 8: `chat.send` round trips, into an encrypted room too; a message from a
+/// sender not in `allowed_senders` is not forwarded; unknown accounts and rooms get named
+/// errors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_send_round_trips_in_plain_and_encrypted_rooms_and_filters_senders() {
+    let Some(hs) = synapse::require!() else {
+        return;
+    };
+    let bot = hs.register("s8bot").await;
+    let owner = hs.register("s8owner").await;
+    let mallory = hs.register("s8mal").await;
+    let state = state_dir("s8");
+    let rig = start(
+        "matrix-s8",
+        &state.0,
+        &[Account {
+            alias: "nova",
+            homeserver: hs.url().to_string(),
+            user: &bot,
+            auth: Auth::Password,
+            extra: &allow(&owner),
+        }],
+    )
+    .await;
+    rig.wait_ready("nova", Duration::from_secs(30)).await;
+
+    // Plain room: out and in, and a sender who is not allowed.
+    let room = room_with(&owner, &bot, false).await;
+    owner.invite(&room, &mallory.user_id).await;
+    mallory.join(&room).await;
+    let sent = rig
+        .chat_send(json!({"account": "nova", "room_id": room, "body": "hello from warden"}))
+        .await
+        .expect("chat.send");
+    let event_id = sent["event_id"].as_str().expect("event_id").to_string();
+    let seen = owner
+        .wait_for_message(&room, |m| m.event_id == event_id, Duration::from_secs(10))
+        .await;
+    assert_eq!(seen.sender, bot.user_id);
+    assert_eq!(seen.body.as_deref(), Some("hello from warden"));
+
+    let mut op = rig.operator().await;
+    mallory.send_text(&room, "from mallory").await;
+    let owner_event = owner.send_text(&room, "from owner").await;
+    let got = collect(&rig, &mut op, Duration::from_secs(20), |g| !g.is_empty()).await;
+    assert_eq!(
+        got[0]["body"], "from owner",
+        "mallory's came first: {got:?}"
+    );
+    assert_eq!(got[0]["sender"], owner.user_id.as_str());
+    assert_eq!(got[0]["event_id"], owner_event.as_str());
+    assert_eq!(got[0]["room_id"], room.as_str());
+    assert_eq!(got[0]["account"], "nova");
+
+    // Named errors.
+    let err = rig
+        .chat_send(json!({"account": "nobody", "room_id": room, "body": "x"}))
+        .await
+        .expect_err("unknown account");
+    assert!(err.contains("unknown_account"), "{err}");
+    let elsewhere = mallory.create_room(&[], false).await;
+    let err = rig
+        .chat_send(json!({"account": "nova", "room_id": elsewhere, "body": "x"}))
+        .await
+        .expect_err("not in that room");
+    assert!(err.contains("forbidden"), "{err}");
+
+    // Encrypted room, with a real E2EE client on the other side.
+    let peer = EncryptedPeer::login(&owner).await;
+    let secret_room = peer.create_encrypted_room(&[&bot.user_id]).await;
+    peer.wait_joined(&secret_room, &bot.user_id, Duration::from_secs(30))
+        .await;
+    peer.send_text(&secret_room, "secret hello").await;
+    let got = collect(&rig, &mut op, Duration::from_secs(30), |g| !g.is_empty()).await;
+    assert_eq!(got[0]["body"], "secret hello", "warden decrypted it");
+    assert_eq!(got[0]["room_id"], secret_room.as_str());
+
+    let sent = rig
+        .chat_send(json!({"account": "nova", "room_id": secret_room, "body": "secret reply"}))
+        .await
+        .expect("chat.send into the encrypted room");
+    let reply_id = sent["event_id"].as_str().expect("event_id").to_string();
+    let body = peer
+        .wait_for_text(
+            &secret_room,
+            |sender, body| sender == bot.user_id && body == "secret reply",
+            Duration::from_secs(30),
+        )
+        .await;
+    assert_eq!(body, "secret reply");
+    let raw = owner
+        .wait_for_message(
+            &secret_room,
+            |m| m.event_id == reply_id,
+            Duration::from_secs(10),
+        )
+        .await;
+    assert!(
+        raw.is_encrypted(),
+        "it went over the wire encrypted: {raw:?}"
+    );
+}
