@@ -1,6 +1,7 @@
 //! warden's integration tests: one binary, one module per area.
 
 mod admin;
+mod approvals;
 mod call;
 mod config;
 mod fault_proxy;

@@ -27,6 +27,11 @@ pub mod event {
     pub const NODE_CONNECTED: &str = "node.connected";
     /// A node's session ended: `{name}`.
     pub const NODE_DISCONNECTED: &str = "node.disconnected";
+    /// An operator asked for an approval: `{id, node, command, args, reason, expires_at_ms}`.
+    pub const APPROVAL_REQUESTED: &str = "approval.requested";
+    /// An approval is over: `{id, decision, by, result?, error?}` (after the command ran,
+    /// when approved).
+    pub const APPROVAL_RESOLVED: &str = "approval.resolved";
 }
 
 /// One event, encoded.

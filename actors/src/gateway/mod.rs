@@ -1,25 +1,31 @@
-//! The gateway: the WebSocket listener, one session actor per socket, the event hub and the
-//! node registry.
+//! The gateway: the WebSocket listener, the approvals broker, one session actor per socket,
+//! the event hub and the node registry.
 //!
 //! ```text
 //! root/gateway        rest_for_one          (spec)
 //! ├── listener        permanent             (listener.rs) axum: WS /ws, GET /health
+//! ├── approvals       permanent             (approvals.rs) pending approvals, persisted;
+//! │                                         only when approvals are configured
 //! └── sessions        one_for_one, dynamic  one temporary `conn-<n>` per socket (session.rs)
 //! ```
 //!
+//! A listener restart restarts the broker and the sessions, in order; a broker restart
+//! restarts the sessions.
+//!
 //! * [`GatewayState`] — what the listener and every session share: settings, the tree handle
 //!   (unset while the program is still starting), the [`hub::Hub`] of events, the
-//!   [`registry::Registry`] of nodes, the per-IP pre-auth counter, session counts by role and
-//!   the shutdown intent the program sets before it shuts the tree down.
+//!   [`registry::Registry`] of nodes, the approvals settings and the handle that reaches the
+//!   broker, the per-IP pre-auth counter, session counts by role and the shutdown intent the
+//!   program sets before it shuts the tree down.
 //! * [`spec`] — the `gateway` subtree, built the same way by `warden run` and the tests.
+//! * [`approvals`] — the approvals broker: `approvals.request`, `approvals.resolve`,
+//!   `approvals.list`.
 //! * [`chat`] — the chat accounts `chat.send` reaches and whose messages become
 //!   `chat.message` events.
 //! * [`protocol`] — the wire format; [`client`] — the client side of it; [`metrics`] — every
 //!   metric name the gateway records.
-//!
-//! Later issues add `approvals` between `listener` and `sessions`: a listener restart then
-//! restarts both, in order.
 
+pub mod approvals;
 pub mod chat;
 pub mod client;
 pub mod hub;
@@ -40,6 +46,8 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::supervision::{ChildSpec, Policy, Strategy, TreeHandle};
+use approvals::ApprovalsClient;
+pub use approvals::ApprovalsSettings;
 use chat::Chat;
 use hub::Hub;
 use protocol::{Role, ShutdownNotice, close};
@@ -163,6 +171,10 @@ pub mod metrics {
     pub const HANDSHAKE_TIMEOUTS_TOTAL: &str = "warden_gateway_handshake_timeouts_total";
     /// Counter: `connect` requests refused, by `reason` (`unauthorized`, `bad_request`).
     pub const CONNECT_REFUSALS_TOTAL: &str = "warden_gateway_connect_refusals_total";
+    /// Counter: approvals decided, by `decision` (`approved`, `denied`, `timeout`).
+    pub const APPROVALS_TOTAL: &str = "warden_approvals_total";
+    /// Gauge: approvals waiting for a decision.
+    pub const APPROVALS_PENDING: &str = "warden_approvals_pending";
 }
 
 /// What the listener and every session share. Cheap to clone: everything is behind one `Arc`.
@@ -180,6 +192,10 @@ struct Shared {
     chat: Chat,
     /// Connected (and formerly connected) nodes.
     registry: Registry,
+    /// Set once, before [`spec`] is built: the broker exists only with these.
+    approvals: OnceLock<ApprovalsSettings>,
+    /// Reaches the approvals broker; follows it across restarts.
+    broker: ApprovalsClient,
     /// Handshaking sockets per client IP.
     preauth: Mutex<HashMap<IpAddr, u32>>,
     /// Handshaking sockets in all.
@@ -203,6 +219,8 @@ impl GatewayState {
             chat: Chat::new(hub.clone()),
             hub,
             registry: Registry::default(),
+            approvals: OnceLock::new(),
+            broker: ApprovalsClient::default(),
             tree: OnceLock::new(),
             preauth: Mutex::new(HashMap::new()),
             handshaking: AtomicU64::new(0),
@@ -218,6 +236,28 @@ impl GatewayState {
     /// one returns its handle back.
     pub fn set_tree(&self, handle: TreeHandle) -> Result<(), TreeHandle> {
         self.0.tree.set(handle)
+    }
+
+    /// Enables approvals: [`spec`] then adds the broker, and sessions reach it. Call it
+    /// before building the spec; only the first call has an effect, a second one returns
+    /// its settings back.
+    pub fn set_approvals(&self, settings: ApprovalsSettings) -> Result<(), ApprovalsSettings> {
+        self.0.approvals.set(settings)
+    }
+
+    /// The approvals settings, once set.
+    pub fn approvals_settings(&self) -> Option<&ApprovalsSettings> {
+        self.0.approvals.get()
+    }
+
+    /// The handle of the approvals broker, when approvals are configured.
+    pub(crate) fn approvals(&self) -> Option<&ApprovalsClient> {
+        self.0.approvals.get().map(|_| &self.0.broker)
+    }
+
+    /// The handle the broker points at itself while it runs.
+    pub(crate) fn approvals_client(&self) -> &ApprovalsClient {
+        &self.0.broker
     }
 
     /// Announces the shutdown that follows: every running session tells its client
@@ -366,21 +406,23 @@ impl Drop for RoleCount {
 }
 
 /// The `gateway` subtree: `listener` (its policy is `listener_policy`; `bound` receives its
-/// address on each start) then `sessions`, a one-for-one supervisor of per-socket children
-/// added at run time.
+/// address on each start), then `approvals` if [`GatewayState::set_approvals`] was called,
+/// then `sessions`, a one-for-one supervisor of per-socket children added at run time.
 pub fn spec(
     state: &GatewayState,
     listener_policy: Policy,
     bound: Arc<watch::Sender<Option<SocketAddr>>>,
 ) -> ChildSpec {
-    ChildSpec::supervisor(
-        "gateway",
-        Strategy::RestForOne,
-        vec![
-            listener::spec(state, listener_policy, bound),
-            ChildSpec::supervisor("sessions", Strategy::OneForOne, Vec::new()),
-        ],
-    )
+    let mut children = vec![listener::spec(state, listener_policy, bound)];
+    if state.approvals_settings().is_some() {
+        children.push(approvals::spec(state));
+    }
+    children.push(ChildSpec::supervisor(
+        "sessions",
+        Strategy::OneForOne,
+        Vec::new(),
+    ));
+    ChildSpec::supervisor("gateway", Strategy::RestForOne, children)
 }
 
 /// Milliseconds since the Unix epoch.

@@ -71,6 +71,10 @@ pub mod code {
     pub const ACCOUNT_NOT_READY: &str = "account_not_ready";
     /// `chat.send`: the homeserver could not be reached or failed the send.
     pub const SEND_FAILED: &str = "send_failed";
+    /// `approvals.resolve`: the approval was already decided (first decision wins).
+    pub const ALREADY_RESOLVED: &str = "already_resolved";
+    /// `approvals.resolve`: no approval has that id.
+    pub const UNKNOWN_APPROVAL: &str = "unknown_approval";
 }
 
 /// One frame.
@@ -330,6 +334,252 @@ pub struct NodeListing {
     pub last_seen: u64,
 }
 
+/// Bounds of `approvals.request`'s `timeout_s`: one second to one day.
+pub const APPROVAL_TIMEOUT_S: std::ops::RangeInclusive<u64> = 1..=86_400;
+
+/// The params of `approvals.request` (from an operator).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApprovalRequestParams {
+    /// The node to run the command on.
+    pub node: String,
+    /// One of the commands it declared.
+    pub command: String,
+    /// Passed on to the node as they are (absent: `null`).
+    pub args: Value,
+    /// Why, for the approvers.
+    pub reason: String,
+    /// Seconds to wait for a decision, within [`APPROVAL_TIMEOUT_S`]; absent: the
+    /// gateway's default (300 s).
+    pub timeout_s: Option<u64>,
+}
+
+impl ApprovalRequestParams {
+    /// Reads the params; the error names the field at fault.
+    pub fn parse(params: Value) -> Result<Self, String> {
+        let mut p = Params::new(params)?;
+        let node = p.string("node")?;
+        let command = p.string("command")?;
+        let args = p.take("args").unwrap_or(Value::Null);
+        let reason = p.string("reason")?;
+        let timeout_s = match p.take("timeout_s") {
+            None | Some(Value::Null) => None,
+            Some(v) => match v.as_u64() {
+                Some(s) if APPROVAL_TIMEOUT_S.contains(&s) => Some(s),
+                _ => {
+                    return Err(format!(
+                        "field `timeout_s`: must be a whole number of seconds from {} to {}",
+                        APPROVAL_TIMEOUT_S.start(),
+                        APPROVAL_TIMEOUT_S.end()
+                    ));
+                }
+            },
+        };
+        p.done()?;
+        Ok(Self {
+            node,
+            command,
+            args,
+            reason,
+            timeout_s,
+        })
+    }
+}
+
+/// An approver's verdict in `approvals.resolve`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// `"approve"`: run the command.
+    Approve,
+    /// `"deny"`: do not.
+    Deny,
+}
+
+/// The params of `approvals.resolve` (from an approver).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApprovalResolveParams {
+    /// The approval's id.
+    pub id: String,
+    /// `approve` or `deny`.
+    pub decision: Verdict,
+    /// Who decided: a Matrix user ID among the approvers of the session's account
+    /// (compared case-insensitively).
+    pub by: String,
+}
+
+impl ApprovalResolveParams {
+    /// Reads the params; the error names the field at fault.
+    pub fn parse(params: Value) -> Result<Self, String> {
+        let mut p = Params::new(params)?;
+        let id = p.string("id")?;
+        let decision = match p.string("decision")?.as_str() {
+            "approve" => Verdict::Approve,
+            "deny" => Verdict::Deny,
+            other => {
+                return Err(format!(
+                    "field `decision`: expected \"approve\" or \"deny\", got {other:?}"
+                ));
+            }
+        };
+        let by = p.string("by")?;
+        p.done()?;
+        Ok(Self { id, decision, by })
+    }
+}
+
+/// Checks the params of `approvals.list`: none.
+pub fn parse_approvals_list(params: Value) -> Result<(), String> {
+    Params::new(params)?.done()
+}
+
+/// How an approval was decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Decision {
+    /// The command runs (or ran).
+    Approved,
+    /// Denied by an approver, or by `timeout`.
+    Denied,
+}
+
+impl Decision {
+    /// The lower-case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Decision::Approved => "approved",
+            Decision::Denied => "denied",
+        }
+    }
+}
+
+/// The payload of event `approval.requested`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ApprovalRequested {
+    /// 8 lowercase letters and digits.
+    pub id: String,
+    /// The node.
+    pub node: String,
+    /// The command.
+    pub command: String,
+    /// Its arguments.
+    pub args: Value,
+    /// Why.
+    pub reason: String,
+    /// When it is denied by `timeout` without a decision, ms since the Unix epoch.
+    pub expires_at_ms: u64,
+}
+
+/// How an approval ended: the payload of event `approval.resolved` and the answer to the
+/// requester's `approvals.request`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ApprovalOutcome {
+    /// The approval's id.
+    pub id: String,
+    /// Approved or denied.
+    pub decision: Decision,
+    /// The approver, or `timeout`.
+    pub by: String,
+    /// Approved and the node answered: its `nodes.invoke` payload.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<Value>,
+    /// Approved but the command could not run or failed (`node_offline`, `timeout`, …).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorBody>,
+}
+
+/// The answer to `approvals.resolve`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApprovalResolved {
+    /// The approval's id.
+    pub id: String,
+    /// The decision taken.
+    pub decision: Decision,
+}
+
+/// One entry of `approvals.list`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ApprovalListing {
+    /// The approval's id.
+    pub id: String,
+    /// The node.
+    pub node: String,
+    /// The command.
+    pub command: String,
+    /// Its arguments.
+    pub args: Value,
+    /// Why.
+    pub reason: String,
+    /// When it was requested, ms since the Unix epoch.
+    pub requested_at_ms: u64,
+    /// When it is (or was) denied without a decision, ms since the Unix epoch.
+    pub expires_at_ms: u64,
+    /// False while pending, or approved with its command still running; true once over.
+    pub resolved: bool,
+    /// The decision, once taken.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decision: Option<Decision>,
+    /// Who took it (`timeout` when nobody did).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
+    /// When it was taken, ms since the Unix epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decided_at_ms: Option<u64>,
+}
+
+/// Reads an object of params field by field, so that every error names its field.
+struct Params(serde_json::Map<String, Value>);
+
+impl Params {
+    /// The params object; absent params are an empty object.
+    fn new(params: Value) -> Result<Self, String> {
+        match params {
+            Value::Null => Ok(Self(serde_json::Map::new())),
+            Value::Object(map) => Ok(Self(map)),
+            other => Err(format!(
+                "params must be an object, not {}",
+                json_kind(&other)
+            )),
+        }
+    }
+
+    fn take(&mut self, field: &str) -> Option<Value> {
+        self.0.remove(field)
+    }
+
+    /// A required, non-empty string.
+    fn string(&mut self, field: &str) -> Result<String, String> {
+        match self.take(field) {
+            None | Some(Value::Null) => Err(format!("field `{field}`: missing")),
+            Some(Value::String(s)) if s.trim().is_empty() => {
+                Err(format!("field `{field}`: must not be empty"))
+            }
+            Some(Value::String(s)) => Ok(s),
+            Some(other) => Err(format!(
+                "field `{field}`: expected a string, got {}",
+                json_kind(&other)
+            )),
+        }
+    }
+
+    /// Fails on the first field left unread.
+    fn done(self) -> Result<(), String> {
+        match self.0.keys().next() {
+            Some(field) => Err(format!("field `{field}`: unknown")),
+            None => Ok(()),
+        }
+    }
+}
+
+fn json_kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
 /// The reason text of a 1013 close: `starting; retry_after_ms=<n>`.
 pub fn try_again_reason(retry_after_ms: u64) -> String {
     format!("starting; retry_after_ms={retry_after_ms}")
@@ -384,6 +634,39 @@ mod tests {
         ] {
             assert!(Frame::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn approval_params_name_the_field_at_fault() {
+        let ok = ApprovalRequestParams::parse(json!({
+            "node": "box", "command": "disk", "args": ["-h"], "reason": "full?", "timeout_s": 60
+        }))
+        .expect("valid");
+        assert_eq!((ok.node.as_str(), ok.timeout_s), ("box", Some(60)));
+        let bad = |v: Value| ApprovalRequestParams::parse(v).expect_err("invalid");
+        assert!(bad(json!({"command": "x", "reason": "r"})).contains("`node`"));
+        assert!(bad(json!({"node": "", "command": "x", "reason": "r"})).contains("`node`"));
+        assert!(bad(json!({"node": "n", "command": 5, "reason": "r"})).contains("`command`"));
+        assert!(bad(json!({"node": "n", "command": "x"})).contains("`reason`"));
+        for t in [json!(0), json!(86_401), json!(-1), json!(1.5), json!("5")] {
+            let v = json!({"node": "n", "command": "x", "reason": "r", "timeout_s": t});
+            assert!(bad(v).contains("`timeout_s`"), "{t}");
+        }
+        let v = json!({"node": "n", "command": "x", "reason": "r", "frob": 1});
+        assert!(bad(v).contains("`frob`"));
+        assert!(bad(json!([1])).contains("object"));
+
+        let r = ApprovalResolveParams::parse(
+            json!({"id": "abcd1234", "decision": "deny", "by": "@o:x"}),
+        )
+        .expect("valid");
+        assert_eq!(r.decision, Verdict::Deny);
+        let bad = |v: Value| ApprovalResolveParams::parse(v).expect_err("invalid");
+        assert!(bad(json!({"id": "a", "decision": "maybe", "by": "@o:x"})).contains("`decision`"));
+        assert!(bad(json!({"id": "a", "decision": "approve"})).contains("`by`"));
+        assert!(bad(json!({"decision": "approve", "by": "@o:x"})).contains("`id`"));
+        assert!(parse_approvals_list(Value::Null).is_ok());
+        assert!(parse_approvals_list(json!({"x": 1})).is_err());
     }
 
     #[test]

@@ -2,12 +2,12 @@
 //!
 //! On start it sends `connect.challenge {nonce, ts}`. The first text frame must be a `req`
 //! `connect` with valid [`ConnectParams`]: protocol 1, the gateway token (compared in
-//! constant time; any token when none is configured), and for role `node` its name and
-//! commands. Success answers `hello-ok` and releases the socket's pre-auth slot; any
-//! refusal answers an error (`unauthorized` for a wrong token, `bad_request` otherwise) and
-//! closes with 1008. Anything but `connect` before `hello-ok` — another request, a `res`,
-//! an `event` — is a policy failure too: a request gets error `unauthorized` ("connect
-//! first"), then the socket is closed with 1008.
+//! constant time; any token when none is configured), for role `node` its name and
+//! commands, and for role `approver` the account it serves. Success answers `hello-ok` and
+//! releases the socket's pre-auth slot; any refusal answers an error (`unauthorized` for a
+//! wrong token, `bad_request` otherwise) and closes with 1008. Anything but `connect` before
+//! `hello-ok` — another request, a `res`, an `event` — is a policy failure too: a request
+//! gets error `unauthorized` ("connect first"), then the socket is closed with 1008.
 //!
 //! | what | close |
 //! |---|---|
@@ -24,19 +24,28 @@
 //! Methods: `health` (every role); `subscribe {events}` (operator, approver); `status`,
 //! `tree`, `nodes.list`, `nodes.invoke {node, command, args, timeout_ms?}` and `chat.send
 //! {account, room_id, body, thread_root?}` → `{event_id}` (operator; others get
-//! `forbidden`); the approvals methods answer `not_implemented`. `chat.send` runs off the
-//! actor and its answer comes back as a `Reply` message.
+//! `forbidden`); `approvals.request {node, command, args?, reason, timeout_s?}` (operator),
+//! `approvals.resolve {id, decision, by}` (approver) and `approvals.list` (operator,
+//! approver), which the session checks (role, params: `bad_request` naming the field) and
+//! hands to the approvals broker ([`super::approvals`]); without approvals configured they
+//! answer `not_implemented`. `chat.send` runs off the actor; its answer, and every answer of
+//! the broker (that of `approvals.request` once the approval is over), comes back as a
+//! `Reply` message.
 //! `nodes.invoke` forwards a `req node.invoke {command, args}` to the node's session, which
-//! relays the node's `res` back; the operator's session times the call out.
+//! relays the node's `res` back; the operator's session times the call out. The broker
+//! runs an approved command through the same path (`dispatch_invoke`, with an
+//! [`InvokeReply::Oneshot`]).
 //!
 //! ## Messages
 //! From the socket, forwarded by the pump task: `Inbound` (a frame), `ReadFailed` (a read
 //! error: too big, bad UTF-8, broken), `ReadEnded`; from the hub through the same task:
 //! `Event`, `Lagged`; and `Shutdown`, when the program announces one
-//! ([`GatewayState::set_shutdown_intent`]). Timers: `HandshakeTimeout`, `Tick`, `IdleCheck`, `LingerOver`. From
-//! other sessions: `Replaced` (a newer session took this node's name), `Invoke` (to a node's
-//! session), `InvokeDone` (back to the operator's session). `InvokeTimedOut` and
-//! `InvokeExpired` end a pending invocation on either side.
+//! ([`GatewayState::set_shutdown_intent`]). Timers: `HandshakeTimeout`, `Tick`, `IdleCheck`,
+//! `LingerOver`. From other sessions: `Replaced` (a newer session took this node's name),
+//! `Invoke` (to a node's session, from an operator's session or the broker), `InvokeDone`
+//! (back to the operator's session). `InvokeTimedOut` and `InvokeExpired` end a pending
+//! invocation on either side. `Reply`: an answer worked out elsewhere (`chat.send`, the
+//! approvals broker).
 //!
 //! ## Supervision
 //! A temporary child `conn-<n>` of `root/gateway/sessions`, added by the listener for each
@@ -69,12 +78,14 @@ use tokio::time::Instant;
 use tokio_tungstenite::tungstenite;
 use tracing::{Instrument, debug, info, warn};
 
+use super::approvals::{ApprovalsMsg, ReplyTo};
 use super::chat::SendParams;
 use super::hub::{HubEvent, event};
 use super::protocol::{
-    Challenge, ConnectParams, DEFAULT_INVOKE_TIMEOUT_MS, ErrorBody, Frame, HelloOk, InvokeParams,
-    MAX_PREAUTH_FRAME_BYTES, NodeInvokeParams, PROTOCOL_VERSION, Role, ServerInfo, SessionPolicy,
-    SubscribeParams, close, code,
+    ApprovalRequestParams, ApprovalResolveParams, Challenge, ConnectParams,
+    DEFAULT_INVOKE_TIMEOUT_MS, ErrorBody, Frame, HelloOk, InvokeParams, MAX_PREAUTH_FRAME_BYTES,
+    NodeInvokeParams, PROTOCOL_VERSION, Role, ServerInfo, SessionPolicy, SubscribeParams, close,
+    code, parse_approvals_list,
 };
 use super::registry::{Lookup, Registration};
 use super::{GatewayState, PreauthSlot, RoleCount, ShutdownIntent, metrics, now_ms};
@@ -183,7 +194,8 @@ pub enum SessionMsg {
         /// The gateway's request id towards the node.
         id: String,
     },
-    /// A reply worked out off the actor (`chat.send`), to send as it is.
+    /// A reply worked out off the actor (`chat.send`) or by the approvals broker, to send as
+    /// it is.
     Reply(Frame),
 }
 
@@ -193,12 +205,82 @@ pub struct Invoke {
     pub command: String,
     /// Its arguments.
     pub args: Value,
-    /// How long the operator waits.
+    /// How long the caller waits.
     pub timeout: Duration,
-    /// The operator's session.
-    pub reply_to: ActorRef<SessionMsg>,
-    /// The operator's request id.
-    pub req_id: String,
+    /// Where the node's answer goes.
+    pub reply: InvokeReply,
+}
+
+/// Where the answer to an invocation goes: exactly one answer, whatever happens to the node.
+pub enum InvokeReply {
+    /// An operator's session, as `InvokeDone` for its request `req_id`.
+    Session {
+        /// The operator's session.
+        session: ActorRef<SessionMsg>,
+        /// The operator's request id.
+        req_id: String,
+    },
+    /// A caller inside the gateway (the approvals broker). A sender dropped without an
+    /// answer means the node's session forgot the call at its timeout.
+    Oneshot(oneshot::Sender<Result<Value, ErrorBody>>),
+}
+
+impl InvokeReply {
+    /// Delivers the node's payload or error; a caller that is gone is not an error.
+    pub fn send(self, result: Result<Value, ErrorBody>) {
+        match self {
+            InvokeReply::Session { session, req_id } => {
+                let _ = session.send_message(SessionMsg::InvokeDone { id: req_id, result });
+            }
+            InvokeReply::Oneshot(tx) => {
+                let _ = tx.send(result);
+            }
+        }
+    }
+}
+
+/// Routes an invocation of `command` on `node` the way `nodes.invoke` does: the registry
+/// finds the node's session, which must have declared the command; the session then sends
+/// `node.invoke` and relays the answer (or `node_offline`) to `reply`. The caller times the
+/// call out itself; the node's session forgets it after `timeout`. On an error, `reply`
+/// is dropped unanswered.
+pub(crate) fn dispatch_invoke(
+    gateway: &GatewayState,
+    node: &str,
+    command: String,
+    args: Value,
+    timeout: Duration,
+    reply: InvokeReply,
+) -> Result<(), (&'static str, String)> {
+    let offline = || {
+        (
+            code::NODE_OFFLINE,
+            format!("node {node:?} is not connected"),
+        )
+    };
+    let (commands, session) = match gateway.registry().lookup(node) {
+        Lookup::Unknown => {
+            return Err((
+                code::UNKNOWN_NODE,
+                format!("no node {node:?} has connected"),
+            ));
+        }
+        Lookup::Offline => return Err(offline()),
+        Lookup::Online { commands, session } => (commands, session),
+    };
+    if !commands.contains(&command) {
+        let message = format!("node {node:?} has no command {command:?}");
+        return Err((code::UNKNOWN_COMMAND, message));
+    }
+    let invoke = Invoke {
+        command,
+        args,
+        timeout,
+        reply,
+    };
+    session
+        .send_message(SessionMsg::Invoke(invoke))
+        .map_err(|_| offline())
 }
 
 /// Why reading a socket failed.
@@ -268,6 +350,8 @@ struct Authed {
     role: Role,
     /// The client program's name, for logs.
     client: String,
+    /// For an approver: the account it serves (its approvers may resolve approvals).
+    account: Option<String>,
     /// Counts this session by role until dropped.
     _count: RoleCount,
     /// For a node: its registration, dropped (unregistered) with the state.
@@ -275,7 +359,7 @@ struct Authed {
 }
 
 /// A timer or task aborted when dropped.
-struct Aborting(AbortHandle);
+pub(crate) struct Aborting(AbortHandle);
 
 impl Drop for Aborting {
     fn drop(&mut self) {
@@ -291,8 +375,7 @@ impl<T> From<JoinHandle<T>> for Aborting {
 
 /// An invocation sent to this node, waiting for its `res`.
 struct PendingInvoke {
-    reply_to: ActorRef<SessionMsg>,
-    req_id: String,
+    reply: InvokeReply,
     _expiry: Aborting,
 }
 
@@ -337,13 +420,10 @@ impl Drop for SessionState {
         self.pump.abort();
         // A node that goes away leaves no operator waiting for its timeout.
         for (_, pending) in self.invokes_in.drain() {
-            let _ = pending.reply_to.send_message(SessionMsg::InvokeDone {
-                id: pending.req_id,
-                result: Err(ErrorBody {
-                    code: code::NODE_OFFLINE.to_string(),
-                    message: "the node disconnected before answering".to_string(),
-                }),
-            });
+            pending.reply.send(Err(ErrorBody {
+                code: code::NODE_OFFLINE.to_string(),
+                message: "the node disconnected before answering".to_string(),
+            }));
         }
     }
 }
@@ -757,6 +837,14 @@ impl SessionState {
             }
             (_, _) => None,
         };
+        let account = match (params.role, params.account) {
+            (Role::Approver, Some(account)) if !account.trim().is_empty() => Some(account),
+            (Role::Approver, _) => {
+                let message = "role approver needs account (the alias it serves)".to_string();
+                return self.refuse(myself, id, code::BAD_REQUEST, message).await;
+            }
+            (_, _) => None,
+        };
         let settings = self.gateway.settings();
         let hello = HelloOk {
             kind: "hello-ok".to_string(),
@@ -774,6 +862,7 @@ impl SessionState {
         self.phase = Phase::Ready(Authed {
             role: params.role,
             client: params.client.name.clone(),
+            account,
             _count: self.gateway.count_role(params.role),
             node: None,
         });
@@ -836,6 +925,7 @@ impl SessionState {
             return;
         };
         let role = authed.role;
+        let account = authed.account.clone();
         let operator_only = matches!(
             method,
             "status" | "tree" | "nodes.list" | "nodes.invoke" | "chat.send"
@@ -907,11 +997,12 @@ impl SessionState {
                 }
                 Err(e) => Frame::err(id, code::BAD_REQUEST, format!("bad chat.send params: {e}")),
             },
-            "approvals.request" | "approvals.list" | "approvals.resolve" => Frame::err(
-                id,
-                code::NOT_IMPLEMENTED,
-                format!("{method} is not available in this version"),
-            ),
+            "approvals.request" | "approvals.list" | "approvals.resolve" => {
+                match self.approvals(myself, &id, method, params, role, account) {
+                    Ok(()) => return,
+                    Err((code, message)) => Frame::err(id, code, message),
+                }
+            }
             other => Frame::err(id, code::UNKNOWN_METHOD, format!("no method {other:?}")),
         };
         self.send(myself, &reply).await;
@@ -929,6 +1020,52 @@ impl SessionState {
         }
     }
 
+    /// The approvals methods: checks the role and the params and hands the request to the
+    /// broker, which answers it (`approvals.request` once the approval is decided).
+    fn approvals(
+        &self,
+        myself: &ActorRef<SessionMsg>,
+        id: &str,
+        method: &str,
+        params: Value,
+        role: Role,
+        account: Option<String>,
+    ) -> Result<(), (&'static str, String)> {
+        let allowed = match method {
+            "approvals.request" => role == Role::Operator,
+            "approvals.resolve" => role == Role::Approver,
+            _ => role != Role::Node,
+        };
+        if !allowed {
+            let message = format!("{method} is not for {}s", role.as_str());
+            return Err((code::FORBIDDEN, message));
+        }
+        let Some(broker) = self.gateway.approvals() else {
+            let message = "approvals are not configured on this gateway".to_string();
+            return Err((code::NOT_IMPLEMENTED, message));
+        };
+        let bad = |e: String| (code::BAD_REQUEST, format!("bad {method} params: {e}"));
+        let reply = ReplyTo::new(myself.clone(), id);
+        let msg = match method {
+            "approvals.request" => ApprovalsMsg::Request {
+                params: ApprovalRequestParams::parse(params).map_err(bad)?,
+                reply,
+            },
+            "approvals.resolve" => ApprovalsMsg::Resolve {
+                params: ApprovalResolveParams::parse(params).map_err(bad)?,
+                account,
+                reply,
+            },
+            _ => {
+                parse_approvals_list(params).map_err(bad)?;
+                ApprovalsMsg::List { reply }
+            }
+        };
+        broker
+            .send(msg)
+            .map_err(|e| (code::INTERNAL, e.to_string()))
+    }
+
     /// `nodes.invoke` from an operator: hands the call to the node's session, or says why not.
     fn invoke(
         &mut self,
@@ -941,37 +1078,19 @@ impl SessionState {
         if self.invokes_out.contains_key(id) {
             return Err((code::BAD_REQUEST, format!("request {id:?} is still open")));
         }
-        let offline = || {
-            (
-                code::NODE_OFFLINE,
-                format!("node {:?} is not connected", params.node),
-            )
-        };
-        let (commands, session) = match self.gateway.registry().lookup(&params.node) {
-            Lookup::Unknown => {
-                return Err((
-                    code::UNKNOWN_NODE,
-                    format!("no node {:?} has connected", params.node),
-                ));
-            }
-            Lookup::Offline => return Err(offline()),
-            Lookup::Online { commands, session } => (commands, session),
-        };
-        if !commands.contains(&params.command) {
-            let message = format!("node {:?} has no command {:?}", params.node, params.command);
-            return Err((code::UNKNOWN_COMMAND, message));
-        }
         let timeout = Duration::from_millis(params.timeout_ms.unwrap_or(DEFAULT_INVOKE_TIMEOUT_MS));
-        let invoke = Invoke {
-            command: params.command,
-            args: params.args,
-            timeout,
-            reply_to: myself.clone(),
+        let reply = InvokeReply::Session {
+            session: myself.clone(),
             req_id: id.to_string(),
         };
-        session
-            .send_message(SessionMsg::Invoke(invoke))
-            .map_err(|_| offline())?;
+        dispatch_invoke(
+            &self.gateway,
+            &params.node,
+            params.command,
+            params.args,
+            timeout,
+            reply,
+        )?;
         let timed_out = id.to_string();
         let timer = myself.send_after(timeout, move || SessionMsg::InvokeTimedOut {
             id: timed_out,
@@ -982,43 +1101,40 @@ impl SessionState {
 
     /// (Node side.) Sends `node.invoke` to the node and remembers who asked.
     async fn forward_invoke(&mut self, myself: &ActorRef<SessionMsg>, invoke: Invoke) {
-        let fail = |message: &str| {
-            let _ = invoke.reply_to.send_message(SessionMsg::InvokeDone {
-                id: invoke.req_id.clone(),
-                result: Err(ErrorBody {
-                    code: code::NODE_OFFLINE.to_string(),
-                    message: message.to_string(),
-                }),
-            });
+        let Invoke {
+            command,
+            args,
+            timeout,
+            reply,
+        } = invoke;
+        let offline = |message: &str| {
+            Err(ErrorBody {
+                code: code::NODE_OFFLINE.to_string(),
+                message: message.to_string(),
+            })
         };
         if self.closing || self.registration().is_none() {
-            fail("the node is disconnecting");
+            reply.send(offline("the node is disconnecting"));
             return;
         }
         let id = format!("inv-{}", self.next_req);
         self.next_req += 1;
-        let params = NodeInvokeParams {
-            command: invoke.command.clone(),
-            args: invoke.args.clone(),
-        };
+        let params = NodeInvokeParams { command, args };
         let frame = Frame::Req {
             id: id.clone(),
             method: "node.invoke".to_string(),
             params: to_value(&params),
         };
         if !self.send(myself, &frame).await {
-            fail("the node's connection failed");
+            reply.send(offline("the node's connection failed"));
             return;
         }
         let expired = id.clone();
-        let expiry = myself.send_after(invoke.timeout, move || SessionMsg::InvokeExpired {
-            id: expired,
-        });
+        let expiry = myself.send_after(timeout, move || SessionMsg::InvokeExpired { id: expired });
         self.invokes_in.insert(
             id,
             PendingInvoke {
-                reply_to: invoke.reply_to,
-                req_id: invoke.req_id,
+                reply,
                 _expiry: expiry.into(),
             },
         );
@@ -1044,10 +1160,7 @@ impl SessionState {
                 message: "the node failed without saying why".to_string(),
             }))
         };
-        let _ = pending.reply_to.send_message(SessionMsg::InvokeDone {
-            id: pending.req_id,
-            result,
-        });
+        pending.reply.send(result);
     }
 
     /// Closes with 4000 after two ticks without a client frame; else checks again when the

@@ -1,0 +1,1456 @@
+//! The approvals broker: an operator asks for a node command, an approver decides, and an
+//! approved command runs on its node.
+//!
+//! `approvals.request {node, command, args?, reason, timeout_s?}` (operator) creates an
+//! approval with a random 8-character id (lowercase letters and digits), stores it and
+//! emits `approval.requested {id, node, command, args, reason, expires_at_ms}` to the
+//! sessions subscribed to it. The request stays open: it is answered once the approval is
+//! over, with `{id, decision, by, result?, error?}` — the same payload as the event
+//! `approval.resolved` every subscribed session gets then. A requester whose session is
+//! gone by then is simply not answered. A node that never connected (`unknown_node`) or,
+//! while connected, did not declare the command (`unknown_command`) is refused at once; an
+//! offline node is accepted, as it may be back by the decision.
+//!
+//! `approvals.resolve {id, decision: approve|deny, by}` (approver) counts only when `by`
+//! is an approver of the account the session named in `connect` (compared
+//! case-insensitively), else `forbidden`. The first decision wins: later ones get
+//! `already_resolved`; an id the broker does not know gets `unknown_approval`. The answer is
+//! `{id, decision}` with `decision` `approved` or `denied`. No decision within the timeout
+//! (default 300 s, `timeout_s` within 1..=86400) is a denial by `timeout`.
+//!
+//! An approval, once approved, runs its command the way `nodes.invoke` does (registry
+//! lookup, the node's session, [`DEFAULT_INVOKE_TIMEOUT_MS`]); the outcome carries the
+//! node's payload as `result`, or `error {code, message}` when it could not run or failed.
+//! `approvals.list` (operator, approver) lists the approvals still open (pending, or
+//! approved with their command running), oldest first, then the last [`KEEP_RESOLVED`]
+//! resolved ones, newest first, flagged `resolved: true`.
+//!
+//! ## Storage
+//! One JSON file per approval, `<state.dir>/approvals/<id>.json` (mode 0600, the directory
+//! 0700), written to a temporary file and renamed over the old one, at creation, at the
+//! decision and when the command's outcome arrives. Only the last [`KEEP_RESOLVED`]
+//! resolved approvals keep their files. On start the broker reads them back: a pending
+//! approval past its expiry is denied by `timeout`, the others get a timer for the time
+//! they have left; an approval approved before the stop whose outcome never arrived ends
+//! with error `internal` (the command may or may not have run: it is never run twice).
+//!
+//! ## Messages
+//! From sessions, through the [`ApprovalsClient`] in [`GatewayState`]: `Request`, `Resolve`
+//! (with the session's account), `List`, each with the [`ReplyTo`] that answers the
+//! session as a `SessionMsg::Reply`. Timers: `Expire` (a pending approval's timeout). From
+//! the task awaiting a node's answer: `InvokeDone`.
+//!
+//! ## Supervision
+//! `root/gateway/approvals`, between `listener` and `sessions` under the `gateway`
+//! supervisor (`rest_for_one`), present only when the program called
+//! [`GatewayState::set_approvals`]. It owns its expiry timers and one task per running
+//! command, aborted when its state drops (a stop, a crash, a kill). Requesters still
+//! waiting when it stops are told so (error `internal`; the approval stays on disk).
+//!
+//! ## Restart policy
+//! Kind `approvals_broker`, permanent: 200 ms → 10 s, unlimited. A restart reloads every
+//! approval from disk and (rest_for_one) restarts the sessions. A state directory it cannot
+//! read or write does not fail the broker — that would take every session down with it —
+//! it logs an ERROR and refuses the requests it cannot store (`internal`).
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::fmt;
+use std::fs::{self, DirBuilder, File, OpenOptions, Permissions};
+use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::sync::oneshot;
+use tracing::{Instrument, debug, error, info, warn};
+
+use super::hub::event;
+use super::protocol::{
+    ApprovalListing, ApprovalOutcome, ApprovalRequestParams, ApprovalRequested,
+    ApprovalResolveParams, ApprovalResolved, DEFAULT_INVOKE_TIMEOUT_MS, Decision, ErrorBody, Frame,
+    Verdict, code,
+};
+use super::registry::Lookup;
+use super::session::{Aborting, InvokeReply, SessionMsg, dispatch_invoke};
+use super::{GatewayState, metrics, now_ms};
+use crate::supervision::{Backoff, ChildContext, ChildSpec, Policy, Restart};
+
+/// The kind of the broker, for metrics.
+pub const KIND: &str = "approvals_broker";
+
+/// The broker's id under `gateway`.
+pub const ID: &str = "approvals";
+
+/// How long an approval waits for a decision unless the request says otherwise.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Resolved approvals kept (in memory, on disk, in `approvals.list`).
+pub const KEEP_RESOLVED: usize = 50;
+
+/// The `by` of an approval nobody decided in time.
+pub const TIMEOUT_BY: &str = "timeout";
+
+/// Length of an approval id.
+pub const ID_LEN: usize = 8;
+
+const ID_ALPHABET: &[u8; 36] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+
+/// What the broker needs from the program's config. The gateway knows no Matrix types: the
+/// program fills this from the `[matrix.accounts.*]` that enable approvals.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApprovalsSettings {
+    /// Where approvals are stored (`<state.dir>/approvals`); created 0700 if missing.
+    pub dir: PathBuf,
+    /// Approvers (user IDs) by account alias: an approver session naming the account in
+    /// `connect` may resolve as any of them.
+    pub approvers: BTreeMap<String, Vec<String>>,
+    /// How long an approval waits for a decision without `timeout_s`. Default
+    /// [`DEFAULT_TIMEOUT`].
+    pub default_timeout: Duration,
+}
+
+impl ApprovalsSettings {
+    /// Settings storing into `dir`, with no approvers and the default timeout.
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self {
+            dir: dir.into(),
+            approvers: BTreeMap::new(),
+            default_timeout: DEFAULT_TIMEOUT,
+        }
+    }
+
+    /// Whether a session serving `account` may decide as `by`.
+    pub fn may_decide(&self, account: Option<&str>, by: &str) -> bool {
+        let by = by.to_lowercase();
+        account
+            .and_then(|a| self.approvers.get(a))
+            .is_some_and(|list| list.iter().any(|u| u.to_lowercase() == by))
+    }
+}
+
+/// How sessions reach the broker; follows it across restarts.
+#[derive(Clone, Default)]
+pub struct ApprovalsClient(Arc<RwLock<Option<ActorRef<ApprovalsMsg>>>>);
+
+impl fmt::Debug for ApprovalsClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ApprovalsClient")
+    }
+}
+
+/// The broker is not running (starting, restarting, or the tree is stopping).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the approvals broker is not running; try again shortly")]
+pub struct ApprovalsUnavailable;
+
+impl ApprovalsClient {
+    /// Sends `msg` to the running broker.
+    pub fn send(&self, msg: ApprovalsMsg) -> Result<(), ApprovalsUnavailable> {
+        let actor = self.current().ok_or(ApprovalsUnavailable)?;
+        actor.send_message(msg).map_err(|_| ApprovalsUnavailable)
+    }
+
+    fn current(&self) -> Option<ActorRef<ApprovalsMsg>> {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn set(&self, actor: Option<ActorRef<ApprovalsMsg>>) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = actor;
+    }
+}
+
+/// Where the answer to one session request goes: the session, as a `Reply` frame.
+pub struct ReplyTo {
+    session: ActorRef<SessionMsg>,
+    req_id: String,
+}
+
+impl ReplyTo {
+    /// The answer to request `req_id` of `session`.
+    pub fn new(session: ActorRef<SessionMsg>, req_id: impl Into<String>) -> Self {
+        Self {
+            session,
+            req_id: req_id.into(),
+        }
+    }
+
+    /// Sends the frame; a session that is gone is not an error.
+    fn frame(self, make: impl FnOnce(String) -> Frame) {
+        let frame = make(self.req_id);
+        let _ = self.session.send_message(SessionMsg::Reply(frame));
+    }
+
+    fn ok(self, payload: Value) {
+        self.frame(|id| Frame::ok(id, payload));
+    }
+
+    fn err(self, code: &str, message: impl Into<String>) {
+        self.frame(|id| Frame::err(id, code, message));
+    }
+}
+
+/// Messages of [`ApprovalsActor`].
+pub enum ApprovalsMsg {
+    /// `approvals.request` from an operator; answered when the approval is over.
+    Request {
+        /// The checked params.
+        params: ApprovalRequestParams,
+        /// The requester.
+        reply: ReplyTo,
+    },
+    /// `approvals.resolve` from an approver.
+    Resolve {
+        /// The checked params.
+        params: ApprovalResolveParams,
+        /// The account the session named in `connect`.
+        account: Option<String>,
+        /// The approver's session.
+        reply: ReplyTo,
+    },
+    /// `approvals.list`.
+    List {
+        /// The asking session.
+        reply: ReplyTo,
+    },
+    /// Approval `id`'s timeout is over.
+    Expire {
+        /// The approval.
+        id: String,
+    },
+    /// The node answered approval `id`'s command (or could not).
+    InvokeDone {
+        /// The approval.
+        id: String,
+        /// The node's payload, or why there is none.
+        result: Result<Value, ErrorBody>,
+    },
+}
+
+/// The spec of the broker: permanent, under `gateway`, over `state`'s approvals settings.
+pub fn spec(state: &GatewayState) -> ChildSpec {
+    let state = state.clone();
+    let policy = Policy {
+        backoff: Backoff {
+            initial: Duration::from_millis(200),
+            max: Duration::from_secs(10),
+            ..Policy::default().backoff
+        },
+        ..Policy::default()
+    };
+    ChildSpec::new(ID, KIND, Restart::Permanent, move |ctx: ChildContext| {
+        let args = ApprovalsArgs {
+            gateway: state.clone(),
+            span: ctx.span(),
+        };
+        async move {
+            let (actor, _) =
+                Actor::spawn_linked(None, ApprovalsActor, args, ctx.supervisor.clone()).await?;
+            Ok(actor.get_cell())
+        }
+    })
+    .with_policy(policy)
+}
+
+/// A fresh approval id: [`ID_LEN`] random lowercase letters and digits.
+pub fn new_id() -> String {
+    let mut rng = rand::rng();
+    (0..ID_LEN)
+        .map(|_| char::from(ID_ALPHABET[rng.random_range(0..ID_ALPHABET.len())]))
+        .collect()
+}
+
+/// Whether `id` has the shape of an approval id.
+pub fn is_valid_id(id: &str) -> bool {
+    id.len() == ID_LEN
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+}
+
+/// One approval, as stored on disk (its own format, not a wire type).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Approval {
+    id: String,
+    node: String,
+    command: String,
+    #[serde(default)]
+    args: Value,
+    reason: String,
+    requested_at_ms: u64,
+    expires_at_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    decision: Option<Decision>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    by: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    decided_at_ms: Option<u64>,
+    /// Approved: what the command gave, once it ran.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    outcome: Option<Outcome>,
+}
+
+/// What an approved command gave.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum Outcome {
+    /// The node's payload.
+    Result(Value),
+    /// Why it did not run or failed.
+    Error(ErrorBody),
+}
+
+impl Approval {
+    /// No decision yet.
+    fn is_pending(&self) -> bool {
+        self.decision.is_none()
+    }
+
+    /// Denied, or approved and its command's outcome known.
+    fn is_over(&self) -> bool {
+        match self.decision {
+            None => false,
+            Some(Decision::Denied) => true,
+            Some(Decision::Approved) => self.outcome.is_some(),
+        }
+    }
+
+    fn requested(&self) -> ApprovalRequested {
+        ApprovalRequested {
+            id: self.id.clone(),
+            node: self.node.clone(),
+            command: self.command.clone(),
+            args: self.args.clone(),
+            reason: self.reason.clone(),
+            expires_at_ms: self.expires_at_ms,
+        }
+    }
+
+    fn outcome(&self) -> ApprovalOutcome {
+        let (result, error) = match &self.outcome {
+            Some(Outcome::Result(v)) => (Some(v.clone()), None),
+            Some(Outcome::Error(e)) => (None, Some(e.clone())),
+            None => (None, None),
+        };
+        ApprovalOutcome {
+            id: self.id.clone(),
+            decision: self.decision.unwrap_or(Decision::Denied),
+            by: self.by.clone().unwrap_or_else(|| TIMEOUT_BY.to_string()),
+            result,
+            error,
+        }
+    }
+
+    fn listing(&self) -> ApprovalListing {
+        ApprovalListing {
+            id: self.id.clone(),
+            node: self.node.clone(),
+            command: self.command.clone(),
+            args: self.args.clone(),
+            reason: self.reason.clone(),
+            requested_at_ms: self.requested_at_ms,
+            expires_at_ms: self.expires_at_ms,
+            resolved: self.is_over(),
+            decision: self.decision,
+            by: self.by.clone(),
+            decided_at_ms: self.decided_at_ms,
+        }
+    }
+}
+
+/// Why a decision was not taken.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum DecideError {
+    /// No approval has that id (or it is older than the last [`KEEP_RESOLVED`] resolved).
+    Unknown,
+    /// Decided before, with this decision, by this approver.
+    AlreadyDecided(Decision, String),
+}
+
+/// Every approval the broker knows: the pure part of the broker.
+#[derive(Debug, Default)]
+struct Book {
+    /// Pending, or approved with the command running; by id.
+    open: BTreeMap<String, Approval>,
+    /// Over, oldest first; at most [`KEEP_RESOLVED`].
+    resolved: VecDeque<Approval>,
+}
+
+/// What [`Book::load`] changed: to store again, announce, or delete.
+#[derive(Debug, Default)]
+struct LoadReport {
+    /// Ids of approvals that ended while loading (expired, or interrupted while running).
+    ended: Vec<String>,
+    /// Ids of resolved approvals beyond [`KEEP_RESOLVED`], dropped.
+    evicted: Vec<String>,
+}
+
+impl Book {
+    /// A book of stored approvals, at wall time `now_ms`: pending ones past their expiry
+    /// are denied by `timeout`, approved ones without an outcome end with `internal`.
+    fn load(stored: Vec<Approval>, now_ms: u64) -> (Book, LoadReport) {
+        let mut book = Book::default();
+        let mut report = LoadReport::default();
+        let mut resolved = Vec::new();
+        for mut a in stored {
+            if a.is_pending() && a.expires_at_ms <= now_ms {
+                a.decision = Some(Decision::Denied);
+                a.by = Some(TIMEOUT_BY.to_string());
+                a.decided_at_ms = Some(now_ms);
+                report.ended.push(a.id.clone());
+            } else if a.decision == Some(Decision::Approved) && a.outcome.is_none() {
+                a.outcome = Some(Outcome::Error(ErrorBody {
+                    code: code::INTERNAL.to_string(),
+                    message: "the gateway stopped before the command's result arrived; it may \
+                              or may not have run"
+                        .to_string(),
+                }));
+                report.ended.push(a.id.clone());
+            }
+            if a.is_over() {
+                resolved.push(a);
+            } else {
+                book.open.insert(a.id.clone(), a);
+            }
+        }
+        resolved.sort_by(|a, b| (a.decided_at_ms, &a.id).cmp(&(b.decided_at_ms, &b.id)));
+        for a in resolved {
+            report.evicted.extend(book.push_resolved(a));
+        }
+        (book, report)
+    }
+
+    fn contains(&self, id: &str) -> bool {
+        self.open.contains_key(id) || self.resolved.iter().any(|a| a.id == id)
+    }
+
+    fn get(&self, id: &str) -> Option<&Approval> {
+        self.open
+            .get(id)
+            .or_else(|| self.resolved.iter().find(|a| a.id == id))
+    }
+
+    fn insert(&mut self, approval: Approval) {
+        self.open.insert(approval.id.clone(), approval);
+    }
+
+    /// Takes the first decision on `id`; every later one is refused.
+    fn decide(
+        &mut self,
+        id: &str,
+        decision: Decision,
+        by: &str,
+        now_ms: u64,
+    ) -> Result<&Approval, DecideError> {
+        let decided = |a: &Approval| {
+            DecideError::AlreadyDecided(
+                a.decision.unwrap_or(Decision::Denied),
+                a.by.clone().unwrap_or_default(),
+            )
+        };
+        match self.open.get_mut(id) {
+            Some(a) if a.is_pending() => {
+                a.decision = Some(decision);
+                a.by = Some(by.to_string());
+                a.decided_at_ms = Some(now_ms);
+                Ok(a)
+            }
+            Some(a) => Err(decided(a)),
+            None => match self.resolved.iter().find(|a| a.id == id) {
+                Some(a) => Err(decided(a)),
+                None => Err(DecideError::Unknown),
+            },
+        }
+    }
+
+    /// Records what approval `id`'s command gave.
+    fn set_outcome(&mut self, id: &str, outcome: Outcome) -> Option<&Approval> {
+        let a = self.open.get_mut(id)?;
+        if a.decision != Some(Decision::Approved) || a.outcome.is_some() {
+            return None;
+        }
+        a.outcome = Some(outcome);
+        Some(a)
+    }
+
+    /// Moves approval `id`, now over, to the resolved ones; returns the ids dropped to keep
+    /// [`KEEP_RESOLVED`].
+    fn close(&mut self, id: &str) -> Vec<String> {
+        match self.open.remove(id) {
+            Some(a) => self.push_resolved(a),
+            None => Vec::new(),
+        }
+    }
+
+    fn push_resolved(&mut self, approval: Approval) -> Vec<String> {
+        self.resolved.push_back(approval);
+        let mut evicted = Vec::new();
+        while self.resolved.len() > KEEP_RESOLVED {
+            if let Some(old) = self.resolved.pop_front() {
+                evicted.push(old.id);
+            }
+        }
+        evicted
+    }
+
+    fn pending(&self) -> usize {
+        self.open.values().filter(|a| a.is_pending()).count()
+    }
+
+    /// Open approvals oldest first, then resolved ones newest first.
+    fn list(&self) -> Vec<ApprovalListing> {
+        let mut open: Vec<&Approval> = self.open.values().collect();
+        open.sort_by(|a, b| (a.requested_at_ms, &a.id).cmp(&(b.requested_at_ms, &b.id)));
+        open.into_iter()
+            .chain(self.resolved.iter().rev())
+            .map(Approval::listing)
+            .collect()
+    }
+}
+
+/// The directory of approval files.
+#[derive(Debug, Clone)]
+struct Store {
+    dir: PathBuf,
+}
+
+impl Store {
+    fn path(&self, id: &str) -> PathBuf {
+        self.dir.join(format!("{id}.json"))
+    }
+
+    /// Creates the directory (0700) if needed.
+    fn ensure_dir(&self) -> io::Result<()> {
+        DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.dir)
+    }
+
+    /// Writes `approval` atomically: a 0600 temporary file, synced, renamed over the old one.
+    fn save(&self, approval: &Approval) -> io::Result<()> {
+        self.ensure_dir()?;
+        let bytes = serde_json::to_vec_pretty(approval).map_err(io::Error::other)?;
+        let tmp = self.dir.join(format!(".{}.json.tmp", approval.id));
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        // `mode` applies only to a new file; a leftover one may have been created otherwise.
+        file.set_permissions(Permissions::from_mode(0o600))?;
+        file.write_all(&bytes)?;
+        file.sync_all()?;
+        drop(file);
+        fs::rename(&tmp, self.path(&approval.id))?;
+        // Make the rename itself durable; best effort (not every filesystem allows it).
+        if let Ok(dir) = File::open(&self.dir) {
+            let _ = dir.sync_all();
+        }
+        Ok(())
+    }
+
+    fn remove(&self, id: &str) -> io::Result<()> {
+        match fs::remove_file(self.path(id)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// Every readable approval file; an unreadable one is skipped with a warning (and left
+    /// in place for a person to look at), leftover temporary files are removed.
+    fn load(&self) -> io::Result<Vec<Approval>> {
+        let entries = match fs::read_dir(&self.dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        let mut approvals = Vec::new();
+        for entry in entries {
+            let path = entry?.path();
+            let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+                continue;
+            };
+            if name.starts_with('.') && name.ends_with(".tmp") {
+                let _ = fs::remove_file(&path);
+                continue;
+            }
+            let Some(id) = name.strip_suffix(".json") else {
+                continue;
+            };
+            match read_approval(&path) {
+                Ok(a) if a.id == id && is_valid_id(id) => approvals.push(a),
+                Ok(a) => {
+                    warn!(path = %path.display(), id = %a.id,
+                        "Skipping an approval file whose name does not match its id.");
+                }
+                Err(e) => {
+                    warn!(path = %path.display(), error = %e,
+                        "Skipping an unreadable approval file.");
+                }
+            }
+        }
+        Ok(approvals)
+    }
+}
+
+fn read_approval(path: &Path) -> io::Result<Approval> {
+    let bytes = fs::read(path)?;
+    serde_json::from_slice(&bytes).map_err(io::Error::other)
+}
+
+/// The approvals broker actor.
+pub struct ApprovalsActor;
+
+/// The broker's arguments.
+pub struct ApprovalsArgs {
+    /// Its settings, the hub, the registry, and the client it points at itself.
+    pub gateway: GatewayState,
+    /// `actor` span of this incarnation.
+    pub span: tracing::Span,
+}
+
+/// A requester waiting for the outcome; told if the broker stops first.
+struct Waiter {
+    id: String,
+    reply: Option<ReplyTo>,
+}
+
+impl Waiter {
+    fn answer(mut self, outcome: &ApprovalOutcome) {
+        if let Some(reply) = self.reply.take() {
+            reply.ok(to_value(outcome));
+        }
+    }
+}
+
+impl Drop for Waiter {
+    fn drop(&mut self) {
+        if let Some(reply) = self.reply.take() {
+            let message = format!(
+                "the approvals broker stopped; approval {} is still on record (see approvals.list)",
+                self.id
+            );
+            reply.err(code::INTERNAL, message);
+        }
+    }
+}
+
+/// The broker's state.
+pub struct ApprovalsState {
+    gateway: GatewayState,
+    settings: ApprovalsSettings,
+    store: Store,
+    book: Book,
+    /// Requesters waiting for the outcome, by approval id.
+    waiters: HashMap<String, Waiter>,
+    /// Expiry timers of pending approvals, by id.
+    timers: HashMap<String, Aborting>,
+    /// Tasks awaiting a node's answer, by approval id.
+    running: HashMap<String, Aborting>,
+    span: tracing::Span,
+}
+
+impl Actor for ApprovalsActor {
+    type Msg = ApprovalsMsg;
+    type State = ApprovalsState;
+    type Arguments = ApprovalsArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<ApprovalsMsg>,
+        args: ApprovalsArgs,
+    ) -> Result<ApprovalsState, ActorProcessingErr> {
+        let ApprovalsArgs { gateway, span } = args;
+        let settings = gateway
+            .approvals_settings()
+            .cloned()
+            .ok_or("the approvals broker started without approvals settings")?;
+        let store = Store {
+            dir: settings.dir.clone(),
+        };
+        let mut state = ApprovalsState {
+            gateway,
+            settings,
+            store,
+            book: Book::default(),
+            waiters: HashMap::new(),
+            timers: HashMap::new(),
+            running: HashMap::new(),
+            span,
+        };
+        let span = state.span.clone();
+        span.in_scope(|| state.load(&myself));
+        state.gateway.approvals_client().set(Some(myself));
+        Ok(state)
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<ApprovalsMsg>,
+        msg: ApprovalsMsg,
+        state: &mut ApprovalsState,
+    ) -> Result<(), ActorProcessingErr> {
+        let span = state.span.clone();
+        span.in_scope(|| state.on_message(&myself, msg));
+        Ok(())
+    }
+
+    async fn post_stop(
+        &self,
+        myself: ActorRef<ApprovalsMsg>,
+        state: &mut ApprovalsState,
+    ) -> Result<(), ActorProcessingErr> {
+        let client = state.gateway.approvals_client();
+        if client
+            .current()
+            .is_some_and(|a| a.get_id() == myself.get_id())
+        {
+            client.set(None);
+        }
+        ::metrics::gauge!(metrics::APPROVALS_PENDING).set(0.0);
+        Ok(())
+    }
+}
+
+impl ApprovalsState {
+    /// Reads the stored approvals back, ends those that ended while the broker was down,
+    /// and arms a timer for each pending one.
+    fn load(&mut self, myself: &ActorRef<ApprovalsMsg>) {
+        let stored = match self.store.load() {
+            Ok(stored) => stored,
+            Err(e) => {
+                error!(dir = %self.store.dir.display(), error = %e,
+                    "Cannot read the stored approvals; starting without them.");
+                Vec::new()
+            }
+        };
+        let now = now_ms();
+        let (book, report) = Book::load(stored, now);
+        self.book = book;
+        for id in &report.evicted {
+            self.remove_file(id);
+        }
+        for id in &report.ended {
+            if let Some(a) = self.book.get(id).cloned() {
+                self.save(&a);
+                if a.by.as_deref() == Some(TIMEOUT_BY) {
+                    ::metrics::counter!(metrics::APPROVALS_TOTAL, "decision" => TIMEOUT_BY)
+                        .increment(1);
+                }
+                info!(id = %a.id, by = a.by.as_deref().unwrap_or_default(),
+                    "Approval ended while the gateway was down.");
+                self.gateway
+                    .hub()
+                    .publish(event::APPROVAL_RESOLVED, to_value(&a.outcome()));
+            }
+        }
+        let pending: Vec<(String, u64)> = self
+            .book
+            .open
+            .values()
+            .filter(|a| a.is_pending())
+            .map(|a| (a.id.clone(), a.expires_at_ms))
+            .collect();
+        for (id, expires_at_ms) in pending {
+            let left = Duration::from_millis(expires_at_ms.saturating_sub(now));
+            self.arm(myself, &id, left);
+        }
+        info!(
+            open = self.book.open.len(),
+            pending = self.book.pending(),
+            resolved = self.book.resolved.len(),
+            "Approvals loaded."
+        );
+        self.gauge();
+    }
+
+    fn on_message(&mut self, myself: &ActorRef<ApprovalsMsg>, msg: ApprovalsMsg) {
+        match msg {
+            ApprovalsMsg::Request { params, reply } => self.request(myself, params, reply),
+            ApprovalsMsg::Resolve {
+                params,
+                account,
+                reply,
+            } => self.resolve(myself, params, account, reply),
+            ApprovalsMsg::List { reply } => reply.ok(to_value(&self.book.list())),
+            ApprovalsMsg::Expire { id } => {
+                self.timers.remove(&id);
+                if self
+                    .book
+                    .decide(&id, Decision::Denied, TIMEOUT_BY, now_ms())
+                    .is_ok()
+                {
+                    info!(id = %id, "Approval timed out; denied.");
+                    self.decided(myself, &id);
+                }
+            }
+            ApprovalsMsg::InvokeDone { id, result } => {
+                self.running.remove(&id);
+                let outcome = match result {
+                    Ok(payload) => Outcome::Result(payload),
+                    Err(error) => Outcome::Error(error),
+                };
+                if let Some(a) = self.book.set_outcome(&id, outcome).cloned() {
+                    self.save(&a);
+                    self.finish(&id);
+                }
+            }
+        }
+    }
+
+    /// `approvals.request`: a new pending approval, announced to the approvers.
+    fn request(
+        &mut self,
+        myself: &ActorRef<ApprovalsMsg>,
+        params: ApprovalRequestParams,
+        reply: ReplyTo,
+    ) {
+        match self.gateway.registry().lookup(&params.node) {
+            Lookup::Unknown => {
+                let message = format!("no node {:?} has connected", params.node);
+                return reply.err(code::UNKNOWN_NODE, message);
+            }
+            Lookup::Online { commands, .. } if !commands.contains(&params.command) => {
+                let message = format!("node {:?} has no command {:?}", params.node, params.command);
+                return reply.err(code::UNKNOWN_COMMAND, message);
+            }
+            // An offline node may be back by the time the approval is decided.
+            _ => {}
+        }
+        let id = loop {
+            let id = new_id();
+            if !self.book.contains(&id) {
+                break id;
+            }
+        };
+        let timeout = params
+            .timeout_s
+            .map_or(self.settings.default_timeout, Duration::from_secs);
+        let now = now_ms();
+        let approval = Approval {
+            id: id.clone(),
+            node: params.node,
+            command: params.command,
+            args: params.args,
+            reason: params.reason,
+            requested_at_ms: now,
+            expires_at_ms: now.saturating_add(timeout.as_millis() as u64),
+            decision: None,
+            by: None,
+            decided_at_ms: None,
+            outcome: None,
+        };
+        if let Err(e) = self.store.save(&approval) {
+            error!(dir = %self.store.dir.display(), error = %e,
+                "Cannot store an approval; refusing the request.");
+            return reply.err(code::INTERNAL, format!("cannot store the approval: {e}"));
+        }
+        info!(id = %id, node = %approval.node, command = %approval.command,
+            timeout_s = timeout.as_secs(), "Approval requested.");
+        let requested = approval.requested();
+        self.book.insert(approval);
+        self.arm(myself, &id, timeout);
+        self.waiters.insert(
+            id.clone(),
+            Waiter {
+                id,
+                reply: Some(reply),
+            },
+        );
+        self.gateway
+            .hub()
+            .publish(event::APPROVAL_REQUESTED, to_value(&requested));
+        self.gauge();
+    }
+
+    /// `approvals.resolve`: the first decision of a listed approver wins.
+    fn resolve(
+        &mut self,
+        myself: &ActorRef<ApprovalsMsg>,
+        params: ApprovalResolveParams,
+        account: Option<String>,
+        reply: ReplyTo,
+    ) {
+        let ApprovalResolveParams { id, decision, by } = params;
+        if !self.settings.may_decide(account.as_deref(), &by) {
+            let account = account.unwrap_or_default();
+            let message = format!("{by} is not an approver of account {account:?}");
+            return reply.err(code::FORBIDDEN, message);
+        }
+        let decision = match decision {
+            Verdict::Approve => Decision::Approved,
+            Verdict::Deny => Decision::Denied,
+        };
+        match self.book.decide(&id, decision, &by, now_ms()) {
+            Ok(_) => {}
+            Err(DecideError::Unknown) => {
+                return reply.err(code::UNKNOWN_APPROVAL, format!("no approval {id:?}"));
+            }
+            Err(DecideError::AlreadyDecided(earlier, who)) => {
+                let message = format!("approval {id} was already {} by {who}", earlier.as_str());
+                return reply.err(code::ALREADY_RESOLVED, message);
+            }
+        }
+        info!(id = %id, decision = decision.as_str(), by = %by, "Approval decided.");
+        reply.ok(to_value(&ApprovalResolved {
+            id: id.clone(),
+            decision,
+        }));
+        self.decided(myself, &id);
+    }
+
+    /// After the first decision on `id`: store it; run the command or finish.
+    fn decided(&mut self, myself: &ActorRef<ApprovalsMsg>, id: &str) {
+        self.timers.remove(id);
+        let Some(a) = self.book.get(id).cloned() else {
+            return;
+        };
+        let label = match (a.decision, a.by.as_deref()) {
+            (Some(Decision::Denied), Some(TIMEOUT_BY)) => TIMEOUT_BY,
+            (Some(d), _) => d.as_str(),
+            (None, _) => return,
+        };
+        ::metrics::counter!(metrics::APPROVALS_TOTAL, "decision" => label).increment(1);
+        self.save(&a);
+        self.gauge();
+        if a.decision == Some(Decision::Approved) {
+            self.run(myself, a);
+        } else {
+            self.finish(id);
+        }
+    }
+
+    /// Runs approved `a`'s command on its node, like `nodes.invoke`.
+    fn run(&mut self, myself: &ActorRef<ApprovalsMsg>, a: Approval) {
+        let timeout = Duration::from_millis(DEFAULT_INVOKE_TIMEOUT_MS);
+        let (tx, rx) = oneshot::channel();
+        let dispatched = dispatch_invoke(
+            &self.gateway,
+            &a.node,
+            a.command.clone(),
+            a.args.clone(),
+            timeout,
+            InvokeReply::Oneshot(tx),
+        );
+        if let Err((code, message)) = dispatched {
+            debug!(id = %a.id, code, "Approved command could not be sent to its node.");
+            // Through the mailbox, so that every outcome takes the same path.
+            let _ = myself.send_message(ApprovalsMsg::InvokeDone {
+                id: a.id,
+                result: Err(ErrorBody {
+                    code: code.to_string(),
+                    message,
+                }),
+            });
+            return;
+        }
+        let me = myself.clone();
+        let id = a.id.clone();
+        let task = tokio::spawn(
+            async move {
+                let result = match tokio::time::timeout(timeout, rx).await {
+                    Ok(Ok(result)) => result,
+                    // The node's session forgot the call (its own timeout), or time is up.
+                    Ok(Err(_)) | Err(_) => Err(ErrorBody {
+                        code: code::TIMEOUT.to_string(),
+                        message: "the node did not answer in time".to_string(),
+                    }),
+                };
+                let _ = me.send_message(ApprovalsMsg::InvokeDone { id, result });
+            }
+            .instrument(self.span.clone()),
+        );
+        self.running.insert(a.id, task.into());
+    }
+
+    /// Approval `id` is over: keep it among the resolved, answer the requester, tell the
+    /// subscribed sessions.
+    fn finish(&mut self, id: &str) {
+        for old in self.book.close(id) {
+            self.remove_file(&old);
+        }
+        let Some(outcome) = self.book.get(id).map(Approval::outcome) else {
+            return;
+        };
+        if let Some(waiter) = self.waiters.remove(id) {
+            waiter.answer(&outcome);
+        }
+        self.gateway
+            .hub()
+            .publish(event::APPROVAL_RESOLVED, to_value(&outcome));
+        self.gauge();
+    }
+
+    fn arm(&mut self, myself: &ActorRef<ApprovalsMsg>, id: &str, after: Duration) {
+        let expired = id.to_string();
+        let timer = myself.send_after(after, move || ApprovalsMsg::Expire { id: expired });
+        self.timers.insert(id.to_string(), timer.into());
+    }
+
+    /// Stores `a`; a failure is logged, and the approval goes on in memory.
+    fn save(&self, a: &Approval) {
+        if let Err(e) = self.store.save(a) {
+            error!(id = %a.id, dir = %self.store.dir.display(), error = %e,
+                "Cannot store an approval; a restart would lose this change.");
+        }
+    }
+
+    fn remove_file(&self, id: &str) {
+        if let Err(e) = self.store.remove(id) {
+            warn!(id = %id, error = %e, "Cannot remove an old approval file.");
+        }
+    }
+
+    fn gauge(&self) {
+        ::metrics::gauge!(metrics::APPROVALS_PENDING).set(self.book.pending() as f64);
+    }
+}
+
+/// JSON of a wire type; these serialize infallibly.
+fn to_value<T: Serialize>(value: &T) -> Value {
+    serde_json::to_value(value).unwrap_or(Value::Null)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use serde_json::json;
+
+    use super::*;
+
+    /// A scratch directory removed on drop.
+    struct Scratch(PathBuf);
+
+    impl Scratch {
+        fn new(name: &str) -> Self {
+            let dir = std::env::temp_dir().join(format!(
+                "warden-approvals-{name}-{}-{}",
+                std::process::id(),
+                new_id()
+            ));
+            Self(dir)
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn approval(id: &str, requested_at_ms: u64, expires_at_ms: u64) -> Approval {
+        Approval {
+            id: id.to_string(),
+            node: "box".to_string(),
+            command: "disk".to_string(),
+            args: json!(["-h"]),
+            reason: "why not".to_string(),
+            requested_at_ms,
+            expires_at_ms,
+            decision: None,
+            by: None,
+            decided_at_ms: None,
+            outcome: None,
+        }
+    }
+
+    #[test]
+    fn ids_are_eight_random_lowercase_alphanumerics() {
+        let ids: HashSet<String> = (0..1000).map(|_| new_id()).collect();
+        assert_eq!(ids.len(), 1000, "ids repeat");
+        for id in &ids {
+            assert!(is_valid_id(id), "{id}");
+        }
+        let all: HashSet<char> = ids.iter().flat_map(|id| id.chars()).collect();
+        assert!(
+            all.iter().any(char::is_ascii_digit) && all.len() > 30,
+            "{all:?}"
+        );
+        for bad in ["abc", "ABCDEFGH", "abcd-123", "abcdefghi", "../../x"] {
+            assert!(!is_valid_id(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_first_decision_wins() {
+        let mut book = Book::default();
+        book.insert(approval("aaaaaaaa", 1, 1000));
+        assert_eq!(book.pending(), 1);
+        let first = book
+            .decide("aaaaaaaa", Decision::Denied, "@a:x", 10)
+            .expect("first");
+        assert_eq!(first.by.as_deref(), Some("@a:x"));
+        assert_eq!(book.pending(), 0);
+        for (d, by) in [(Decision::Approved, "@b:x"), (Decision::Denied, TIMEOUT_BY)] {
+            assert_eq!(
+                book.decide("aaaaaaaa", d, by, 11).map(|a| a.id.clone()),
+                Err(DecideError::AlreadyDecided(Decision::Denied, "@a:x".into()))
+            );
+        }
+        assert!(book.close("aaaaaaaa").is_empty());
+        assert_eq!(
+            book.decide("aaaaaaaa", Decision::Approved, "@b:x", 12)
+                .map(|a| a.id.clone()),
+            Err(DecideError::AlreadyDecided(Decision::Denied, "@a:x".into()))
+        );
+        assert_eq!(
+            book.decide("zzzzzzzz", Decision::Approved, "@b:x", 12)
+                .map(|a| a.id.clone()),
+            Err(DecideError::Unknown)
+        );
+
+        // Approved: stays open until its outcome arrives, and takes one outcome only.
+        book.insert(approval("bbbbbbbb", 2, 1000));
+        book.decide("bbbbbbbb", Decision::Approved, "@a:x", 20)
+            .expect("approve");
+        assert!(!book.get("bbbbbbbb").expect("open").is_over());
+        assert!(
+            book.set_outcome("bbbbbbbb", Outcome::Result(json!({"exit_code": 0})))
+                .is_some()
+        );
+        assert!(
+            book.set_outcome("bbbbbbbb", Outcome::Result(json!(null)))
+                .is_none()
+        );
+        book.close("bbbbbbbb");
+        let out = book.get("bbbbbbbb").expect("resolved").outcome();
+        assert_eq!(
+            (out.decision, out.result),
+            (Decision::Approved, Some(json!({"exit_code": 0})))
+        );
+        let list = book.list();
+        assert_eq!(list.len(), 2);
+        assert_eq!(list[0].id, "bbbbbbbb", "newest resolved first");
+        assert!(list.iter().all(|l| l.resolved));
+    }
+
+    #[test]
+    fn only_the_last_resolved_ones_are_kept() {
+        let mut book = Book::default();
+        let mut evicted = Vec::new();
+        for i in 0..KEEP_RESOLVED + 3 {
+            let id = format!("{i:08}");
+            book.insert(approval(&id, i as u64, 1000));
+            book.decide(&id, Decision::Denied, "@a:x", i as u64)
+                .expect("decide");
+            evicted.extend(book.close(&id));
+        }
+        assert_eq!(evicted, ["00000000", "00000001", "00000002"]);
+        assert_eq!(book.resolved.len(), KEEP_RESOLVED);
+        assert_eq!(
+            book.decide("00000000", Decision::Denied, "@a:x", 99)
+                .map(|a| a.id.clone()),
+            Err(DecideError::Unknown)
+        );
+    }
+
+    #[test]
+    fn loading_denies_the_expired_and_ends_the_interrupted() {
+        let now = 10_000;
+        let expired = approval("expired1", 1, now);
+        let pending = approval("pending1", 1, now + 1);
+        let mut running = approval("running1", 1, now + 5);
+        running.decision = Some(Decision::Approved);
+        running.by = Some("@a:x".into());
+        running.decided_at_ms = Some(5);
+        let mut done = approval("done0001", 1, 100);
+        done.decision = Some(Decision::Denied);
+        done.by = Some("@a:x".into());
+        done.decided_at_ms = Some(50);
+
+        let (book, report) = Book::load(vec![expired, pending, running, done], now);
+        let mut ended = report.ended.clone();
+        ended.sort();
+        assert_eq!(ended, ["expired1", "running1"]);
+        assert!(report.evicted.is_empty());
+        assert_eq!(book.open.keys().collect::<Vec<_>>(), ["pending1"]);
+        assert_eq!(book.pending(), 1);
+        let e = book.get("expired1").expect("expired").outcome();
+        assert_eq!(
+            (e.decision, e.by.as_str(), e.result),
+            (Decision::Denied, TIMEOUT_BY, None)
+        );
+        let r = book.get("running1").expect("running").outcome();
+        assert_eq!(r.decision, Decision::Approved);
+        assert_eq!(r.error.map(|e| e.code), Some(code::INTERNAL.to_string()));
+        let d = book.get("done0001").expect("done").outcome();
+        assert_eq!(d.by, "@a:x");
+    }
+
+    #[test]
+    fn stored_approvals_round_trip_with_mode_0600() {
+        let scratch = Scratch::new("store");
+        let store = Store {
+            dir: scratch.0.join("approvals"),
+        };
+        assert!(store.load().expect("no dir yet").is_empty());
+        let pending = approval("abcd1234", 1, 2);
+        let mut over = approval("wxyz9876", 1, 2);
+        over.decision = Some(Decision::Approved);
+        over.by = Some("@Owner:x".into());
+        over.decided_at_ms = Some(3);
+        over.outcome = Some(Outcome::Error(ErrorBody {
+            code: "node_offline".into(),
+            message: "gone".into(),
+        }));
+        store.save(&pending).expect("save");
+        store.save(&over).expect("save");
+        over.outcome = Some(Outcome::Result(json!({"stdout": "ok"})));
+        store.save(&over).expect("save again");
+        // Junk next to them is skipped or cleaned up, never fatal.
+        fs::write(store.dir.join("garbage1.json"), "{not json").expect("junk");
+        fs::write(store.dir.join(".zzzz0000.json.tmp"), "partial").expect("tmp");
+        fs::write(store.dir.join("README"), "hi").expect("other");
+
+        let mut loaded = store.load().expect("load");
+        loaded.sort_by(|a, b| a.id.cmp(&b.id));
+        assert_eq!(loaded, vec![pending, over]);
+        assert!(!store.dir.join(".zzzz0000.json.tmp").exists());
+        let mode = |p: &Path| fs::metadata(p).expect("meta").permissions().mode() & 0o777;
+        assert_eq!(mode(&store.path("abcd1234")), 0o600);
+        assert_eq!(mode(&store.dir), 0o700);
+        store.remove("abcd1234").expect("remove");
+        store.remove("abcd1234").expect("remove twice");
+        assert_eq!(store.load().expect("load").len(), 1);
+    }
+
+    /// Plays a session: catches the broker's replies and the invocations sent to a node.
+    struct Catcher;
+
+    enum Caught {
+        Frame(Frame),
+        Invoke(super::super::session::Invoke),
+    }
+
+    impl Actor for Catcher {
+        type Msg = SessionMsg;
+        type State = tokio::sync::mpsc::UnboundedSender<Caught>;
+        type Arguments = tokio::sync::mpsc::UnboundedSender<Caught>;
+
+        async fn pre_start(
+            &self,
+            _myself: ActorRef<SessionMsg>,
+            tx: Self::Arguments,
+        ) -> Result<Self::State, ActorProcessingErr> {
+            Ok(tx)
+        }
+
+        async fn handle(
+            &self,
+            _myself: ActorRef<SessionMsg>,
+            msg: SessionMsg,
+            tx: &mut Self::State,
+        ) -> Result<(), ActorProcessingErr> {
+            let _ = match msg {
+                SessionMsg::Reply(frame) => tx.send(Caught::Frame(frame)),
+                SessionMsg::Invoke(invoke) => tx.send(Caught::Invoke(invoke)),
+                _ => Ok(()),
+            };
+            Ok(())
+        }
+    }
+
+    /// The payload (or error) of the next reply, which must answer `req`.
+    async fn reply(rx: &mut tokio::sync::mpsc::UnboundedReceiver<Caught>, req: &str) -> Value {
+        let caught = tokio::time::timeout(Duration::from_secs(3600), rx.recv())
+            .await
+            .expect("a reply within the hour")
+            .expect("catcher alive");
+        match caught {
+            Caught::Frame(Frame::Res {
+                id, payload, error, ..
+            }) => {
+                assert_eq!(id, req);
+                payload.unwrap_or_else(|| json!({ "error": to_value(&error) }))
+            }
+            Caught::Frame(other) => panic!("not a res: {}", other.to_text()),
+            Caught::Invoke(_) => panic!("an invoke instead of the reply to {req}"),
+        }
+    }
+
+    async fn next_requested(
+        rx: &mut tokio::sync::broadcast::Receiver<Arc<super::super::hub::HubEvent>>,
+    ) -> Value {
+        loop {
+            let ev = rx.recv().await.expect("hub");
+            if ev.name == event::APPROVAL_REQUESTED {
+                let frame: Value = serde_json::from_str(&ev.text).expect("json");
+                return frame["payload"].clone();
+            }
+        }
+    }
+
+    async fn spawn_broker(gateway: &GatewayState) -> ActorRef<ApprovalsMsg> {
+        let args = ApprovalsArgs {
+            gateway: gateway.clone(),
+            span: tracing::Span::none(),
+        };
+        Actor::spawn(None, ApprovalsActor, args)
+            .await
+            .expect("broker")
+            .0
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn timeout_approval_invoke_and_reload_on_the_paused_clock() {
+        let scratch = Scratch::new("actor");
+        let gateway = GatewayState::new(super::super::GatewaySettings::default());
+        let mut settings = ApprovalsSettings::new(scratch.0.join("approvals"));
+        settings
+            .approvers
+            .insert("nova".into(), vec!["@Owner:x".into()]);
+        assert!(gateway.set_approvals(settings).is_ok());
+        let broker = spawn_broker(&gateway).await;
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let (session, _) = Actor::spawn(None, Catcher, tx).await.expect("catcher");
+        let (_node, _) = super::super::registry::Registration::register(
+            &gateway,
+            "box",
+            vec!["disk".into()],
+            1,
+            session.clone(),
+        );
+        let mut hub = gateway.hub().subscribe();
+        let client = gateway.approvals().expect("configured").clone();
+        let request = |req: &str, timeout_s: Option<u64>| ApprovalsMsg::Request {
+            params: ApprovalRequestParams {
+                node: "box".into(),
+                command: "disk".into(),
+                args: json!(["-h"]),
+                reason: "full?".into(),
+                timeout_s,
+            },
+            reply: ReplyTo::new(session.clone(), req),
+        };
+        let resolve =
+            |req: &str, id: &str, decision, by: &str, account: &str| ApprovalsMsg::Resolve {
+                params: ApprovalResolveParams {
+                    id: id.into(),
+                    decision,
+                    by: by.into(),
+                },
+                account: Some(account.into()),
+                reply: ReplyTo::new(session.clone(), req),
+            };
+
+        // No decision within timeout_s: denied by timeout, exactly then.
+        let start = tokio::time::Instant::now();
+        client.send(request("r1", Some(1))).expect("send");
+        let requested = next_requested(&mut hub).await;
+        let id1 = requested["id"].as_str().expect("id").to_string();
+        assert!(is_valid_id(&id1));
+        let out = reply(&mut rx, "r1").await;
+        assert_eq!(start.elapsed(), Duration::from_secs(1));
+        assert_eq!(
+            out,
+            json!({"id": id1, "decision": "denied", "by": "timeout"})
+        );
+
+        // Approved by a listed approver (any case): the node gets the command, and the
+        // requester the node's payload.
+        client.send(request("r2", None)).expect("send");
+        let id2 = next_requested(&mut hub).await["id"]
+            .as_str()
+            .expect("id")
+            .to_string();
+        client
+            .send(resolve("r3", &id2, Verdict::Approve, "@other:x", "nova"))
+            .expect("send");
+        assert_eq!(reply(&mut rx, "r3").await["error"]["code"], "forbidden");
+        client
+            .send(resolve("r4", &id2, Verdict::Approve, "@owner:X", "nova"))
+            .expect("send");
+        assert_eq!(
+            reply(&mut rx, "r4").await,
+            json!({"id": id2, "decision": "approved"})
+        );
+        let Some(Caught::Invoke(invoke)) = rx.recv().await else {
+            panic!("the node got no invocation");
+        };
+        assert_eq!(
+            (invoke.command.as_str(), &invoke.args),
+            ("disk", &json!(["-h"]))
+        );
+        client
+            .send(resolve("r5", &id2, Verdict::Deny, "@owner:x", "nova"))
+            .expect("send");
+        assert_eq!(
+            reply(&mut rx, "r5").await["error"]["code"],
+            "already_resolved"
+        );
+        client
+            .send(resolve("r6", "nope0000", Verdict::Deny, "@owner:x", "nova"))
+            .expect("send");
+        assert_eq!(
+            reply(&mut rx, "r6").await["error"]["code"],
+            "unknown_approval"
+        );
+        invoke.reply.send(Ok(json!({"exit_code": 0})));
+        assert_eq!(
+            reply(&mut rx, "r2").await,
+            json!({"id": id2, "decision": "approved", "by": "@owner:X", "result": {"exit_code": 0}})
+        );
+
+        // A pending approval survives a restart of the broker; its requester is told.
+        client.send(request("r7", None)).expect("send");
+        let id3 = next_requested(&mut hub).await["id"]
+            .as_str()
+            .expect("id")
+            .to_string();
+        broker.stop_and_wait(None, None).await.expect("stop");
+        assert_eq!(reply(&mut rx, "r7").await["error"]["code"], "internal");
+        assert!(
+            client
+                .send(ApprovalsMsg::List {
+                    reply: ReplyTo::new(session.clone(), "x"),
+                })
+                .is_err()
+        );
+        let _broker = spawn_broker(&gateway).await;
+        client
+            .send(ApprovalsMsg::List {
+                reply: ReplyTo::new(session.clone(), "r8"),
+            })
+            .expect("send");
+        let list = reply(&mut rx, "r8").await;
+        let summary: Vec<(String, bool)> = list
+            .as_array()
+            .expect("array")
+            .iter()
+            .map(|a| {
+                (
+                    a["id"].as_str().unwrap_or_default().to_string(),
+                    a["resolved"] == true,
+                )
+            })
+            .collect();
+        assert_eq!(summary, [(id3.clone(), false), (id2, true), (id1, true)]);
+        client
+            .send(resolve("r9", &id3, Verdict::Deny, "@owner:x", "nova"))
+            .expect("send");
+        assert_eq!(
+            reply(&mut rx, "r9").await,
+            json!({"id": id3, "decision": "denied"})
+        );
+    }
+
+    #[test]
+    fn approvers_compare_case_insensitively_per_account() {
+        let mut settings = ApprovalsSettings::new("/nonexistent");
+        settings
+            .approvers
+            .insert("nova".into(), vec!["@Owner:Example.org".into()]);
+        assert!(settings.may_decide(Some("nova"), "@owner:example.org"));
+        assert!(!settings.may_decide(Some("nova"), "@other:example.org"));
+        assert!(!settings.may_decide(Some("other"), "@owner:example.org"));
+        assert!(!settings.may_decide(None, "@owner:example.org"));
+    }
+}

@@ -1,0 +1,619 @@
+//! Real-process tests of the approvals broker: a `warden run` with an account that enables
+//! approvals, operators, approvers and nodes over real sockets, a restart on the same state
+//! directory.
+//!
+//! The approvers come from `[matrix.accounts.ops]`, which also makes warden start a Matrix
+//! client for that account. Its homeserver is `http://127.0.0.1:9` (the discard port, where
+//! nothing listens): the client fails to connect and backs off for the whole test, which is
+//! harmless — the broker does not depend on it.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use warden_actors::gateway::client::{
+    CallError, ConnectError, ConnectOptions, GatewayClient, Incoming,
+};
+use warden_actors::gateway::protocol::{ClientInfo, ErrorBody, NodeInfo, Role};
+
+use crate::process::{TempDir, Warden};
+
+const TOKEN: &str = "approvals-test-token";
+
+/// How long any one step may take before a test fails.
+const STEP: Duration = Duration::from_secs(10);
+
+const CONFIG: &str = r#"
+[matrix.accounts.ops]
+# Nothing listens on port 9: this account's Matrix client backs off for the whole test.
+homeserver = "http://127.0.0.1:9"
+user_id = "@bot:localhost"
+password = "unused"
+approvals = { enabled = true, approvers = ["@Owner:localhost", "@second:localhost"] }
+
+[matrix.accounts.quiet]
+# Approvals not enabled: its approvers count for nothing.
+homeserver = "http://127.0.0.1:9"
+user_id = "@bot2:localhost"
+password = "unused"
+approvals = { enabled = false, approvers = ["@owner:localhost"] }
+"#;
+
+/// A running `warden run` and its gateway URL.
+struct Rig {
+    warden: Warden,
+    url: String,
+    admin: String,
+}
+
+/// Starts `warden run` with [`CONFIG`], its state in `state` (which outlives the process).
+async fn start(name: &str, state: &Path) -> Rig {
+    let dir = TempDir::new(name);
+    std::fs::write(dir.0.join("warden.toml"), CONFIG).expect("config");
+    let args = [
+        "--config",
+        "warden.toml",
+        "run",
+        "--gateway-bind",
+        "127.0.0.1:0",
+        "--admin-bind",
+        "127.0.0.1:0",
+        "--log-format",
+        "json",
+    ];
+    let state = state.to_str().expect("utf-8 path");
+    let warden = Warden::spawn(
+        dir,
+        &args,
+        &[
+            ("WARDEN_GATEWAY__TOKEN", TOKEN),
+            ("WARDEN_STATE__DIR", state),
+        ],
+    );
+    let admin = warden.admin().await;
+    let line = warden
+        .wait_for_log("Gateway endpoint listening.", STEP)
+        .await;
+    let url = format!("ws://{}/ws", line["addr"].as_str().expect("addr"));
+    // Logged once the gateway has its tree (before that, sockets get 1013). Not /readyz:
+    // the Matrix client that cannot connect keeps it at 503.
+    warden.wait_for_log("warden started.", STEP).await;
+    Rig { warden, url, admin }
+}
+
+fn client_info() -> ClientInfo {
+    ClientInfo {
+        name: "it".into(),
+        version: "0".into(),
+    }
+}
+
+async fn connect(url: &str, options: ConnectOptions) -> GatewayClient {
+    GatewayClient::connect(url, options)
+        .await
+        .expect("connect")
+        .0
+}
+
+async fn operator(url: &str) -> GatewayClient {
+    connect(
+        url,
+        ConnectOptions::new(Role::Operator, TOKEN, client_info()),
+    )
+    .await
+}
+
+/// An approver session of account `account`, subscribed to the approval events.
+async fn approver(url: &str, account: &str) -> GatewayClient {
+    let mut options = ConnectOptions::new(Role::Approver, TOKEN, client_info());
+    options.account = Some(account.to_string());
+    let mut client = connect(url, options).await;
+    let events = json!({ "events": ["approval.requested", "approval.resolved"] });
+    client.call("subscribe", events).await.expect("subscribe");
+    client
+}
+
+/// A node played by a gateway client: answers every `node.invoke` with what it was asked.
+async fn fake_node(url: &str, name: &str) -> JoinHandle<()> {
+    let mut options = ConnectOptions::new(Role::Node, TOKEN, client_info());
+    options.node = Some(NodeInfo {
+        name: name.to_string(),
+        commands: vec!["disk".to_string()],
+    });
+    let mut node = connect(url, options).await;
+    let task = tokio::spawn(async move {
+        while let Ok(incoming) = node.next_event().await {
+            if let Incoming::Request { id, method, params } = incoming {
+                let answer = if method == "node.invoke" {
+                    Ok(json!({ "exit_code": 0, "ran": params }))
+                } else {
+                    Err(ErrorBody {
+                        code: "unknown_method".into(),
+                        message: method,
+                    })
+                };
+                if node.respond(&id, answer).await.is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    until_connected(url, name).await;
+    task
+}
+
+/// Starts `warden node` named `name` against `url`, with a command `hello`.
+fn real_node(name: &str, url: &str) -> Warden {
+    let dir = TempDir::new(name);
+    let config = format!(
+        r#"[node]
+gateway_url = "{url}"
+token = "{TOKEN}"
+name = "{name}"
+[node.commands.hello]
+argv = ["echo", "hello from {name}"]
+"#
+    );
+    std::fs::write(dir.0.join("node.toml"), config).expect("config");
+    let args = [
+        "--config",
+        "node.toml",
+        "node",
+        "--admin-bind",
+        "127.0.0.1:0",
+        "--log-format",
+        "json",
+    ];
+    Warden::spawn(dir, &args, &[])
+}
+
+/// Waits until node `name` is connected.
+async fn until_connected(url: &str, name: &str) {
+    let deadline = Instant::now() + STEP;
+    let mut op = operator(url).await;
+    loop {
+        let nodes = op.call("nodes.list", json!({})).await.expect("nodes.list");
+        let up = nodes.as_array().is_some_and(|l| {
+            l.iter()
+                .any(|n| n["name"] == name && n["connected"] == true)
+        });
+        if up {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node {name} never connected: {nodes}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Sends `approvals.request` on its own connection; the task ends with the answer.
+async fn request(url: &str, params: Value) -> JoinHandle<Result<Value, CallError>> {
+    let mut requester = operator(url).await;
+    tokio::spawn(async move { requester.call("approvals.request", params).await })
+}
+
+/// The next event named `name`, skipping others (ticks).
+async fn next_event(client: &mut GatewayClient, name: &str) -> Value {
+    let deadline = Instant::now() + STEP;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, client.next_event()).await {
+            Ok(Ok(Incoming::Event { event, payload })) if event == name => return payload,
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => panic!("waiting for {name}: {e}"),
+            Err(_) => panic!("no {name} event within {STEP:?}"),
+        }
+    }
+}
+
+/// The answer of a requester's call.
+async fn answer(
+    task: JoinHandle<Result<Value, CallError>>,
+    within: Duration,
+) -> Result<Value, CallError> {
+    tokio::time::timeout(within, task)
+        .await
+        .expect("the requester got no answer in time")
+        .expect("requester task")
+}
+
+/// The error code of a failed call.
+fn code(result: Result<Value, CallError>) -> String {
+    match result {
+        Err(CallError::Failed { code, .. }) => code,
+        other => panic!("expected an error answer, got {other:?}"),
+    }
+}
+
+fn failed(result: Result<Value, CallError>) -> (String, String) {
+    match result {
+        Err(CallError::Failed { code, message }) => (code, message),
+        other => panic!("expected an error answer, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_approved_request_runs_on_the_node_and_answers_the_requester() {
+    let state = TempDir::new("approvals-state-approve");
+    let rig = start("approvals-approve", &state.0).await;
+    let mut node = real_node("approvals-box", &rig.url);
+    until_connected(&rig.url, "approvals-box").await;
+    let mut approver = approver(&rig.url, "ops").await;
+
+    let params = json!({
+        "node": "approvals-box", "command": "hello", "reason": "smoke test"
+    });
+    let requester = request(&rig.url, params).await;
+    let requested = next_event(&mut approver, "approval.requested").await;
+    let id = requested["id"].as_str().expect("id").to_string();
+    assert!(
+        id.len() == 8
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()),
+        "{id}"
+    );
+    assert_eq!(
+        (
+            &requested["node"],
+            &requested["command"],
+            &requested["args"],
+            &requested["reason"]
+        ),
+        (
+            &json!("approvals-box"),
+            &json!("hello"),
+            &Value::Null,
+            &json!("smoke test")
+        )
+    );
+    let expires = requested["expires_at_ms"].as_u64().expect("expires_at_ms");
+    let now = now_ms();
+    assert!(
+        expires > now + 290_000 && expires <= now + 300_000,
+        "default timeout: {expires} vs {now}"
+    );
+    let file = state.0.join("approvals").join(format!("{id}.json"));
+    let mode = std::fs::metadata(&file)
+        .expect("stored")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+
+    // Only approvers resolve, only as a listed approver of their account; only operators
+    // request.
+    let mut op = operator(&rig.url).await;
+    let resolve = |by: &str| json!({"id": id, "decision": "approve", "by": by});
+    assert_eq!(
+        code(
+            op.call("approvals.resolve", resolve("@owner:localhost"))
+                .await
+        ),
+        "forbidden"
+    );
+    assert_eq!(
+        code(
+            approver
+                .call("approvals.resolve", resolve("@stranger:localhost"))
+                .await
+        ),
+        "forbidden"
+    );
+    let mut quiet = self::approver(&rig.url, "quiet").await;
+    assert_eq!(
+        code(
+            quiet
+                .call("approvals.resolve", resolve("@owner:localhost"))
+                .await
+        ),
+        "forbidden"
+    );
+    let again = json!({"node": "approvals-box", "command": "hello", "reason": "x"});
+    assert_eq!(
+        code(approver.call("approvals.request", again).await),
+        "forbidden"
+    );
+    let listed = op.call("approvals.list", json!({})).await.expect("list");
+    assert_eq!(listed[0]["id"], id.as_str());
+    assert_eq!(listed[0]["resolved"], false);
+
+    // A listed approver, in another case: approved; the node runs the command.
+    let decided = approver
+        .call("approvals.resolve", resolve("@OWNER:localhost"))
+        .await
+        .expect("resolve");
+    assert_eq!(decided, json!({"id": id, "decision": "approved"}));
+    let deny = json!({"id": id, "decision": "deny", "by": "@second:localhost"});
+    assert_eq!(
+        code(approver.call("approvals.resolve", deny).await),
+        "already_resolved"
+    );
+    let out = answer(requester, STEP).await.expect("approved");
+    assert_eq!(
+        (&out["id"], &out["decision"], &out["by"]),
+        (&json!(id), &json!("approved"), &json!("@OWNER:localhost"))
+    );
+    assert_eq!(
+        (
+            out["result"]["exit_code"].as_i64(),
+            out["result"]["stdout"].as_str()
+        ),
+        (Some(0), Some("hello from approvals-box\n")),
+        "{out}"
+    );
+    let resolved = next_event(&mut approver, "approval.resolved").await;
+    assert_eq!(resolved, out);
+    let listed = approver
+        .call("approvals.list", json!({}))
+        .await
+        .expect("list");
+    assert_eq!(
+        (
+            &listed[0]["id"],
+            &listed[0]["resolved"],
+            &listed[0]["decision"]
+        ),
+        (&json!(id), &json!(true), &json!("approved"))
+    );
+
+    // Approved, but the node refuses to run it (`hello` takes no args): the outcome
+    // carries the node's error instead of a result.
+    let with_args = json!({
+        "node": "approvals-box", "command": "hello", "args": ["x"], "reason": "with args"
+    });
+    let requester = request(&rig.url, with_args).await;
+    let id2 = next_event(&mut approver, "approval.requested").await["id"].clone();
+    let approve = json!({"id": id2, "decision": "approve", "by": "@second:localhost"});
+    approver
+        .call("approvals.resolve", approve)
+        .await
+        .expect("resolve");
+    let out = answer(requester, STEP).await.expect("answered");
+    assert_eq!((&out["id"], &out["decision"]), (&id2, &json!("approved")));
+    assert!(
+        out.get("result").is_none() && out["error"]["code"].is_string(),
+        "{out}"
+    );
+    assert_eq!(next_event(&mut approver, "approval.resolved").await, out);
+
+    // Unknown ids, bad params, an approver without an account.
+    let unknown = json!({"id": "zzzzzzzz", "decision": "deny", "by": "@owner:localhost"});
+    assert_eq!(
+        code(approver.call("approvals.resolve", unknown).await),
+        "unknown_approval"
+    );
+    let (c, message) = failed(
+        op.call(
+            "approvals.request",
+            json!({"node": "approvals-box", "command": "hello"}),
+        )
+        .await,
+    );
+    assert_eq!(
+        (c.as_str(), message.contains("`reason`")),
+        ("bad_request", true),
+        "{message}"
+    );
+    let bad_timeout =
+        json!({"node": "approvals-box", "command": "hello", "reason": "r", "timeout_s": 0});
+    let (c, message) = failed(op.call("approvals.request", bad_timeout).await);
+    assert_eq!(
+        (c.as_str(), message.contains("`timeout_s`")),
+        ("bad_request", true),
+        "{message}"
+    );
+    let bad_decision = json!({"id": id, "decision": "maybe", "by": "@owner:localhost"});
+    let (c, message) = failed(approver.call("approvals.resolve", bad_decision).await);
+    assert_eq!(
+        (c.as_str(), message.contains("`decision`")),
+        ("bad_request", true),
+        "{message}"
+    );
+    let ghost = json!({"node": "nobody", "command": "hello", "reason": "r"});
+    assert_eq!(
+        code(op.call("approvals.request", ghost).await),
+        "unknown_node"
+    );
+    let undeclared = json!({"node": "approvals-box", "command": "rm", "reason": "r"});
+    assert_eq!(
+        code(op.call("approvals.request", undeclared).await),
+        "unknown_command"
+    );
+    let no_account = ConnectOptions::new(Role::Approver, TOKEN, client_info());
+    match GatewayClient::connect(&rig.url, no_account).await {
+        Err(ConnectError::Rejected { code, .. }) => assert_eq!(code, "bad_request"),
+        other => panic!(
+            "an approver without account was not refused: {:?}",
+            other.map(|_| ())
+        ),
+    }
+
+    let metrics = reqwest::get(format!("{}/metrics", rig.admin))
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    assert!(
+        metrics.contains("warden_approvals_total{decision=\"approved\"} 2"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("warden_approvals_pending 0"), "{metrics}");
+    assert!(node.is_running());
+    drop(rig);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn denied_timed_out_and_orphaned_requests() {
+    let state = TempDir::new("approvals-state-deny");
+    let rig = start("approvals-deny", &state.0).await;
+    let node = fake_node(&rig.url, "deny-box").await;
+    let mut approver = approver(&rig.url, "ops").await;
+    let params = |timeout_s: Option<u64>| {
+        let mut p = json!({"node": "deny-box", "command": "disk", "reason": "cleanup"});
+        if let Some(t) = timeout_s {
+            p["timeout_s"] = json!(t);
+        }
+        p
+    };
+
+    // Denied by an approver: the requester learns who, and nothing runs.
+    let requester = request(&rig.url, params(None)).await;
+    let id = next_event(&mut approver, "approval.requested").await["id"].clone();
+    let deny = json!({"id": id, "decision": "deny", "by": "@second:localhost"});
+    let decided = approver
+        .call("approvals.resolve", deny)
+        .await
+        .expect("deny");
+    assert_eq!(decided, json!({"id": id, "decision": "denied"}));
+    let out = answer(requester, STEP).await.expect("answered");
+    assert_eq!(
+        out,
+        json!({"id": id, "decision": "denied", "by": "@second:localhost"})
+    );
+    assert_eq!(next_event(&mut approver, "approval.resolved").await, out);
+
+    // No decision within timeout_s: denied by "timeout".
+    let asked = Instant::now();
+    let requester = request(&rig.url, params(Some(1))).await;
+    let id = next_event(&mut approver, "approval.requested").await["id"].clone();
+    let out = answer(requester, STEP).await.expect("answered");
+    let waited = asked.elapsed();
+    assert_eq!(
+        out,
+        json!({"id": id, "decision": "denied", "by": "timeout"})
+    );
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(8),
+        "{waited:?}"
+    );
+    let late = json!({"id": id, "decision": "approve", "by": "@owner:localhost"});
+    assert_eq!(
+        code(approver.call("approvals.resolve", late).await),
+        "already_resolved"
+    );
+
+    assert_eq!(next_event(&mut approver, "approval.resolved").await, out);
+
+    // The requester goes away (its connection dropped with the task); the approval is
+    // still decided, run and announced.
+    let gone = request(&rig.url, params(None)).await;
+    let id = next_event(&mut approver, "approval.requested").await["id"].clone();
+    gone.abort();
+    assert!(
+        gone.await.is_err_and(|e| e.is_cancelled()),
+        "answered before any decision"
+    );
+    let approve = json!({"id": id, "decision": "approve", "by": "@owner:localhost"});
+    approver
+        .call("approvals.resolve", approve)
+        .await
+        .expect("approve");
+    let resolved = next_event(&mut approver, "approval.resolved").await;
+    assert_eq!(resolved["id"], id);
+    assert_eq!(resolved["result"]["ran"]["command"], "disk", "{resolved}");
+    let mut op = operator(&rig.url).await;
+    let health = op.call("health", json!({})).await.expect("health");
+    assert_eq!(health["status"], "ok");
+    node.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pending_approval_survives_a_restart_and_is_still_resolvable() {
+    let state = TempDir::new("approvals-state-restart");
+    let mut rig = start("approvals-restart1", &state.0).await;
+    let node = fake_node(&rig.url, "restart-box").await;
+    let mut approver = approver(&rig.url, "ops").await;
+    let params = json!({"node": "restart-box", "command": "disk", "args": ["-h"], "reason": "r"});
+    let survivor_requester = request(&rig.url, params.clone()).await;
+    let survivor = next_event(&mut approver, "approval.requested").await["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    let doomed_requester = request(&rig.url, params).await;
+    let doomed = next_event(&mut approver, "approval.requested").await["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+
+    rig.warden.signal("-TERM");
+    let status = rig.warden.wait_exit(STEP).await;
+    assert_eq!(status.code(), Some(0), "{}", rig.warden.logs());
+    // The open requests end with the connection (the service restarts).
+    for requester in [survivor_requester, doomed_requester] {
+        let err = answer(requester, STEP).await.expect_err("no decision");
+        assert!(err.is_connection_lost(), "{err}");
+    }
+    node.abort();
+
+    // While warden is down, `doomed` expires: its stored expiry moves into the past.
+    let file = state.0.join("approvals").join(format!("{doomed}.json"));
+    let mut stored: Value =
+        serde_json::from_slice(&std::fs::read(&file).expect("stored")).expect("json");
+    stored["expires_at_ms"] = json!(1);
+    std::fs::write(&file, serde_json::to_vec(&stored).expect("json")).expect("rewrite");
+
+    let rig = start("approvals-restart2", &state.0).await;
+    rig.warden
+        .wait_for_log("Approval ended while the gateway was down.", STEP)
+        .await;
+    let mut op = operator(&rig.url).await;
+    let listed = op.call("approvals.list", json!({})).await.expect("list");
+    let find = |id: &str| {
+        listed
+            .as_array()
+            .and_then(|l| l.iter().find(|a| a["id"] == id))
+            .cloned()
+            .unwrap_or_else(|| panic!("{id} not listed: {listed}"))
+    };
+    let s = find(&survivor);
+    assert_eq!(
+        (&s["resolved"], &s["args"]),
+        (&json!(false), &json!(["-h"])),
+        "{s}"
+    );
+    assert!(s.get("decision").is_none(), "{s}");
+    let d = find(&doomed);
+    assert_eq!(
+        (&d["resolved"], &d["decision"], &d["by"]),
+        (&json!(true), &json!("denied"), &json!("timeout")),
+        "{d}"
+    );
+
+    // Resolvable after the restart: the node (back under its name) runs it.
+    let node = fake_node(&rig.url, "restart-box").await;
+    let mut approver = self::approver(&rig.url, "ops").await;
+    let approve = json!({"id": survivor, "decision": "approve", "by": "@owner:localhost"});
+    let decided = approver
+        .call("approvals.resolve", approve)
+        .await
+        .expect("resolve");
+    assert_eq!(decided["decision"], "approved");
+    let resolved = next_event(&mut approver, "approval.resolved").await;
+    assert_eq!(
+        (
+            &resolved["id"],
+            &resolved["by"],
+            &resolved["result"]["ran"]["args"]
+        ),
+        (&json!(survivor), &json!("@owner:localhost"), &json!(["-h"])),
+        "{resolved}"
+    );
+    let late = json!({"id": doomed, "decision": "approve", "by": "@owner:localhost"});
+    assert_eq!(
+        code(approver.call("approvals.resolve", late).await),
+        "already_resolved"
+    );
+    node.abort();
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
