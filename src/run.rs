@@ -8,7 +8,8 @@
 //! │   └── sessions    one_for_one one temporary child per socket
 //! ├── channels        one_for_one (only with `[matrix.accounts.*]`)
 //! │   └── matrix      one_for_one
-//! │       └── <alias> rest_for_one one per account: `client`
+//! │       └── <alias> rest_for_one one per account: `client`, then `approvals` when the
+//! │                                account enables approvals and names approvers
 //! └── admin           permanent   /healthz /readyz /metrics /admin/*
 //! ```
 //!
@@ -24,8 +25,9 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tracing::info;
 use warden_actors::gateway::{self, GatewayState, ShutdownIntent, listener};
-use warden_actors::matrix::{self, AccountConfig};
-use warden_actors::supervision::{Policy, SlotClient};
+use warden_actors::matrix::approvals::{self, GatewayAddr, HandlerConfig};
+use warden_actors::matrix::{self, AccountConfig, AccountSpec};
+use warden_actors::supervision::SlotClient;
 
 use crate::admin;
 use crate::config::{Config, Loaded};
@@ -42,7 +44,20 @@ pub async fn run(loaded: Loaded) -> i32 {
     let admin_state = program.admin_state(&loaded);
     let gateway_bound = Arc::new(watch::Sender::new(None));
     let gateway_state = GatewayState::new(config.gateway.clone());
+    // The approvals broker: approvals stored under the state dir; the approvers of each
+    // account that enables approvals may resolve them.
+    let mut approvals = gateway::ApprovalsSettings::new(config.state.dir.join("approvals"));
+    approvals.approvers = config
+        .matrix
+        .accounts
+        .iter()
+        .filter(|(_, account)| account.approvals.enabled)
+        .map(|(alias, account)| (alias.clone(), account.approvals.approvers.clone()))
+        .collect();
+    let _ = gateway_state.set_approvals(approvals);
     let slots = SlotClient::new();
+    // Approval handlers reach the gateway wherever its listener bound.
+    let bound = gateway_bound.subscribe();
     let mut children = vec![
         slots
             .spec("start_slots", config.pools())
@@ -55,7 +70,7 @@ pub async fn run(loaded: Loaded) -> i32 {
     ];
     if !config.matrix.accounts.is_empty() {
         children.push(matrix::channels_spec(
-            matrix_accounts(config),
+            matrix_accounts(config, GatewayAddr::Bound(bound)),
             gateway_state.chat(),
             &slots,
         ));
@@ -87,8 +102,9 @@ pub async fn run(loaded: Loaded) -> i32 {
 }
 
 /// Each `[matrix.accounts.<alias>]` with its client's policy (`matrix_account`, then the
-/// account's own `supervision` layer).
-fn matrix_accounts(config: &Config) -> Vec<(AccountConfig, Policy)> {
+/// account's own `supervision` layer) and, when `approvals.enabled` with approvers, its
+/// approval handler (`approval_handler`).
+fn matrix_accounts(config: &Config, gateway: GatewayAddr) -> Vec<AccountSpec> {
     let root = config.state.dir.join("matrix");
     config
         .matrix
@@ -106,10 +122,24 @@ fn matrix_accounts(config: &Config) -> Vec<(AccountConfig, Policy)> {
                 allowed_rooms: acc.allowed_rooms.clone(),
                 allowed_senders: acc.allowed_senders.clone(),
                 auto_join: acc.auto_join,
+                approvers: acc.approvals.approvers.clone(),
                 dir: root.join(alias),
             };
-            let policy = config.policy_for(matrix::KIND, Some(&acc.supervision));
-            (account, policy)
+            let enabled = acc.approvals.enabled && !acc.approvals.approvers.is_empty();
+            let handler = enabled.then(|| {
+                let handler = HandlerConfig {
+                    alias: alias.clone(),
+                    gateway: gateway.clone(),
+                    token: config.gateway.token.clone().unwrap_or_default(),
+                    handshake_timeout: Duration::from_millis(config.gateway.handshake_timeout_ms),
+                };
+                (handler, config.policy_for(approvals::KIND, None))
+            });
+            AccountSpec {
+                config: account,
+                policy: config.policy_for(matrix::KIND, Some(&acc.supervision)),
+                handler,
+            }
         })
         .collect()
 }

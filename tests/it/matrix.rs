@@ -375,9 +375,10 @@ async fn resets_every_two_seconds_lose_and_repeat_no_message() {
     let mut op = rig.operator().await;
 
     let started = Instant::now();
+    let proxy = std::sync::Arc::new(proxy);
     let resets = {
         let proxy_resets = tokio::spawn({
-            let proxy = std::sync::Arc::new(proxy);
+            let proxy = proxy.clone();
             async move {
                 let mut total = 0;
                 let mut tick = tokio::time::interval(Duration::from_secs(2));
@@ -671,9 +672,11 @@ async fn lost_or_corrupted_session_is_recovered_by_a_fresh_login() {
     let owner = hs.register("s6owner").await;
     let state = state_dir("s6");
     let extra = allow(&owner);
+    // Through a proxy, so a restart can be held back until the operator listens.
+    let proxy = FaultProxy::start(synapse_addr(hs)).await.expect("proxy");
     let account = || Account {
         alias: "nova",
-        homeserver: hs.url().to_string(),
+        homeserver: format!("http://{}", proxy.addr()),
         user: &bot,
         auth: Auth::Password,
         extra: &extra,
@@ -687,10 +690,31 @@ async fn lost_or_corrupted_session_is_recovered_by_a_fresh_login() {
 
     let mut rig = start("matrix-s6a", &state.0, &[account()]).await;
     rig.wait_ready("nova", Duration::from_secs(30)).await;
+    let room = room_with(&owner, &bot, false).await;
     let first = device(&session);
     rig.warden.signal("-TERM");
     rig.warden.wait_exit(Duration::from_secs(20)).await;
     assert!(state.0.join("matrix/nova/store").is_dir());
+
+    // 0. A plain restart restores the session (no login) and resumes sync from the stored
+    //    token: a message sent while warden was down is forwarded after it.
+    owner.send_text(&room, "while stopped").await;
+    proxy.set_mode(Mode::Refuse);
+    let mut rig = start("matrix-s6r", &state.0, &[account()]).await;
+    let mut op = rig.operator().await;
+    proxy.set_mode(Mode::Forward);
+    rig.wait_ready("nova", Duration::from_secs(30)).await;
+    let restored = rig
+        .warden
+        .wait_for_log("Restored the Matrix session.", Duration::from_secs(5))
+        .await;
+    assert_eq!(restored["resumed"], true, "{restored}");
+    assert!(!rig.warden.logs().contains("Logged in to Matrix."));
+    let got = collect(&rig, &mut op, Duration::from_secs(20), |g| !g.is_empty()).await;
+    assert_eq!(got[0]["body"], "while stopped");
+    assert_eq!(device(&session), first, "the same device");
+    rig.warden.signal("-TERM");
+    rig.warden.wait_exit(Duration::from_secs(20)).await;
 
     // 1. session.json gone, store kept.
     std::fs::remove_file(&session).expect("remove session.json");
@@ -735,8 +759,7 @@ async fn lost_or_corrupted_session_is_recovered_by_a_fresh_login() {
     );
     let third = device(&session);
     assert_ne!(second, third);
-    // And it works: a message is forwarded.
-    let room = room_with(&owner, &bot, false).await;
+    // And it works: the fresh session is still in the room, and a message is forwarded.
     let mut op = rig.operator().await;
     owner.send_text(&room, "after recovery").await;
     let got = collect(&rig, &mut op, Duration::from_secs(20), |g| !g.is_empty()).await;
@@ -837,6 +860,20 @@ async fn chat_send_round_trips_in_plain_and_encrypted_rooms_and_filters_senders(
     assert_eq!(got[0]["event_id"], owner_event.as_str());
     assert_eq!(got[0]["room_id"], room.as_str());
     assert_eq!(got[0]["account"], "nova");
+
+    // A room's history from before the account joined is not forwarded.
+    let old_room = owner.create_room(&[], false).await;
+    owner.send_text(&old_room, "history before the join").await;
+    owner.invite(&old_room, &bot.user_id).await;
+    owner
+        .wait_joined(&old_room, &bot.user_id, Duration::from_secs(30))
+        .await;
+    owner.send_text(&old_room, "after the join").await;
+    let got = collect(&rig, &mut op, Duration::from_secs(20), |g| !g.is_empty()).await;
+    assert_eq!(
+        got[0]["body"], "after the join",
+        "history was forwarded: {got:?}"
+    );
 
     // Named errors.
     let err = rig

@@ -26,6 +26,7 @@
 //! error fails the incarnation (errors.rs classifies it). `M_UNKNOWN_TOKEN` with a password
 //! wipes the session and the restart logs in again, once; without a password it is fatal.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -34,20 +35,23 @@ use matrix_sdk::authentication::matrix::MatrixSession;
 use matrix_sdk::config::{RequestConfig, SyncSettings};
 use matrix_sdk::ruma::api::client::filter::FilterDefinition;
 use matrix_sdk::ruma::api::client::sync::sync_events::v3::Filter as SyncFilter;
+use matrix_sdk::ruma::events::reaction::OriginalSyncReactionEvent;
 use matrix_sdk::ruma::events::relation::Thread;
 use matrix_sdk::ruma::events::room::member::{MembershipState, StrippedRoomMemberEvent};
 use matrix_sdk::ruma::events::room::message::{
     MessageType, OriginalSyncRoomMessageEvent, Relation, RoomMessageEventContent,
 };
-use matrix_sdk::ruma::{OwnedEventId, OwnedRoomId, UInt};
+use matrix_sdk::ruma::{OwnedEventId, OwnedRoomId, OwnedUserId, UInt};
 use matrix_sdk::store::StateStoreDataKey;
-use matrix_sdk::{Client, Room, RoomState, SessionMeta, SessionTokens};
+use matrix_sdk::{Client, ClientBuildError, Room, RoomState, SessionMeta, SessionTokens};
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, SpawnErr};
-use tokio::sync::oneshot;
+use serde_json::Value;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{Instrument, debug, info, warn};
 
+use super::approvals::{ApprovalChannel, ApprovalRequest, Decision, NotifyFuture};
 use super::errors::{self, Class, During};
 use super::inbound::{Filter, Seen};
 use super::store::{self, Local, Paths, SavedSession};
@@ -77,6 +81,14 @@ pub(crate) struct Account {
     seen: Mutex<Seen>,
     /// Set when a rejected token made the account wipe its session; cleared by a good sync.
     relogged_in: AtomicBool,
+    /// Approvers, lower-cased.
+    approvers: HashSet<String>,
+    /// Where approvers' decisions go: the running approval handler.
+    decisions: RwLock<Option<mpsc::UnboundedSender<Decision>>>,
+    /// Request messages sent to approvers (event ID → approval ID), for reactions.
+    request_events: Mutex<HashMap<String, String>>,
+    /// One notification at a time, so two requests do not open two DMs with one approver.
+    notifying: tokio::sync::Mutex<()>,
 }
 
 impl Account {
@@ -84,12 +96,32 @@ impl Account {
         Self {
             paths: Paths::new(config.dir.clone()),
             filter: Filter::new(&config.allowed_rooms, &config.allowed_senders),
-            config,
-            chat,
             current: RwLock::new(None),
             seen: Mutex::new(Seen::default()),
             relogged_in: AtomicBool::new(false),
+            approvers: config
+                .approvers
+                .iter()
+                .map(|a| a.to_ascii_lowercase())
+                .collect(),
+            decisions: RwLock::new(None),
+            request_events: Mutex::new(HashMap::new()),
+            notifying: tokio::sync::Mutex::new(()),
+            config,
+            chat,
         }
+    }
+
+    fn is_approver(&self, user: &str) -> bool {
+        self.approvers.contains(&user.to_ascii_lowercase())
+    }
+
+    /// Hands a decision to the approval handler; false when none runs.
+    fn decide(&self, decision: Decision) -> bool {
+        let decisions = self.decisions.read().unwrap_or_else(|e| e.into_inner());
+        decisions
+            .as_ref()
+            .is_some_and(|tx| tx.send(decision).is_ok())
     }
 
     fn set_current(&self, actor: Option<ActorRef<ClientMsg>>) {
@@ -121,6 +153,30 @@ impl ChatAccount for Account {
                 .map_err(|_| not_ready())?;
             answer.await.map_err(|_| not_ready())?
         })
+    }
+}
+
+impl ApprovalChannel for Account {
+    fn notify(&self, request: ApprovalRequest) -> NotifyFuture {
+        let actor = self
+            .current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        Box::pin(async move {
+            let actor = actor.ok_or("the Matrix account is not ready")?;
+            let (reply, answer) = oneshot::channel();
+            actor
+                .send_message(ClientMsg::Notify { request, reply })
+                .map_err(|_| "the Matrix account is not ready")?;
+            answer
+                .await
+                .map_err(|_| "the Matrix account stopped".to_string())?
+        })
+    }
+
+    fn attach(&self, decisions: mpsc::UnboundedSender<Decision>) {
+        *self.decisions.write().unwrap_or_else(|e| e.into_inner()) = Some(decisions);
     }
 }
 
@@ -160,6 +216,11 @@ pub(crate) enum ClientMsg {
     Send {
         params: SendParams,
         reply: oneshot::Sender<Result<String, ChatError>>,
+    },
+    /// Tell the approvers about an approval request.
+    Notify {
+        request: ApprovalRequest,
+        reply: oneshot::Sender<Result<(), String>>,
     },
     /// The first sync succeeded.
     Synced,
@@ -275,6 +336,22 @@ impl Actor for ClientActor {
                         let _ = reply.send(Err(ChatError::NotReady(format!(
                             "account {alias:?} is not ready"
                         ))));
+                    }
+                }
+                Ok(())
+            }
+            ClientMsg::Notify { request, reply } => {
+                match (&state.client, state.ready) {
+                    (Some(client), true) => {
+                        let client = client.clone();
+                        let account = state.args.account.clone();
+                        let task = async move {
+                            let _ = reply.send(notify(&client, &account, &request).await);
+                        };
+                        tokio::spawn(task.instrument(state.args.span.clone()));
+                    }
+                    _ => {
+                        let _ = reply.send(Err("the Matrix account is not ready".to_string()));
                     }
                 }
                 Ok(())
@@ -402,10 +479,11 @@ async fn try_open(args: &ClientArgs) -> Result<(Client, bool), Open> {
             }
             let session =
                 matrix_session(&saved.user_id, &saved.device_id, &token).map_err(Open::Unusable)?;
-            client
-                .restore_session(session)
-                .await
-                .map_err(|e| Open::Unusable(format!("restoring the session failed: {e}")))?;
+            client.restore_session(session).await.map_err(|e| match e {
+                // The network failing is no sign of a broken store.
+                matrix_sdk::Error::Http(_) => Open::from(errors::classify(&e, During::Session)),
+                other => Open::Unusable(format!("restoring the session failed: {other}")),
+            })?;
             if otk_conflict(&client).await {
                 return Err(Open::Unusable(
                     "the crypto store lost one-time keys the homeserver still has (the SDK's \
@@ -556,7 +634,15 @@ async fn build(config: &AccountConfig, paths: &Paths) -> Result<Client, Open> {
         .request_config(request_config())
         .build()
         .await
-        .map_err(|e| Open::Unusable(format!("cannot open the store: {e}")))
+        .map_err(|e| match e {
+            ClientBuildError::SqliteStore(e) => {
+                Open::Unusable(format!("cannot open the store: {e}"))
+            }
+            ClientBuildError::Http(e) => Open::from(errors::classify_http(&e, During::Session)),
+            other => Open::Failed(Failure::transient(format!(
+                "cannot set up the client: {other}"
+            ))),
+        })
 }
 
 /// No retries inside the SDK: the supervisor is the retry layer.
@@ -604,6 +690,13 @@ async fn sync_loop(
     resumed: bool,
 ) {
     let mut first = true;
+    // A room joined since the last sync comes with a limited timeline of its history: that
+    // is no gap. Only rooms the account was already in can have one.
+    let mut known: HashSet<OwnedRoomId> = client
+        .joined_rooms()
+        .iter()
+        .map(|room| room.room_id().to_owned())
+        .collect();
     loop {
         // A first sync of a fresh login only learns the state: one event per room, none
         // forwarded (they are history). Later ones return up to TIMELINE_LIMIT per room.
@@ -620,12 +713,13 @@ async fn sync_loop(
                 probe.beat();
                 if forwarding.load(Ordering::Relaxed) {
                     for (room, update) in &response.rooms.joined {
-                        if update.timeline.limited {
+                        if update.timeline.limited && known.contains(room) {
                             warn!(room = %room, limit = TIMELINE_LIMIT,
                                 "More messages arrived while the account was away than one sync returns; the older ones were not forwarded.");
                         }
                     }
                 }
+                known.extend(response.rooms.joined.keys().cloned());
                 forwarding.store(true, Ordering::Relaxed);
                 if first {
                     first = false;
@@ -662,7 +756,8 @@ fn add_handlers(client: &Client, account: &Arc<Account>, forwarding: &Arc<Atomic
             let account = account.clone();
             let forwarding = forwarding.clone();
             async move {
-                if !forwarding.load(Ordering::Relaxed) {
+                if !forwarding.load(Ordering::Relaxed) || before_own_join(&client, &room, &ev).await
+                {
                     return;
                 }
                 forward(&account, &client, &room, ev);
@@ -700,6 +795,149 @@ fn add_handlers(client: &Client, account: &Arc<Account>, forwarding: &Arc<Atomic
         }
     };
     client.add_event_handler(on_invite);
+
+    let on_reaction = {
+        let account = account.clone();
+        move |ev: OriginalSyncReactionEvent| {
+            let account = account.clone();
+            async move {
+                let sender = ev.sender.as_str();
+                let annotation = &ev.content.relates_to;
+                let approve = match annotation.key.as_str() {
+                    k if k.starts_with('✅') => true,
+                    k if k.starts_with('❌') => false,
+                    _ => return,
+                };
+                let id = account
+                    .request_events
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(annotation.event_id.as_str())
+                    .cloned();
+                let Some(id) = id else { return };
+                if !account.is_approver(sender) {
+                    debug!(
+                        id,
+                        sender, "Ignoring a reaction from someone who is not an approver."
+                    );
+                    return;
+                }
+                let decision = Decision {
+                    id,
+                    approve,
+                    by: sender.to_string(),
+                };
+                if !account.decide(decision) {
+                    warn!(
+                        sender,
+                        "An approver reacted, but no approval handler is running."
+                    );
+                }
+            }
+        }
+    };
+    client.add_event_handler(on_reaction);
+}
+
+/// `approve <id>` / `deny <id>` (any case, surrounding space ignored) → (approve, id).
+fn approval_command(body: &str) -> Option<(bool, &str)> {
+    let mut words = body.split_whitespace();
+    let verb = words.next()?;
+    let id = words.next()?;
+    if words.next().is_some() || id.len() != 8 || !id.chars().all(|c| c.is_ascii_alphanumeric()) {
+        return None;
+    }
+    if verb.eq_ignore_ascii_case("approve") {
+        Some((true, id))
+    } else if verb.eq_ignore_ascii_case("deny") {
+        Some((false, id))
+    } else {
+        None
+    }
+}
+
+/// Sends `request` to each approver in a direct message (made on first use, reused after).
+async fn notify(
+    client: &Client,
+    account: &Account,
+    request: &ApprovalRequest,
+) -> Result<(), String> {
+    let _one_at_a_time = account.notifying.lock().await;
+    let args = match &request.args {
+        Value::Array(items) if !items.is_empty() => {
+            let words: Vec<String> = items
+                .iter()
+                .map(|a| a.as_str().map_or_else(|| a.to_string(), str::to_string))
+                .collect();
+            format!(" {}", words.join(" "))
+        }
+        Value::Null => String::new(),
+        Value::Array(_) => String::new(),
+        other => format!(" {other}"),
+    };
+    let id = &request.id;
+    let reason = if request.reason.is_empty() {
+        String::new()
+    } else {
+        format!("\nReason: {}", request.reason)
+    };
+    let body = format!(
+        "Approval {id}: run `{}{args}` on node {}?{reason}\nReply `approve {id}` or `deny {id}`, \
+         or react ✅ / ❌ to this message.",
+        request.command, request.node
+    );
+    let mut failed = Vec::new();
+    for approver in &account.config.approvers {
+        match notify_one(client, approver, &body).await {
+            Ok(event_id) => {
+                account
+                    .request_events
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(event_id, id.clone());
+            }
+            Err(e) => failed.push(format!("{approver}: {e}")),
+        }
+    }
+    if failed.len() == account.config.approvers.len() {
+        return Err(failed.join("; "));
+    }
+    for failure in failed {
+        warn!(id = %id, error = %failure, "Could not notify an approver.");
+    }
+    Ok(())
+}
+
+async fn notify_one(client: &Client, approver: &str, body: &str) -> Result<String, String> {
+    let user = OwnedUserId::try_from(approver).map_err(|e| e.to_string())?;
+    let room = match client.get_dm_room(&user) {
+        Some(room) => room,
+        None => {
+            let room = client.create_dm(&user).await.map_err(|e| e.to_string())?;
+            info!(approver, room = %room.room_id(), "Opened a direct message with an approver.");
+            room
+        }
+    };
+    let sent = room
+        .send(RoomMessageEventContent::text_plain(body))
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(sent.response.event_id.to_string())
+}
+
+/// Whether `ev` predates the account's own join: the history a newly joined room comes
+/// with, not a message to act on.
+async fn before_own_join(client: &Client, room: &Room, ev: &OriginalSyncRoomMessageEvent) -> bool {
+    let Some(me) = client.user_id() else {
+        return false;
+    };
+    match room.get_member_no_sync(me).await {
+        Ok(Some(member)) => member
+            .event()
+            .origin_server_ts()
+            .is_some_and(|joined| ev.origin_server_ts < joined),
+        _ => false,
+    }
 }
 
 fn forward(account: &Account, client: &Client, room: &Room, ev: OriginalSyncRoomMessageEvent) {
@@ -708,6 +946,31 @@ fn forward(account: &Account, client: &Client, room: &Room, ev: OriginalSyncRoom
     }
     let room_id = room.room_id().as_str();
     let sender = ev.sender.as_str();
+    if let MessageType::Text(text) = &ev.content.msgtype
+        && let Some((approve, id)) = approval_command(&text.body)
+    {
+        if account.is_approver(sender) {
+            let decision = Decision {
+                id: id.to_string(),
+                approve,
+                by: sender.to_string(),
+            };
+            if !account.decide(decision) {
+                warn!(
+                    id,
+                    sender, "An approver answered, but no approval handler is running."
+                );
+            }
+        } else {
+            debug!(
+                id,
+                sender,
+                room = room_id,
+                "Ignoring an approval answer from someone who is not an approver."
+            );
+        }
+        return;
+    }
     if !account.filter.room_allowed(room_id) || !account.filter.sender_allowed(sender) {
         debug!(
             room = room_id,

@@ -129,3 +129,89 @@ pub(crate) fn describe(err: &reqwest::Error) -> String {
 fn first_line(text: &str) -> String {
     text.lines().next().unwrap_or_default().to_string()
 }
+
+#[cfg(test)]
+mod tests {
+    use matrix_sdk::reqwest::StatusCode;
+    use matrix_sdk::ruma::api::client::uiaa::UiaaResponse;
+    use matrix_sdk::ruma::api::error::{
+        ErrorBody, FromHttpResponseError, LimitExceededErrorData, StandardErrorBody,
+        UnknownTokenErrorData,
+    };
+
+    use super::*;
+    use crate::supervision::FailureClass;
+
+    fn api(status: u16, kind: ErrorKind) -> HttpError {
+        let status = StatusCode::from_u16(status).expect("status");
+        let body = ErrorBody::Standard(StandardErrorBody::new(kind, "nope".to_string()));
+        let error = UiaaResponse::MatrixError(body.into_error(status));
+        HttpError::Api(Box::new(FromHttpResponseError::Server(error)))
+    }
+
+    fn transient(class: Class) -> Failure {
+        match class {
+            Class::Transient(f) => {
+                assert_eq!(f.class, FailureClass::Transient);
+                f
+            }
+            other => panic!("expected transient, got {other:?}"),
+        }
+    }
+
+    fn fatal(class: Class) -> Failure {
+        match class {
+            Class::Fatal(f) => {
+                assert_eq!(f.class, FailureClass::Fatal);
+                f
+            }
+            other => panic!("expected fatal, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn rate_limits_are_transient_and_keep_their_retry_after() {
+        let mut data = LimitExceededErrorData::new();
+        data.retry_after = Some(RetryAfter::Delay(Duration::from_secs(7)));
+        let err = api(429, ErrorKind::LimitExceeded(data));
+        for during in [During::Login, During::Session] {
+            let f = transient(classify_http(&err, during));
+            assert_eq!(f.retry_after, Some(Duration::from_secs(7)));
+            assert!(f.reason.contains("rate limited"), "{}", f.reason);
+        }
+    }
+
+    #[test]
+    fn server_errors_are_transient_even_at_login() {
+        let f = transient(classify_http(&api(502, ErrorKind::Unknown), During::Login));
+        assert!(f.reason.contains("502"), "{}", f.reason);
+    }
+
+    #[test]
+    fn a_refused_login_and_a_deactivated_account_are_fatal() {
+        let f = fatal(classify_http(
+            &api(403, ErrorKind::Forbidden),
+            During::Login,
+        ));
+        assert!(f.reason.contains("login refused"), "{}", f.reason);
+        let f = fatal(classify_http(
+            &api(403, ErrorKind::UserDeactivated),
+            During::Session,
+        ));
+        assert!(f.reason.contains("deactivated"), "{}", f.reason);
+        // The same 403 on a running session is worth a restart.
+        transient(classify_http(
+            &api(403, ErrorKind::Forbidden),
+            During::Session,
+        ));
+    }
+
+    #[test]
+    fn a_rejected_token_is_its_own_class() {
+        let kind = ErrorKind::UnknownToken(UnknownTokenErrorData::new());
+        assert!(matches!(
+            classify_http(&api(401, kind), During::Session),
+            Class::UnknownToken
+        ));
+    }
+}

@@ -4,7 +4,8 @@
 //! root/channels              one_for_one   (channels_spec)
 //! └── matrix                 one_for_one
 //!     └── <alias>            rest_for_one  one per configured account (account_spec)
-//!         └── client         permanent     login/restore, sync loop, send (client.rs)
+//!         ├── client         permanent     login/restore, sync loop, send (client.rs)
+//!         └── approvals      permanent     only with approvals enabled (approvals.rs)
 //! ```
 //!
 //! * [`AccountConfig`] — one account's settings, already validated by the program.
@@ -16,6 +17,7 @@
 //! Each account registers itself with the gateway's [`Chat`] when its subtree is built, so
 //! `chat.send` reaches it through whichever incarnation of the client is running.
 
+pub mod approvals;
 mod client;
 mod errors;
 mod inbound;
@@ -57,6 +59,9 @@ pub struct AccountConfig {
     pub allowed_senders: Vec<String>,
     /// Join rooms an allowed sender invites the account to.
     pub auto_join: bool,
+    /// Whose `approve`/`deny` count; the approval handler runs only when `handler` is set
+    /// and this is not empty.
+    pub approvers: Vec<String>,
     /// `<state.dir>/matrix/<alias>`.
     pub dir: PathBuf,
 }
@@ -75,21 +80,28 @@ impl fmt::Debug for AccountConfig {
             .field("allowed_rooms", &self.allowed_rooms)
             .field("allowed_senders", &self.allowed_senders)
             .field("auto_join", &self.auto_join)
+            .field("approvers", &self.approvers)
             .field("dir", &self.dir)
             .finish()
     }
 }
 
-/// The `channels` subtree with one `matrix/<alias>` subtree per account, each with its
-/// client's policy.
-pub fn channels_spec(
-    accounts: Vec<(AccountConfig, Policy)>,
-    chat: &Chat,
-    slots: &SlotClient,
-) -> ChildSpec {
+/// One account's subtree: its settings, its client's policy, and its approval handler's
+/// settings and policy when approvals are enabled.
+pub struct AccountSpec {
+    /// The account.
+    pub config: AccountConfig,
+    /// The client's policy.
+    pub policy: Policy,
+    /// The approval handler, when `approvals.enabled` and there are approvers.
+    pub handler: Option<(approvals::HandlerConfig, Policy)>,
+}
+
+/// The `channels` subtree with one `matrix/<alias>` subtree per account.
+pub fn channels_spec(accounts: Vec<AccountSpec>, chat: &Chat, slots: &SlotClient) -> ChildSpec {
     let accounts = accounts
         .into_iter()
-        .map(|(config, policy)| account_spec(config, policy, chat, slots))
+        .map(|account| account_spec(account, chat, slots))
         .collect();
     ChildSpec::supervisor(
         "channels",
@@ -102,19 +114,21 @@ pub fn channels_spec(
     )
 }
 
-/// The `<alias>` subtree of one account; registers the account with `chat`.
-pub fn account_spec(
-    config: AccountConfig,
-    policy: Policy,
-    chat: &Chat,
-    slots: &SlotClient,
-) -> ChildSpec {
+/// The `<alias>` subtree of one account — `client`, then `approvals` when enabled;
+/// registers the account with `chat`.
+pub fn account_spec(spec: AccountSpec, chat: &Chat, slots: &SlotClient) -> ChildSpec {
+    let AccountSpec {
+        config,
+        policy,
+        handler,
+    } = spec;
     let alias = config.alias.clone();
+    let handler = handler.filter(|_| !config.approvers.is_empty());
     let account = Arc::new(client::Account::new(config, chat.clone()));
     chat.register(&alias, account.clone());
-    ChildSpec::supervisor(
-        alias,
-        Strategy::RestForOne,
-        vec![client::spec(account, policy, slots.clone())],
-    )
+    let mut children = vec![client::spec(account.clone(), policy, slots.clone())];
+    if let Some((handler, policy)) = handler {
+        children.push(approvals::spec(handler, account, slots.clone(), policy));
+    }
+    ChildSpec::supervisor(alias, Strategy::RestForOne, children)
 }

@@ -1,0 +1,463 @@
+//! The approval handler of one Matrix account: a loopback gateway client (role `approver`)
+//! that tells the account's approvers about each approval request and turns their answers
+//! into `approvals.resolve`.
+//!
+//! ## Start (in `post_start`)
+//! Every start and restart first takes a slot of the `approvals` start-slot pool (first
+//! start jittered), holds it for the handshake only — connect, `hello-ok` — and gives it
+//! back whether the handshake worked or not. So however many accounts start on the same
+//! tick, at most `max_concurrent` handshakes reach the gateway at once. Then it subscribes
+//! to `approval.requested` / `approval.resolved` and notifies the approvers of every
+//! approval still pending (`approvals.list`).
+//!
+//! ## Messages
+//! `Lost` — the connection ended (the pump saw it).
+//!
+//! ## Supervision
+//! Kind `approval_handler`: 1 s → 60 s, unlimited, a named WARN after 5 failures in a row.
+//! There is no reconnect loop here: a lost connection or a failed handshake fails the
+//! incarnation and the supervisor's restart is the retry. A token the gateway refuses is
+//! fatal (parked). The handler is ready once subscribed.
+//!
+//! ## The Matrix side
+//! An [`ApprovalChannel`] carries requests out to the approvers and their decisions back.
+//! For a Matrix account it is the account itself (client.rs): a direct message to each
+//! approver, and `approve <id>` / `deny <id>` replies or ✅ / ❌ reactions from listed
+//! approvers. The benchmark runs handlers with [`NoChannel`], against the gateway alone.
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, SpawnErr};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tracing::{Instrument, debug, info, warn};
+
+use crate::gateway::client::{ConnectError, ConnectOptions, GatewayClient, Incoming};
+use crate::gateway::protocol::{ClientInfo, Role, close, code};
+use crate::supervision::{ChildContext, ChildSpec, Failure, Policy, Probe, Restart, SlotClient};
+
+/// The kind of the handler child, for policies and metrics.
+pub const KIND: &str = "approval_handler";
+/// The start-slot pool every handler start passes.
+pub const POOL: &str = "approvals";
+
+/// How often notifications that could not be delivered are tried again.
+const NOTIFY_RETRY: Duration = Duration::from_secs(5);
+
+/// Where the gateway is.
+#[derive(Debug, Clone)]
+pub enum GatewayAddr {
+    /// A fixed `ws://host:port/ws`.
+    Url(String),
+    /// The address the local listener bound (known once it has; a wildcard address is
+    /// reached on loopback).
+    Bound(watch::Receiver<Option<SocketAddr>>),
+}
+
+impl GatewayAddr {
+    async fn url(&self) -> Result<String, Failure> {
+        match self {
+            GatewayAddr::Url(url) => Ok(url.clone()),
+            GatewayAddr::Bound(bound) => {
+                let mut bound = bound.clone();
+                let addr = *bound
+                    .wait_for(Option::is_some)
+                    .await
+                    .map_err(|_| Failure::transient("the gateway listener is gone"))?;
+                let Some(mut addr) = addr else {
+                    return Err(Failure::transient("the gateway listener is not bound"));
+                };
+                if addr.ip().is_unspecified() {
+                    addr.set_ip(match addr {
+                        SocketAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
+                        SocketAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
+                    });
+                }
+                Ok(format!("ws://{addr}/ws"))
+            }
+        }
+    }
+}
+
+/// How a handler reaches its gateway.
+#[derive(Debug, Clone)]
+pub struct HandlerConfig {
+    /// The account alias it serves (`account` of its `connect`).
+    pub alias: String,
+    /// The local gateway.
+    pub gateway: GatewayAddr,
+    /// The gateway token.
+    pub token: String,
+    /// How long a handshake may take.
+    pub handshake_timeout: Duration,
+}
+
+/// An approval request, as `approval.requested` carries it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct ApprovalRequest {
+    /// Its 8-character id.
+    pub id: String,
+    /// The node to run on.
+    pub node: String,
+    /// The command.
+    pub command: String,
+    /// Its arguments.
+    #[serde(default)]
+    pub args: Value,
+    /// Why, in the requester's words.
+    #[serde(default)]
+    pub reason: String,
+    /// When it is denied for want of a decision (ms since the epoch).
+    #[serde(default)]
+    pub expires_at_ms: Option<u64>,
+}
+
+/// An approver's decision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    /// The approval's id.
+    pub id: String,
+    /// Approve (true) or deny.
+    pub approve: bool,
+    /// The approver's Matrix ID.
+    pub by: String,
+}
+
+/// A boxed notification future.
+pub type NotifyFuture = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
+
+/// Where requests go out to approvers, and decisions come back from.
+pub trait ApprovalChannel: Send + Sync {
+    /// Tells the approvers about `request`; an error says why not (tried again later).
+    fn notify(&self, request: ApprovalRequest) -> NotifyFuture;
+    /// Sends decisions to this incarnation of the handler from now on.
+    fn attach(&self, decisions: mpsc::UnboundedSender<Decision>);
+}
+
+/// A channel with no approvers on the other end (benchmarks): requests go nowhere.
+#[derive(Debug, Default)]
+pub struct NoChannel;
+
+impl ApprovalChannel for NoChannel {
+    fn notify(&self, _: ApprovalRequest) -> NotifyFuture {
+        Box::pin(async { Ok(()) })
+    }
+
+    fn attach(&self, _: mpsc::UnboundedSender<Decision>) {}
+}
+
+/// The handler child's spec (id `approvals`).
+pub fn spec(
+    config: HandlerConfig,
+    channel: Arc<dyn ApprovalChannel>,
+    slots: SlotClient,
+    policy: Policy,
+) -> ChildSpec {
+    ChildSpec::new(
+        "approvals",
+        KIND,
+        Restart::Permanent,
+        move |ctx: ChildContext| {
+            let args = HandlerArgs {
+                config: config.clone(),
+                channel: channel.clone(),
+                slots: slots.clone(),
+                probe: ctx.probe.clone(),
+                first_start: ctx.is_first_start(),
+                path: ctx.path.clone(),
+                span: ctx.span(),
+            };
+            async move {
+                let (actor, _) =
+                    Actor::spawn_linked(None, HandlerActor, args, ctx.supervisor.clone()).await?;
+                Ok::<ActorCell, SpawnErr>(actor.get_cell())
+            }
+        },
+    )
+    .with_policy(policy)
+    .reports_readiness()
+}
+
+/// Messages of [`HandlerActor`].
+#[derive(Debug)]
+pub enum HandlerMsg {
+    /// The connection ended.
+    Lost(String),
+}
+
+/// The handler actor.
+pub struct HandlerActor;
+
+/// One incarnation's arguments.
+pub struct HandlerArgs {
+    config: HandlerConfig,
+    channel: Arc<dyn ApprovalChannel>,
+    slots: SlotClient,
+    probe: Probe,
+    first_start: bool,
+    path: String,
+    span: tracing::Span,
+}
+
+/// A connected handler.
+pub struct HandlerState {
+    args: HandlerArgs,
+    pump: Option<JoinHandle<()>>,
+}
+
+impl Drop for HandlerState {
+    fn drop(&mut self) {
+        if let Some(pump) = self.pump.take() {
+            pump.abort();
+        }
+    }
+}
+
+impl Actor for HandlerActor {
+    type Msg = HandlerMsg;
+    type State = HandlerState;
+    type Arguments = HandlerArgs;
+
+    async fn pre_start(
+        &self,
+        _: ActorRef<HandlerMsg>,
+        args: HandlerArgs,
+    ) -> Result<HandlerState, ActorProcessingErr> {
+        Ok(HandlerState { args, pump: None })
+    }
+
+    async fn post_start(
+        &self,
+        myself: ActorRef<HandlerMsg>,
+        state: &mut HandlerState,
+    ) -> Result<(), ActorProcessingErr> {
+        let args = &state.args;
+        let span = args.span.clone();
+        let mut client = connect(args).instrument(span.clone()).await?;
+        let events = json!({ "events": ["approval.requested", "approval.resolved"] });
+        client
+            .call("subscribe", events)
+            .await
+            .map_err(|e| Failure::transient(format!("subscribe failed: {e}")))?;
+        let pending = client
+            .call("approvals.list", json!({}))
+            .await
+            .map_err(|e| Failure::transient(format!("approvals.list failed: {e}")))?;
+        let (decisions, decided) = mpsc::unbounded_channel();
+        args.channel.attach(decisions);
+        args.probe.beat();
+        args.probe.set_ready(true);
+        let pump = Pump {
+            client,
+            actor: myself,
+            channel: args.channel.clone(),
+            probe: args.probe.clone(),
+            decided,
+            unsent: pending_requests(&pending),
+            alias: args.config.alias.clone(),
+        };
+        span.in_scope(|| info!(account = %args.config.alias, pending = pump.unsent.len(), "Approval handler connected."));
+        state.pump = Some(tokio::spawn(pump.run().instrument(span)));
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        _: ActorRef<HandlerMsg>,
+        msg: HandlerMsg,
+        state: &mut HandlerState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            HandlerMsg::Lost(cause) => {
+                state.args.probe.set_ready(false);
+                Err(Box::new(Failure::transient(format!(
+                    "connection lost: {cause}"
+                ))))
+            }
+        }
+    }
+}
+
+/// Takes a start slot, handshakes, gives the slot back.
+async fn connect(args: &HandlerArgs) -> Result<GatewayClient, Failure> {
+    let config = &args.config;
+    let url = config.gateway.url().await?;
+    let slot = args
+        .slots
+        .acquire(POOL, &args.path, args.first_start)
+        .await
+        .map_err(|e| Failure::transient(format!("no start slot: {e}")))?;
+    let mut options = ConnectOptions::new(
+        Role::Approver,
+        config.token.clone(),
+        ClientInfo {
+            name: "warden-approvals".to_string(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+        },
+    );
+    options.account = Some(config.alias.clone());
+    options.handshake_timeout = config.handshake_timeout;
+    let connected = GatewayClient::connect(&url, options).await;
+    slot.release();
+    match connected {
+        Ok((client, _hello)) => Ok(client),
+        Err(err) => Err(classify(&err)),
+    }
+}
+
+fn classify(err: &ConnectError) -> Failure {
+    let refused = match err {
+        ConnectError::Rejected { code: c, .. } => c == code::UNAUTHORIZED,
+        ConnectError::Closed { code: c, .. } => *c == close::POLICY,
+        _ => false,
+    };
+    if refused {
+        return Failure::fatal(format!(
+            "the gateway refused the approval handler: {err}; check gateway.token"
+        ));
+    }
+    let failure = Failure::transient(err.to_string());
+    match err.retry_after() {
+        Some(delay) => failure.retry_after(delay),
+        None => failure,
+    }
+}
+
+/// The requests of an `approvals.list` answer that are still pending.
+fn pending_requests(list: &Value) -> Vec<ApprovalRequest> {
+    let items = list
+        .get("pending")
+        .or_else(|| list.get("approvals"))
+        .unwrap_or(list);
+    items
+        .as_array()
+        .map(|items| {
+            items
+                .iter()
+                .filter(|a| a.get("status").is_none_or(|s| s == "pending"))
+                .filter(|a| a.get("decision").is_none_or(Value::is_null))
+                .filter_map(|a| serde_json::from_value(a.clone()).ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Reads the connection, sends notifications, forwards decisions.
+struct Pump {
+    client: GatewayClient,
+    actor: ActorRef<HandlerMsg>,
+    channel: Arc<dyn ApprovalChannel>,
+    probe: Probe,
+    decided: mpsc::UnboundedReceiver<Decision>,
+    /// Requests whose approvers have not been told yet.
+    unsent: Vec<ApprovalRequest>,
+    alias: String,
+}
+
+impl Pump {
+    async fn run(mut self) {
+        let mut resolved = HashSet::new();
+        let mut retry = tokio::time::interval(NOTIFY_RETRY);
+        loop {
+            tokio::select! {
+                biased;
+                Some(decision) = self.decided.recv() => self.resolve(decision).await,
+                _ = retry.tick() => self.notify_unsent(&resolved).await,
+                incoming = self.client.next_event() => match incoming {
+                    Ok(Incoming::Event { event, payload }) => {
+                        self.probe.beat();
+                        match event.as_str() {
+                            "approval.requested" => {
+                                match serde_json::from_value::<ApprovalRequest>(payload) {
+                                    Ok(request) => {
+                                        self.unsent.push(request);
+                                        self.notify_unsent(&resolved).await;
+                                    }
+                                    Err(e) => warn!(error = %e, "Ignoring a malformed approval.requested."),
+                                }
+                            }
+                            "approval.resolved" => {
+                                if let Some(id) = payload["id"].as_str() {
+                                    resolved.insert(id.to_string());
+                                    self.unsent.retain(|r| r.id != id);
+                                }
+                            }
+                            _ => {}
+                        }
+                    }
+                    Ok(Incoming::Request { id, method, .. }) => {
+                        let reply = Err(crate::gateway::protocol::ErrorBody {
+                            code: code::UNKNOWN_METHOD.to_string(),
+                            message: format!("an approval handler answers no {method:?}"),
+                        });
+                        let _ = self.client.respond(&id, reply).await;
+                    }
+                    Err(e) => {
+                        let _ = self.actor.send_message(HandlerMsg::Lost(e.to_string()));
+                        return;
+                    }
+                },
+            }
+        }
+    }
+
+    /// Tries every unsent notification once; keeps those that failed.
+    async fn notify_unsent(&mut self, resolved: &HashSet<String>) {
+        let unsent = std::mem::take(&mut self.unsent);
+        for request in unsent {
+            if resolved.contains(&request.id) {
+                continue;
+            }
+            match self.channel.notify(request.clone()).await {
+                Ok(()) => debug!(id = %request.id, "Approvers notified."),
+                Err(e) => {
+                    debug!(id = %request.id, error = %e, "Could not notify the approvers yet.");
+                    self.unsent.push(request);
+                }
+            }
+        }
+    }
+
+    async fn resolve(&mut self, decision: Decision) {
+        let params = json!({
+            "id": decision.id,
+            "decision": if decision.approve { "approve" } else { "deny" },
+            "by": decision.by,
+        });
+        match self.client.call("approvals.resolve", params).await {
+            Ok(_) => info!(account = %self.alias, id = %decision.id, by = %decision.by,
+                approve = decision.approve, "Approval decided."),
+            Err(e) => info!(account = %self.alias, id = %decision.id, by = %decision.by,
+                error = %e, "The decision was not taken."),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pending_requests_are_read_from_the_list_answer() {
+        let list = json!({"pending": [
+            {"id": "abcd1234", "node": "n", "command": "uptime", "args": [], "reason": "r"},
+            {"id": "bad"},
+        ]});
+        let got = pending_requests(&list);
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!(got[0].id, "abcd1234");
+        assert_eq!(got[0].command, "uptime");
+        let bare = json!([{"id": "x", "node": "n", "command": "c", "decision": "approved"}]);
+        assert!(
+            pending_requests(&bare).is_empty(),
+            "decided ones are left out"
+        );
+    }
+}
