@@ -81,15 +81,28 @@ struct Rig {
 
 /// Starts warden with `accounts`, its state in `state` (which outlives the process).
 async fn start(name: &str, state: &Path, accounts: &[Account<'_>]) -> Rig {
+    start_with(name, state, "", "127.0.0.1:0", accounts).await
+}
+
+/// [`start`] with more config (`prelude`, TOML before the accounts) and a gateway address.
+async fn start_with(
+    name: &str,
+    state: &Path,
+    prelude: &str,
+    gateway: &str,
+    accounts: &[Account<'_>],
+) -> Rig {
     let dir = TempDir::new(name);
-    let config: String = accounts.iter().map(Account::toml).collect();
+    let config: String = std::iter::once(format!("{prelude}\n"))
+        .chain(accounts.iter().map(Account::toml))
+        .collect();
     std::fs::write(dir.0.join("warden.toml"), config).expect("config");
     let args = [
         "--config",
         "warden.toml",
         "run",
         "--gateway-bind",
-        "127.0.0.1:0",
+        gateway,
         "--admin-bind",
         "127.0.0.1:0",
         "--log-format",
@@ -922,4 +935,471 @@ async fn chat_send_round_trips_in_plain_and_encrypted_rooms_and_filters_senders(
         raw.is_encrypted(),
         "it went over the wire encrypted: {raw:?}"
     );
+}
+
+/// Approvals decided in Matrix (issue 6), end to end: operator → broker → approval
+/// handler → a direct message to the approver (a real E2EE client) → the approver's answer
+/// → the node runs the command → the requester gets the result.
+mod approvals {
+    use super::*;
+
+    /// A `warden node` named `name` with a `hello` command, connected to `gateway`.
+    fn node(name: &str, gateway: &str) -> Warden {
+        let dir = TempDir::new(name);
+        let config = format!(
+            "[node]\ngateway_url = \"{gateway}\"\ntoken = \"{TOKEN}\"\nname = \"{name}\"\n\
+             [node.commands.hello]\nargv = [\"echo\", \"hello from {name}\"]\n"
+        );
+        std::fs::write(dir.0.join("node.toml"), config).expect("node config");
+        let args = [
+            "--config",
+            "node.toml",
+            "node",
+            "--admin-bind",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+        ];
+        Warden::spawn(dir, &args, &[])
+    }
+
+    fn approvals_for(approver: &User) -> String {
+        format!(
+            "allowed_senders = [\"{0}\"]\napprovals = {{ enabled = true, approvers = [\"{0}\"] }}",
+            approver.user_id
+        )
+    }
+
+    /// A pending `approvals.request` of its own operator connection.
+    fn request(
+        rig: &Rig,
+        node: &str,
+        timeout_s: u64,
+    ) -> tokio::task::JoinHandle<Result<Value, String>> {
+        let gateway = rig.gateway.clone();
+        let node = node.to_string();
+        tokio::spawn(async move {
+            let options = ConnectOptions::new(
+                Role::Operator,
+                TOKEN,
+                ClientInfo {
+                    name: "it-requester".into(),
+                    version: "0".into(),
+                },
+            );
+            let (mut op, _) = GatewayClient::connect(&gateway, options)
+                .await
+                .map_err(|e| e.to_string())?;
+            let params = json!({"node": node, "command": "hello", "args": [],
+                "reason": "integration test", "timeout_s": timeout_s});
+            op.call("approvals.request", params)
+                .await
+                .map_err(|e| e.to_string())
+        })
+    }
+
+    /// An operator subscribed to the approval events.
+    async fn watcher(rig: &Rig) -> GatewayClient {
+        let options = ConnectOptions::new(
+            Role::Operator,
+            TOKEN,
+            ClientInfo {
+                name: "it-watcher".into(),
+                version: "0".into(),
+            },
+        );
+        let (mut op, _) = GatewayClient::connect(&rig.gateway, options)
+            .await
+            .expect("watcher connects");
+        op.call(
+            "subscribe",
+            json!({ "events": ["approval.requested", "approval.resolved"] }),
+        )
+        .await
+        .expect("subscribe");
+        op
+    }
+
+    /// The next event named `name`.
+    async fn next(op: &mut GatewayClient, name: &str, within: Duration) -> Value {
+        let deadline = Instant::now() + within;
+        loop {
+            let left = deadline
+                .checked_duration_since(Instant::now())
+                .unwrap_or_else(|| panic!("no {name} within {within:?}"));
+            match tokio::time::timeout(left, op.next_event()).await {
+                Ok(Ok(Incoming::Event { event, payload })) if event == name => return payload,
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => panic!("watcher connection failed: {e}"),
+                Err(_) => panic!("no {name} within {within:?}"),
+            }
+        }
+    }
+
+    /// The approver's DM with the bot: accepts the invite when there is one.
+    async fn dm_with(peer: &EncryptedPeer, within: Duration) -> String {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(room) = peer
+                .client
+                .joined_rooms()
+                .into_iter()
+                .find(|r| r.direct_targets_length() > 0)
+            {
+                return room.room_id().to_string();
+            }
+            if let Some(invite) = peer.client.invited_rooms().into_iter().next() {
+                peer.join(invite.room_id().as_str()).await;
+                return invite.room_id().to_string();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no DM from the bot within {within:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn handler_ready(rig: &Rig, alias: &str, within: Duration) -> Value {
+        let deadline = Instant::now() + within;
+        let path = format!("root/channels/matrix/{alias}/approvals");
+        loop {
+            let tree: Value = reqwest::get(format!("{}/admin/tree", rig.admin))
+                .await
+                .expect("tree")
+                .json()
+                .await
+                .expect("json");
+            if let Some(node) = find(&tree, &path).filter(|n| n["ready"] == true) {
+                return node.clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{path} not ready; logs:\n{}",
+                rig.warden.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn node_connected(rig: &Rig, name: &str) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let mut op = rig.operator().await;
+            let nodes = op.call("nodes.list", json!({})).await.expect("nodes.list");
+            op.close().await;
+            let up = nodes.as_array().is_some_and(|n| {
+                n.iter()
+                    .any(|n| n["name"] == name && n["connected"] == true)
+            });
+            if up {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {name} did not connect: {nodes}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Tests 1 and 2: approve by reply (with the timeline), approve by ✅ reaction, deny,
+    /// timeout; a non-approver's answer is ignored and a second decision is not taken.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn approvals_are_decided_in_matrix_by_reply_reaction_deny_and_timeout() {
+        let Some(hs) = synapse::require!() else {
+            return;
+        };
+        let bot = hs.register("a1bot").await;
+        let owner = hs.register("a1owner").await;
+        let mallory = hs.register("a1mal").await;
+        let peer = EncryptedPeer::login(&owner).await;
+        let state = state_dir("a1");
+        let extra = approvals_for(&owner);
+        let rig = start(
+            "matrix-a1",
+            &state.0,
+            &[Account {
+                alias: "nova",
+                homeserver: hs.url().to_string(),
+                user: &bot,
+                auth: Auth::Password,
+                extra: &extra,
+            }],
+        )
+        .await;
+        rig.wait_ready("nova", Duration::from_secs(30)).await;
+        handler_ready(&rig, "nova", Duration::from_secs(30)).await;
+        let _node = node("a1node", &rig.gateway);
+        node_connected(&rig, "a1node").await;
+        let mut watch = watcher(&rig).await;
+
+        // 1. Approve by reply, timed.
+        let t0 = Instant::now();
+        let pending = request(&rig, "a1node", 60);
+        let requested = next(&mut watch, "approval.requested", Duration::from_secs(10)).await;
+        let id = requested["id"].as_str().expect("id").to_string();
+        let dm = dm_with(&peer, Duration::from_secs(30)).await;
+        let text = peer
+            .wait_for_text(&dm, |_, body| body.contains(&id), Duration::from_secs(30))
+            .await;
+        let t_dm = t0.elapsed();
+        assert!(text.contains("approve") && text.contains("hello"), "{text}");
+        peer.send_text(&dm, &format!("approve {id}")).await;
+        let answer = pending.await.expect("task").expect("approvals.request");
+        let t_done = t0.elapsed();
+        assert_eq!(answer["decision"], "approved", "{answer}");
+        assert_eq!(answer["by"], owner.user_id.as_str());
+        let stdout = answer["result"].to_string();
+        assert!(stdout.contains("hello from a1node"), "{answer}");
+        eprintln!(
+            "approval timeline: request → DM decrypted by the approver {:.0} ms → result at the requester {:.0} ms",
+            t_dm.as_secs_f64() * 1000.0,
+            t_done.as_secs_f64() * 1000.0
+        );
+
+        // 2. Approve by ✅ on the request message.
+        let pending = request(&rig, "a1node", 60);
+        let requested = next(&mut watch, "approval.requested", Duration::from_secs(10)).await;
+        let id = requested["id"].as_str().expect("id").to_string();
+        let message = peer
+            .wait_for_message(&dm, |m| m.body.contains(&id), Duration::from_secs(30))
+            .await;
+        owner.send_reaction(&dm, &message.event_id, "✅").await;
+        let answer = pending.await.expect("task").expect("approvals.request");
+        assert_eq!(answer["decision"], "approved", "{answer}");
+        assert_eq!(answer["by"], owner.user_id.as_str());
+
+        // 3. A non-approver's answer is ignored; deny; a second decision is not taken.
+        let room = owner
+            .create_room(&[&bot.user_id, &mallory.user_id], false)
+            .await;
+        owner
+            .wait_joined(&room, &bot.user_id, Duration::from_secs(30))
+            .await;
+        mallory.join(&room).await;
+        let pending = request(&rig, "a1node", 60);
+        let requested = next(&mut watch, "approval.requested", Duration::from_secs(10)).await;
+        let id = requested["id"].as_str().expect("id").to_string();
+        mallory.send_text(&room, &format!("approve {id}")).await;
+        owner
+            .send_text(&room, "a marker after mallory's answer")
+            .await;
+        let mut op = rig.operator().await;
+        // The marker (an allowed sender's plain message) comes through: mallory's answer,
+        // sent before it, has been seen and ignored by then.
+        let got = collect(&rig, &mut op, Duration::from_secs(20), |g| !g.is_empty()).await;
+        assert_eq!(got[0]["body"], "a marker after mallory's answer");
+        let list = op.call("approvals.list", json!({})).await.expect("list");
+        let entry = list
+            .as_array()
+            .and_then(|l| l.iter().find(|a| a["id"] == id.as_str()))
+            .cloned()
+            .expect("listed");
+        assert_eq!(
+            entry["resolved"], false,
+            "mallory's answer was taken: {entry}"
+        );
+        peer.send_text(&dm, &format!("deny {id}")).await;
+        let answer = pending.await.expect("task").expect("approvals.request");
+        assert_eq!(answer["decision"], "denied", "{answer}");
+        assert_eq!(answer["by"], owner.user_id.as_str());
+        assert!(
+            answer.get("result").is_none_or(Value::is_null),
+            "a denied command ran: {answer}"
+        );
+        peer.send_text(&dm, &format!("approve {id}")).await;
+        let late = rig
+            .warden
+            .wait_for_log("The decision was not taken.", Duration::from_secs(20))
+            .await;
+        assert!(
+            late["error"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("already_resolved"),
+            "{late}"
+        );
+
+        // 4. No decision in time → denied.
+        let pending = request(&rig, "a1node", 2);
+        let answer = pending.await.expect("task").expect("approvals.request");
+        assert_eq!(answer["decision"], "denied", "{answer}");
+        assert_eq!(answer["by"], "timeout");
+    }
+
+    /// Test 3: warden restarts while an approval is pending; the approver's answer after the
+    /// restart still resolves it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_pending_approval_is_resolved_after_a_restart() {
+        let Some(hs) = synapse::require!() else {
+            return;
+        };
+        let bot = hs.register("a3bot").await;
+        let owner = hs.register("a3owner").await;
+        let peer = EncryptedPeer::login(&owner).await;
+        let state = state_dir("a3");
+        let extra = approvals_for(&owner);
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            l.local_addr().expect("addr").port()
+        };
+        let gateway = format!("127.0.0.1:{port}");
+        let account = || Account {
+            alias: "nova",
+            homeserver: hs.url().to_string(),
+            user: &bot,
+            auth: Auth::Password,
+            extra: &extra,
+        };
+        let mut rig = start_with("matrix-a3a", &state.0, "", &gateway, &[account()]).await;
+        rig.wait_ready("nova", Duration::from_secs(30)).await;
+        handler_ready(&rig, "nova", Duration::from_secs(30)).await;
+        let _node = node("a3node", &rig.gateway);
+        node_connected(&rig, "a3node").await;
+        let mut watch = watcher(&rig).await;
+        let pending = request(&rig, "a3node", 300);
+        let requested = next(&mut watch, "approval.requested", Duration::from_secs(10)).await;
+        let id = requested["id"].as_str().expect("id").to_string();
+        let dm = dm_with(&peer, Duration::from_secs(30)).await;
+        peer.wait_for_text(&dm, |_, body| body.contains(&id), Duration::from_secs(30))
+            .await;
+
+        rig.warden.signal("-TERM");
+        rig.warden.wait_exit(Duration::from_secs(20)).await;
+        let lost = pending.await.expect("task");
+        assert!(
+            lost.is_err(),
+            "the requester's call ended with the gateway: {lost:?}"
+        );
+
+        let rig = start_with("matrix-a3b", &state.0, "", &gateway, &[account()]).await;
+        rig.wait_ready("nova", Duration::from_secs(30)).await;
+        handler_ready(&rig, "nova", Duration::from_secs(30)).await;
+        node_connected(&rig, "a3node").await;
+        let mut watch = watcher(&rig).await;
+        peer.send_text(&dm, &format!("approve {id}")).await;
+        let resolved = next(&mut watch, "approval.resolved", Duration::from_secs(30)).await;
+        assert_eq!(resolved["id"], id.as_str());
+        assert_eq!(resolved["decision"], "approved", "{resolved}");
+        assert_eq!(resolved["by"], owner.user_id.as_str());
+        assert!(
+            resolved["result"].to_string().contains("hello from a3node"),
+            "{resolved}"
+        );
+    }
+
+    /// Test 4: approvers without `enabled` start no handler.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn approvers_without_enabled_start_no_handler() {
+        let Some(hs) = synapse::require!() else {
+            return;
+        };
+        let bot = hs.register("a4bot").await;
+        let owner = hs.register("a4owner").await;
+        let state = state_dir("a4");
+        let extra = format!("approvals = {{ approvers = [\"{}\"] }}", owner.user_id);
+        let rig = start(
+            "matrix-a4",
+            &state.0,
+            &[Account {
+                alias: "nova",
+                homeserver: hs.url().to_string(),
+                user: &bot,
+                auth: Auth::Password,
+                extra: &extra,
+            }],
+        )
+        .await;
+        rig.wait_ready("nova", Duration::from_secs(30)).await;
+        let tree: Value = reqwest::get(format!("{}/admin/tree", rig.admin))
+            .await
+            .expect("tree")
+            .json()
+            .await
+            .expect("json");
+        let account = find(&tree, "root/channels/matrix/nova").expect("account subtree");
+        let children: Vec<&str> = account["children"]
+            .as_array()
+            .map(|c| c.iter().filter_map(|c| c["id"].as_str()).collect())
+            .unwrap_or_default();
+        assert_eq!(children, ["client"], "{account:#}");
+        let mut op = rig.operator().await;
+        let status = op.call("status", json!({})).await.expect("status");
+        assert_eq!(status["sessions"]["approver"], 0, "{status}");
+    }
+
+    /// Test 5: 30 accounts with approvals start at once against a gateway with a 2 s
+    /// handshake timeout and 8 pre-auth sockets per address: every handler connects, no
+    /// handshake times out, nothing gets a 503, and the pool never has more than 3 holders.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn thirty_handlers_connect_through_the_start_slots_without_a_storm() {
+        let Some(hs) = synapse::require!() else {
+            return;
+        };
+        let owner = hs.register("a5owner").await;
+        let mut users = Vec::new();
+        for _ in 0..30 {
+            users.push(hs.register("a5bot").await);
+        }
+        let aliases: Vec<String> = (0..30).map(|i| format!("acct{i:02}")).collect();
+        let extra = approvals_for(&owner);
+        let accounts: Vec<Account> = users
+            .iter()
+            .zip(&aliases)
+            .map(|(user, alias)| Account {
+                alias,
+                homeserver: hs.url().to_string(),
+                user,
+                auth: Auth::Password,
+                extra: &extra,
+            })
+            .collect();
+        let state = state_dir("a5");
+        let prelude = "[gateway]\nhandshake_timeout_ms = 2000\nmax_preauth_per_ip = 8\n";
+        let started = Instant::now();
+        let rig = start_with("matrix-a5", &state.0, prelude, "127.0.0.1:0", &accounts).await;
+        let mut handlers = Vec::new();
+        for alias in &aliases {
+            handlers.push(handler_ready(&rig, alias, Duration::from_secs(60)).await);
+        }
+        let took = started.elapsed();
+        // A handshake that timed out or met a 503 would have failed its handler: every
+        // handler is on its first incarnation.
+        for handler in &handlers {
+            assert_eq!(handler["generation"], 1, "{handler:#}");
+            assert_eq!(handler["restarts_total"], 0, "{handler:#}");
+        }
+        let metrics = reqwest::get(format!("{}/metrics", rig.admin))
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text");
+        let value = |name: &str, label: &str| -> f64 {
+            metrics
+                .lines()
+                .filter(|l| l.starts_with(name) && l.contains(label))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum()
+        };
+        let peak = value("warden_start_slot_holders_peak", "pool=\"approvals\"");
+        let timeouts = value("warden_gateway_handshake_timeouts_total", "");
+        let refused = value("warden_gateway_preauth_rejections_total", "");
+        let restarts = value("warden_restarts_total", "kind=\"approval_handler\"");
+        eprintln!(
+            "test 5: 30 handlers connected in {:.2} s; peak slot holders {peak}, handshake timeouts {timeouts}, 503s {refused}, handler restarts {restarts}",
+            took.as_secs_f64()
+        );
+        assert!(
+            (1.0..=3.0).contains(&peak),
+            "peak holders {peak}\n{metrics}"
+        );
+        assert_eq!(timeouts, 0.0, "{metrics}");
+        assert_eq!(refused, 0.0, "{metrics}");
+        assert_eq!(restarts, 0.0, "{metrics}");
+        let mut op = rig.operator().await;
+        let status = op.call("status", json!({})).await.expect("status");
+        assert_eq!(status["sessions"]["approver"], 30, "{status}");
+    }
 }

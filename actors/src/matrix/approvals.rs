@@ -160,6 +160,7 @@ pub fn spec(
     slots: SlotClient,
     policy: Policy,
 ) -> ChildSpec {
+    let label = format!("approval handler for {}", config.alias);
     ChildSpec::new(
         "approvals",
         KIND,
@@ -182,6 +183,7 @@ pub fn spec(
         },
     )
     .with_policy(policy)
+    .with_label(label)
     .reports_readiness()
 }
 

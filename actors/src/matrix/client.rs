@@ -186,6 +186,7 @@ pub(crate) fn spec(
     policy: crate::supervision::Policy,
     slots: SlotClient,
 ) -> ChildSpec {
+    let label = format!("Matrix account {}", account.config.alias);
     ChildSpec::new(
         "client",
         KIND,
@@ -207,6 +208,7 @@ pub(crate) fn spec(
         },
     )
     .with_policy(policy)
+    .with_label(label)
     .reports_readiness()
 }
 

@@ -54,6 +54,8 @@ pub struct ChildSpec {
     pub policy: Policy,
     /// When it counts as ready.
     pub readiness: Readiness,
+    /// How operators know it in warnings ("approval handler for nova"); default its path.
+    pub label: Option<String>,
     /// Called for each incarnation.
     pub(crate) start: StartFn,
 }
@@ -76,6 +78,7 @@ impl ChildSpec {
             restart,
             policy: Policy::default(),
             readiness: Readiness::OnStart,
+            label: None,
             start: Arc::new(move |ctx| Box::pin(start(ctx))),
         }
     }
@@ -84,6 +87,20 @@ impl ChildSpec {
     pub fn with_policy(mut self, policy: Policy) -> Self {
         self.policy = policy;
         self
+    }
+
+    /// Names the child in warnings ("approval handler for nova failed 5 times in a row: …")
+    /// instead of its path.
+    pub fn with_label(mut self, label: impl Into<String>) -> Self {
+        self.label = Some(label.into());
+        self
+    }
+
+    /// The warning of a child that failed `failures` times in a row, the last time because
+    /// of `reason`: `<label or path> failed <n> times in a row: <reason>`.
+    pub(crate) fn streak_warning(&self, path: &str, failures: u32, reason: &str) -> String {
+        let who = self.label.as_deref().unwrap_or(path);
+        format!("{who} failed {failures} times in a row: {reason}")
     }
 
     /// The child reports readiness itself through [`Probe::set_ready`].

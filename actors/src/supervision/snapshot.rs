@@ -101,6 +101,10 @@ pub struct NodeSnapshot {
     pub restarts_in_window: u64,
     /// Failures in a row since the child last ran `reset_after` without failing.
     pub consecutive_failures: u32,
+    /// `<label or path> failed <n> times in a row: <reason>` while the failures in a row
+    /// are at least the policy's `warn_after`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub warning: Option<String>,
     /// The last failure, if any.
     pub last_failure: Option<FailureSnapshot>,
     /// When backing off: how long until the next start.
@@ -237,6 +241,9 @@ impl NodeSnapshot {
         if let Some(f) = &self.last_failure {
             let _ = write!(out, "  last failure: {}: {} at {}", f.class, f.reason, f.at);
         }
+        if let Some(warning) = &self.warning {
+            let _ = write!(out, "  WARNING: {warning}");
+        }
         out.push('\n');
         for pool in &self.pools {
             let holders: Vec<String> = pool
@@ -296,6 +303,7 @@ mod tests {
             restarts_total: 0,
             restarts_in_window: 0,
             consecutive_failures: 0,
+            warning: None,
             last_failure: None,
             next_restart_in_ms: None,
             started_at: None,

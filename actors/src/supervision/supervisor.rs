@@ -328,6 +328,17 @@ impl Child {
         }
     }
 
+    /// The streak warning, while the failures in a row are at least `warn_after`.
+    fn warning(&self) -> Option<String> {
+        let warn_after = self.spec.policy.warn_after;
+        let failures = self.history.consecutive;
+        if warn_after == 0 || failures < warn_after {
+            return None;
+        }
+        let reason = self.last_failure.as_ref().map_or("", |f| f.reason.as_str());
+        Some(self.spec.streak_warning(&self.names.1, failures, reason))
+    }
+
     fn view(&self) -> Arc<ChildView> {
         Arc::new(ChildView {
             id: self.names.0.clone(),
@@ -341,6 +352,7 @@ impl Child {
             window: self.spec.policy.window,
             failures: self.history.failure_times(),
             consecutive: self.history.consecutive,
+            warning: self.warning(),
             last_failure: self.last_failure.clone(),
             next_restart_at: self.next_restart_at,
             started: self.started.clone(),
@@ -791,8 +803,9 @@ impl SupervisorState {
                 warn!(actor = %path, attempt, delay_ms, error = %cause, "Restarting after failure.");
                 let warn_after = child.spec.policy.warn_after;
                 if warn_after > 0 && attempt == warn_after {
-                    warn!(actor = %path, failures = attempt, error = %cause,
-                        "{path} failed {attempt} times in a row: {cause}");
+                    let reason = failure.as_ref().map_or("stopped", |f| f.reason.as_str());
+                    let warning = child.spec.streak_warning(&path, attempt, reason);
+                    warn!(actor = %path, failures = attempt, error = %cause, "{warning}");
                 }
                 child.set_state(NodeState::BackingOff);
                 let at = now + delay;

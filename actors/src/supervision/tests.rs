@@ -254,6 +254,44 @@ async fn restarts_follow_exponential_backoff_and_reset_after_a_healthy_run() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_streak_of_warn_after_failures_is_named_in_the_tree_until_a_healthy_run() {
+    let mut h = Harness::start(Strategy::OneForOne, |tx| {
+        let policy = Policy {
+            warn_after: 3,
+            ..policy()
+        };
+        vec![
+            child("approvals", Restart::Permanent, policy, tx)
+                .with_label("approval handler for nova"),
+        ]
+    })
+    .await;
+    let (_, _, mut actor) = h.started("approvals").await;
+    for failures in 1..=4u32 {
+        fail(&actor, "handshake timeout");
+        h.settle().await;
+        let node = h.node("root/approvals");
+        assert_eq!(node.consecutive_failures, failures);
+        let expected = (failures >= 3).then(|| {
+            format!("approval handler for nova failed {failures} times in a row: handshake timeout")
+        });
+        assert_eq!(node.warning, expected, "after {failures} failures");
+        assert_eq!(
+            node.render_text()
+                .contains("WARNING: approval handler for nova failed"),
+            failures >= 3
+        );
+        actor = h.started("approvals").await.2;
+    }
+    // A healthy run resets the streak, and the warning goes with it at the next failure.
+    tokio::time::sleep(30 * S).await;
+    fail(&actor, "once");
+    h.settle().await;
+    let node = h.node("root/approvals");
+    assert_eq!((node.consecutive_failures, node.warning), (1, None));
+}
+
+#[tokio::test(start_paused = true)]
 async fn panic_and_kill_count_as_transient() {
     let mut h = Harness::start(Strategy::OneForOne, |tx| {
         vec![child("a", Restart::Transient, policy(), tx)]

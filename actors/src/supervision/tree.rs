@@ -176,6 +176,7 @@ impl TreeHandle {
             restarts_total: 0,
             restarts_in_window: 0,
             consecutive_failures: 0,
+            warning: None,
             last_failure: None,
             next_restart_in_ms: None,
             started_at: alive.then(|| view::rfc3339(self.started.1).into()),

@@ -55,6 +55,8 @@ pub struct ChildView {
     pub(crate) window: Duration,
     pub(crate) failures: Vec<Instant>,
     pub(crate) consecutive: u32,
+    /// Set while the failures in a row have reached the policy's `warn_after`.
+    pub(crate) warning: Option<String>,
     pub(crate) last_failure: Option<FailureView>,
     pub(crate) next_restart_at: Option<Instant>,
     /// When the current incarnation started, and that time formatted once (RFC 3339).
@@ -111,6 +113,7 @@ pub(crate) fn snapshot_child(view: &ChildView, now: Instant) -> NodeSnapshot {
             .filter(|t| now.saturating_duration_since(**t) < view.window)
             .count() as u64,
         consecutive_failures: view.consecutive,
+        warning: view.warning.clone(),
         last_failure: view.last_failure.as_ref().map(|f| FailureSnapshot {
             class: f.class.as_str().to_string(),
             reason: f.reason.clone(),
