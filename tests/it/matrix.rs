@@ -937,6 +937,83 @@ async fn chat_send_round_trips_in_plain_and_encrypted_rooms_and_filters_senders(
     );
 }
 
+/// `recovery_key`: after a fresh login the account imports its secrets with it; a wrong
+/// key is a warning, not a failure (the account still syncs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recovery_key_is_applied_after_a_fresh_login() {
+    let Some(hs) = synapse::require!() else {
+        return;
+    };
+    let bot = hs.register("rkbot").await;
+    let other = hs.register("rkoth").await;
+    // Another device of each account sets up recovery, as a user's own client would.
+    let key = EncryptedPeer::login(&bot)
+        .await
+        .client
+        .encryption()
+        .recovery()
+        .enable()
+        .await
+        .expect("enable recovery");
+    let _other_key = EncryptedPeer::login(&other)
+        .await
+        .client
+        .encryption()
+        .recovery()
+        .enable()
+        .await
+        .expect("enable recovery");
+    let good = format!("recovery_key = \"{key}\"");
+    let bad = "recovery_key = \"EsTc not the key at all\"".to_string();
+    let state = state_dir("rk");
+    let rig = start(
+        "matrix-rk",
+        &state.0,
+        &[
+            Account {
+                alias: "good",
+                homeserver: hs.url().to_string(),
+                user: &bot,
+                auth: Auth::Password,
+                extra: &good,
+            },
+            Account {
+                alias: "bad",
+                homeserver: hs.url().to_string(),
+                user: &other,
+                auth: Auth::Password,
+                extra: &bad,
+            },
+        ],
+    )
+    .await;
+    rig.wait_ready("good", Duration::from_secs(30)).await;
+    rig.wait_ready("bad", Duration::from_secs(30)).await;
+    let ok = rig
+        .warden
+        .wait_for_log(
+            "Recovered the account's secrets with the recovery key.",
+            Duration::from_secs(30),
+        )
+        .await;
+    assert_eq!(
+        ok["span"]["actor.path"], "root/channels/matrix/good/client",
+        "{ok}"
+    );
+    let failed = rig
+        .warden
+        .wait_for_log(
+            "Could not recover the account's secrets with the recovery key; encrypted history stays unreadable until it is fixed.",
+            Duration::from_secs(30),
+        )
+        .await;
+    assert_eq!(
+        failed["span"]["actor.path"], "root/channels/matrix/bad/client",
+        "{failed}"
+    );
+    assert_eq!(rig.client_node("bad").await["state"], "running");
+}
+
 /// Approvals decided in Matrix (issue 6), end to end: operator → broker → approval
 /// handler → a direct message to the approver (a real E2EE client) → the approver's answer
 /// → the node runs the command → the requester gets the result.

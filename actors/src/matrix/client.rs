@@ -294,6 +294,7 @@ impl Actor for ClientActor {
             forwarding,
             started,
             resumed,
+            state.args.account.config.recovery_key.clone(),
         );
         state.sync = Some(tokio::spawn(task.instrument(span)));
         state.client = Some(client);
@@ -690,6 +691,7 @@ async fn sync_loop(
     forwarding: Arc<AtomicBool>,
     started: Instant,
     resumed: bool,
+    mut recovery_key: Option<String>,
 ) {
     let mut first = true;
     // A room joined since the last sync comes with a limited timeline of its history: that
@@ -725,6 +727,9 @@ async fn sync_loop(
                 forwarding.store(true, Ordering::Relaxed);
                 if first {
                     first = false;
+                    if !resumed && let Some(key) = recovery_key.take() {
+                        recover(&client, key);
+                    }
                     probe.set_ready(true);
                     let _ = actor.send_message(ClientMsg::Synced);
                     info!(
@@ -741,6 +746,21 @@ async fn sync_loop(
             }
         }
     }
+}
+
+/// After a fresh login, imports the account's secrets (cross-signing, key backup) with the
+/// configured recovery key, in the background: best-effort, logged either way.
+fn recover(client: &Client, key: String) {
+    let client = client.clone();
+    let task = async move {
+        match client.encryption().recovery().recover(&key).await {
+            Ok(()) => info!("Recovered the account's secrets with the recovery key."),
+            Err(e) => {
+                warn!(error = %e, "Could not recover the account's secrets with the recovery key; encrypted history stays unreadable until it is fixed.")
+            }
+        }
+    };
+    tokio::spawn(task.in_current_span());
 }
 
 fn filter(limit: u32) -> SyncFilter {
