@@ -884,3 +884,47 @@ fn node_example_is_valid() {
         Ok(())
     });
 }
+
+#[test]
+fn matrix_accounts_name_what_is_wrong() {
+    let cases = [
+        (
+            "homeserver = \"http://h\"\npassword = \"p\"\n",
+            "matrix.accounts.nova.user_id: is required for a password login",
+        ),
+        (
+            "homeserver = \"http://h\"\nuser_id = \"@nova:h\"\npassword = \"p\"\nallowed_rooms = [\"#ops:h\"]\n",
+            "matrix.accounts.nova.allowed_rooms: \"#ops:h\" is not a room ID: give IDs like \
+             \"!abc:server\", not aliases",
+        ),
+        (
+            "homeserver = \"http://h\"\nuser_id = \"@nova:h\"\npassword = \"p\"\nallowed_senders = [\"owner\"]\n",
+            "matrix.accounts.nova.allowed_senders: \"owner\" must be a full user ID like \
+             @name:server, or \"*\"",
+        ),
+    ];
+    for (account, expected) in cases {
+        Jail::expect_with(|jail| {
+            jail.create_file("warden.toml", &format!("[matrix.accounts.nova]\n{account}"))?;
+            let err = load_err(&with_file())?;
+            assert_eq!(
+                err.to_string(),
+                format!(
+                    "invalid config: {expected} (from file {})",
+                    abs("warden.toml")?
+                )
+            );
+            Ok(())
+        });
+    }
+    // A token needs no user_id (a whoami finds it).
+    Jail::expect_with(|jail| {
+        jail.create_file(
+            "warden.toml",
+            "[matrix.accounts.nova]\nhomeserver = \"http://h\"\naccess_token = \"t\"\n",
+        )?;
+        let loaded = load_ok(&with_file())?;
+        assert_eq!(loaded.config.matrix.accounts["nova"].user_id, None);
+        Ok(())
+    });
+}
