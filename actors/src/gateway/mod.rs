@@ -16,7 +16,9 @@
 //!   (unset while the program is still starting), the [`hub::Hub`] of events, the
 //!   [`registry::Registry`] of nodes, the approvals settings and the handle that reaches the
 //!   broker, the per-IP pre-auth counter, session counts by role and the shutdown intent the
-//!   program sets before it shuts the tree down.
+//!   program sets before it shuts the tree down. For benchmarks and tests it also keeps
+//!   plain handshake totals ([`GatewayState::handshake_stats`]) and can make every
+//!   handshake burn CPU ([`GatewayState::set_handshake_cost`]).
 //! * [`spec`] — the `gateway` subtree, built the same way by `warden run` and the tests.
 //! * [`approvals`] — the approvals broker: `approvals.request`, `approvals.resolve`,
 //!   `approvals.list`.
@@ -200,6 +202,14 @@ struct Shared {
     preauth: Mutex<HashMap<IpAddr, u32>>,
     /// Handshaking sockets in all.
     handshaking: AtomicU64,
+    /// The most sockets ever handshaking at once.
+    handshaking_peak: AtomicU64,
+    /// Upgrades refused (503) for want of a pre-auth slot.
+    preauth_rejections: AtomicU64,
+    /// Sockets closed with 4408.
+    handshake_timeouts: AtomicU64,
+    /// CPU every `connect` burns before it is answered, in ns (0: none). Benchmarks only.
+    handshake_cost_ns: AtomicU64,
     /// Authenticated sessions by role: operator, node, approver.
     roles: [AtomicU64; 3],
     /// Numbers the sockets: `conn-<n>`.
@@ -224,6 +234,10 @@ impl GatewayState {
             tree: OnceLock::new(),
             preauth: Mutex::new(HashMap::new()),
             handshaking: AtomicU64::new(0),
+            handshaking_peak: AtomicU64::new(0),
+            preauth_rejections: AtomicU64::new(0),
+            handshake_timeouts: AtomicU64::new(0),
+            handshake_cost_ns: AtomicU64::new(0),
             roles: Default::default(),
             next_conn: AtomicU64::new(1),
             started_at: Instant::now(),
@@ -328,17 +342,52 @@ impl GatewayState {
         )
     }
 
+    /// Handshake totals since this state was built: the peak of sockets handshaking at
+    /// once, 503s for want of a pre-auth slot, 4408 closes. The same events feed the
+    /// metrics recorder ([`metrics`]); these plain counters are for benchmarks and tests,
+    /// which install no recorder.
+    pub fn handshake_stats(&self) -> HandshakeStats {
+        HandshakeStats {
+            handshaking_peak: self.0.handshaking_peak.load(Ordering::Relaxed),
+            preauth_rejections: self.0.preauth_rejections.load(Ordering::Relaxed),
+            handshake_timeouts: self.0.handshake_timeouts.load(Ordering::Relaxed),
+        }
+    }
+
+    /// **For benchmarks and tests only** (no config key sets it): from now on every session
+    /// burns `cost` of CPU on its actor's thread — a busy loop, occupying a runtime worker
+    /// like real work would — when it handles a `connect` request, before it answers it.
+    /// It stands in for a loaded gateway whose handshakes are expensive. Zero (the default)
+    /// turns it off.
+    pub fn set_handshake_cost(&self, cost: Duration) {
+        let ns = u64::try_from(cost.as_nanos()).unwrap_or(u64::MAX);
+        self.0.handshake_cost_ns.store(ns, Ordering::Relaxed);
+    }
+
+    /// The CPU each `connect` burns (see [`GatewayState::set_handshake_cost`]).
+    pub(crate) fn handshake_cost(&self) -> Duration {
+        Duration::from_nanos(self.0.handshake_cost_ns.load(Ordering::Relaxed))
+    }
+
+    /// Counts one socket closed with 4408.
+    pub(crate) fn count_handshake_timeout(&self) {
+        self.0.handshake_timeouts.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Takes a pre-auth slot for `ip`, unless it already holds `max_preauth_per_ip`.
     pub(crate) fn try_preauth(&self, ip: IpAddr) -> Option<PreauthSlot> {
         let max = self.0.settings.max_preauth_per_ip;
         let mut map = self.0.preauth.lock().unwrap_or_else(|e| e.into_inner());
         let held = map.entry(ip).or_insert(0);
         if *held >= max {
+            drop(map);
+            self.0.preauth_rejections.fetch_add(1, Ordering::Relaxed);
             return None;
         }
         *held += 1;
         drop(map);
-        self.0.handshaking.fetch_add(1, Ordering::Relaxed);
+        let now = self.0.handshaking.fetch_add(1, Ordering::Relaxed) + 1;
+        self.0.handshaking_peak.fetch_max(now, Ordering::Relaxed);
         ::metrics::gauge!(metrics::HANDSHAKING).increment(1.0);
         Some(PreauthSlot {
             state: self.clone(),
@@ -355,6 +404,17 @@ impl GatewayState {
             role,
         }
     }
+}
+
+/// Handshake totals of one [`GatewayState`] (see [`GatewayState::handshake_stats`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HandshakeStats {
+    /// The most sockets handshaking at once (between the upgrade and `hello-ok`).
+    pub handshaking_peak: u64,
+    /// Upgrades answered 503 because their IP held `max_preauth_per_ip` handshakes.
+    pub preauth_rejections: u64,
+    /// Sockets closed with 4408: no `hello-ok` within `handshake_timeout_ms`.
+    pub handshake_timeouts: u64,
 }
 
 fn role_index(role: Role) -> usize {

@@ -8,6 +8,8 @@
 //! wrong token, `bad_request` otherwise) and closes with 1008. Anything but `connect` before
 //! `hello-ok` — another request, a `res`, an `event` — is a policy failure too: a request
 //! gets error `unauthorized` ("connect first"), then the socket is closed with 1008.
+//! With a handshake cost set ([`GatewayState::set_handshake_cost`], benchmarks and tests
+//! only), handling `connect` first burns that much CPU on the actor's thread.
 //!
 //! | what | close |
 //! |---|---|
@@ -659,6 +661,7 @@ impl SessionState {
                     let timeout_ms = self.gateway.settings().handshake_timeout_ms;
                     warn!(peer = %self.peer, timeout_ms, "Handshake timed out; closing with 4408.");
                     ::metrics::counter!(metrics::HANDSHAKE_TIMEOUTS_TOTAL).increment(1);
+                    self.gateway.count_handshake_timeout();
                     self.close(myself, close::HANDSHAKE_TIMEOUT, "handshake timeout")
                         .await;
                 }
@@ -802,6 +805,7 @@ impl SessionState {
 
     /// The `connect` request.
     async fn connect(&mut self, myself: &ActorRef<SessionMsg>, id: String, params: Value) {
+        burn(self.gateway.handshake_cost());
         let params: ConnectParams = match serde_json::from_value(params) {
             Ok(p) => p,
             Err(e) => {
@@ -1294,8 +1298,106 @@ fn to_value<T: serde::Serialize>(value: &T) -> Value {
     serde_json::to_value(value).unwrap_or(Value::Null)
 }
 
+/// Busy-waits `cost` on this thread (the handshake cost of benchmarks, a stand-in for a
+/// loaded gateway): it holds the runtime worker, as real work would. Zero returns at once.
+fn burn(cost: Duration) {
+    if cost.is_zero() {
+        return;
+    }
+    let start = std::time::Instant::now();
+    while start.elapsed() < cost {
+        std::hint::spin_loop();
+    }
+}
+
 /// 16 random bytes, hex.
 fn nonce() -> String {
     let bytes: [u8; 16] = rand::random();
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use futures_util::StreamExt;
+    use tokio::sync::watch;
+    use tokio_tungstenite::tungstenite::Message as WsMessage;
+
+    use super::super::client::{ConnectError, ConnectOptions, GatewayClient};
+    use super::super::protocol::{ClientInfo, Role, close};
+    use super::super::{GatewaySettings, GatewayState, spec};
+    use crate::supervision::{Jitter, Policy, Tree, TreeOptions};
+
+    fn options() -> ConnectOptions {
+        let client = ClientInfo {
+            name: "test".into(),
+            version: "0".into(),
+        };
+        ConnectOptions::new(Role::Operator, "any", client)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_handshake_cost_delays_hello_and_the_totals_count() {
+        let state = GatewayState::new(GatewaySettings {
+            bind: SocketAddr::from(([127, 0, 0, 1], 0)),
+            max_preauth_per_ip: 1,
+            handshake_timeout_ms: 300,
+            ..GatewaySettings::default()
+        });
+        let bound = Arc::new(watch::Sender::new(None));
+        let options_ = TreeOptions {
+            jitter: Jitter::fixed(0.0),
+            ..TreeOptions::default()
+        };
+        let tree = Tree::start(
+            vec![spec(&state, Policy::default(), bound.clone())],
+            options_,
+        )
+        .await
+        .expect("tree");
+        assert!(state.set_tree(tree.handle()).is_ok());
+        let addr = bound.borrow().expect("bound");
+        let url = format!("ws://{addr}/ws");
+
+        // A cost: `hello-ok` comes no sooner.
+        let cost = Duration::from_millis(60);
+        state.set_handshake_cost(cost);
+        let t = std::time::Instant::now();
+        let (client, _) = GatewayClient::connect(&url, options())
+            .await
+            .expect("hello-ok");
+        assert!(t.elapsed() >= cost, "hello-ok after {:?}", t.elapsed());
+        client.close().await;
+        assert_eq!(state.handshake_stats().handshaking_peak, 1);
+
+        // A socket that never sends `connect` holds the only pre-auth slot: the next one
+        // gets 503; the silent one is closed with 4408. Both are counted.
+        let (mut silent, _) = tokio_tungstenite::connect_async(url.as_str())
+            .await
+            .expect("upgrade");
+        let busy = GatewayClient::connect(&url, options()).await;
+        assert!(
+            matches!(busy, Err(ConnectError::Busy { .. })),
+            "{:?}",
+            busy.err()
+        );
+        let code = tokio::time::timeout(Duration::from_secs(5), async {
+            while let Some(Ok(msg)) = silent.next().await {
+                if let WsMessage::Close(frame) = msg {
+                    return frame.map(|f| u16::from(f.code));
+                }
+            }
+            None
+        })
+        .await
+        .expect("closed in time");
+        assert_eq!(code, Some(close::HANDSHAKE_TIMEOUT));
+        let stats = state.handshake_stats();
+        assert_eq!((stats.preauth_rejections, stats.handshake_timeouts), (1, 1));
+        assert_eq!(stats.handshaking_peak, 1);
+        let _ = tree.shutdown(Duration::from_secs(5)).await;
+    }
 }
