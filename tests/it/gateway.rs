@@ -432,6 +432,22 @@ async fn before_the_tree_is_set_sockets_get_1013_with_retry_after() {
 }
 
 #[tokio::test]
+async fn a_socket_that_arrives_just_before_the_tree_is_set_waits_for_it() {
+    let gw = Gateway::start(settings(), false).await;
+    let (mut ws, _) = tokio_tungstenite::connect_async(gw.url())
+        .await
+        .expect("upgrade");
+    // Set while the socket waits (the wait is STARTING_WAIT, 2 s): it gets a session.
+    eventually("the socket waits, holding a pre-auth slot", || {
+        gw.state.counts().3 == 1
+    })
+    .await;
+    assert!(gw.state.set_tree(gw.tree.handle()).is_ok());
+    let challenge = next_event(&mut ws).await;
+    assert_eq!(challenge["event"], "connect.challenge", "{challenge}");
+}
+
+#[tokio::test]
 async fn shutdown_tells_every_socket_1012() {
     let gw = Gateway::default().await;
     let mut op = gw.operator().await;

@@ -56,6 +56,9 @@ pub const ID: &str = "listener";
 /// What a socket that arrives before the tree is set is told to wait (close 1013).
 pub const STARTING_RETRY_AFTER_MS: u64 = 500;
 
+/// How long a socket that arrives before the tree is set waits for it before 1013.
+pub const STARTING_WAIT: Duration = Duration::from_secs(2);
+
 /// How long a socket the listener closes itself may take to answer the close frame.
 const CLOSE_LINGER: Duration = Duration::from_secs(1);
 
@@ -125,7 +128,10 @@ async fn accept(
     peer: SocketAddr,
     slot: super::PreauthSlot,
 ) {
-    let Some(tree) = state.tree() else {
+    // The program hands the tree over right after it has started, and children of that
+    // tree (approval handlers) may connect just before: wait a moment rather than turn
+    // them away. A socket that waits is counted against the pre-auth budget meanwhile.
+    let Some(tree) = state.wait_tree(STARTING_WAIT).await else {
         debug!(peer = %peer, "A socket arrived before the tree was set; closing with 1013.");
         close_socket(
             socket,

@@ -188,6 +188,8 @@ struct Shared {
     /// The tree the sessions are children of. The gateway is itself part of that tree, so
     /// the program sets it once `Tree::start` returns; until then sockets get 1013.
     tree: OnceLock<TreeHandle>,
+    /// Wakes sockets waiting for `tree`.
+    tree_set: tokio::sync::Notify,
     /// Events for subscribed sessions.
     hub: Hub,
     /// Chat accounts (`chat.send`) and their inbound messages (`chat.message`).
@@ -232,6 +234,7 @@ impl GatewayState {
             approvals: OnceLock::new(),
             broker: ApprovalsClient::default(),
             tree: OnceLock::new(),
+            tree_set: tokio::sync::Notify::new(),
             preauth: Mutex::new(HashMap::new()),
             handshaking: AtomicU64::new(0),
             handshaking_peak: AtomicU64::new(0),
@@ -249,7 +252,26 @@ impl GatewayState {
     /// Hands the running tree to the gateway. Only the first call has an effect; a second
     /// one returns its handle back.
     pub fn set_tree(&self, handle: TreeHandle) -> Result<(), TreeHandle> {
-        self.0.tree.set(handle)
+        self.0.tree.set(handle)?;
+        self.0.tree_set.notify_waiters();
+        Ok(())
+    }
+
+    /// The tree, waiting up to `within` for the program to set it.
+    pub async fn wait_tree(&self, within: Duration) -> Option<&TreeHandle> {
+        let deadline = Instant::now() + within;
+        loop {
+            // Registered before the check, so a set in between is not missed.
+            let notified = self.0.tree_set.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(tree) = self.0.tree.get() {
+                return Some(tree);
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return self.0.tree.get();
+            }
+        }
     }
 
     /// Enables approvals: [`spec`] then adds the broker, and sessions reach it. Call it
