@@ -48,6 +48,7 @@ impl Program {
             eprintln_line(&format!("warden: {e}"));
             EXIT_CONFIG
         })?;
+        raise_open_file_limit();
         let metrics = match admin::install_metrics() {
             Ok(handle) => Some(handle),
             Err(e) => {
@@ -169,4 +170,16 @@ async fn signal() -> &'static str {
 fn eprintln_line(line: &str) {
     use std::io::Write;
     let _ = writeln!(std::io::stderr(), "{line}");
+}
+
+/// Raises the soft limit on open files to the hard limit. Each Matrix account holds about
+/// 25 descriptors (its SQLite files and connections) and each gateway socket one, so the
+/// common soft limit of 1024 runs out at about 40 accounts ("Too many open files").
+fn raise_open_file_limit() {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => tracing::debug!(limit, "Open-file limit raised to the hard limit."),
+        Err(e) => {
+            warn!(error = %e, "Cannot raise the open-file limit; many accounts may exhaust it.")
+        }
+    }
 }

@@ -258,11 +258,15 @@ fn parse_filter(text: &str, origin: &'static str) -> Result<EnvFilter, Telemetry
     }
     // matrix-sdk logs its own progress at INFO and every failed request at ERROR (a 404 of
     // optional account data included). warden logs what matters — each failure, once, with
-    // the kernel's restart line — so the SDK is quiet below WARN and its request log off,
-    // unless the operator's filter names matrix_sdk.
+    // the kernel's restart line — so the SDK is quiet below WARN, its request log off and
+    // two routine crypto warnings below ERROR, unless the operator's filter names
+    // matrix_sdk.
     if !joined.contains("matrix_sdk") {
         joined.push_str(",matrix_sdk=warn,matrix_sdk_base=warn,matrix_sdk_crypto=warn");
         joined.push_str(",matrix_sdk_sqlite=warn,matrix_sdk::http_client=off");
+        // Two WARNs nobody can act on: "no backup key was found" twice per login, and
+        // "our own device might have been deleted", a race while a new device is set up.
+        joined.push_str(",matrix_sdk_crypto::backups=error,matrix_sdk_crypto::identities=error");
     }
     EnvFilter::builder()
         .with_default_directive(LevelFilter::INFO.into())

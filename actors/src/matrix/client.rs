@@ -709,8 +709,11 @@ async fn sync_loop(
         } else {
             1
         };
+        // The first sync of an incarnation does not long-poll: a restarted account is
+        // ready as soon as it has caught up, not when a quiet room's 30 s poll runs out.
+        let timeout = if first { Duration::ZERO } else { SYNC_TIMEOUT };
         let settings = SyncSettings::default()
-            .timeout(SYNC_TIMEOUT)
+            .timeout(timeout)
             .filter(filter(limit));
         match client.sync_once(settings).await {
             Ok(response) => {
