@@ -1,7 +1,8 @@
-//! What both benchmark binaries share: percentiles, the result table, run sizes.
+//! What the benchmark binaries share: percentiles, the result table, run sizes.
 //!
-//! Included as `mod common;` by `kernel.rs` and `gateway.rs`; each adds what only it needs
-//! (inherent impls may live in any module of the same crate).
+//! Included as `mod common;` by `kernel.rs`, `gateway.rs` and `storm.rs` (which uses only
+//! part of it); each adds what only it needs (inherent impls may live in any module of the
+//! same crate).
 
 use std::fmt::Write as _;
 use std::time::Duration;
