@@ -39,7 +39,18 @@ enum Auth {
     },
 }
 
-impl Account<'_> {
+impl<'a> Account<'a> {
+    /// A password account.
+    fn password(alias: &'a str, homeserver: String, user: &'a User, extra: &'a str) -> Self {
+        Account {
+            alias,
+            homeserver,
+            user,
+            auth: Auth::Password,
+            extra,
+        }
+    }
+
     fn toml(&self) -> String {
         let mut t = format!(
             "[matrix.accounts.{}]\nhomeserver = \"{}\"\n",
@@ -175,18 +186,15 @@ impl Rig {
 
     /// An operator subscribed to `chat.message`.
     async fn operator(&self) -> GatewayClient {
-        let options = ConnectOptions::new(
-            Role::Operator,
-            TOKEN,
-            ClientInfo {
-                name: "it-matrix".into(),
-                version: "0".into(),
-            },
-        );
-        let (mut op, _) = GatewayClient::connect(&self.gateway, options)
+        self.subscribed(&["chat.message"]).await
+    }
+
+    /// An operator subscribed to `events`.
+    async fn subscribed(&self, events: &[&str]) -> GatewayClient {
+        let mut op = connect_operator(&self.gateway)
             .await
             .expect("operator connects");
-        op.call("subscribe", json!({ "events": ["chat.message"] }))
+        op.call("subscribe", json!({ "events": events }))
             .await
             .expect("subscribe");
         op
@@ -202,6 +210,19 @@ impl Rig {
         op.close().await;
         result
     }
+}
+
+/// An operator connection to `gateway`.
+async fn connect_operator(gateway: &str) -> Result<GatewayClient, String> {
+    let client = ClientInfo {
+        name: "it-matrix".into(),
+        version: "0".into(),
+    };
+    let options = ConnectOptions::new(Role::Operator, TOKEN, client);
+    let (op, _) = GatewayClient::connect(gateway, options)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(op)
 }
 
 fn find<'a>(node: &'a Value, path: &str) -> Option<&'a Value> {
@@ -290,13 +311,12 @@ async fn reset_during_startup_login_is_retried_and_the_account_comes_up() {
     let rig = start(
         "matrix-s1",
         &state.0,
-        &[Account {
-            alias: "nova",
-            homeserver: format!("http://{}", proxy.addr()),
-            user: &bot,
-            auth: Auth::Password,
-            extra: "",
-        }],
+        &[Account::password(
+            "nova",
+            format!("http://{}", proxy.addr()),
+            &bot,
+            "",
+        )],
     )
     .await;
     // The login's connection is held; then reset, and let the retry through.
@@ -374,13 +394,12 @@ async fn resets_every_two_seconds_lose_and_repeat_no_message() {
     let rig = start(
         "matrix-s2",
         &state.0,
-        &[Account {
-            alias: "nova",
-            homeserver: format!("http://{}", proxy.addr()),
-            user: &bot,
-            auth: Auth::Password,
-            extra: &allow(&owner),
-        }],
+        &[Account::password(
+            "nova",
+            format!("http://{}", proxy.addr()),
+            &bot,
+            &allow(&owner),
+        )],
     )
     .await;
     rig.wait_ready("nova", Duration::from_secs(30)).await;
@@ -460,13 +479,12 @@ async fn synapse_down_for_a_minute_backs_off_then_recovers_without_loss() {
     let rig = start(
         "matrix-s3",
         &state.0,
-        &[Account {
-            alias: "nova",
-            homeserver: hs.url().to_string(),
-            user: &bot,
-            auth: Auth::Password,
-            extra: &allow(&owner),
-        }],
+        &[Account::password(
+            "nova",
+            hs.url().to_string(),
+            &bot,
+            &allow(&owner),
+        )],
     )
     .await;
     rig.wait_ready("nova", Duration::from_secs(30)).await;
@@ -553,20 +571,8 @@ async fn wrong_password_parks_one_account_and_the_others_keep_syncing() {
                 auth: Auth::WrongPassword,
                 extra: "",
             },
-            Account {
-                alias: "good1",
-                homeserver: hs.url().to_string(),
-                user: &good1,
-                auth: Auth::Password,
-                extra: &extra,
-            },
-            Account {
-                alias: "good2",
-                homeserver: hs.url().to_string(),
-                user: &good2,
-                auth: Auth::Password,
-                extra: &extra,
-            },
+            Account::password("good1", hs.url().to_string(), &good1, &extra),
+            Account::password("good2", hs.url().to_string(), &good2, &extra),
         ],
     )
     .await;
@@ -687,13 +693,7 @@ async fn lost_or_corrupted_session_is_recovered_by_a_fresh_login() {
     let extra = allow(&owner);
     // Through a proxy, so a restart can be held back until the operator listens.
     let proxy = FaultProxy::start(synapse_addr(hs)).await.expect("proxy");
-    let account = || Account {
-        alias: "nova",
-        homeserver: format!("http://{}", proxy.addr()),
-        user: &bot,
-        auth: Auth::Password,
-        extra: &extra,
-    };
+    let account = || Account::password("nova", format!("http://{}", proxy.addr()), &bot, &extra);
     let device = |path: &Path| -> String {
         let saved: Value =
             serde_json::from_slice(&std::fs::read(path).expect("session.json")).expect("json");
@@ -835,13 +835,12 @@ async fn chat_send_round_trips_in_plain_and_encrypted_rooms_and_filters_senders(
     let rig = start(
         "matrix-s8",
         &state.0,
-        &[Account {
-            alias: "nova",
-            homeserver: hs.url().to_string(),
-            user: &bot,
-            auth: Auth::Password,
-            extra: &allow(&owner),
-        }],
+        &[Account::password(
+            "nova",
+            hs.url().to_string(),
+            &bot,
+            &allow(&owner),
+        )],
     )
     .await;
     rig.wait_ready("nova", Duration::from_secs(30)).await;
@@ -970,20 +969,8 @@ async fn a_recovery_key_is_applied_after_a_fresh_login() {
         "matrix-rk",
         &state.0,
         &[
-            Account {
-                alias: "good",
-                homeserver: hs.url().to_string(),
-                user: &bot,
-                auth: Auth::Password,
-                extra: &good,
-            },
-            Account {
-                alias: "bad",
-                homeserver: hs.url().to_string(),
-                user: &other,
-                auth: Auth::Password,
-                extra: &bad,
-            },
+            Account::password("good", hs.url().to_string(), &bot, &good),
+            Account::password("bad", hs.url().to_string(), &other, &bad),
         ],
     )
     .await;
@@ -1056,17 +1043,7 @@ mod approvals {
         let gateway = rig.gateway.clone();
         let node = node.to_string();
         tokio::spawn(async move {
-            let options = ConnectOptions::new(
-                Role::Operator,
-                TOKEN,
-                ClientInfo {
-                    name: "it-requester".into(),
-                    version: "0".into(),
-                },
-            );
-            let (mut op, _) = GatewayClient::connect(&gateway, options)
-                .await
-                .map_err(|e| e.to_string())?;
+            let mut op = connect_operator(&gateway).await?;
             let params = json!({"node": node, "command": "hello", "args": [],
                 "reason": "integration test", "timeout_s": timeout_s});
             op.call("approvals.request", params)
@@ -1077,24 +1054,8 @@ mod approvals {
 
     /// An operator subscribed to the approval events.
     async fn watcher(rig: &Rig) -> GatewayClient {
-        let options = ConnectOptions::new(
-            Role::Operator,
-            TOKEN,
-            ClientInfo {
-                name: "it-watcher".into(),
-                version: "0".into(),
-            },
-        );
-        let (mut op, _) = GatewayClient::connect(&rig.gateway, options)
+        rig.subscribed(&["approval.requested", "approval.resolved"])
             .await
-            .expect("watcher connects");
-        op.call(
-            "subscribe",
-            json!({ "events": ["approval.requested", "approval.resolved"] }),
-        )
-        .await
-        .expect("subscribe");
-        op
     }
 
     /// The next event named `name`.
@@ -1196,13 +1157,12 @@ mod approvals {
         let rig = start(
             "matrix-a1",
             &state.0,
-            &[Account {
-                alias: "nova",
-                homeserver: hs.url().to_string(),
-                user: &bot,
-                auth: Auth::Password,
-                extra: &extra,
-            }],
+            &[Account::password(
+                "nova",
+                hs.url().to_string(),
+                &bot,
+                &extra,
+            )],
         )
         .await;
         rig.wait_ready("nova", Duration::from_secs(30)).await;
@@ -1322,13 +1282,7 @@ mod approvals {
             l.local_addr().expect("addr").port()
         };
         let gateway = format!("127.0.0.1:{port}");
-        let account = || Account {
-            alias: "nova",
-            homeserver: hs.url().to_string(),
-            user: &bot,
-            auth: Auth::Password,
-            extra: &extra,
-        };
+        let account = || Account::password("nova", hs.url().to_string(), &bot, &extra);
         let mut rig = start_with("matrix-a3a", &state.0, "", &gateway, &[account()]).await;
         rig.wait_ready("nova", Duration::from_secs(30)).await;
         handler_ready(&rig, "nova", Duration::from_secs(30)).await;
@@ -1379,13 +1333,12 @@ mod approvals {
         let rig = start(
             "matrix-a4",
             &state.0,
-            &[Account {
-                alias: "nova",
-                homeserver: hs.url().to_string(),
-                user: &bot,
-                auth: Auth::Password,
-                extra: &extra,
-            }],
+            &[Account::password(
+                "nova",
+                hs.url().to_string(),
+                &bot,
+                &extra,
+            )],
         )
         .await;
         rig.wait_ready("nova", Duration::from_secs(30)).await;
