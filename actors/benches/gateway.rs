@@ -416,7 +416,7 @@ fn options(role: Role, i: usize) -> ConnectOptions {
     if role == Role::Node {
         o.node = Some(NodeInfo {
             name: format!("node-{i}"),
-            commands: vec!["uptime".to_string()],
+            commands: vec!["uptime".into()],
         });
     }
     o

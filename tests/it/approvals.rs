@@ -121,7 +121,7 @@ async fn fake_node(url: &str, name: &str) -> JoinHandle<()> {
     let mut options = ConnectOptions::new(Role::Node, TOKEN, client_info());
     options.node = Some(NodeInfo {
         name: name.to_string(),
-        commands: vec!["disk".to_string()],
+        commands: vec!["disk".into()],
     });
     let mut node = connect(url, options).await;
     let task = tokio::spawn(async move {

@@ -817,7 +817,9 @@ impl ApprovalsState {
                 let message = format!("no node {:?} has connected", params.node);
                 return reply.err(code::UNKNOWN_NODE, message);
             }
-            Lookup::Online { commands, .. } if !commands.contains(&params.command) => {
+            Lookup::Online { commands, .. }
+                if !commands.iter().any(|c| c.name == params.command) =>
+            {
                 let message = format!("node {:?} has no command {:?}", params.node, params.command);
                 return reply.err(code::UNKNOWN_COMMAND, message);
             }

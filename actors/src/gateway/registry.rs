@@ -16,7 +16,7 @@ use ractor::ActorRef;
 use serde_json::json;
 
 use super::hub::event;
-use super::protocol::NodeListing;
+use super::protocol::{CommandInfo, NodeListing};
 use super::session::SessionMsg;
 use super::{GatewayState, now_ms};
 
@@ -27,7 +27,7 @@ pub struct Registry {
 }
 
 struct Entry {
-    commands: Arc<[String]>,
+    commands: Arc<[CommandInfo]>,
     /// When a frame was last received from it; shared with its session while connected.
     last_seen: Arc<AtomicU64>,
     live: Option<Live>,
@@ -48,7 +48,7 @@ pub(crate) enum Lookup {
     Offline,
     /// Connected now.
     Online {
-        commands: Arc<[String]>,
+        commands: Arc<[CommandInfo]>,
         session: ActorRef<SessionMsg>,
     },
 }
@@ -61,7 +61,13 @@ impl Registry {
             .iter()
             .map(|(name, e)| NodeListing {
                 name: name.clone(),
-                commands: e.commands.to_vec(),
+                commands: e.commands.iter().map(|c| c.name.clone()).collect(),
+                approval_required: e
+                    .commands
+                    .iter()
+                    .filter(|c| c.approval)
+                    .map(|c| c.name.clone())
+                    .collect(),
                 connected: e.live.is_some(),
                 connected_at: e.live.as_ref().map(|l| l.connected_at),
                 last_seen: e.last_seen.load(Ordering::Relaxed),
@@ -100,13 +106,13 @@ impl Registration {
     pub(crate) fn register(
         state: &GatewayState,
         name: &str,
-        commands: Vec<String>,
+        commands: Vec<CommandInfo>,
         conn: u64,
         session: ActorRef<SessionMsg>,
     ) -> (Registration, Option<ActorRef<SessionMsg>>) {
         let now = now_ms();
         let last_seen = Arc::new(AtomicU64::new(now));
-        let commands: Arc<[String]> = commands.into();
+        let commands: Arc<[CommandInfo]> = commands.into();
         let replaced = {
             let mut nodes = state
                 .registry()

@@ -270,7 +270,7 @@ pub(crate) fn dispatch_invoke(
         Lookup::Offline => return Err(offline()),
         Lookup::Online { commands, session } => (commands, session),
     };
-    if !commands.contains(&command) {
+    if !commands.iter().any(|c| c.name == command) {
         let message = format!("node {node:?} has no command {command:?}");
         return Err((code::UNKNOWN_COMMAND, message));
     }
@@ -1123,7 +1123,11 @@ impl SessionState {
         }
         let id = format!("inv-{}", self.next_req);
         self.next_req += 1;
-        let params = NodeInvokeParams { command, args };
+        let params = NodeInvokeParams {
+            command,
+            args,
+            grant: None,
+        };
         let frame = Frame::Req {
             id: id.clone(),
             method: "node.invoke".to_string(),

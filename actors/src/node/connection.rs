@@ -34,7 +34,7 @@ use tracing::{Instrument, info, warn};
 use super::commands::{self, CommandError, CommandSpec};
 use crate::gateway::client::{ConnectError, ConnectOptions, GatewayClient, Incoming};
 use crate::gateway::protocol::{
-    ClientInfo, ErrorBody, NodeInfo, NodeInvokeParams, Role, close, code,
+    ClientInfo, CommandInfo, ErrorBody, NodeInfo, NodeInvokeParams, Role, close, code,
 };
 use crate::supervision::{ChildContext, ChildSpec, Failure, Jitter, Policy, Probe, Restart};
 
@@ -242,7 +242,11 @@ impl Actor for ConnectionActor {
             },
             node: Some(NodeInfo {
                 name: config.name.clone(),
-                commands: config.commands.keys().cloned().collect(),
+                commands: config
+                    .commands
+                    .keys()
+                    .map(|name| CommandInfo::plain(name.clone()))
+                    .collect(),
             }),
             account: None,
             handshake_timeout: config.handshake_timeout,

@@ -1,0 +1,777 @@
+//! The gateway wire protocol, v1: JSON text frames over WebSocket.
+//!
+//! ```text
+//! server → {"type":"event","event":"connect.challenge","payload":{"nonce":"…","ts":…}}
+//! client → {"type":"req","id":"1","method":"connect","params":{"protocol":1,"role":"operator",
+//!           "token":"…","client":{"name":"warden-cli","version":"0.1.0"}}}
+//! server → {"type":"res","id":"1","ok":true,"payload":{"type":"hello-ok",
+//!           "server":{"version":"0.1.0"},"policy":{"tick_interval_ms":30000,"max_frame_bytes":1048576}}}
+//! ```
+//!
+//! Only this crate and `warden-actors`' `gateway/` know the wire format; the client helper
+//! `gateway::client` is how everything else speaks it.
+//!
+//! * [`auth`] — principals and credentials: who may connect, as what.
+//! * [`handshake`] — the pure check of the frame that authenticates a socket.
+//! * [`grant`] — the single-use approval grants a node checks before running a command
+//!   that needs approval.
+
+pub mod auth;
+pub mod grant;
+pub mod handshake;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Lower-case hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+/// Bytes of lower- or upper-case hex; `None` if it is not hex of whole bytes.
+pub fn unhex(text: &str) -> Option<Vec<u8>> {
+    if text.len() % 2 != 0 {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+/// The protocol version a `connect` must name.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Largest frame accepted before `hello-ok` (64 KiB).
+pub const MAX_PREAUTH_FRAME_BYTES: usize = 64 * 1024;
+
+/// WebSocket close codes the gateway uses, and what a client should do about each.
+pub mod close {
+    /// Normal closure (a client leaving).
+    pub const NORMAL: u16 = 1000;
+    /// The server is stopping for good: do not reconnect until it is back.
+    pub const GOING_AWAY: u16 = 1001;
+    /// A frame that is not valid JSON of the protocol.
+    pub const INVALID_FRAME: u16 = 1007;
+    /// Authentication or policy failure: reconnecting with the same token will not help.
+    pub const POLICY: u16 = 1008;
+    /// A frame larger than allowed.
+    pub const TOO_BIG: u16 = 1009;
+    /// Service restart: reconnect (after the `expected_back_ms` of the `shutdown` event).
+    pub const RESTART: u16 = 1012;
+    /// Starting up: try again after the `retry_after_ms` given in the reason.
+    pub const TRY_AGAIN: u16 = 1013;
+    /// (Client side) no frame from the server for two tick intervals.
+    pub const NO_TICK: u16 = 4000;
+    /// The handshake did not complete in time.
+    pub const HANDSHAKE_TIMEOUT: u16 = 4408;
+}
+
+/// Error codes of `res` frames.
+pub mod code {
+    /// The token was wrong (the socket is then closed with 1008).
+    pub const UNAUTHORIZED: &str = "unauthorized";
+    /// A malformed request: bad params, wrong protocol version, `connect` twice.
+    pub const BAD_REQUEST: &str = "bad_request";
+    /// No such method.
+    pub const UNKNOWN_METHOD: &str = "unknown_method";
+    /// The method is not allowed for this session's role.
+    pub const FORBIDDEN: &str = "forbidden";
+    /// The method exists but is not available in this version.
+    pub const NOT_IMPLEMENTED: &str = "not_implemented";
+    /// Something failed inside the gateway.
+    pub const INTERNAL: &str = "internal";
+    /// `nodes.invoke`: no node of that name has ever connected.
+    pub const UNKNOWN_NODE: &str = "unknown_node";
+    /// `nodes.invoke`: the node connected before but is not connected now.
+    pub const NODE_OFFLINE: &str = "node_offline";
+    /// `nodes.invoke`: the node did not declare that command.
+    pub const UNKNOWN_COMMAND: &str = "unknown_command";
+    /// `nodes.invoke`: the node did not answer within `timeout_ms`.
+    pub const TIMEOUT: &str = "timeout";
+    /// `chat.send`: no account has that alias.
+    pub const UNKNOWN_ACCOUNT: &str = "unknown_account";
+    /// `chat.send`: the account has not finished its first sync (starting, backing off or
+    /// parked).
+    pub const ACCOUNT_NOT_READY: &str = "account_not_ready";
+    /// `chat.send`: the homeserver could not be reached or failed the send.
+    pub const SEND_FAILED: &str = "send_failed";
+    /// `approvals.resolve`: the approval was already decided (first decision wins).
+    pub const ALREADY_RESOLVED: &str = "already_resolved";
+    /// `approvals.resolve`: no approval has that id.
+    pub const UNKNOWN_APPROVAL: &str = "unknown_approval";
+    /// `nodes.invoke`: the command needs an approval; ask with `approvals.request`.
+    pub const APPROVAL_REQUIRED: &str = "approval_required";
+    /// A per-client or per-node cap is reached (open invocations, open approvals, queued
+    /// commands); the message names the cap. Try again later.
+    pub const BUSY: &str = "busy";
+    /// A value is over its size or count limit; the message names the limit.
+    pub const TOO_LARGE: &str = "too_large";
+}
+
+/// One frame.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+pub enum Frame {
+    /// A request; answered by a `res` with the same id.
+    Req {
+        /// Chosen by the sender, unique among its open requests.
+        id: String,
+        /// The method.
+        method: String,
+        /// Its parameters (an object, or absent).
+        #[serde(default, skip_serializing_if = "Value::is_null")]
+        params: Value,
+    },
+    /// The answer to a request.
+    Res {
+        /// The request's id.
+        id: String,
+        /// Whether it succeeded.
+        ok: bool,
+        /// The result, when `ok`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        payload: Option<Value>,
+        /// The error, when not `ok`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<ErrorBody>,
+    },
+    /// Something that happened.
+    Event {
+        /// Its name (`tick`, `shutdown`, `node.connected`, …).
+        event: String,
+        /// Its data.
+        #[serde(default, skip_serializing_if = "Value::is_null")]
+        payload: Value,
+    },
+}
+
+/// The error of a failed request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// Machine-readable, from [`code`] (or a method's own, e.g. `unknown_node`).
+    pub code: String,
+    /// For people.
+    pub message: String,
+}
+
+impl Frame {
+    /// A successful answer.
+    pub fn ok(id: impl Into<String>, payload: Value) -> Self {
+        Frame::Res {
+            id: id.into(),
+            ok: true,
+            payload: Some(payload),
+            error: None,
+        }
+    }
+
+    /// A failed answer.
+    pub fn err(id: impl Into<String>, code: &str, message: impl Into<String>) -> Self {
+        Frame::Res {
+            id: id.into(),
+            ok: false,
+            payload: None,
+            error: Some(ErrorBody {
+                code: code.to_string(),
+                message: message.into(),
+            }),
+        }
+    }
+
+    /// An event.
+    pub fn event(event: impl Into<String>, payload: Value) -> Self {
+        Frame::Event {
+            event: event.into(),
+            payload,
+        }
+    }
+
+    /// The JSON text of this frame.
+    pub fn to_text(&self) -> String {
+        // Serializing these types cannot fail: every field is a string, bool or JSON value.
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    /// Parses one text frame.
+    pub fn parse(text: &str) -> Result<Frame, FrameError> {
+        serde_json::from_str(text).map_err(|e| FrameError(e.to_string()))
+    }
+}
+
+/// A text frame that is not a frame of the protocol.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("not a frame of the protocol: {0}")]
+pub struct FrameError(pub String);
+
+/// Who a client is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// A person's tool: `warden call`, a dashboard.
+    Operator,
+    /// A node host that runs commands for the gateway.
+    Node,
+    /// An approval handler of one Matrix account.
+    Approver,
+}
+
+impl Role {
+    /// The lower-case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Operator => "operator",
+            Role::Node => "node",
+            Role::Approver => "approver",
+        }
+    }
+}
+
+/// The payload of `connect.challenge`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Challenge {
+    /// A fresh random value per socket.
+    pub nonce: String,
+    /// Server time, ms since the Unix epoch.
+    pub ts: u64,
+}
+
+/// The params of `connect`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectParams {
+    /// Must be [`PROTOCOL_VERSION`].
+    pub protocol: u32,
+    /// Who connects.
+    pub role: Role,
+    /// The gateway token.
+    pub token: String,
+    /// The client program.
+    pub client: ClientInfo,
+    /// For role `node`: its name and commands.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<NodeInfo>,
+    /// For role `approver`: the Matrix account alias it serves.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub account: Option<String>,
+}
+
+/// The client program.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientInfo {
+    /// e.g. `warden-cli`, `warden-node`.
+    pub name: String,
+    /// Its version.
+    pub version: String,
+}
+
+/// What a node offers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    /// Its unique name; only its own credential can replace a live connection of it.
+    pub name: String,
+    /// The commands it runs.
+    pub commands: Vec<CommandInfo>,
+}
+
+/// One command a node offers. On the wire `{"name", "approval"}`; a bare string is a
+/// command that needs no approval.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "CommandInfoWire")]
+pub struct CommandInfo {
+    /// Its name.
+    pub name: String,
+    /// Whether each run needs an approval (`[node.commands.<name>].approval`): the gateway
+    /// refuses it to `nodes.invoke` and the node runs it only with a grant.
+    #[serde(default)]
+    pub approval: bool,
+}
+
+impl CommandInfo {
+    /// A command that needs no approval.
+    pub fn plain(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            approval: false,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum CommandInfoWire {
+    Name(String),
+    Full {
+        name: String,
+        #[serde(default)]
+        approval: bool,
+    },
+}
+
+impl From<&str> for CommandInfo {
+    fn from(name: &str) -> Self {
+        Self::plain(name)
+    }
+}
+
+impl From<CommandInfoWire> for CommandInfo {
+    fn from(wire: CommandInfoWire) -> Self {
+        match wire {
+            CommandInfoWire::Name(name) => Self::plain(name),
+            CommandInfoWire::Full { name, approval } => Self { name, approval },
+        }
+    }
+}
+
+/// The payload of a successful `connect`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HelloOk {
+    /// Always `hello-ok`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The server.
+    pub server: ServerInfo,
+    /// What the client must respect.
+    pub policy: SessionPolicy,
+}
+
+/// The server program.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerInfo {
+    /// Its version.
+    pub version: String,
+}
+
+/// What a session must respect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionPolicy {
+    /// The server sends `tick` this often; two missed ticks mean the connection is dead.
+    pub tick_interval_ms: u64,
+    /// Largest frame the server accepts.
+    pub max_frame_bytes: usize,
+}
+
+/// The payload of the `shutdown` event, sent before the server closes every socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShutdownNotice {
+    /// True when the server is restarting (close 1012), false when stopping (1001).
+    pub restart: bool,
+    /// When to expect it back.
+    pub expected_back_ms: u64,
+}
+
+/// The params of `subscribe`: the event names to forward to this session from now on
+/// (added to those subscribed before).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubscribeParams {
+    /// Event names, e.g. `node.connected`.
+    pub events: Vec<String>,
+}
+
+/// The params of `nodes.invoke` (from an operator).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InvokeParams {
+    /// The node's name.
+    pub node: String,
+    /// One of the commands it declared.
+    pub command: String,
+    /// Passed on to the node as they are.
+    #[serde(default, skip_serializing_if = "Value::is_null")]
+    pub args: Value,
+    /// How long to wait for the node's answer; default [`DEFAULT_INVOKE_TIMEOUT_MS`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+}
+
+/// How long `nodes.invoke` waits for the node by default.
+pub const DEFAULT_INVOKE_TIMEOUT_MS: u64 = 60_000;
+
+/// The params of `node.invoke`, the request the gateway sends a node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeInvokeParams {
+    /// One of the commands the node declared.
+    pub command: String,
+    /// The operator's arguments, as they are.
+    #[serde(default, skip_serializing_if = "Value::is_null")]
+    pub args: Value,
+    /// For a command that needs approval: the broker's single-use grant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grant: Option<grant::Grant>,
+}
+
+/// One entry of `nodes.list`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeListing {
+    /// Its name.
+    pub name: String,
+    /// The commands it declared (at its last connect).
+    pub commands: Vec<String>,
+    /// Those of its commands that need an approval for each run.
+    #[serde(default)]
+    pub approval_required: Vec<String>,
+    /// Whether it is connected now.
+    pub connected: bool,
+    /// When its current connection completed `connect`, ms since the Unix epoch; absent
+    /// while it is offline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connected_at: Option<u64>,
+    /// When the gateway last received a frame from it, ms since the Unix epoch.
+    pub last_seen: u64,
+}
+
+/// Bounds of `approvals.request`'s `timeout_s`: one second to one day.
+pub const APPROVAL_TIMEOUT_S: std::ops::RangeInclusive<u64> = 1..=86_400;
+
+/// The params of `approvals.request` (from an operator).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApprovalRequestParams {
+    /// The node to run the command on.
+    pub node: String,
+    /// One of the commands it declared.
+    pub command: String,
+    /// Passed on to the node as they are (absent: `null`).
+    pub args: Value,
+    /// Why, for the approvers.
+    pub reason: String,
+    /// Seconds to wait for a decision, within [`APPROVAL_TIMEOUT_S`]; absent: the
+    /// gateway's default (300 s).
+    pub timeout_s: Option<u64>,
+}
+
+impl ApprovalRequestParams {
+    /// Reads the params; the error names the field at fault.
+    pub fn parse(params: Value) -> Result<Self, String> {
+        let mut p = Params::new(params)?;
+        let node = p.string("node")?;
+        let command = p.string("command")?;
+        let args = p.take("args").unwrap_or(Value::Null);
+        let reason = p.string("reason")?;
+        let timeout_s = match p.take("timeout_s") {
+            None | Some(Value::Null) => None,
+            Some(v) => match v.as_u64() {
+                Some(s) if APPROVAL_TIMEOUT_S.contains(&s) => Some(s),
+                _ => {
+                    return Err(format!(
+                        "field `timeout_s`: must be a whole number of seconds from {} to {}",
+                        APPROVAL_TIMEOUT_S.start(),
+                        APPROVAL_TIMEOUT_S.end()
+                    ));
+                }
+            },
+        };
+        p.done()?;
+        Ok(Self {
+            node,
+            command,
+            args,
+            reason,
+            timeout_s,
+        })
+    }
+}
+
+/// An approver's verdict in `approvals.resolve`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// `"approve"`: run the command.
+    Approve,
+    /// `"deny"`: do not.
+    Deny,
+}
+
+/// The params of `approvals.resolve` (from an approver).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApprovalResolveParams {
+    /// The approval's id.
+    pub id: String,
+    /// `approve` or `deny`.
+    pub decision: Verdict,
+    /// Who decided: a Matrix user ID among the approvers of the session's account
+    /// (compared case-insensitively).
+    pub by: String,
+}
+
+impl ApprovalResolveParams {
+    /// Reads the params; the error names the field at fault.
+    pub fn parse(params: Value) -> Result<Self, String> {
+        let mut p = Params::new(params)?;
+        let id = p.string("id")?;
+        let decision = match p.string("decision")?.as_str() {
+            "approve" => Verdict::Approve,
+            "deny" => Verdict::Deny,
+            other => {
+                return Err(format!(
+                    "field `decision`: expected \"approve\" or \"deny\", got {other:?}"
+                ));
+            }
+        };
+        let by = p.string("by")?;
+        p.done()?;
+        Ok(Self { id, decision, by })
+    }
+}
+
+/// Checks the params of `approvals.list`: none.
+pub fn parse_approvals_list(params: Value) -> Result<(), String> {
+    Params::new(params)?.done()
+}
+
+/// How an approval was decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Decision {
+    /// The command runs (or ran).
+    Approved,
+    /// Denied by an approver, or by `timeout`.
+    Denied,
+}
+
+impl Decision {
+    /// The lower-case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Decision::Approved => "approved",
+            Decision::Denied => "denied",
+        }
+    }
+}
+
+/// The payload of event `approval.requested`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ApprovalRequested {
+    /// 8 lowercase letters and digits.
+    pub id: String,
+    /// The node.
+    pub node: String,
+    /// The command.
+    pub command: String,
+    /// Its arguments.
+    pub args: Value,
+    /// Why.
+    pub reason: String,
+    /// When it is denied by `timeout` without a decision, ms since the Unix epoch.
+    pub expires_at_ms: u64,
+}
+
+/// How an approval ended: the payload of event `approval.resolved` and the answer to the
+/// requester's `approvals.request`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ApprovalOutcome {
+    /// The approval's id.
+    pub id: String,
+    /// Approved or denied.
+    pub decision: Decision,
+    /// The approver, or `timeout`.
+    pub by: String,
+    /// Approved and the node answered: its `nodes.invoke` payload.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<Value>,
+    /// Approved but the command could not run or failed (`node_offline`, `timeout`, …).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorBody>,
+}
+
+/// The answer to `approvals.resolve`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApprovalResolved {
+    /// The approval's id.
+    pub id: String,
+    /// The decision taken.
+    pub decision: Decision,
+}
+
+/// One entry of `approvals.list`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ApprovalListing {
+    /// The approval's id.
+    pub id: String,
+    /// The node.
+    pub node: String,
+    /// The command.
+    pub command: String,
+    /// Its arguments.
+    pub args: Value,
+    /// Why.
+    pub reason: String,
+    /// When it was requested, ms since the Unix epoch.
+    pub requested_at_ms: u64,
+    /// When it is (or was) denied without a decision, ms since the Unix epoch.
+    pub expires_at_ms: u64,
+    /// False while pending, or approved with its command still running; true once over.
+    pub resolved: bool,
+    /// The decision, once taken.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decision: Option<Decision>,
+    /// Who took it (`timeout` when nobody did).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
+    /// When it was taken, ms since the Unix epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decided_at_ms: Option<u64>,
+}
+
+/// Reads an object of params field by field, so that every error names its field.
+struct Params(serde_json::Map<String, Value>);
+
+impl Params {
+    /// The params object; absent params are an empty object.
+    fn new(params: Value) -> Result<Self, String> {
+        match params {
+            Value::Null => Ok(Self(serde_json::Map::new())),
+            Value::Object(map) => Ok(Self(map)),
+            other => Err(format!(
+                "params must be an object, not {}",
+                json_kind(&other)
+            )),
+        }
+    }
+
+    fn take(&mut self, field: &str) -> Option<Value> {
+        self.0.remove(field)
+    }
+
+    /// A required, non-empty string.
+    fn string(&mut self, field: &str) -> Result<String, String> {
+        match self.take(field) {
+            None | Some(Value::Null) => Err(format!("field `{field}`: missing")),
+            Some(Value::String(s)) if s.trim().is_empty() => {
+                Err(format!("field `{field}`: must not be empty"))
+            }
+            Some(Value::String(s)) => Ok(s),
+            Some(other) => Err(format!(
+                "field `{field}`: expected a string, got {}",
+                json_kind(&other)
+            )),
+        }
+    }
+
+    /// Fails on the first field left unread.
+    fn done(self) -> Result<(), String> {
+        match self.0.keys().next() {
+            Some(field) => Err(format!("field `{field}`: unknown")),
+            None => Ok(()),
+        }
+    }
+}
+
+fn json_kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// The reason text of a 1013 close: `starting; retry_after_ms=<n>`.
+pub fn try_again_reason(retry_after_ms: u64) -> String {
+    format!("starting; retry_after_ms={retry_after_ms}")
+}
+
+/// Reads `retry_after_ms` back from a 1013 close reason.
+pub fn parse_retry_after(reason: &str) -> Option<u64> {
+    reason
+        .split(';')
+        .find_map(|part| part.trim().strip_prefix("retry_after_ms=")?.parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_in_the_documented_shape() {
+        let req = Frame::parse(r#"{"type":"req","id":"1","method":"health"}"#).expect("req");
+        assert_eq!(
+            req,
+            Frame::Req {
+                id: "1".into(),
+                method: "health".into(),
+                params: Value::Null
+            }
+        );
+        let ok = Frame::ok("1", json!({"status": "ok"}));
+        assert_eq!(
+            ok.to_text(),
+            r#"{"type":"res","id":"1","ok":true,"payload":{"status":"ok"}}"#
+        );
+        let err = Frame::err("2", code::UNKNOWN_METHOD, "no method frob");
+        assert_eq!(
+            err.to_text(),
+            r#"{"type":"res","id":"2","ok":false,"error":{"code":"unknown_method","message":"no method frob"}}"#
+        );
+        let ev = Frame::event("tick", json!({"ts": 5}));
+        assert_eq!(Frame::parse(&ev.to_text()), Ok(ev));
+    }
+
+    #[test]
+    fn bad_frames_are_errors() {
+        for bad in [
+            "not json",
+            r#"{"type":"frob"}"#,
+            r#"{"type":"req","id":"1"}"#,
+            r#"{"type":"req","id":"1","method":"x","extra":1}"#,
+            r#"[1,2]"#,
+        ] {
+            assert!(Frame::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn approval_params_name_the_field_at_fault() {
+        let ok = ApprovalRequestParams::parse(json!({
+            "node": "box", "command": "disk", "args": ["-h"], "reason": "full?", "timeout_s": 60
+        }))
+        .expect("valid");
+        assert_eq!((ok.node.as_str(), ok.timeout_s), ("box", Some(60)));
+        let bad = |v: Value| ApprovalRequestParams::parse(v).expect_err("invalid");
+        assert!(bad(json!({"command": "x", "reason": "r"})).contains("`node`"));
+        assert!(bad(json!({"node": "", "command": "x", "reason": "r"})).contains("`node`"));
+        assert!(bad(json!({"node": "n", "command": 5, "reason": "r"})).contains("`command`"));
+        assert!(bad(json!({"node": "n", "command": "x"})).contains("`reason`"));
+        for t in [json!(0), json!(86_401), json!(-1), json!(1.5), json!("5")] {
+            let v = json!({"node": "n", "command": "x", "reason": "r", "timeout_s": t});
+            assert!(bad(v).contains("`timeout_s`"), "{t}");
+        }
+        let v = json!({"node": "n", "command": "x", "reason": "r", "frob": 1});
+        assert!(bad(v).contains("`frob`"));
+        assert!(bad(json!([1])).contains("object"));
+
+        let r = ApprovalResolveParams::parse(
+            json!({"id": "abcd1234", "decision": "deny", "by": "@o:x"}),
+        )
+        .expect("valid");
+        assert_eq!(r.decision, Verdict::Deny);
+        let bad = |v: Value| ApprovalResolveParams::parse(v).expect_err("invalid");
+        assert!(bad(json!({"id": "a", "decision": "maybe", "by": "@o:x"})).contains("`decision`"));
+        assert!(bad(json!({"id": "a", "decision": "approve"})).contains("`by`"));
+        assert!(bad(json!({"decision": "approve", "by": "@o:x"})).contains("`id`"));
+        assert!(parse_approvals_list(Value::Null).is_ok());
+        assert!(parse_approvals_list(json!({"x": 1})).is_err());
+    }
+
+    #[test]
+    fn connect_params_and_retry_after() {
+        let p: ConnectParams = serde_json::from_value(json!({
+            "protocol": 1, "role": "node", "token": "t",
+            "client": {"name": "warden-node", "version": "0.1.0"},
+            "node": {"name": "build-box", "commands": ["uptime"]}
+        }))
+        .expect("params");
+        assert_eq!(p.role, Role::Node);
+        assert_eq!(p.node.map(|n| n.name), Some("build-box".to_string()));
+        assert_eq!(parse_retry_after(&try_again_reason(1500)), Some(1500));
+        assert_eq!(parse_retry_after("going away"), None);
+    }
+}
