@@ -27,6 +27,17 @@ fn read_secrets(
 ) -> Result<(), ConfigError> {
     let g = &mut config.gateway;
     read_secret("gateway.token", &mut g.token, g.token_file.as_deref(), err)?;
+    for (section, map) in [("operators", &mut g.operators), ("nodes", &mut g.nodes)] {
+        for (name, credential) in map.iter_mut() {
+            let key = format!("gateway.{section}.{name}.token");
+            let file = credential.token_file.clone();
+            read_secret(&key, &mut credential.token, file.as_deref(), err)?;
+            if credential.token.is_none() {
+                let msg = "needs token or token_file".to_string();
+                return Err(err(format!("gateway.{section}.{name}"), msg));
+            }
+        }
+    }
     let a = &mut config.admin;
     read_secret("admin.token", &mut a.token, a.token_file.as_deref(), err)?;
     if let Some(n) = &mut config.node {
@@ -89,7 +100,8 @@ fn validate(
     err: &impl Fn(String, String) -> ConfigError,
 ) -> Result<(), ConfigError> {
     let g = &config.gateway;
-    check_bind("gateway", g.bind, g.token.is_some(), err)?;
+    let has_operator = g.token.is_some() || !g.operators.is_empty();
+    check_bind("gateway", g.bind, has_operator, err)?;
     positive("gateway.handshake_timeout_ms", g.handshake_timeout_ms, err)?;
     positive("gateway.tick_interval_ms", g.tick_interval_ms, err)?;
     positive(

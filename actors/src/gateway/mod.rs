@@ -36,7 +36,7 @@ pub mod protocol;
 pub mod registry;
 pub mod session;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -64,11 +64,38 @@ pub const SESSIONS_PATH: &str = "root/gateway/sessions";
 pub struct GatewaySettings {
     /// Address of the WebSocket listener. Default `127.0.0.1:18789`.
     pub bind: SocketAddr,
-    /// Shared token clients present in `connect`. Secret. Without one, any token is
-    /// accepted (the config refuses a non-loopback `bind` without a token).
+    /// The credential of operator `default` (the single shared token of earlier versions).
+    /// Secret. With neither this nor `operators`, `warden run` generates one into
+    /// `<state.dir>/gateway.token`.
     pub token: Option<String>,
     /// File holding `token` (trailing newline ignored).
     pub token_file: Option<PathBuf>,
+    /// `[gateway.operators.<name>]`: operator credentials. Default none.
+    pub operators: BTreeMap<String, Credential>,
+    /// `[gateway.nodes.<name>]`: node credentials; node `<name>` connects only with its
+    /// own. Default none.
+    pub nodes: BTreeMap<String, Credential>,
+    /// Admit node hosts that `nodes` does not list, with an operator's credential. Default
+    /// false.
+    pub allow_unlisted_nodes: bool,
+    /// The registry forgets a node that has been disconnected this long, in ms. Default
+    /// 3600000 (1 h).
+    pub node_forget_after_ms: u64,
+    /// Browser origins (`scheme://host[:port]`) whose pages may open a WebSocket. An
+    /// upgrade carrying any other `Origin` header gets HTTP 403. Default none.
+    pub allowed_origins: Vec<String>,
+    /// A connection that has not sent its request headers within this long is closed, in
+    /// ms. Default 10000.
+    pub header_read_timeout_ms: u64,
+    /// Open connections (handshaking or not) at most; past it, HTTP 503 with
+    /// `Retry-After`. Default 4096.
+    pub max_connections: u32,
+    /// Event names one session may subscribe to. Default 64.
+    pub max_subscriptions: usize,
+    /// Largest `timeout_ms` a `nodes.invoke` may ask for, in ms. Default 600000 (10 min).
+    pub max_invoke_timeout_ms: u64,
+    /// `nodes.invoke` calls one session may have open at once. Default 256.
+    pub max_pending_invocations: usize,
     /// A socket that has not completed `connect` by then is closed (4408). Default 10000.
     pub handshake_timeout_ms: u64,
     /// Handshaking sockets allowed per client IP; more get HTTP 503. Default 32.
@@ -91,6 +118,16 @@ impl Default for GatewaySettings {
             bind: SocketAddr::from(([127, 0, 0, 1], 18789)),
             token: None,
             token_file: None,
+            operators: BTreeMap::new(),
+            nodes: BTreeMap::new(),
+            allow_unlisted_nodes: false,
+            node_forget_after_ms: 3_600_000,
+            allowed_origins: Vec::new(),
+            header_read_timeout_ms: 10_000,
+            max_connections: 4096,
+            max_subscriptions: 64,
+            max_invoke_timeout_ms: 600_000,
+            max_pending_invocations: 256,
             handshake_timeout_ms: 10_000,
             max_preauth_per_ip: 32,
             tick_interval_ms: 30_000,
@@ -98,6 +135,25 @@ impl Default for GatewaySettings {
             on_shutdown: OnShutdown::Restart,
             expected_back_ms: 1000,
         }
+    }
+}
+
+/// `[gateway.operators.<name>]` / `[gateway.nodes.<name>]`: one principal's credential.
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Credential {
+    /// The token. Secret.
+    pub token: Option<String>,
+    /// File holding `token` (trailing newline ignored).
+    pub token_file: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for Credential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credential")
+            .field("token", &self.token.as_ref().map(|_| "****"))
+            .field("token_file", &self.token_file)
+            .finish()
     }
 }
 
