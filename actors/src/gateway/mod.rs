@@ -52,6 +52,7 @@ use approvals::ApprovalsClient;
 pub use approvals::ApprovalsSettings;
 use chat::Chat;
 use hub::Hub;
+use protocol::auth::{Principals, Secret};
 use protocol::{Role, ShutdownNotice, close};
 use registry::Registry;
 
@@ -241,6 +242,8 @@ pub struct GatewayState(Arc<Shared>);
 
 struct Shared {
     settings: GatewaySettings,
+    /// Every credential the gateway accepts (see [`GatewayState::principals`]).
+    principals: std::sync::RwLock<Arc<Principals>>,
     /// The tree the sessions are children of. The gateway is itself part of that tree, so
     /// the program sets it once `Tree::start` returns; until then sockets get 1013.
     tree: OnceLock<TreeHandle>,
@@ -283,7 +286,9 @@ impl GatewayState {
     /// A state for `settings`; the tree is set later with [`GatewayState::set_tree`].
     pub fn new(settings: GatewaySettings) -> Self {
         let hub = Hub::new();
+        let principals = std::sync::RwLock::new(Arc::new(principals_of(&settings)));
         Self(Arc::new(Shared {
+            principals,
             chat: Chat::new(hub.clone()),
             hub,
             registry: Registry::default(),
@@ -303,6 +308,27 @@ impl GatewayState {
             intent: watch::Sender::new(None),
             settings,
         }))
+    }
+
+    /// Every credential the gateway accepts now: the operators and nodes of the settings,
+    /// plus the approval handlers registered with [`GatewayState::add_approver`].
+    pub fn principals(&self) -> Arc<Principals> {
+        self.0
+            .principals
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Makes an in-memory credential for the approval handler of `account` and returns it:
+    /// the only way to hold role `approver`. Never written anywhere.
+    pub fn add_approver(&self, account: &str) -> Secret {
+        let secret = Secret::generate();
+        let mut principals = self.0.principals.write().unwrap_or_else(|e| e.into_inner());
+        let mut next = Principals::clone(&principals);
+        next.add_approver(account, secret.clone());
+        *principals = Arc::new(next);
+        secret
     }
 
     /// Hands the running tree to the gateway. Only the first call has an effect; a second
@@ -483,6 +509,31 @@ impl GatewayState {
         }
     }
 }
+
+/// The principals `settings` configure: `token` as operator `default`, `operators`,
+/// `nodes`, `allow_unlisted_nodes`. Credentials without a token (the config refuses them)
+/// are left out.
+pub fn principals_of(settings: &GatewaySettings) -> Principals {
+    let mut principals = Principals::new();
+    if let Some(token) = &settings.token {
+        principals.add_operator(DEFAULT_OPERATOR, Secret::new(token.clone()));
+    }
+    for (name, credential) in &settings.operators {
+        if let Some(token) = &credential.token {
+            principals.add_operator(name.clone(), Secret::new(token.clone()));
+        }
+    }
+    for (name, credential) in &settings.nodes {
+        if let Some(token) = &credential.token {
+            principals.add_node(name.clone(), Secret::new(token.clone()));
+        }
+    }
+    principals.set_allow_unlisted_nodes(settings.allow_unlisted_nodes);
+    principals
+}
+
+/// The operator `gateway.token` stands for.
+pub const DEFAULT_OPERATOR: &str = "default";
 
 /// Handshake totals of one [`GatewayState`] (see [`GatewayState::handshake_stats`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
