@@ -90,7 +90,8 @@ pub struct CallFlags {
     /// Gateway URL (default: ws:// + gateway.bind + /ws from the config).
     #[arg(long, value_name = "URL")]
     pub gateway: Option<String>,
-    /// Gateway token (default: gateway.token from the config).
+    /// Gateway token (default: gateway.token from the config, else the token `warden run`
+    /// generated in <state.dir>/gateway.token).
     #[arg(long, value_name = "TOKEN")]
     pub token: Option<String>,
     /// Give up after this many seconds, retries included.
@@ -231,17 +232,27 @@ fn call_command(cli: &Cli, flags: &CallFlags) -> i32 {
         path: cli.config.clone(),
         flags: Vec::new(),
     });
+    // The token: --token, else gateway.token, else the one `warden run` generated under
+    // state.dir when no operator is configured.
+    let configured = |loaded: &Loaded| {
+        let config = &loaded.config;
+        config.gateway.token.clone().or_else(|| {
+            crate::token::read(&crate::token::path(&config.state.dir))
+                .ok()
+                .flatten()
+        })
+    };
     let (url, token) = match (&flags.gateway, loaded) {
         (Some(url), loaded) => {
             let token = flags
                 .token
                 .clone()
-                .or_else(|| loaded.ok().and_then(|l| l.config.gateway.token));
+                .or_else(|| loaded.ok().and_then(|l| configured(&l)));
             (url.clone(), token)
         }
         (None, Ok(loaded)) => (
             format!("ws://{}/ws", loopback(loaded.config.gateway.bind)),
-            flags.token.clone().or(loaded.config.gateway.token),
+            flags.token.clone().or_else(|| configured(&loaded)),
         ),
         (None, Err(e)) => return fail(&format!("{e} (or pass --gateway URL)"), EXIT_CONFIG),
     };

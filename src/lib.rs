@@ -11,3 +11,4 @@ pub mod node;
 pub mod program;
 pub mod run;
 pub mod telemetry;
+pub mod token;

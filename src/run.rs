@@ -43,7 +43,26 @@ pub async fn run(loaded: Loaded) -> i32 {
 
     let admin_state = program.admin_state(&loaded);
     let gateway_bound = Arc::new(watch::Sender::new(None));
-    let gateway_state = GatewayState::new(config.gateway.clone());
+    let mut gateway_settings = config.gateway.clone();
+    if gateway_settings.token.is_none() && gateway_settings.operators.is_empty() {
+        // Nothing is accepted without a credential: make one the CLI can find.
+        match crate::token::operator_token(&config.state.dir) {
+            Ok((token, path, made)) => {
+                if made {
+                    info!(path = %path.display(), "No gateway.token or gateway.operators configured: generated an operator token (mode 0600); warden call reads it from there.");
+                } else {
+                    info!(path = %path.display(), "No gateway.token or gateway.operators configured: using the operator token stored there.");
+                }
+                gateway_settings.token = Some(token);
+            }
+            Err(e) => {
+                tracing::error!(key = "gateway.token", error = %e, "No gateway.token or gateway.operators configured, and no operator token can be stored under state.dir; set gateway.token or gateway.operators.");
+                program.abort().await;
+                return crate::config::EXIT_CONFIG;
+            }
+        }
+    }
+    let gateway_state = GatewayState::new(gateway_settings);
     // The approvals broker: approvals stored under the state dir; the approvers of each
     // account that enables approvals may resolve them.
     let mut approvals = gateway::ApprovalsSettings::new(config.state.dir.join("approvals"));
@@ -70,7 +89,7 @@ pub async fn run(loaded: Loaded) -> i32 {
     ];
     if !config.matrix.accounts.is_empty() {
         children.push(matrix::channels_spec(
-            matrix_accounts(config, GatewayAddr::Bound(bound)),
+            matrix_accounts(config, &gateway_state, GatewayAddr::Bound(bound)),
             gateway_state.chat(),
             &slots,
         ));
@@ -104,7 +123,11 @@ pub async fn run(loaded: Loaded) -> i32 {
 /// Each `[matrix.accounts.<alias>]` with its client's policy (`matrix_account`, then the
 /// account's own `supervision` layer) and, when `approvals.enabled` with approvers, its
 /// approval handler (`approval_handler`).
-fn matrix_accounts(config: &Config, gateway: GatewayAddr) -> Vec<AccountSpec> {
+fn matrix_accounts(
+    config: &Config,
+    state: &GatewayState,
+    gateway: GatewayAddr,
+) -> Vec<AccountSpec> {
     let root = config.state.dir.join("matrix");
     config
         .matrix
@@ -127,10 +150,13 @@ fn matrix_accounts(config: &Config, gateway: GatewayAddr) -> Vec<AccountSpec> {
             };
             let enabled = acc.approvals.enabled && !acc.approvals.approvers.is_empty();
             let handler = enabled.then(|| {
+                // The handler's credential lives in memory only: no client outside this
+                // process can hold role approver.
+                let credential = state.add_approver(alias);
                 let handler = HandlerConfig {
                     alias: alias.clone(),
                     gateway: gateway.clone(),
-                    token: config.gateway.token.clone().unwrap_or_default(),
+                    token: credential.expose().to_string(),
                     handshake_timeout: Duration::from_millis(config.gateway.handshake_timeout_ms),
                 };
                 (handler, config.policy_for(approvals::KIND, None))

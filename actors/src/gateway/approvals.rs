@@ -940,6 +940,7 @@ impl ApprovalsState {
             a.args.clone(),
             timeout,
             InvokeReply::Oneshot(tx),
+            Some(&a.id),
         );
         if let Err((code, message)) = dispatched {
             debug!(id = %a.id, code, "Approved command could not be sent to its node.");
@@ -1316,10 +1317,12 @@ mod tests {
         let (_node, _) = super::super::registry::Registration::register(
             &gateway,
             "box",
+            "node:box",
             vec!["disk".into()],
             1,
             session.clone(),
-        );
+        )
+        .expect("registered");
         let mut hub = gateway.hub().subscribe();
         let client = gateway.approvals().expect("configured").clone();
         let request = |req: &str, timeout_s: Option<u64>| ApprovalsMsg::Request {

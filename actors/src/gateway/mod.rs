@@ -291,7 +291,7 @@ impl GatewayState {
             principals,
             chat: Chat::new(hub.clone()),
             hub,
-            registry: Registry::default(),
+            registry: Registry::new(settings.node_forget_after_ms),
             approvals: OnceLock::new(),
             broker: ApprovalsClient::default(),
             tree: OnceLock::new(),

@@ -73,7 +73,6 @@ use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use ractor::{Actor, ActorProcessingErr, ActorRef, SpawnErr};
 use serde_json::{Value, json};
-use subtle::ConstantTimeEq;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast, oneshot, watch};
 use tokio::task::{AbortHandle, JoinHandle};
 use tokio::time::Instant;
@@ -83,10 +82,13 @@ use tracing::{Instrument, debug, info, warn};
 use super::approvals::{ApprovalsMsg, ReplyTo};
 use super::chat::SendParams;
 use super::hub::{HubEvent, event};
+use super::protocol::auth::Principal;
+use super::protocol::grant::Grant;
+use super::protocol::handshake::{self, Accepted, Refused};
 use super::protocol::{
-    ApprovalRequestParams, ApprovalResolveParams, Challenge, ConnectParams,
+    ApprovalRequestParams, ApprovalResolveParams, Challenge,
     DEFAULT_INVOKE_TIMEOUT_MS, ErrorBody, Frame, HelloOk, InvokeParams, MAX_PREAUTH_FRAME_BYTES,
-    NodeInvokeParams, PROTOCOL_VERSION, Role, ServerInfo, SessionPolicy, SubscribeParams, close,
+    NodeInvokeParams, Role, ServerInfo, SessionPolicy, SubscribeParams, close,
     code, parse_approvals_list,
 };
 use super::registry::{Lookup, Registration};
@@ -207,6 +209,8 @@ pub struct Invoke {
     pub command: String,
     /// Its arguments.
     pub args: Value,
+    /// The approval grant, for a command that needs one.
+    pub grant: Option<Grant>,
     /// How long the caller waits.
     pub timeout: Duration,
     /// Where the node's answer goes.
@@ -246,6 +250,11 @@ impl InvokeReply {
 /// `node.invoke` and relays the answer (or `node_offline`) to `reply`. The caller times the
 /// call out itself; the node's session forgets it after `timeout`. On an error, `reply`
 /// is dropped unanswered.
+///
+/// A command the node marked `approval` runs only for an approval: `approval` is the id of
+/// an approved approval (only the broker passes one), for which a single-use grant, keyed
+/// with the node's credential, goes with the request; without one the call is refused
+/// with `approval_required`.
 pub(crate) fn dispatch_invoke(
     gateway: &GatewayState,
     node: &str,
@@ -253,6 +262,7 @@ pub(crate) fn dispatch_invoke(
     args: Value,
     timeout: Duration,
     reply: InvokeReply,
+    approval: Option<&str>,
 ) -> Result<(), (&'static str, String)> {
     let offline = || {
         (
@@ -260,7 +270,7 @@ pub(crate) fn dispatch_invoke(
             format!("node {node:?} is not connected"),
         )
     };
-    let (commands, session) = match gateway.registry().lookup(node) {
+    let (commands, session, holder) = match gateway.registry().lookup(node) {
         Lookup::Unknown => {
             return Err((
                 code::UNKNOWN_NODE,
@@ -268,15 +278,42 @@ pub(crate) fn dispatch_invoke(
             ));
         }
         Lookup::Offline => return Err(offline()),
-        Lookup::Online { commands, session } => (commands, session),
+        Lookup::Online {
+            commands,
+            session,
+            holder,
+        } => (commands, session, holder),
     };
-    if !commands.iter().any(|c| c.name == command) {
+    let Some(info) = commands.iter().find(|c| c.name == command) else {
         let message = format!("node {node:?} has no command {command:?}");
         return Err((code::UNKNOWN_COMMAND, message));
-    }
+    };
+    let grant = match (info.approval, approval) {
+        (false, _) => None,
+        (true, None) => {
+            let message = format!(
+                "command {command:?} on node {node:?} needs an approval for each run: ask with approvals.request"
+            );
+            return Err((code::APPROVAL_REQUIRED, message));
+        }
+        (true, Some(id)) => {
+            let principal = Principal::Node {
+                name: node.to_string(),
+                holder,
+            };
+            let principals = gateway.principals();
+            let Some(key) = principals.secret_of(&principal) else {
+                let message = format!("no credential of node {node:?} to sign the approval with");
+                return Err((code::INTERNAL, message));
+            };
+            let expires_at_ms = now_ms().saturating_add(timeout.as_millis() as u64);
+            Some(Grant::issue(key, id, node, &command, &args, expires_at_ms))
+        }
+    };
     let invoke = Invoke {
         command,
         args,
+        grant,
         timeout,
         reply,
     };
@@ -349,11 +386,10 @@ enum Phase {
 
 /// An authenticated client.
 struct Authed {
-    role: Role,
+    /// Who it is, as the server decided from its credential.
+    principal: Principal,
     /// The client program's name, for logs.
     client: String,
-    /// For an approver: the account it serves (its approvers may resolve approvals).
-    account: Option<String>,
     /// Counts this session by role until dropped.
     _count: RoleCount,
     /// For a node: its registration, dropped (unregistered) with the state.
@@ -414,6 +450,8 @@ pub struct SessionState {
     invokes_out: HashMap<String, Aborting>,
     /// (Node side.) Invocations sent to this node, by the gateway's request id.
     invokes_in: HashMap<String, PendingInvoke>,
+    /// `chat.send` calls waiting on the homeserver; aborted when the session ends.
+    chat_sends: tokio::task::JoinSet<()>,
     next_req: u64,
 }
 
@@ -483,6 +521,7 @@ impl Actor for SessionActor {
             linger_timer: None,
             invokes_out: HashMap::new(),
             invokes_in: HashMap::new(),
+            chat_sends: tokio::task::JoinSet::new(),
             next_req: 1,
         })
     }
@@ -761,6 +800,34 @@ impl SessionState {
             .await;
             return;
         }
+        if !self.is_ready() {
+            burn(self.gateway.handshake_cost());
+            let principals = self.gateway.principals();
+            match handshake::check(text.as_str(), &principals) {
+                Ok(accepted) => self.accept(myself, accepted).await,
+                Err(Refused::NotAFrame) => {
+                    debug!(peer = %self.peer, "Invalid frame before hello; closing with 1007.");
+                    self.close(myself, close::INVALID_FRAME, "not a frame of the protocol")
+                        .await;
+                }
+                Err(Refused::ConnectFirst { id }) => {
+                    let reply = Frame::err(id, code::UNAUTHORIZED, "send connect first");
+                    if self.send(myself, &reply).await {
+                        self.close(myself, close::POLICY, "connect first").await;
+                    }
+                }
+                Err(Refused::Unexpected) => {
+                    self.close(myself, close::POLICY, "connect first").await;
+                }
+                Err(Refused::Connect { id, code, message }) => {
+                    if code == code::UNAUTHORIZED {
+                        warn!(peer = %self.peer, reason = %message, "Connect refused: the credential does not admit the claim.");
+                    }
+                    self.refuse(myself, id, code, message).await;
+                }
+            }
+            return;
+        }
         let frame = match Frame::parse(text.as_str()) {
             Ok(frame) => frame,
             Err(e) => {
@@ -770,85 +837,58 @@ impl SessionState {
                 return;
             }
         };
-        match (&self.phase, frame) {
-            (Phase::Handshake { .. }, Frame::Req { id, method, params }) if method == "connect" => {
-                self.connect(myself, id, params).await;
-            }
-            (Phase::Handshake { .. }, Frame::Req { id, .. }) => {
-                let reply = Frame::err(id, code::UNAUTHORIZED, "send connect first");
-                if self.send(myself, &reply).await {
-                    self.close(myself, close::POLICY, "connect first").await;
-                }
-            }
-            (Phase::Handshake { .. }, _) => {
-                self.close(myself, close::POLICY, "connect first").await;
-            }
-            (Phase::Ready(_), Frame::Req { id, method, params }) => {
+        match frame {
+            Frame::Req { id, method, params } => {
                 self.request(myself, id, &method, params).await;
             }
-            (
-                Phase::Ready(_),
-                Frame::Res {
-                    id,
-                    ok,
-                    payload,
-                    error,
-                },
-            ) => {
+            Frame::Res {
+                id,
+                ok,
+                payload,
+                error,
+            } => {
                 self.node_answer(id, ok, payload, error);
             }
-            (Phase::Ready(_), Frame::Event { event, .. }) => {
+            Frame::Event { event, .. } => {
                 debug!(peer = %self.peer, event = %event, "Ignoring an event from a client.");
             }
         }
     }
 
-    /// The `connect` request.
-    async fn connect(&mut self, myself: &ActorRef<SessionMsg>, id: String, params: Value) {
-        burn(self.gateway.handshake_cost());
-        let params: ConnectParams = match serde_json::from_value(params) {
-            Ok(p) => p,
-            Err(e) => {
-                return self
-                    .refuse(
-                        myself,
-                        id,
-                        code::BAD_REQUEST,
-                        format!("bad connect params: {e}"),
-                    )
-                    .await;
+    /// A `connect` that authenticated: `hello-ok`, then (for a node) its registration.
+    async fn accept(&mut self, myself: &ActorRef<SessionMsg>, accepted: Accepted) {
+        let Accepted {
+            id,
+            principal,
+            client,
+            node,
+        } = accepted;
+        // A node name is held by one live connection; only the holder's credential
+        // replaces it (the node restarted). Anything else keeps the live node.
+        let registration = match (&principal, node) {
+            (Principal::Node { name, holder }, Some(node)) => {
+                match Registration::register(
+                    &self.gateway,
+                    name,
+                    holder,
+                    node.commands,
+                    self.conn,
+                    myself.clone(),
+                ) {
+                    Ok(registered) => Some(registered),
+                    Err(held_by) => {
+                        warn!(peer = %self.peer, node = %name, held_by = %held_by,
+                            "Connect refused: the node name is held by another credential.");
+                        let message = format!(
+                            "node name {name:?} is held by a live connection of another credential"
+                        );
+                        return self.refuse(myself, id, code::UNAUTHORIZED, message).await;
+                    }
+                }
             }
+            _ => None,
         };
-        if params.protocol != PROTOCOL_VERSION {
-            let message = format!(
-                "unsupported protocol version {}; this gateway speaks {PROTOCOL_VERSION}",
-                params.protocol
-            );
-            return self.refuse(myself, id, code::BAD_REQUEST, message).await;
-        }
-        if !self.token_matches(&params.token) {
-            warn!(peer = %self.peer, role = params.role.as_str(), client = %params.client.name,
-                "Connect refused: wrong token.");
-            return self
-                .refuse(myself, id, code::UNAUTHORIZED, "wrong token".to_string())
-                .await;
-        }
-        let node = match (params.role, params.node) {
-            (Role::Node, Some(node)) if !node.name.is_empty() => Some(node),
-            (Role::Node, _) => {
-                let message = "role node needs node {name, commands}".to_string();
-                return self.refuse(myself, id, code::BAD_REQUEST, message).await;
-            }
-            (_, _) => None,
-        };
-        let account = match (params.role, params.account) {
-            (Role::Approver, Some(account)) if !account.trim().is_empty() => Some(account),
-            (Role::Approver, _) => {
-                let message = "role approver needs account (the alias it serves)".to_string();
-                return self.refuse(myself, id, code::BAD_REQUEST, message).await;
-            }
-            (_, _) => None,
-        };
+        let role = principal.role();
         let settings = self.gateway.settings();
         let hello = HelloOk {
             kind: "hello-ok".to_string(),
@@ -863,35 +903,26 @@ impl SessionState {
         let tick = Duration::from_millis(settings.tick_interval_ms);
         // Dropping the handshake phase releases the pre-auth slot.
         self.handshake_timer = None;
+        let (registration, replaced) = match registration {
+            Some((registration, replaced)) => (Some(registration), replaced),
+            None => (None, None),
+        };
+        info!(peer = %self.peer, principal = %principal.label(), client = %client.name,
+            "Session authenticated.");
         self.phase = Phase::Ready(Authed {
-            role: params.role,
-            client: params.client.name.clone(),
-            account,
-            _count: self.gateway.count_role(params.role),
-            node: None,
+            _count: self.gateway.count_role(role),
+            principal,
+            client: client.name,
+            node: registration,
         });
+        if let Some(old) = replaced {
+            let _ = old.send_message(SessionMsg::Replaced);
+        }
         if !self.send(myself, &Frame::ok(id, to_value(&hello))).await {
             return;
         }
         self.ticker = Some(myself.send_interval(tick, || SessionMsg::Tick).into());
         self.idle_timer = Some(myself.send_after(tick * 2, || SessionMsg::IdleCheck).into());
-        info!(peer = %self.peer, role = params.role.as_str(), client = %params.client.name,
-            node = node.as_ref().map(|n| n.name.as_str()), "Session authenticated.");
-        if let Some(node) = node {
-            let (registration, replaced) = Registration::register(
-                &self.gateway,
-                &node.name,
-                node.commands,
-                self.conn,
-                myself.clone(),
-            );
-            if let Phase::Ready(authed) = &mut self.phase {
-                authed.node = Some(registration);
-            }
-            if let Some(old) = replaced {
-                let _ = old.send_message(SessionMsg::Replaced);
-            }
-        }
     }
 
     /// Refuses a `connect`: the error, then close 1008.
@@ -910,13 +941,6 @@ impl SessionState {
         }
     }
 
-    fn token_matches(&self, given: &str) -> bool {
-        match &self.gateway.settings().token {
-            None => true,
-            Some(token) => bool::from(token.as_bytes().ct_eq(given.as_bytes())),
-        }
-    }
-
     /// A request after `hello-ok`.
     async fn request(
         &mut self,
@@ -928,8 +952,11 @@ impl SessionState {
         let Phase::Ready(authed) = &self.phase else {
             return;
         };
-        let role = authed.role;
-        let account = authed.account.clone();
+        let role = authed.principal.role();
+        let account = match &authed.principal {
+            Principal::Approver { account } => Some(account.clone()),
+            _ => None,
+        };
         let operator_only = matches!(
             method,
             "status" | "tree" | "nodes.list" | "nodes.invoke" | "chat.send"
@@ -966,7 +993,18 @@ impl SessionState {
                 } else {
                     match serde_json::from_value::<SubscribeParams>(params) {
                         Ok(p) => {
-                            self.subscriptions.extend(p.events);
+                            let max = self.gateway.settings().max_subscriptions;
+                            let mut all = self.subscriptions.clone();
+                            all.extend(p.events);
+                            if all.len() > max {
+                                let message = format!(
+                                    "at most {max} event names per session (gateway.max_subscriptions)"
+                                );
+                                self.send(myself, &Frame::err(id, code::TOO_LARGE, message))
+                                    .await;
+                                return;
+                            }
+                            self.subscriptions = all;
                             if let Some(handoff) = self.hub_handoff.take() {
                                 let _ = handoff.send(self.gateway.hub().subscribe());
                             }
@@ -987,10 +1025,20 @@ impl SessionState {
             },
             "chat.send" => match serde_json::from_value::<SendParams>(params) {
                 Ok(params) => {
-                    // The send waits on the homeserver: off the actor, answered by `Reply`.
+                    // The send waits on the homeserver: off the actor, answered by `Reply`;
+                    // owned by the session (aborted with it) and bounded per session.
+                    while self.chat_sends.try_join_next().is_some() {}
+                    let max = self.gateway.settings().max_pending_invocations;
+                    if self.chat_sends.len() >= max {
+                        let message = format!(
+                            "{max} chat.send calls are already open on this session (gateway.max_pending_invocations)"
+                        );
+                        self.send(myself, &Frame::err(id, code::BUSY, message)).await;
+                        return;
+                    }
                     let chat = self.gateway.chat().clone();
                     let me = myself.clone();
-                    tokio::spawn(async move {
+                    self.chat_sends.spawn(async move {
                         let frame = match chat.send(params).await {
                             Ok(event_id) => Frame::ok(id, json!({ "event_id": event_id })),
                             Err(e) => Frame::err(id, e.code(), e.message().to_string()),
@@ -1082,7 +1130,23 @@ impl SessionState {
         if self.invokes_out.contains_key(id) {
             return Err((code::BAD_REQUEST, format!("request {id:?} is still open")));
         }
-        let timeout = Duration::from_millis(params.timeout_ms.unwrap_or(DEFAULT_INVOKE_TIMEOUT_MS));
+        let settings = self.gateway.settings();
+        let max = settings.max_pending_invocations;
+        if self.invokes_out.len() >= max {
+            let message = format!(
+                "{max} nodes.invoke calls are already open on this session (gateway.max_pending_invocations)"
+            );
+            return Err((code::BUSY, message));
+        }
+        let timeout_ms = params.timeout_ms.unwrap_or(DEFAULT_INVOKE_TIMEOUT_MS);
+        if timeout_ms == 0 || timeout_ms > settings.max_invoke_timeout_ms {
+            let message = format!(
+                "timeout_ms must be from 1 to {} (gateway.max_invoke_timeout_ms), got {timeout_ms}",
+                settings.max_invoke_timeout_ms
+            );
+            return Err((code::BAD_REQUEST, message));
+        }
+        let timeout = Duration::from_millis(timeout_ms);
         let reply = InvokeReply::Session {
             session: myself.clone(),
             req_id: id.to_string(),
@@ -1094,6 +1158,7 @@ impl SessionState {
             params.args,
             timeout,
             reply,
+            None,
         )?;
         let timed_out = id.to_string();
         let timer = myself.send_after(timeout, move || SessionMsg::InvokeTimedOut {
@@ -1108,6 +1173,7 @@ impl SessionState {
         let Invoke {
             command,
             args,
+            grant,
             timeout,
             reply,
         } = invoke;
@@ -1121,12 +1187,22 @@ impl SessionState {
             reply.send(offline("the node is disconnecting"));
             return;
         }
+        let max = self.gateway.settings().max_pending_invocations;
+        if self.invokes_in.len() >= max {
+            reply.send(Err(ErrorBody {
+                code: code::BUSY.to_string(),
+                message: format!(
+                    "node has {max} invocations open already (gateway.max_pending_invocations)"
+                ),
+            }));
+            return;
+        }
         let id = format!("inv-{}", self.next_req);
         self.next_req += 1;
         let params = NodeInvokeParams {
             command,
             args,
-            grant: None,
+            grant,
         };
         let frame = Frame::Req {
             id: id.clone(),
@@ -1210,7 +1286,7 @@ impl SessionState {
     async fn on_stop(&mut self) {
         self.stop_timers();
         let role = match &self.phase {
-            Phase::Ready(a) => Some((a.role, a.client.clone())),
+            Phase::Ready(a) => Some((a.principal.role(), a.client.clone())),
             Phase::Handshake { .. } => None,
         };
         if !self.closing {
