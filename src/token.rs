@@ -99,7 +99,10 @@ mod tests {
         assert!(!made);
         assert_eq!(again, first);
         fs::write(&path, "").expect("empty");
-        assert!(operator_token(&dir).is_err(), "an empty token file is an error");
+        assert!(
+            operator_token(&dir).is_err(),
+            "an empty token file is an error"
+        );
         let _ = fs::remove_dir_all(&dir);
     }
 }

@@ -202,7 +202,11 @@ impl Principals {
             .operators
             .iter()
             .map(|(n, s)| (Identity::Operator(n.clone()), s))
-            .chain(self.nodes.iter().map(|(n, s)| (Identity::Node(n.clone()), s)))
+            .chain(
+                self.nodes
+                    .iter()
+                    .map(|(n, s)| (Identity::Node(n.clone()), s)),
+            )
             .chain(
                 self.approvers
                     .iter()
@@ -278,9 +282,9 @@ impl Principals {
                     account.unwrap_or_default()
                 )),
             },
-            (Role::Approver, _) => wrong(
-                "role approver is held only by warden's own approval handlers".to_string(),
-            ),
+            (Role::Approver, _) => {
+                wrong("role approver is held only by warden's own approval handlers".to_string())
+            }
             (claimed, identity) => {
                 let is = match identity {
                     Identity::Operator(_) => "an operator's",
@@ -315,7 +319,10 @@ mod tests {
         for other in ["", "ab", "abcd", "abC"] {
             assert!(!s.matches(other), "{other}");
         }
-        assert!(!Secret::new("").matches(""), "an empty secret admits nobody");
+        assert!(
+            !Secret::new("").matches(""),
+            "an empty secret admits nobody"
+        );
         assert_eq!(format!("{s:?}"), "Secret(****)");
         assert_ne!(Secret::generate(), Secret::generate());
         assert_eq!(Secret::generate().expose().len(), 64);
@@ -375,6 +382,9 @@ mod tests {
         let principal = got.expect("admitted");
         assert_eq!(p.secret_of(&principal), Some(&Secret::new("op-token")));
         // A configured name still needs its own token.
-        assert!(p.authenticate("op-token", Role::Node, Some("box"), None).is_err());
+        assert!(
+            p.authenticate("op-token", Role::Node, Some("box"), None)
+                .is_err()
+        );
     }
 }

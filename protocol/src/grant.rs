@@ -65,7 +65,15 @@ impl Grant {
         expires_at_ms: u64,
     ) -> Self {
         let nonce = crate::hex(&rand::random::<[u8; 16]>());
-        let mac = crate::hex(&mac(key, approval, node, command, args, expires_at_ms, &nonce));
+        let mac = crate::hex(&mac(
+            key,
+            approval,
+            node,
+            command,
+            args,
+            expires_at_ms,
+            &nonce,
+        ));
         Self {
             approval: approval.to_string(),
             expires_at_ms,

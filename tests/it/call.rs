@@ -48,7 +48,7 @@ struct Proc {
     stdout: Arc<Mutex<Vec<String>>>,
     stderr: Arc<Mutex<Vec<String>>>,
     readers: Vec<JoinHandle<()>>,
-    _dir: TempDir,
+    _dir: Arc<TempDir>,
 }
 
 fn collect(
@@ -68,7 +68,11 @@ fn collect(
 impl Proc {
     /// Starts `warden ARGS` in a fresh directory with no inherited `WARDEN_*` variables.
     fn start(name: &str, args: &[&str]) -> Self {
-        let dir = TempDir::new(name);
+        Self::start_in(Arc::new(TempDir::new(name)), args, &[])
+    }
+
+    /// Starts `warden ARGS` in `dir` with `envs` and no inherited `WARDEN_*` variables.
+    fn start_in(dir: Arc<TempDir>, args: &[&str], envs: &[(&str, &str)]) -> Self {
         let mut cmd = Command::new(BIN);
         cmd.args(args).current_dir(&dir.0).kill_on_drop(true);
         for (key, _) in std::env::vars() {
@@ -76,6 +80,7 @@ impl Proc {
                 cmd.env_remove(key);
             }
         }
+        cmd.envs(envs.iter().copied());
         let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -468,7 +473,7 @@ async fn a_call_made_while_the_gateway_is_down_succeeds_once_it_is_up() {
     let port = free_port();
     let url = format!("ws://127.0.0.1:{port}/ws");
     let started = Instant::now();
-    let call = Proc::call("race", "health", &url, &[]);
+    let call = Proc::call("race", "health", &url, &["--token", "race-token"]);
     call.wait_for_stderr(
         "attempt 1 of 5 failed: connection refused",
         Duration::from_secs(10),
@@ -477,8 +482,8 @@ async fn a_call_made_while_the_gateway_is_down_succeeds_once_it_is_up() {
     // The scenario's offset: the gateway comes up ~400 ms after the call started.
     tokio::time::sleep_until(started + Duration::from_millis(400)).await;
     let bind = format!("127.0.0.1:{port}");
-    let run = Proc::start(
-        "race-run",
+    let run = Proc::start_in(
+        Arc::new(TempDir::new("race-run")),
         &[
             "run",
             "--gateway-bind",
@@ -488,6 +493,7 @@ async fn a_call_made_while_the_gateway_is_down_succeeds_once_it_is_up() {
             "--log-format",
             "json",
         ],
+        &[("WARDEN_GATEWAY__TOKEN", "race-token")],
     );
 
     let (code, stdout, stderr) = call.finish(Duration::from_secs(15)).await;
@@ -506,4 +512,56 @@ async fn a_call_made_while_the_gateway_is_down_succeeds_once_it_is_up() {
     assert!(!lines.is_empty() && lines.len() <= 4, "{lines:#?}");
     assert!(lines[0].contains("connection refused"), "{lines:#?}");
     drop(run);
+}
+
+/// With no token configured, `warden run` generates an operator token into
+/// `<state.dir>/gateway.token` (0600): a client without it is refused, `warden call` run in
+/// the same directory finds it, and the token never appears in the logs.
+#[tokio::test]
+async fn the_tokenless_default_refuses_strangers_and_warden_call_finds_the_token() {
+    let port = free_port();
+    let url = format!("ws://127.0.0.1:{port}/ws");
+    let bind = format!("127.0.0.1:{port}");
+    let dir = Arc::new(TempDir::new("tokenless"));
+    let run = Proc::start_in(
+        dir.clone(),
+        &[
+            "run",
+            "--gateway-bind",
+            &bind,
+            "--admin-bind",
+            "127.0.0.1:0",
+        ],
+        &[],
+    );
+    run.wait_for_stderr("generated an operator token", Duration::from_secs(10))
+        .await;
+    let file = dir.0.join(".warden/gateway.token");
+    let token = std::fs::read_to_string(&file).expect("token file");
+    let token = token.trim();
+    assert_eq!(token.len(), 64, "{token:?}");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&file).expect("meta").permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+
+    // A stranger: no token, or a wrong one.
+    for extra in [&[][..], &["--token", "guess"][..]] {
+        let (code, _, stderr) = Proc::call("stranger", "health", &url, extra)
+            .finish(Duration::from_secs(15))
+            .await;
+        assert_eq!(code, 1, "{stderr:#?}");
+        assert!(
+            stderr.iter().any(|l| l.contains("unauthorized")),
+            "{stderr:#?}"
+        );
+    }
+    // `warden call` in the same directory reads the generated token.
+    let same_dir = Proc::start_in(dir.clone(), &["call", "health", "--gateway", &url], &[]);
+    let (code, stdout, stderr) = same_dir.finish(Duration::from_secs(15)).await;
+    assert_eq!(code, 0, "{stderr:#?}");
+    assert!(stdout.contains("\"ok\""), "{stdout}");
+    assert!(
+        !run.stderr().iter().any(|l| l.contains(token)),
+        "the token must never be logged"
+    );
 }

@@ -81,8 +81,13 @@ impl Gateway {
 
     /// A socket past `hello-ok` as `role`; returns it and the hello payload.
     async fn hello(&self, role: &str, extra: Value) -> (Ws, Value) {
+        self.hello_as(role, TOKEN, extra).await
+    }
+
+    /// A socket past `hello-ok` as `role` with credential `token`.
+    async fn hello_as(&self, role: &str, token: &str, extra: Value) -> (Ws, Value) {
         let mut ws = self.open().await;
-        send(&mut ws, &connect_req("c", role, TOKEN, extra)).await;
+        send(&mut ws, &connect_req("c", role, token, extra)).await;
         let res = next_res(&mut ws, "c").await;
         assert_eq!(res["ok"], true, "{res}");
         (ws, res["payload"].clone())
@@ -98,10 +103,12 @@ impl Gateway {
     }
 }
 
+/// `TOKEN` is operator `default`'s; nodes no config lists connect with it.
 fn settings() -> GatewaySettings {
     GatewaySettings {
         bind: SocketAddr::from(([127, 0, 0, 1], 0)),
         token: Some(TOKEN.to_string()),
+        allow_unlisted_nodes: true,
         ..GatewaySettings::default()
     }
 }
@@ -224,7 +231,14 @@ async fn handshake_for_each_role() {
     assert_eq!(hello["server"]["version"], env!("CARGO_PKG_VERSION"));
     assert_eq!(hello["policy"]["tick_interval_ms"], 30_000);
     assert_eq!(hello["policy"]["max_frame_bytes"], 1 << 20);
-    let (mut approver, _) = gw.hello("approver", json!({ "account": "nova" })).await;
+    let credential = gw.state.add_approver("nova");
+    let (mut approver, _) = gw
+        .hello_as(
+            "approver",
+            credential.expose(),
+            json!({ "account": "nova" }),
+        )
+        .await;
     let mut node = gw.node("box", &["uptime"]).await;
     for ws in [&mut op, &mut approver, &mut node] {
         let res = call(ws, "h", "health", json!({})).await;
@@ -578,7 +592,7 @@ async fn node_registry_list_events_and_invoke() {
     assert_eq!(ev["event"], "node.connected");
     assert_eq!(
         ev["payload"],
-        json!({ "name": "box", "commands": ["uptime", "slow"] })
+        json!({ "name": "box", "commands": ["uptime", "slow"], "approval_required": [] })
     );
 
     let list = call(&mut op, "l", "nodes.list", json!({})).await;
@@ -691,4 +705,246 @@ async fn a_node_reconnecting_under_its_name_replaces_the_old_session() {
     .await;
     answer_invoke(&mut new, |_| json!({ "ok": true, "payload": "fine" })).await;
     assert_eq!(next_res(&mut op, "1").await["payload"], "fine");
+}
+
+/// Credentials of the principals test.
+const OPS: &str = "ops-token";
+const BOX: &str = "box-token";
+
+fn principal_settings() -> GatewaySettings {
+    let credential = |t: &str| gateway::Credential {
+        token: Some(t.to_string()),
+        token_file: None,
+    };
+    GatewaySettings {
+        bind: SocketAddr::from(([127, 0, 0, 1], 0)),
+        operators: [("ops".to_string(), credential(OPS))].into(),
+        nodes: [("box".to_string(), credential(BOX))].into(),
+        ..GatewaySettings::default()
+    }
+}
+
+/// Connects with `token` as `role`; the refusal's error code, after which the server
+/// closed with 1008.
+async fn refused(gw: &Gateway, role: &str, token: &str, extra: Value) -> String {
+    let mut ws = gw.open().await;
+    send(&mut ws, &connect_req("c", role, token, extra)).await;
+    let res = next_res(&mut ws, "c").await;
+    let code = error_code(&res).to_string();
+    assert_eq!(closed(&mut ws).await.0.0, close::POLICY, "{res}");
+    code
+}
+
+/// The role comes from the credential: an operator's token cannot act as an approval
+/// handler (the self-approval attack) nor take a configured node's name; a node's token is
+/// good for that node only; an unlisted node is refused by default.
+#[tokio::test]
+async fn a_credential_admits_only_its_own_principal() {
+    let gw = Gateway::start(principal_settings(), true).await;
+    let nova = json!({ "account": "nova" });
+    // Self-approval: no external credential holds role approver.
+    for token in [OPS, BOX, "guess"] {
+        assert_eq!(
+            refused(&gw, "approver", token, nova.clone()).await,
+            "unauthorized"
+        );
+    }
+    let handler = gw.state.add_approver("nova");
+    // A handler's credential serves its own account only.
+    let other = json!({ "account": "other" });
+    assert_eq!(
+        refused(&gw, "approver", handler.expose(), other).await,
+        "unauthorized"
+    );
+    let box_node = json!({ "node": { "name": "box", "commands": ["uptime"] } });
+    for (role, token, extra) in [
+        ("operator", BOX, json!({})),
+        ("operator", handler.expose(), json!({})),
+        ("node", OPS, box_node.clone()),
+        (
+            "node",
+            BOX,
+            json!({ "node": { "name": "other", "commands": [] } }),
+        ),
+        (
+            "node",
+            OPS,
+            json!({ "node": { "name": "laptop", "commands": [] } }),
+        ),
+    ] {
+        assert_eq!(
+            refused(&gw, role, token, extra.clone()).await,
+            "unauthorized",
+            "{role} with {token} {extra}"
+        );
+    }
+    eventually("every refused socket is gone", || {
+        gw.state.counts() == (0, 0, 0, 0)
+    })
+    .await;
+    let (_op, _) = gw.hello_as("operator", OPS, json!({})).await;
+    let (_node, _) = gw.hello_as("node", BOX, box_node).await;
+    let (_approver, _) = gw.hello_as("approver", handler.expose(), nova).await;
+    assert_eq!(gw.state.counts(), (1, 1, 1, 0));
+}
+
+/// The node-name takeover attack: a second connection naming a live node with another
+/// credential is refused and every call still reaches the real node.
+#[tokio::test]
+async fn a_live_node_name_cannot_be_taken_over() {
+    let mut settings = principal_settings();
+    settings.allow_unlisted_nodes = true;
+    let gw = Gateway::start(settings, true).await;
+    let (mut op, _) = gw.hello_as("operator", OPS, json!({})).await;
+    let laptop = json!({ "node": { "name": "laptop", "commands": ["uptime"] } });
+    let (mut real, _) = gw.hello_as("node", OPS, laptop.clone()).await;
+    // The configured node's credential may not claim `laptop`, nor an operator's `box`.
+    let (mut real_box, _) = gw
+        .hello_as(
+            "node",
+            BOX,
+            json!({ "node": { "name": "box", "commands": ["uptime"] } }),
+        )
+        .await;
+    let impostor = json!({ "node": { "name": "box", "commands": ["uptime"] } });
+    assert_eq!(refused(&gw, "node", OPS, impostor).await, "unauthorized");
+    assert_eq!(refused(&gw, "node", BOX, laptop).await, "unauthorized");
+    // Every call still reaches the real nodes.
+    for i in 0..20 {
+        let (name, node) = if i % 2 == 0 {
+            ("box", &mut real_box)
+        } else {
+            ("laptop", &mut real)
+        };
+        let id = format!("i{i}");
+        send(
+            &mut op,
+            &json!({ "type": "req", "id": id, "method": "nodes.invoke",
+                "params": { "node": name, "command": "uptime" } }),
+        )
+        .await;
+        answer_invoke(node, |_| json!({ "ok": true, "payload": name })).await;
+        assert_eq!(next_res(&mut op, &id).await["payload"], name);
+    }
+    // The node itself reconnecting (same credential) replaces its old session.
+    let (_again, _) = gw
+        .hello_as(
+            "node",
+            BOX,
+            json!({ "node": { "name": "box", "commands": ["uptime"] } }),
+        )
+        .await;
+    let ((code, reason), _) = closed(&mut real_box).await;
+    assert_eq!(
+        (code, reason.as_str()),
+        (close::POLICY, "replaced by a new connection")
+    );
+}
+
+/// A command the node marks `approval` is refused to `nodes.invoke`; an operator cannot
+/// smuggle a grant in; `nodes.list` shows the flag.
+#[tokio::test]
+async fn approval_gated_commands_are_refused_to_nodes_invoke() {
+    let gw = Gateway::start(principal_settings(), true).await;
+    let (mut op, _) = gw.hello_as("operator", OPS, json!({})).await;
+    let commands = json!(["uptime", { "name": "disk", "approval": true }]);
+    let (mut node, _) = gw
+        .hello_as(
+            "node",
+            BOX,
+            json!({ "node": { "name": "box", "commands": commands } }),
+        )
+        .await;
+    let res = call(
+        &mut op,
+        "1",
+        "nodes.invoke",
+        json!({ "node": "box", "command": "disk", "args": ["-h"] }),
+    )
+    .await;
+    assert_eq!(error_code(&res), "approval_required", "{res}");
+    assert!(
+        res["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("approvals.request")),
+        "{res}"
+    );
+    let grant = json!({ "approval": "abcd1234", "expires_at_ms": 1, "nonce": "00", "mac": "00" });
+    let res = call(
+        &mut op,
+        "2",
+        "nodes.invoke",
+        json!({ "node": "box", "command": "disk", "grant": grant }),
+    )
+    .await;
+    assert_eq!(error_code(&res), "bad_request", "{res}");
+    let list = call(&mut op, "3", "nodes.list", json!({})).await;
+    assert_eq!(list["payload"][0]["approval_required"], json!(["disk"]));
+    // The ungated command still runs, without a grant.
+    send(
+        &mut op,
+        &json!({ "type": "req", "id": "4", "method": "nodes.invoke",
+            "params": { "node": "box", "command": "uptime" } }),
+    )
+    .await;
+    let req = answer_invoke(&mut node, |_| json!({ "ok": true, "payload": "up" })).await;
+    assert!(req.get("grant").is_none(), "{req}");
+    assert_eq!(next_res(&mut op, "4").await["payload"], "up");
+}
+
+/// Per-session caps answer named errors: subscriptions, `timeout_ms`, open invocations.
+#[tokio::test]
+async fn session_caps_answer_named_errors() {
+    let settings = GatewaySettings {
+        max_subscriptions: 3,
+        max_pending_invocations: 2,
+        max_invoke_timeout_ms: 1000,
+        ..settings()
+    };
+    let gw = Gateway::start(settings, true).await;
+    let mut op = gw.operator().await;
+    let mut node = gw.node("box", &["uptime"]).await;
+    let res = call(
+        &mut op,
+        "s1",
+        "subscribe",
+        json!({ "events": ["a", "b", "c"] }),
+    )
+    .await;
+    assert_eq!(res["ok"], true, "{res}");
+    let res = call(&mut op, "s2", "subscribe", json!({ "events": ["d"] })).await;
+    assert_eq!(error_code(&res), "too_large", "{res}");
+    let res = call(
+        &mut op,
+        "t",
+        "nodes.invoke",
+        json!({ "node": "box", "command": "uptime", "timeout_ms": 1001 }),
+    )
+    .await;
+    assert_eq!(error_code(&res), "bad_request", "{res}");
+    for id in ["p1", "p2"] {
+        send(
+            &mut op,
+            &json!({ "type": "req", "id": id, "method": "nodes.invoke",
+                "params": { "node": "box", "command": "uptime" } }),
+        )
+        .await;
+    }
+    let res = call(
+        &mut op,
+        "p3",
+        "nodes.invoke",
+        json!({ "node": "box", "command": "uptime" }),
+    )
+    .await;
+    assert_eq!(error_code(&res), "busy", "{res}");
+    assert!(
+        res["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("max_pending_invocations")),
+        "{res}"
+    );
+    // Answering one frees a place.
+    answer_invoke(&mut node, |_| json!({ "ok": true, "payload": 1 })).await;
+    assert_eq!(next_res(&mut op, "p1").await["ok"], true);
 }

@@ -19,7 +19,14 @@ fn free_port() -> u16 {
 }
 
 fn gateway(name: &str, addr: &str) -> Warden {
-    Warden::start(name, addr, &[("WARDEN_GATEWAY__TOKEN", TOKEN)])
+    Warden::start(
+        name,
+        addr,
+        &[
+            ("WARDEN_GATEWAY__TOKEN", TOKEN),
+            ("WARDEN_GATEWAY__ALLOW_UNLISTED_NODES", "true"),
+        ],
+    )
 }
 
 /// Starts `warden node` named `name` against `url`, with extra `[node]` lines.

@@ -168,7 +168,9 @@ impl Registration {
                         Some(oldest) => {
                             nodes.remove(&oldest);
                         }
-                        None => return Err(format!("the registry is full ({MAX_NODES} live nodes)")),
+                        None => {
+                            return Err(format!("the registry is full ({MAX_NODES} live nodes)"));
+                        }
                     }
                 }
                 None => {}
@@ -191,7 +193,15 @@ impl Registration {
         };
         state.hub().publish(
             event::NODE_CONNECTED,
-            json!({ "name": name, "commands": commands.as_ref() }),
+            json!({
+                "name": name,
+                "commands": commands.iter().map(|c| &c.name).collect::<Vec<_>>(),
+                "approval_required": commands
+                    .iter()
+                    .filter(|c| c.approval)
+                    .map(|c| &c.name)
+                    .collect::<Vec<_>>(),
+            }),
         );
         let registration = Registration {
             state: state.clone(),

@@ -86,10 +86,9 @@ use super::protocol::auth::Principal;
 use super::protocol::grant::Grant;
 use super::protocol::handshake::{self, Accepted, Refused};
 use super::protocol::{
-    ApprovalRequestParams, ApprovalResolveParams, Challenge,
-    DEFAULT_INVOKE_TIMEOUT_MS, ErrorBody, Frame, HelloOk, InvokeParams, MAX_PREAUTH_FRAME_BYTES,
-    NodeInvokeParams, Role, ServerInfo, SessionPolicy, SubscribeParams, close,
-    code, parse_approvals_list,
+    ApprovalRequestParams, ApprovalResolveParams, Challenge, DEFAULT_INVOKE_TIMEOUT_MS, ErrorBody,
+    Frame, HelloOk, InvokeParams, MAX_PREAUTH_FRAME_BYTES, NodeInvokeParams, Role, ServerInfo,
+    SessionPolicy, SubscribeParams, close, code, parse_approvals_list,
 };
 use super::registry::{Lookup, Registration};
 use super::{GatewayState, PreauthSlot, RoleCount, ShutdownIntent, metrics, now_ms};
@@ -1033,7 +1032,8 @@ impl SessionState {
                         let message = format!(
                             "{max} chat.send calls are already open on this session (gateway.max_pending_invocations)"
                         );
-                        self.send(myself, &Frame::err(id, code::BUSY, message)).await;
+                        self.send(myself, &Frame::err(id, code::BUSY, message))
+                            .await;
                         return;
                     }
                     let chat = self.gateway.chat().clone();
@@ -1138,7 +1138,9 @@ impl SessionState {
             );
             return Err((code::BUSY, message));
         }
-        let timeout_ms = params.timeout_ms.unwrap_or(DEFAULT_INVOKE_TIMEOUT_MS);
+        let timeout_ms = params
+            .timeout_ms
+            .unwrap_or(DEFAULT_INVOKE_TIMEOUT_MS.min(settings.max_invoke_timeout_ms));
         if timeout_ms == 0 || timeout_ms > settings.max_invoke_timeout_ms {
             let message = format!(
                 "timeout_ms must be from 1 to {} (gateway.max_invoke_timeout_ms), got {timeout_ms}",
