@@ -1,23 +1,30 @@
-//! Real-process tests of the approvals broker: a `warden run` with an account that enables
-//! approvals, operators, approvers and nodes over real sockets, a restart on the same state
-//! directory.
+//! Tests of the approvals broker over real sockets: the `gateway` subtree with its broker,
+//! started in this process the way `warden run` starts it (so the test can hold the
+//! in-memory credential of an approval handler, which no other process can), operators and
+//! nodes as real clients — one a real `warden node` process — and a restart on the same
+//! state directory.
 //!
-//! The approvers come from `[matrix.accounts.ops]`, which also makes warden start a Matrix
-//! client for that account. Its homeserver is `http://127.0.0.1:9` (the discard port, where
-//! nothing listens): the client fails to connect and backs off for the whole test, which is
-//! harmless — the broker does not depend on it.
+//! Account `ops` enables approvals with two approvers; account `quiet` has a handler
+//! credential but no approvers the broker knows.
 
+use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{Value, json};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use warden_actors::gateway::client::{
     CallError, ConnectError, ConnectOptions, GatewayClient, Incoming,
 };
-use warden_actors::gateway::protocol::{ClientInfo, ErrorBody, NodeInfo, Role};
+use warden_actors::gateway::protocol::auth::Secret;
+use warden_actors::gateway::protocol::grant::Grant;
+use warden_actors::gateway::protocol::{ClientInfo, CommandInfo, ErrorBody, NodeInfo, Role};
+use warden_actors::gateway::{self, ApprovalsSettings, GatewaySettings, GatewayState};
+use warden_actors::supervision::{Jitter, Policy, Tree, TreeOptions};
 
 use crate::process::{TempDir, Warden};
 
@@ -26,62 +33,71 @@ const TOKEN: &str = "approvals-test-token";
 /// How long any one step may take before a test fails.
 const STEP: Duration = Duration::from_secs(10);
 
-const CONFIG: &str = r#"
-[matrix.accounts.ops]
-# Nothing listens on port 9: this account's Matrix client backs off for the whole test.
-homeserver = "http://127.0.0.1:9"
-user_id = "@bot:localhost"
-password = "unused"
-approvals = { enabled = true, approvers = ["@Owner:localhost", "@second:localhost"] }
-
-[matrix.accounts.quiet]
-# Approvals not enabled: its approvers count for nothing.
-homeserver = "http://127.0.0.1:9"
-user_id = "@bot2:localhost"
-password = "unused"
-approvals = { enabled = false, approvers = ["@owner:localhost"] }
-"#;
-
-/// A running `warden run` and its gateway URL.
+/// A running gateway subtree with its broker.
 struct Rig {
-    warden: Warden,
+    tree: Tree,
     url: String,
-    admin: String,
+    /// The approval handlers' credentials, by account.
+    handlers: Vec<(&'static str, Secret)>,
 }
 
-/// Starts `warden run` with [`CONFIG`], its state in `state` (which outlives the process).
-async fn start(name: &str, state: &Path) -> Rig {
-    let dir = TempDir::new(name);
-    std::fs::write(dir.0.join("warden.toml"), CONFIG).expect("config");
-    let args = [
-        "--config",
-        "warden.toml",
-        "run",
-        "--gateway-bind",
-        "127.0.0.1:0",
-        "--admin-bind",
-        "127.0.0.1:0",
-        "--log-format",
-        "json",
-    ];
-    let state = state.to_str().expect("utf-8 path");
-    let warden = Warden::spawn(
-        dir,
-        &args,
-        &[
-            ("WARDEN_GATEWAY__TOKEN", TOKEN),
-            ("WARDEN_STATE__DIR", state),
-        ],
+/// Starts the gateway with its broker storing under `state`; `TOKEN` is operator
+/// `default`'s and admits unlisted nodes.
+async fn start(state: &Path) -> Rig {
+    let settings = GatewaySettings {
+        bind: SocketAddr::from(([127, 0, 0, 1], 0)),
+        token: Some(TOKEN.to_string()),
+        allow_unlisted_nodes: true,
+        ..GatewaySettings::default()
+    };
+    let gateway = GatewayState::new(settings);
+    let mut approvals = ApprovalsSettings::new(state.join("approvals"));
+    approvals.approvers.insert(
+        "ops".into(),
+        vec!["@Owner:localhost".into(), "@second:localhost".into()],
     );
-    let admin = warden.admin().await;
-    let line = warden
-        .wait_for_log("Gateway endpoint listening.", STEP)
-        .await;
-    let url = format!("ws://{}/ws", line["addr"].as_str().expect("addr"));
-    // Logged once the gateway has its tree (before that, sockets get 1013). Not /readyz:
-    // the Matrix client that cannot connect keeps it at 503.
-    warden.wait_for_log("warden started.", STEP).await;
-    Rig { warden, url, admin }
+    assert!(gateway.set_approvals(approvals).is_ok());
+    let handlers = vec![
+        ("ops", gateway.add_approver("ops")),
+        ("quiet", gateway.add_approver("quiet")),
+    ];
+    let bound = Arc::new(watch::Sender::new(None));
+    let spec = gateway::spec(&gateway, Policy::default(), bound.clone());
+    let options = TreeOptions {
+        jitter: Jitter::fixed(0.0),
+        ..TreeOptions::default()
+    };
+    let tree = Tree::start(vec![spec], options).await.expect("tree");
+    assert!(gateway.set_tree(tree.handle()).is_ok());
+    let addr = bound.borrow().expect("bound");
+    Rig {
+        tree,
+        url: format!("ws://{addr}/ws"),
+        handlers,
+    }
+}
+
+impl Rig {
+    /// The approval handler of `account`, subscribed to the approval events.
+    async fn approver(&self, account: &str) -> GatewayClient {
+        let (_, credential) = self
+            .handlers
+            .iter()
+            .find(|(a, _)| *a == account)
+            .expect("a handler of that account");
+        let mut options = ConnectOptions::new(Role::Approver, credential.expose(), client_info());
+        options.account = Some(account.to_string());
+        let mut client = connect(&self.url, options).await;
+        let events = json!({ "events": ["approval.requested", "approval.resolved"] });
+        client.call("subscribe", events).await.expect("subscribe");
+        client
+    }
+
+    /// Stops the tree as `warden run` does on SIGTERM.
+    async fn stop(self) {
+        let report = self.tree.shutdown(Duration::from_secs(5)).await;
+        assert!(report.graceful, "still running: {:?}", report.still_running);
+    }
 }
 
 fn client_info() -> ClientInfo {
@@ -106,29 +122,31 @@ async fn operator(url: &str) -> GatewayClient {
     .await
 }
 
-/// An approver session of account `account`, subscribed to the approval events.
-async fn approver(url: &str, account: &str) -> GatewayClient {
-    let mut options = ConnectOptions::new(Role::Approver, TOKEN, client_info());
-    options.account = Some(account.to_string());
-    let mut client = connect(url, options).await;
-    let events = json!({ "events": ["approval.requested", "approval.resolved"] });
-    client.call("subscribe", events).await.expect("subscribe");
-    client
-}
-
-/// A node played by a gateway client: answers every `node.invoke` with what it was asked.
+/// A node played by a gateway client. Its one command, `disk`, needs an approval: it
+/// answers every `node.invoke` with what it was asked and whether the grant that came
+/// with it is valid for its credential, name, command and arguments.
 async fn fake_node(url: &str, name: &str) -> JoinHandle<()> {
     let mut options = ConnectOptions::new(Role::Node, TOKEN, client_info());
     options.node = Some(NodeInfo {
         name: name.to_string(),
-        commands: vec!["disk".into()],
+        commands: vec![CommandInfo {
+            name: "disk".into(),
+            approval: true,
+        }],
     });
     let mut node = connect(url, options).await;
+    let key = Secret::new(TOKEN);
+    let node_name = name.to_string();
     let task = tokio::spawn(async move {
         while let Ok(incoming) = node.next_event().await {
             if let Incoming::Request { id, method, params } = incoming {
                 let answer = if method == "node.invoke" {
-                    Ok(json!({ "exit_code": 0, "ran": params }))
+                    let grant: Option<Grant> = serde_json::from_value(params["grant"].clone()).ok();
+                    let granted = grant.is_some_and(|g| {
+                        let args = params.get("args").cloned().unwrap_or(Value::Null);
+                        g.verify(&key, &node_name, "disk", &args, now_ms()).is_ok()
+                    });
+                    Ok(json!({ "exit_code": 0, "ran": params, "granted": granted }))
                 } else {
                     Err(ErrorBody {
                         code: "unknown_method".into(),
@@ -240,10 +258,10 @@ fn failed(result: Result<Value, CallError>) -> (String, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_approved_request_runs_on_the_node_and_answers_the_requester() {
     let state = TempDir::new("approvals-state-approve");
-    let rig = start("approvals-approve", &state.0).await;
+    let rig = start(&state.0).await;
     let mut node = real_node("approvals-box", &rig.url);
     until_connected(&rig.url, "approvals-box").await;
-    let mut approver = approver(&rig.url, "ops").await;
+    let mut approver = rig.approver("ops").await;
 
     let params = json!({
         "node": "approvals-box", "command": "hello", "reason": "smoke test"
@@ -304,7 +322,7 @@ async fn an_approved_request_runs_on_the_node_and_answers_the_requester() {
         ),
         "forbidden"
     );
-    let mut quiet = self::approver(&rig.url, "quiet").await;
+    let mut quiet = rig.approver("quiet").await;
     assert_eq!(
         code(
             quiet
@@ -432,28 +450,26 @@ async fn an_approved_request_runs_on_the_node_and_answers_the_requester() {
             other.map(|_| ())
         ),
     }
-
-    let metrics = reqwest::get(format!("{}/metrics", rig.admin))
-        .await
-        .expect("GET /metrics")
-        .text()
-        .await
-        .expect("metrics text");
-    assert!(
-        metrics.contains("warden_approvals_total{decision=\"approved\"} 2"),
-        "{metrics}"
-    );
-    assert!(metrics.contains("warden_approvals_pending 0"), "{metrics}");
+    // The self-approval attack: an operator's token cannot connect as an approver.
+    let mut as_approver = ConnectOptions::new(Role::Approver, TOKEN, client_info());
+    as_approver.account = Some("ops".into());
+    match GatewayClient::connect(&rig.url, as_approver).await {
+        Err(ConnectError::Rejected { code, .. }) => assert_eq!(code, "unauthorized"),
+        other => panic!(
+            "an operator's token was admitted as an approver: {:?}",
+            other.map(|_| ())
+        ),
+    }
     assert!(node.is_running());
-    drop(rig);
+    rig.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn denied_timed_out_and_orphaned_requests() {
     let state = TempDir::new("approvals-state-deny");
-    let rig = start("approvals-deny", &state.0).await;
+    let rig = start(&state.0).await;
     let node = fake_node(&rig.url, "deny-box").await;
-    let mut approver = approver(&rig.url, "ops").await;
+    let mut approver = rig.approver("ops").await;
     let params = |timeout_s: Option<u64>| {
         let mut p = json!({"node": "deny-box", "command": "disk", "reason": "cleanup"});
         if let Some(t) = timeout_s {
@@ -517,18 +533,26 @@ async fn denied_timed_out_and_orphaned_requests() {
     let resolved = next_event(&mut approver, "approval.resolved").await;
     assert_eq!(resolved["id"], id);
     assert_eq!(resolved["result"]["ran"]["command"], "disk", "{resolved}");
+    assert_eq!(resolved["result"]["granted"], true, "{resolved}");
+    // Without an approval the gated command is refused at the gateway.
     let mut op = operator(&rig.url).await;
+    let direct = json!({"node": "deny-box", "command": "disk"});
+    assert_eq!(
+        code(op.call("nodes.invoke", direct).await),
+        "approval_required"
+    );
     let health = op.call("health", json!({})).await.expect("health");
     assert_eq!(health["status"], "ok");
     node.abort();
+    rig.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pending_approval_survives_a_restart_and_is_still_resolvable() {
     let state = TempDir::new("approvals-state-restart");
-    let mut rig = start("approvals-restart1", &state.0).await;
+    let rig = start(&state.0).await;
     let node = fake_node(&rig.url, "restart-box").await;
-    let mut approver = approver(&rig.url, "ops").await;
+    let mut approver = rig.approver("ops").await;
     let params = json!({"node": "restart-box", "command": "disk", "args": ["-h"], "reason": "r"});
     let survivor_requester = request(&rig.url, params.clone()).await;
     let survivor = next_event(&mut approver, "approval.requested").await["id"]
@@ -541,9 +565,7 @@ async fn a_pending_approval_survives_a_restart_and_is_still_resolvable() {
         .expect("id")
         .to_string();
 
-    rig.warden.signal("-TERM");
-    let status = rig.warden.wait_exit(STEP).await;
-    assert_eq!(status.code(), Some(0), "{}", rig.warden.logs());
+    rig.stop().await;
     // The open requests end with the connection (the service restarts).
     for requester in [survivor_requester, doomed_requester] {
         let err = answer(requester, STEP).await.expect_err("no decision");
@@ -558,10 +580,7 @@ async fn a_pending_approval_survives_a_restart_and_is_still_resolvable() {
     stored["expires_at_ms"] = json!(1);
     std::fs::write(&file, serde_json::to_vec(&stored).expect("json")).expect("rewrite");
 
-    let rig = start("approvals-restart2", &state.0).await;
-    rig.warden
-        .wait_for_log("Approval ended while the gateway was down.", STEP)
-        .await;
+    let rig = start(&state.0).await;
     let mut op = operator(&rig.url).await;
     let listed = op.call("approvals.list", json!({})).await.expect("list");
     let find = |id: &str| {
@@ -587,7 +606,7 @@ async fn a_pending_approval_survives_a_restart_and_is_still_resolvable() {
 
     // Resolvable after the restart: the node (back under its name) runs it.
     let node = fake_node(&rig.url, "restart-box").await;
-    let mut approver = self::approver(&rig.url, "ops").await;
+    let mut approver = rig.approver("ops").await;
     let approve = json!({"id": survivor, "decision": "approve", "by": "@owner:localhost"});
     let decided = approver
         .call("approvals.resolve", approve)
@@ -604,12 +623,14 @@ async fn a_pending_approval_survives_a_restart_and_is_still_resolvable() {
         (&json!(survivor), &json!("@owner:localhost"), &json!(["-h"])),
         "{resolved}"
     );
+    assert_eq!(resolved["result"]["granted"], true, "{resolved}");
     let late = json!({"id": doomed, "decision": "approve", "by": "@owner:localhost"});
     assert_eq!(
         code(approver.call("approvals.resolve", late).await),
         "already_resolved"
     );
     node.abort();
+    rig.stop().await;
 }
 
 fn now_ms() -> u64 {
