@@ -203,6 +203,7 @@ impl InProcess {
             let state = GatewayState::new(GatewaySettings {
                 bind: SocketAddr::from(([127, 0, 0, 1], 0)),
                 token: Some(TOKEN.to_string()),
+                allow_unlisted_nodes: true,
                 max_preauth_per_ip: MAX_PREAUTH,
                 ..GatewaySettings::default()
             });
@@ -277,7 +278,7 @@ impl WardenChild {
         std::fs::create_dir_all(&dir).expect("the bench's temp directory");
         let (port, admin_port) = (free_port(), free_port());
         let config = format!(
-            "[gateway]\nbind = \"127.0.0.1:{port}\"\ntoken = \"{TOKEN}\"\n\
+            "[gateway]\nbind = \"127.0.0.1:{port}\"\ntoken = \"{TOKEN}\"\nallow_unlisted_nodes = true\n\
              max_preauth_per_ip = {max_preauth}\n\n\
              [admin]\nbind = \"127.0.0.1:{admin_port}\"\n\n[state]\ndir = \"{}\"\n",
             dir.join("state").display()

@@ -436,7 +436,7 @@ fn run(rt: &Runtime, p: &Params, causes: &Causes) -> Outcome {
             let config = HandlerConfig {
                 alias: alias.clone(),
                 gateway: addr.clone(),
-                token: TOKEN.to_string(),
+                token: state.add_approver(&alias).expose().to_string(),
                 handshake_timeout,
             };
             let handler = approvals::spec(config, channel.clone(), slots.clone(), handler_policy());
