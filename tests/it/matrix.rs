@@ -125,6 +125,7 @@ async fn start_with(
         &args,
         &[
             ("WARDEN_GATEWAY__TOKEN", TOKEN),
+            ("WARDEN_GATEWAY__ALLOW_UNLISTED_NODES", "true"),
             ("WARDEN_STATE__DIR", state),
             // Make the SDK's part visible in a failing test's output.
             ("RUST_LOG", "info"),
