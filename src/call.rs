@@ -57,8 +57,8 @@ pub fn parse_params(text: Option<&str>) -> Result<Value, String> {
     }
 }
 
-/// What to call and where.
-#[derive(Debug, Clone)]
+/// What to call and where. `Debug` masks the token.
+#[derive(Clone)]
 pub struct CallRequest {
     /// The gateway's WebSocket URL, e.g. `ws://127.0.0.1:18789/ws`.
     pub url: String,
@@ -70,6 +70,18 @@ pub struct CallRequest {
     pub params: Value,
     /// The whole call, retries included, must finish within this.
     pub timeout: Duration,
+}
+
+impl std::fmt::Debug for CallRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CallRequest")
+            .field("url", &self.url)
+            .field("token", &"****")
+            .field("method", &self.method)
+            .field("params", &self.params)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
 }
 
 /// Why `warden call` failed. Each names the cause and the URL in one line.

@@ -59,8 +59,8 @@ use registry::Registry;
 /// Path of the sessions supervisor when [`spec`] is a child of the root.
 pub const SESSIONS_PATH: &str = "root/gateway/sessions";
 
-/// `[gateway]` settings.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+/// `[gateway]` settings. `Debug` masks `token`.
+#[derive(Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GatewaySettings {
     /// Address of the WebSocket listener. Default `127.0.0.1:18789`.
@@ -136,6 +136,54 @@ impl Default for GatewaySettings {
             on_shutdown: OnShutdown::Restart,
             expected_back_ms: 1000,
         }
+    }
+}
+
+impl std::fmt::Debug for GatewaySettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Exhaustive, so a new field cannot be forgotten here.
+        let Self {
+            bind,
+            token,
+            token_file,
+            operators,
+            nodes,
+            allow_unlisted_nodes,
+            node_forget_after_ms,
+            allowed_origins,
+            header_read_timeout_ms,
+            max_connections,
+            max_subscriptions,
+            max_invoke_timeout_ms,
+            max_pending_invocations,
+            handshake_timeout_ms,
+            max_preauth_per_ip,
+            tick_interval_ms,
+            max_frame_bytes,
+            on_shutdown,
+            expected_back_ms,
+        } = self;
+        f.debug_struct("GatewaySettings")
+            .field("bind", bind)
+            .field("token", &token.as_ref().map(|_| "****"))
+            .field("token_file", token_file)
+            .field("operators", operators)
+            .field("nodes", nodes)
+            .field("allow_unlisted_nodes", allow_unlisted_nodes)
+            .field("node_forget_after_ms", node_forget_after_ms)
+            .field("allowed_origins", allowed_origins)
+            .field("header_read_timeout_ms", header_read_timeout_ms)
+            .field("max_connections", max_connections)
+            .field("max_subscriptions", max_subscriptions)
+            .field("max_invoke_timeout_ms", max_invoke_timeout_ms)
+            .field("max_pending_invocations", max_pending_invocations)
+            .field("handshake_timeout_ms", handshake_timeout_ms)
+            .field("max_preauth_per_ip", max_preauth_per_ip)
+            .field("tick_interval_ms", tick_interval_ms)
+            .field("max_frame_bytes", max_frame_bytes)
+            .field("on_shutdown", on_shutdown)
+            .field("expected_back_ms", expected_back_ms)
+            .finish()
     }
 }
 
@@ -619,4 +667,35 @@ pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_output_never_shows_a_credential() {
+        let settings = GatewaySettings {
+            token: Some("op-secret-1".into()),
+            operators: [(
+                "ops".to_string(),
+                Credential {
+                    token: Some("op-secret-2".into()),
+                    token_file: None,
+                },
+            )]
+            .into(),
+            ..GatewaySettings::default()
+        };
+        let text = format!("{settings:?}");
+        assert!(!text.contains("op-secret"), "{text}");
+        assert!(text.contains("****"), "{text}");
+        let state = GatewayState::new(settings);
+        let handler = state.add_approver("nova");
+        let principals = format!("{:?}", state.principals());
+        assert!(
+            !principals.contains("op-secret") && !principals.contains(handler.expose()),
+            "{principals}"
+        );
+    }
 }

@@ -86,17 +86,28 @@ impl GatewayAddr {
     }
 }
 
-/// How a handler reaches its gateway.
-#[derive(Debug, Clone)]
+/// How a handler reaches its gateway. `Debug` masks the credential.
+#[derive(Clone)]
 pub struct HandlerConfig {
     /// The account alias it serves (`account` of its `connect`).
     pub alias: String,
     /// The local gateway.
     pub gateway: GatewayAddr,
-    /// The gateway token.
+    /// The handler's in-memory credential ([`crate::gateway::GatewayState::add_approver`]).
     pub token: String,
     /// How long a handshake may take.
     pub handshake_timeout: Duration,
+}
+
+impl std::fmt::Debug for HandlerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HandlerConfig")
+            .field("alias", &self.alias)
+            .field("gateway", &self.gateway)
+            .field("token", &"****")
+            .field("handshake_timeout", &self.handshake_timeout)
+            .finish()
+    }
 }
 
 /// An approval request, as `approval.requested` carries it.
