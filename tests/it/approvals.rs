@@ -319,6 +319,7 @@ async fn an_approved_request_runs_on_the_node_and_answers_the_requester() {
         "forbidden"
     );
     let listed = op.call("approvals.list", json!({})).await.expect("list");
+    let listed = &listed["approvals"];
     assert_eq!(listed[0]["id"], id.as_str());
     assert_eq!(listed[0]["resolved"], false);
 
@@ -352,6 +353,7 @@ async fn an_approved_request_runs_on_the_node_and_answers_the_requester() {
         .call("approvals.list", json!({}))
         .await
         .expect("list");
+    let listed = &listed["approvals"];
     assert_eq!(
         (
             &listed[0]["id"],
@@ -565,7 +567,7 @@ async fn a_pending_approval_survives_a_restart_and_is_still_resolvable() {
     let mut op = operator(&rig.url).await;
     let listed = op.call("approvals.list", json!({})).await.expect("list");
     let find = |id: &str| {
-        listed
+        listed["approvals"]
             .as_array()
             .and_then(|l| l.iter().find(|a| a["id"] == id))
             .cloned()

@@ -1060,10 +1060,10 @@ impl SessionState {
                 account,
                 reply,
             },
-            _ => {
-                parse_approvals_list(params).map_err(bad)?;
-                ApprovalsMsg::List { reply }
-            }
+            _ => ApprovalsMsg::List {
+                params: parse_approvals_list(params).map_err(bad)?,
+                reply,
+            },
         };
         broker
             .send(msg)
