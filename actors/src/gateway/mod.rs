@@ -226,6 +226,8 @@ pub mod metrics {
     pub const CLOSES_TOTAL: &str = "warden_gateway_closes_total";
     /// Counter: sessions closed with 4000 after two ticks without a client frame.
     pub const IDLE_CLOSES_TOTAL: &str = "warden_gateway_idle_closes_total";
+    /// Counter: sessions closed with 4001 because they fell behind the event stream.
+    pub const SLOW_CONSUMER_CLOSES_TOTAL: &str = "warden_gateway_slow_consumer_closes_total";
     /// Counter: sockets closed with 4408 because the handshake took too long.
     pub const HANDSHAKE_TIMEOUTS_TOTAL: &str = "warden_gateway_handshake_timeouts_total";
     /// Counter: `connect` requests refused, by `reason` (`unauthorized`, `bad_request`).
