@@ -727,6 +727,22 @@ async fn limits_refuse_oversized_requests_pages_list_and_skip_oversized_files() 
             "{message}"
         );
     }
+
+    // The gateway's metrics carry their descriptions.
+    let metrics = reqwest::get(format!("{}/metrics", rig.admin))
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    assert!(
+        metrics.contains("# HELP warden_approvals_pending Approvals waiting for a decision."),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("warden_approvals_pending 120"),
+        "{metrics}"
+    );
     for requester in requesters {
         requester.abort();
     }
