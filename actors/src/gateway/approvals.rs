@@ -64,8 +64,8 @@
 //!
 //! ## Messages
 //! From sessions, through the [`ApprovalsClient`] in [`GatewayState`]: `Request`, `Resolve`
-//! (with the session's account), `List` (with its page params), each with the [`ReplyTo`] that answers the
-//! session as a `SessionMsg::Reply`. Timers: `Expire` (a pending approval's timeout). From
+//! (with the session's account), `List` (with its page params), each with the [`ReplyTo`]
+//! that answers the session as a `SessionMsg::Reply`. Timers: `Expire` (a pending approval's timeout). From
 //! the task awaiting a node's answer: `InvokeDone`.
 //!
 //! ## Supervision
