@@ -36,7 +36,7 @@ pub fn hex(bytes: &[u8]) -> String {
 
 /// Bytes of lower- or upper-case hex; `None` if it is not hex of whole bytes.
 pub fn unhex(text: &str) -> Option<Vec<u8>> {
-    if text.len() % 2 != 0 {
+    if !text.len().is_multiple_of(2) {
         return None;
     }
     (0..text.len())
@@ -69,6 +69,10 @@ pub mod close {
     pub const TRY_AGAIN: u16 = 1013;
     /// (Client side) no frame from the server for two tick intervals.
     pub const NO_TICK: u16 = 4000;
+    /// The session fell behind the event stream (more events waiting for it than the hub
+    /// keeps) and would have lost some: reconnect and resubscribe, then catch up on state
+    /// with the list methods (`approvals.list`, `nodes.list`).
+    pub const SLOW_CONSUMER: u16 = 4001;
     /// The handshake did not complete in time.
     pub const HANDSHAKE_TIMEOUT: u16 = 4408;
 }
@@ -438,9 +442,10 @@ pub struct ApprovalRequestParams {
     pub node: String,
     /// One of the commands it declared.
     pub command: String,
-    /// Passed on to the node as they are (absent: `null`).
+    /// Passed on to the node as they are (absent: `null`). The broker refuses more than
+    /// 16 KiB of compact JSON with `too_large`.
     pub args: Value,
-    /// Why, for the approvers.
+    /// Why, for the approvers. The broker refuses more than 4 KiB with `too_large`.
     pub reason: String,
     /// Seconds to wait for a decision, within [`APPROVAL_TIMEOUT_S`]; absent: the
     /// gateway's default (300 s).
@@ -520,9 +525,149 @@ impl ApprovalResolveParams {
     }
 }
 
-/// Checks the params of `approvals.list`: none.
-pub fn parse_approvals_list(params: Value) -> Result<(), String> {
-    Params::new(params)?.done()
+/// Bounds of `approvals.list`'s `limit`.
+pub const APPROVALS_LIST_LIMIT: std::ops::RangeInclusive<usize> = 1..=200;
+
+/// `approvals.list`'s `limit` when the params have none.
+pub const DEFAULT_APPROVALS_LIST_LIMIT: usize = 50;
+
+/// The params of `approvals.list` (`{limit?, cursor?}`, both optional).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApprovalsListParams {
+    /// Most entries in the page, within [`APPROVALS_LIST_LIMIT`]; absent:
+    /// [`DEFAULT_APPROVALS_LIST_LIMIT`].
+    pub limit: usize,
+    /// Start just after this entry (the `next` of the previous page); absent: from the
+    /// first entry.
+    pub cursor: Option<ApprovalCursor>,
+}
+
+impl Default for ApprovalsListParams {
+    fn default() -> Self {
+        Self {
+            limit: DEFAULT_APPROVALS_LIST_LIMIT,
+            cursor: None,
+        }
+    }
+}
+
+/// Reads the params of `approvals.list`; the error names the field at fault.
+pub fn parse_approvals_list(params: Value) -> Result<ApprovalsListParams, String> {
+    let mut p = Params::new(params)?;
+    let limit = match p.take("limit") {
+        None | Some(Value::Null) => DEFAULT_APPROVALS_LIST_LIMIT,
+        Some(v) => match v.as_u64().and_then(|n| usize::try_from(n).ok()) {
+            Some(n) if APPROVALS_LIST_LIMIT.contains(&n) => n,
+            _ => {
+                return Err(format!(
+                    "field `limit`: must be a whole number from {} to {}",
+                    APPROVALS_LIST_LIMIT.start(),
+                    APPROVALS_LIST_LIMIT.end()
+                ));
+            }
+        },
+    };
+    let cursor = match p.take("cursor") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(
+            s.parse::<ApprovalCursor>()
+                .map_err(|e| format!("field `cursor`: {e}"))?,
+        ),
+        Some(other) => {
+            return Err(format!(
+                "field `cursor`: expected a string, got {}",
+                json_kind(&other)
+            ));
+        }
+    };
+    p.done()?;
+    Ok(ApprovalsListParams { limit, cursor })
+}
+
+/// The two parts of `approvals.list`, in the order they are listed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ListSection {
+    /// Pending, or approved with the command running: oldest request first.
+    Open,
+    /// Over: most recently decided first.
+    Resolved,
+}
+
+/// A position in `approvals.list`: the entry a page ended with. On the wire it is a string,
+/// `o<requested_at_ms>-<id>` for an open approval or `r<decided_at_ms>-<id>` for a resolved
+/// one — the sort key of that entry, so a cursor stays valid whatever happens to the
+/// entries around it (or to that entry) between pages.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(into = "String", try_from = "String")]
+pub struct ApprovalCursor {
+    /// The part of the listing.
+    pub section: ListSection,
+    /// `requested_at_ms` (open) or `decided_at_ms` (resolved) of the entry.
+    pub at_ms: u64,
+    /// The entry's id.
+    pub id: String,
+}
+
+impl std::fmt::Display for ApprovalCursor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let section = match self.section {
+            ListSection::Open => 'o',
+            ListSection::Resolved => 'r',
+        };
+        write!(f, "{section}{}-{}", self.at_ms, self.id)
+    }
+}
+
+impl std::str::FromStr for ApprovalCursor {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("{s:?} is not the `next` of an approvals.list page");
+        let section = match s.as_bytes().first() {
+            Some(b'o') => ListSection::Open,
+            Some(b'r') => ListSection::Resolved,
+            _ => return Err(bad()),
+        };
+        let (at_ms, id) = s[1..].split_once('-').ok_or_else(bad)?;
+        let id_ok = (1..=32).contains(&id.len())
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+        let digits_ok = !at_ms.is_empty() && at_ms.bytes().all(|b| b.is_ascii_digit());
+        match at_ms.parse() {
+            Ok(at_ms) if id_ok && digits_ok => Ok(Self {
+                section,
+                at_ms,
+                id: id.to_string(),
+            }),
+            _ => Err(bad()),
+        }
+    }
+}
+
+impl From<ApprovalCursor> for String {
+    fn from(cursor: ApprovalCursor) -> String {
+        cursor.to_string()
+    }
+}
+
+impl TryFrom<String> for ApprovalCursor {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+/// The answer to `approvals.list`: one page of entries, open approvals first (oldest
+/// request first), then resolved ones (most recently decided first).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ApprovalPage {
+    /// At most the `limit` asked for.
+    pub approvals: Vec<ApprovalListing>,
+    /// Present when more entries follow: pass it as `cursor` to get the next page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<ApprovalCursor>,
 }
 
 /// How an approval was decided.
@@ -759,8 +904,73 @@ mod tests {
         assert!(bad(json!({"id": "a", "decision": "maybe", "by": "@o:x"})).contains("`decision`"));
         assert!(bad(json!({"id": "a", "decision": "approve"})).contains("`by`"));
         assert!(bad(json!({"decision": "approve", "by": "@o:x"})).contains("`id`"));
-        assert!(parse_approvals_list(Value::Null).is_ok());
+        assert_eq!(
+            parse_approvals_list(Value::Null),
+            Ok(ApprovalsListParams::default())
+        );
         assert!(parse_approvals_list(json!({"x": 1})).is_err());
+    }
+
+    #[test]
+    fn approvals_list_params_and_cursors() {
+        let cursor = ApprovalCursor {
+            section: ListSection::Resolved,
+            at_ms: 1_700_000_000_123,
+            id: "abcd1234".into(),
+        };
+        assert_eq!(cursor.to_string(), "r1700000000123-abcd1234");
+        assert_eq!(cursor.to_string().parse(), Ok(cursor.clone()));
+        assert_eq!(
+            serde_json::to_value(&cursor).ok(),
+            Some(json!("r1700000000123-abcd1234"))
+        );
+        let p =
+            parse_approvals_list(json!({"limit": 200, "cursor": "o5-zz00zz00"})).expect("valid");
+        assert_eq!(p.limit, 200);
+        assert_eq!(
+            p.cursor,
+            Some(ApprovalCursor {
+                section: ListSection::Open,
+                at_ms: 5,
+                id: "zz00zz00".into()
+            })
+        );
+        assert_eq!(
+            parse_approvals_list(json!({"limit": 1})).map(|p| p.limit),
+            Ok(1)
+        );
+        let bad = |v: Value| parse_approvals_list(v).expect_err("invalid");
+        for limit in [json!(0), json!(201), json!(-1), json!(2.5), json!("10")] {
+            assert!(
+                bad(json!({ "limit": limit })).contains("`limit`"),
+                "{limit}"
+            );
+        }
+        for cursor in [
+            json!(""),
+            json!("x5-abc"),
+            json!("o-abc"),
+            json!("o5"),
+            json!("o5-"),
+            json!("o+5-abc"),
+            json!("o5-ABC"),
+            json!("o5-a/b"),
+            json!("o99999999999999999999-abc"),
+            json!(5),
+        ] {
+            assert!(
+                bad(json!({ "cursor": cursor })).contains("`cursor`"),
+                "{cursor}"
+            );
+        }
+        let page = ApprovalPage {
+            approvals: Vec::new(),
+            next: None,
+        };
+        assert_eq!(
+            serde_json::to_value(&page).ok(),
+            Some(json!({"approvals": []}))
+        );
     }
 
     #[test]

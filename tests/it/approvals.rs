@@ -337,6 +337,7 @@ async fn an_approved_request_runs_on_the_node_and_answers_the_requester() {
         "forbidden"
     );
     let listed = op.call("approvals.list", json!({})).await.expect("list");
+    let listed = &listed["approvals"];
     assert_eq!(listed[0]["id"], id.as_str());
     assert_eq!(listed[0]["resolved"], false);
 
@@ -370,6 +371,7 @@ async fn an_approved_request_runs_on_the_node_and_answers_the_requester() {
         .call("approvals.list", json!({}))
         .await
         .expect("list");
+    let listed = &listed["approvals"];
     assert_eq!(
         (
             &listed[0]["id"],
@@ -584,7 +586,7 @@ async fn a_pending_approval_survives_a_restart_and_is_still_resolvable() {
     let mut op = operator(&rig.url).await;
     let listed = op.call("approvals.list", json!({})).await.expect("list");
     let find = |id: &str| {
-        listed
+        listed["approvals"]
             .as_array()
             .and_then(|l| l.iter().find(|a| a["id"] == id))
             .cloned()
@@ -631,6 +633,141 @@ async fn a_pending_approval_survives_a_restart_and_is_still_resolvable() {
     );
     node.abort();
     rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_refuse_oversized_requests_pages_list_and_skip_oversized_files() {
+    // A stored file over 1 MiB, there before the start: skipped with a WARN, left in place.
+    let state = TempDir::new("approvals-state-limits");
+    let dir = state.0.join("approvals");
+    std::fs::create_dir_all(&dir).expect("approvals dir");
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).expect("mode");
+    let big = dir.join("bigfile1.json");
+    std::fs::write(&big, vec![b' '; 1024 * 1024 + 1]).expect("big file");
+    let rig = start("approvals-limits", &state.0).await;
+    let warned = rig
+        .warden
+        .wait_for_log(
+            "Skipping an approval file larger than the limit; it is left in place.",
+            STEP,
+        )
+        .await;
+    assert_eq!(warned["level"], "WARN", "{warned}");
+    assert_eq!(warned["path"], big.to_str().expect("utf-8"), "{warned}");
+    assert_eq!(warned["bytes"], 1024 * 1024 + 1, "{warned}");
+    assert!(big.exists());
+
+    let node = fake_node(&rig.url, "limits-box").await;
+    let mut approver = approver(&rig.url, "ops").await;
+    let mut op = operator(&rig.url).await;
+
+    // Over a size limit: `too_large`, naming the field and the limit; nothing is stored.
+    let reason = json!({"node": "limits-box", "command": "disk", "reason": "r".repeat(5 * 1024)});
+    let (c, message) = failed(op.call("approvals.request", reason).await);
+    assert_eq!(c, "too_large", "{message}");
+    assert!(
+        message.contains("`reason`") && message.contains("4096"),
+        "{message}"
+    );
+    let args = json!({
+        "node": "limits-box", "command": "disk", "reason": "r", "args": ["a".repeat(17 * 1024)]
+    });
+    let (c, message) = failed(op.call("approvals.request", args).await);
+    assert_eq!(c, "too_large", "{message}");
+    assert!(
+        message.contains("`args`") && message.contains("16384"),
+        "{message}"
+    );
+    let stored = std::fs::read_dir(&dir).expect("dir").count();
+    assert_eq!(stored, 1, "only the big file");
+
+    // 120 open approvals, each on its own requester connection.
+    let mut requesters = Vec::new();
+    let mut requested = std::collections::HashSet::new();
+    for i in 0..120 {
+        let params = json!({"node": "limits-box", "command": "disk", "reason": format!("r{i}")});
+        requesters.push(request(&rig.url, params).await);
+        let id = next_event(&mut approver, "approval.requested").await["id"]
+            .as_str()
+            .expect("id")
+            .to_string();
+        requested.insert(id);
+    }
+    assert_eq!(requested.len(), 120);
+
+    // The default page is 50; pages of 50 walk all 120 once, oldest first.
+    let page = op.call("approvals.list", json!({})).await.expect("list");
+    assert_eq!(
+        page["approvals"].as_array().map(Vec::len),
+        Some(50),
+        "{page}"
+    );
+    assert!(page["next"].is_string(), "{page}");
+    let mut listed = Vec::new();
+    let mut params = json!({"limit": 50});
+    let mut pages = 0;
+    loop {
+        let page = op
+            .call("approvals.list", params.clone())
+            .await
+            .expect("list");
+        pages += 1;
+        let entries = page["approvals"].as_array().expect("approvals").clone();
+        assert!(entries.len() <= 50, "{}", entries.len());
+        listed.extend(entries);
+        match page.get("next") {
+            Some(next) => params = json!({"limit": 50, "cursor": next}),
+            None => break,
+        }
+        assert!(pages < 10, "pages never end");
+    }
+    assert_eq!(pages, 3);
+    let ids: Vec<String> = listed
+        .iter()
+        .map(|a| a["id"].as_str().expect("id").to_string())
+        .collect();
+    let unique: std::collections::HashSet<String> = ids.iter().cloned().collect();
+    assert_eq!((ids.len(), unique), (120, requested));
+    let times: Vec<u64> = listed
+        .iter()
+        .map(|a| a["requested_at_ms"].as_u64().expect("requested_at_ms"))
+        .collect();
+    assert!(times.is_sorted(), "oldest first: {times:?}");
+    assert!(listed.iter().all(|a| a["resolved"] == false));
+
+    // A limit or a cursor that is not one: `bad_request`, naming the field.
+    for (bad, field) in [
+        (json!({"limit": 201}), "`limit`"),
+        (json!({"limit": 0}), "`limit`"),
+        (json!({"cursor": "page2"}), "`cursor`"),
+    ] {
+        let (c, message) = failed(op.call("approvals.list", bad).await);
+        assert_eq!(
+            (c.as_str(), message.contains(field)),
+            ("bad_request", true),
+            "{message}"
+        );
+    }
+
+    // The gateway's metrics carry their descriptions.
+    let metrics = reqwest::get(format!("{}/metrics", rig.admin))
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    assert!(
+        metrics.contains("# HELP warden_approvals_pending Approvals waiting for a decision."),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("warden_approvals_pending 120"),
+        "{metrics}"
+    );
+    for requester in requesters {
+        requester.abort();
+    }
+    node.abort();
 }
 
 fn now_ms() -> u64 {

@@ -1229,7 +1229,7 @@ mod approvals {
         let got = collect(&rig, &mut op, Duration::from_secs(20), |g| !g.is_empty()).await;
         assert_eq!(got[0]["body"], "a marker after mallory's answer");
         let list = op.call("approvals.list", json!({})).await.expect("list");
-        let entry = list
+        let entry = list["approvals"]
             .as_array()
             .and_then(|l| l.iter().find(|a| a["id"] == id.as_str()))
             .cloned()

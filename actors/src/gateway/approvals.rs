@@ -21,9 +21,37 @@
 //! An approval, once approved, runs its command the way `nodes.invoke` does (registry
 //! lookup, the node's session, [`DEFAULT_INVOKE_TIMEOUT_MS`]); the outcome carries the
 //! node's payload as `result`, or `error {code, message}` when it could not run or failed.
-//! `approvals.list` (operator, approver) lists the approvals still open (pending, or
-//! approved with their command running), oldest first, then the last [`KEEP_RESOLVED`]
-//! resolved ones, newest first, flagged `resolved: true`.
+//!
+//! ## Limits
+//! One operator token must not be able to grow the gateway without bound, so a request is
+//! refused, before anything is stored, when:
+//!
+//! | what | limit (a field of [`ApprovalsSettings`]) | answer |
+//! |---|---|---|
+//! | `reason`, in bytes of UTF-8 | [`DEFAULT_MAX_REASON_BYTES`] (4 KiB), `max_reason_bytes` | `too_large`, naming the field and the limit |
+//! | `args`, in bytes of compact JSON | [`DEFAULT_MAX_ARGS_BYTES`] (16 KiB), `max_args_bytes` | `too_large`, naming the field and the limit |
+//! | open approvals (pending, or approved with the command running) | [`DEFAULT_MAX_OPEN`] (1,000), `max_open` | `busy`, naming the cap |
+//!
+//! Resolved approvals are bounded by [`KEEP_RESOLVED`]. At start, an approval file larger
+//! than [`MAX_FILE_BYTES`] (1 MiB, far above what the limits above let the broker write) is
+//! skipped with a WARN naming it and its size, and left in place; its size is read from
+//! the metadata, so it is never read into memory.
+//!
+//! ## `approvals.list`
+//! `approvals.list {limit?, cursor?}` (operator, approver) answers one page, `{approvals:
+//! [...], next?}`: the approvals still open (pending, or approved with their command
+//! running), oldest request first (by `requested_at_ms`, then id), then the last
+//! [`KEEP_RESOLVED`] resolved ones, flagged `resolved: true`, most recently decided first
+//! (by `decided_at_ms`, then id, both descending). `limit` is 1..=200, default 50
+//! ([`APPROVALS_LIST_LIMIT`](super::protocol::APPROVALS_LIST_LIMIT)). When more entries
+//! follow, `next` is a cursor (`o<requested_at_ms>-<id>` or `r<decided_at_ms>-<id>`: the
+//! sort key of the page's last entry); passing it as `cursor` gives the entries after that
+//! key. A cursor is a key, not an index, so it never goes stale: an entry that stays where
+//! it is between pages is listed exactly once; new requests come after the open ones
+//! already seen; an approval decided between pages may be seen once open and again
+//! resolved; one resolved after the pages reached the resolved part is newer than the
+//! cursor and not listed. Every page is bounded: at most 200 entries of at most
+//! `max_reason_bytes + max_args_bytes` each.
 //!
 //! ## Storage
 //! One JSON file per approval, `<state.dir>/approvals/<id>.json` (mode 0600, the directory
@@ -36,8 +64,8 @@
 //!
 //! ## Messages
 //! From sessions, through the [`ApprovalsClient`] in [`GatewayState`]: `Request`, `Resolve`
-//! (with the session's account), `List`, each with the [`ReplyTo`] that answers the
-//! session as a `SessionMsg::Reply`. Timers: `Expire` (a pending approval's timeout). From
+//! (with the session's account), `List` (with its page params), each with the [`ReplyTo`]
+//! that answers the session as a `SessionMsg::Reply`. Timers: `Expire` (a pending approval's timeout). From
 //! the task awaiting a node's answer: `InvokeDone`.
 //!
 //! ## Supervision
@@ -53,10 +81,11 @@
 //! read or write does not fail the broker — that would take every session down with it —
 //! it logs an ERROR and refuses the requests it cannot store (`internal`).
 
+use std::cmp::Ordering;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
 use std::fs::{self, DirBuilder, File, OpenOptions, Permissions};
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -71,9 +100,9 @@ use tracing::{Instrument, debug, error, info, warn};
 
 use super::hub::event;
 use super::protocol::{
-    ApprovalListing, ApprovalOutcome, ApprovalRequestParams, ApprovalRequested,
-    ApprovalResolveParams, ApprovalResolved, DEFAULT_INVOKE_TIMEOUT_MS, Decision, ErrorBody, Frame,
-    Verdict, code,
+    ApprovalCursor, ApprovalListing, ApprovalOutcome, ApprovalPage, ApprovalRequestParams,
+    ApprovalRequested, ApprovalResolveParams, ApprovalResolved, ApprovalsListParams,
+    DEFAULT_INVOKE_TIMEOUT_MS, Decision, ErrorBody, Frame, ListSection, Verdict, code,
 };
 use super::registry::Lookup;
 use super::session::{Aborting, InvokeReply, SessionMsg, dispatch_invoke};
@@ -91,6 +120,19 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Resolved approvals kept (in memory, on disk, in `approvals.list`).
 pub const KEEP_RESOLVED: usize = 50;
+
+/// Open approvals (pending, or approved with the command running) at most; past it
+/// `approvals.request` gets `busy`.
+pub const DEFAULT_MAX_OPEN: usize = 1_000;
+
+/// Longest `reason` of `approvals.request`, in bytes; past it, `too_large`.
+pub const DEFAULT_MAX_REASON_BYTES: usize = 4 * 1024;
+
+/// Largest `args` of `approvals.request`, in bytes of compact JSON; past it, `too_large`.
+pub const DEFAULT_MAX_ARGS_BYTES: usize = 16 * 1024;
+
+/// Largest approval file read back at start; a larger one is skipped (and left in place).
+pub const MAX_FILE_BYTES: u64 = 1024 * 1024;
 
 /// The `by` of an approval nobody decided in time.
 pub const TIMEOUT_BY: &str = "timeout";
@@ -112,16 +154,60 @@ pub struct ApprovalsSettings {
     /// How long an approval waits for a decision without `timeout_s`. Default
     /// [`DEFAULT_TIMEOUT`].
     pub default_timeout: Duration,
+    /// Open approvals at most (pending or running). Default [`DEFAULT_MAX_OPEN`].
+    pub max_open: usize,
+    /// Longest `reason`, in bytes. Default [`DEFAULT_MAX_REASON_BYTES`].
+    pub max_reason_bytes: usize,
+    /// Largest `args`, in bytes of compact JSON. Default [`DEFAULT_MAX_ARGS_BYTES`].
+    pub max_args_bytes: usize,
 }
 
 impl ApprovalsSettings {
-    /// Settings storing into `dir`, with no approvers and the default timeout.
+    /// Settings storing into `dir`, with no approvers and the default timeout and limits.
     pub fn new(dir: impl Into<PathBuf>) -> Self {
         Self {
             dir: dir.into(),
             approvers: BTreeMap::new(),
             default_timeout: DEFAULT_TIMEOUT,
+            max_open: DEFAULT_MAX_OPEN,
+            max_reason_bytes: DEFAULT_MAX_REASON_BYTES,
+            max_args_bytes: DEFAULT_MAX_ARGS_BYTES,
         }
+    }
+
+    /// Refuses a request over a limit, before anything is stored: `too_large` for a
+    /// `reason` or `args` over its size, `busy` when `open` approvals already reach
+    /// `max_open`.
+    fn check_request(
+        &self,
+        params: &ApprovalRequestParams,
+        open: usize,
+    ) -> Result<(), (&'static str, String)> {
+        let reason = params.reason.len();
+        if reason > self.max_reason_bytes {
+            let message = format!(
+                "field `reason`: {reason} bytes, over the limit of {} bytes",
+                self.max_reason_bytes
+            );
+            return Err((code::TOO_LARGE, message));
+        }
+        let args = json_len(&params.args);
+        if args > self.max_args_bytes {
+            let message = format!(
+                "field `args`: {args} bytes of JSON, over the limit of {} bytes",
+                self.max_args_bytes
+            );
+            return Err((code::TOO_LARGE, message));
+        }
+        if open >= self.max_open {
+            let message = format!(
+                "{open} approvals are open, the cap of this gateway ({} open approvals); \
+                 try again once some are decided",
+                self.max_open
+            );
+            return Err((code::BUSY, message));
+        }
+        Ok(())
     }
 
     /// Whether a session serving `account` may decide as `by`.
@@ -212,8 +298,10 @@ pub enum ApprovalsMsg {
         /// The approver's session.
         reply: ReplyTo,
     },
-    /// `approvals.list`.
+    /// `approvals.list`: one page.
     List {
+        /// The checked params: page size and where to start.
+        params: ApprovalsListParams,
         /// The asking session.
         reply: ReplyTo,
     },
@@ -502,14 +590,50 @@ impl Book {
         self.open.values().filter(|a| a.is_pending()).count()
     }
 
-    /// Open approvals oldest first, then resolved ones newest first.
-    fn list(&self) -> Vec<ApprovalListing> {
-        let mut open: Vec<&Approval> = self.open.values().collect();
-        open.sort_by(|a, b| (a.requested_at_ms, &a.id).cmp(&(b.requested_at_ms, &b.id)));
-        open.into_iter()
-            .chain(self.resolved.iter().rev())
-            .map(Approval::listing)
-            .collect()
+    /// One page of `approvals.list`: at most `limit` entries after `cursor` (from the
+    /// first without), in listing order (see [`listing_order`]); `next` when more follow.
+    fn page(&self, cursor: Option<&ApprovalCursor>, limit: usize) -> ApprovalPage {
+        let position = |section, at_ms, a: &Approval| ApprovalCursor {
+            section,
+            at_ms,
+            id: a.id.clone(),
+        };
+        let open = self
+            .open
+            .values()
+            .map(|a| (position(ListSection::Open, a.requested_at_ms, a), a));
+        let resolved = self.resolved.iter().map(|a| {
+            let at_ms = a.decided_at_ms.unwrap_or_default();
+            (position(ListSection::Resolved, at_ms, a), a)
+        });
+        let mut entries: Vec<(ApprovalCursor, &Approval)> = open
+            .chain(resolved)
+            .filter(|(at, _)| cursor.is_none_or(|c| listing_order(at, c) == Ordering::Greater))
+            .collect();
+        entries.sort_by(|a, b| listing_order(&a.0, &b.0));
+        let more = entries.len() > limit;
+        entries.truncate(limit);
+        let next = if more {
+            entries.last().map(|(at, _)| at.clone())
+        } else {
+            None
+        };
+        ApprovalPage {
+            approvals: entries.into_iter().map(|(_, a)| a.listing()).collect(),
+            next,
+        }
+    }
+}
+
+/// The order of `approvals.list`: open approvals by (`requested_at_ms`, id), then resolved
+/// ones by (`decided_at_ms`, id) descending. A total order on positions, so a cursor
+/// (the position of a page's last entry) says exactly which entries come after it.
+fn listing_order(a: &ApprovalCursor, b: &ApprovalCursor) -> Ordering {
+    match (a.section, b.section) {
+        (ListSection::Open, ListSection::Open) => (a.at_ms, &a.id).cmp(&(b.at_ms, &b.id)),
+        (ListSection::Resolved, ListSection::Resolved) => (b.at_ms, &b.id).cmp(&(a.at_ms, &a.id)),
+        (ListSection::Open, ListSection::Resolved) => Ordering::Less,
+        (ListSection::Resolved, ListSection::Open) => Ordering::Greater,
     }
 }
 
@@ -590,6 +714,10 @@ impl Store {
                     warn!(path = %path.display(), id = %a.id,
                         "Skipping an approval file whose name does not match its id.");
                 }
+                Err(Unreadable::TooLarge(bytes)) => {
+                    warn!(path = %path.display(), bytes, limit = MAX_FILE_BYTES,
+                        "Skipping an approval file larger than the limit; it is left in place.");
+                }
                 Err(e) => {
                     warn!(path = %path.display(), error = %e,
                         "Skipping an unreadable approval file.");
@@ -600,9 +728,39 @@ impl Store {
     }
 }
 
-fn read_approval(path: &Path) -> io::Result<Approval> {
-    let bytes = fs::read(path)?;
-    serde_json::from_slice(&bytes).map_err(io::Error::other)
+/// Why an approval file was not read back.
+#[derive(Debug, thiserror::Error)]
+enum Unreadable {
+    /// Over [`MAX_FILE_BYTES`]: this many bytes.
+    #[error("{0} bytes, over the limit of {MAX_FILE_BYTES}")]
+    TooLarge(u64),
+    /// A directory, a FIFO, a device…
+    #[error("not a regular file")]
+    NotAFile,
+    #[error(transparent)]
+    Io(#[from] io::Error),
+    #[error("not an approval: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+/// Reads one approval file, never more than [`MAX_FILE_BYTES`] of it: the size is checked
+/// on the metadata first, and the read stops past the limit should the file grow meanwhile.
+fn read_approval(path: &Path) -> Result<Approval, Unreadable> {
+    let meta = fs::metadata(path)?;
+    if !meta.is_file() {
+        return Err(Unreadable::NotAFile);
+    }
+    if meta.len() > MAX_FILE_BYTES {
+        return Err(Unreadable::TooLarge(meta.len()));
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    File::open(path)?
+        .take(MAX_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        return Err(Unreadable::TooLarge(bytes.len() as u64));
+    }
+    Ok(serde_json::from_slice(&bytes)?)
 }
 
 /// The approvals broker actor.
@@ -779,7 +937,10 @@ impl ApprovalsState {
                 account,
                 reply,
             } => self.resolve(myself, params, account, reply),
-            ApprovalsMsg::List { reply } => reply.ok(to_value(&self.book.list())),
+            ApprovalsMsg::List { params, reply } => {
+                let page = self.book.page(params.cursor.as_ref(), params.limit);
+                reply.ok(to_value(&page));
+            }
             ApprovalsMsg::Expire { id } => {
                 self.timers.remove(&id);
                 if self
@@ -812,6 +973,17 @@ impl ApprovalsState {
         params: ApprovalRequestParams,
         reply: ReplyTo,
     ) {
+        let open = self.book.open.len();
+        if let Err((refusal, message)) = self.settings.check_request(&params, open) {
+            if refusal == code::BUSY {
+                debug!(
+                    open,
+                    cap = self.settings.max_open,
+                    "Refusing an approval request: the cap on open approvals is reached."
+                );
+            }
+            return reply.err(refusal, message);
+        }
         match self.gateway.registry().lookup(&params.node) {
             Lookup::Unknown => {
                 let message = format!("no node {:?} has connected", params.node);
@@ -1016,6 +1188,24 @@ impl ApprovalsState {
     }
 }
 
+/// Bytes of `value` as compact JSON, counted without building the text.
+fn json_len(value: &Value) -> usize {
+    struct Count(usize);
+    impl Write for Count {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    // Writing a `Value` into a sink that never fails cannot fail.
+    let _ = serde_json::to_writer(&mut count, value);
+    count.0
+}
+
 /// JSON of a wire type; these serialize infallibly.
 fn to_value<T: Serialize>(value: &T) -> Value {
     serde_json::to_value(value).unwrap_or(Value::Null)
@@ -1129,7 +1319,7 @@ mod tests {
             (out.decision, out.result),
             (Decision::Approved, Some(json!({"exit_code": 0})))
         );
-        let list = book.list();
+        let list = book.page(None, 200).approvals;
         assert_eq!(list.len(), 2);
         assert_eq!(list[0].id, "bbbbbbbb", "newest resolved first");
         assert!(list.iter().all(|l| l.resolved));
@@ -1415,6 +1605,7 @@ mod tests {
         assert!(
             client
                 .send(ApprovalsMsg::List {
+                    params: ApprovalsListParams::default(),
                     reply: ReplyTo::new(session.clone(), "x"),
                 })
                 .is_err()
@@ -1422,11 +1613,13 @@ mod tests {
         let _broker = spawn_broker(&gateway).await;
         client
             .send(ApprovalsMsg::List {
+                params: ApprovalsListParams::default(),
                 reply: ReplyTo::new(session.clone(), "r8"),
             })
             .expect("send");
         let list = reply(&mut rx, "r8").await;
-        let summary: Vec<(String, bool)> = list
+        assert!(list.get("next").is_none(), "{list}");
+        let summary: Vec<(String, bool)> = list["approvals"]
             .as_array()
             .expect("array")
             .iter()
@@ -1457,5 +1650,299 @@ mod tests {
         assert!(!settings.may_decide(Some("nova"), "@other:example.org"));
         assert!(!settings.may_decide(Some("other"), "@owner:example.org"));
         assert!(!settings.may_decide(None, "@owner:example.org"));
+    }
+
+    fn params(reason: String, args: Value) -> ApprovalRequestParams {
+        ApprovalRequestParams {
+            node: "box".into(),
+            command: "disk".into(),
+            args,
+            reason,
+            timeout_s: None,
+        }
+    }
+
+    /// A JSON string argument list whose compact JSON is exactly `bytes` long.
+    fn args_of(bytes: usize) -> Value {
+        // `["…"]` is the string plus 4 bytes.
+        let args = json!(["x".repeat(bytes - 4)]);
+        assert_eq!(json_len(&args), bytes);
+        assert_eq!(
+            json_len(&args),
+            serde_json::to_vec(&args).expect("json").len()
+        );
+        args
+    }
+
+    #[test]
+    fn request_limits_name_the_field_the_limit_and_the_cap() {
+        assert_eq!(
+            (
+                DEFAULT_MAX_OPEN,
+                DEFAULT_MAX_REASON_BYTES,
+                DEFAULT_MAX_ARGS_BYTES
+            ),
+            (1_000, 4_096, 16_384)
+        );
+        let settings = ApprovalsSettings::new("/nonexistent");
+        let ok = |p: &ApprovalRequestParams, open| settings.check_request(p, open);
+        let at_limits = params("é".repeat(2048), args_of(16_384));
+        assert_eq!(at_limits.reason.len(), 4096);
+        assert_eq!(ok(&at_limits, 999), Ok(()));
+        assert_eq!(ok(&params("r".into(), Value::Null), 0), Ok(()));
+
+        let (c, message) = ok(&params("r".repeat(4097), Value::Null), 0).expect_err("reason");
+        assert_eq!(c, code::TOO_LARGE);
+        assert!(
+            message.contains("`reason`") && message.contains("4097") && message.contains("4096"),
+            "{message}"
+        );
+        let (c, message) = ok(&params("r".into(), args_of(16_385)), 0).expect_err("args");
+        assert_eq!(c, code::TOO_LARGE);
+        assert!(
+            message.contains("`args`") && message.contains("16385") && message.contains("16384"),
+            "{message}"
+        );
+        let (c, message) = ok(&at_limits, 1_000).expect_err("cap");
+        assert_eq!(c, code::BUSY);
+        assert!(message.contains("1000 open approvals"), "{message}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_broker_refuses_over_the_caps_and_stores_nothing() {
+        let scratch = Scratch::new("caps");
+        let gateway = GatewayState::new(super::super::GatewaySettings::default());
+        let mut settings = ApprovalsSettings::new(scratch.0.join("approvals"));
+        settings
+            .approvers
+            .insert("nova".into(), vec!["@owner:x".into()]);
+        settings.max_open = 2;
+        assert!(gateway.set_approvals(settings).is_ok());
+        let _broker = spawn_broker(&gateway).await;
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let (session, _) = Actor::spawn(None, Catcher, tx).await.expect("catcher");
+        let (_node, _) = super::super::registry::Registration::register(
+            &gateway,
+            "box",
+            vec!["disk".into()],
+            1,
+            session.clone(),
+        );
+        let mut hub = gateway.hub().subscribe();
+        let client = gateway.approvals().expect("configured").clone();
+        let request = |req: &str, reason: String, args: Value| ApprovalsMsg::Request {
+            params: params(reason, args),
+            reply: ReplyTo::new(session.clone(), req),
+        };
+        let files = || {
+            fs::read_dir(scratch.0.join("approvals"))
+                .map(|d| d.count())
+                .unwrap_or(0)
+        };
+
+        // Over a size limit: refused at once, nothing stored or announced.
+        client
+            .send(request("big-reason", "r".repeat(5 * 1024), Value::Null))
+            .expect("send");
+        let out = reply(&mut rx, "big-reason").await;
+        assert_eq!(out["error"]["code"], "too_large", "{out}");
+        client
+            .send(request("big-args", "r".into(), args_of(16_385)))
+            .expect("send");
+        let out = reply(&mut rx, "big-args").await;
+        assert_eq!(out["error"]["code"], "too_large", "{out}");
+        assert_eq!(files(), 0);
+
+        // Two open: the third is `busy`, naming the cap.
+        client
+            .send(request("r1", "one".into(), Value::Null))
+            .expect("send");
+        let id1 = next_requested(&mut hub).await["id"]
+            .as_str()
+            .expect("id")
+            .to_string();
+        client
+            .send(request("r2", "two".into(), Value::Null))
+            .expect("send");
+        next_requested(&mut hub).await;
+        client
+            .send(request("r3", "three".into(), Value::Null))
+            .expect("send");
+        let out = reply(&mut rx, "r3").await;
+        assert_eq!(out["error"]["code"], "busy", "{out}");
+        let message = out["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains("2 open approvals"), "{message}");
+        assert_eq!(files(), 2);
+
+        // One decided: room for one more.
+        client
+            .send(ApprovalsMsg::Resolve {
+                params: ApprovalResolveParams {
+                    id: id1.clone(),
+                    decision: Verdict::Deny,
+                    by: "@owner:x".into(),
+                },
+                account: Some("nova".into()),
+                reply: ReplyTo::new(session.clone(), "d1"),
+            })
+            .expect("send");
+        assert_eq!(reply(&mut rx, "d1").await["decision"], "denied");
+        assert_eq!(reply(&mut rx, "r1").await["decision"], "denied");
+        client
+            .send(request("r4", "four".into(), Value::Null))
+            .expect("send");
+        assert!(is_valid_id(
+            next_requested(&mut hub).await["id"].as_str().expect("id")
+        ));
+    }
+
+    /// Every page of `book` from the start, `limit` entries each.
+    fn all_pages(book: &Book, limit: usize) -> Vec<ApprovalPage> {
+        let mut pages = vec![book.page(None, limit)];
+        while let Some(next) = pages.last().and_then(|p| p.next.clone()) {
+            pages.push(book.page(Some(&next), limit));
+            assert!(pages.len() < 100, "pages never end");
+        }
+        pages
+    }
+
+    fn ids(pages: &[ApprovalPage]) -> Vec<String> {
+        pages
+            .iter()
+            .flat_map(|p| p.approvals.iter().map(|a| a.id.clone()))
+            .collect()
+    }
+
+    #[test]
+    fn pages_walk_the_listing_once_in_order() {
+        let mut book = Book::default();
+        // Open: requested at 10, 10 (same ms: by id), 20, 30, 40.
+        for (id, at) in [
+            ("open0003", 20),
+            ("open0002", 10),
+            ("open0001", 10),
+            ("open0004", 30),
+            ("open0005", 40),
+        ] {
+            book.insert(approval(id, at, 1_000_000));
+        }
+        // Resolved, decided at 100, 300, 300 (same ms), 200.
+        for (id, at) in [
+            ("done0001", 100),
+            ("done0002", 300),
+            ("done0003", 300),
+            ("done0004", 200),
+        ] {
+            book.insert(approval(id, 1, 1_000_000));
+            book.decide(id, Decision::Denied, "@a:x", at)
+                .expect("decide");
+            book.close(id);
+        }
+        let expected = [
+            "open0001", "open0002", "open0003", "open0004", "open0005", "done0003", "done0002",
+            "done0004", "done0001",
+        ];
+        let whole = book.page(None, 200);
+        assert_eq!(whole.next, None);
+        let whole: Vec<&str> = whole.approvals.iter().map(|a| a.id.as_str()).collect();
+        assert_eq!(whole, expected);
+        for limit in 1..=10 {
+            let pages = all_pages(&book, limit);
+            assert_eq!(ids(&pages), expected, "limit {limit}");
+            assert_eq!(
+                pages.len(),
+                expected.len().div_ceil(limit).max(1),
+                "limit {limit}"
+            );
+            assert!(pages.iter().all(|p| p.approvals.len() <= limit));
+            assert!(pages.last().is_some_and(|p| p.next.is_none()));
+        }
+        assert_eq!(
+            book.page(None, 3).next.map(|c| c.to_string()).as_deref(),
+            Some("o20-open0003")
+        );
+        assert_eq!(
+            book.page(None, 7).next.map(|c| c.to_string()).as_deref(),
+            Some("r300-done0002")
+        );
+        // A cursor past everything: an empty last page.
+        let end: ApprovalCursor = "r0-0".parse().expect("cursor");
+        assert_eq!(book.page(Some(&end), 5).approvals, Vec::new());
+    }
+
+    #[test]
+    fn a_cursor_survives_changes_between_pages() {
+        let mut book = Book::default();
+        for i in 0..6u64 {
+            book.insert(approval(&format!("open000{i}"), 10 + i, 1_000_000));
+        }
+        let first = book.page(None, 3);
+        let seen: Vec<String> = first.approvals.iter().map(|a| a.id.clone()).collect();
+        assert_eq!(seen, ["open0000", "open0001", "open0002"]);
+        let cursor = first.next.expect("more");
+
+        // Between pages: one already listed is decided (it shows up again, resolved), one
+        // not yet listed is decided (it is listed once, resolved), the one at the cursor is
+        // decided (the cursor still holds), and a new request arrives (listed after the
+        // open ones seen).
+        for id in ["open0001", "open0002", "open0004"] {
+            book.decide(id, Decision::Denied, "@a:x", 500)
+                .expect("decide");
+            book.close(id);
+        }
+        book.insert(approval("newer000", 99, 1_000_000));
+        let mut pages = vec![book.page(Some(&cursor), 3)];
+        while let Some(next) = pages.last().and_then(|p| p.next.clone()) {
+            pages.push(book.page(Some(&next), 3));
+        }
+        assert_eq!(
+            ids(&pages),
+            [
+                "open0003", "open0005", "newer000", "open0004", "open0002", "open0001"
+            ]
+        );
+    }
+
+    /// A stored approval padded with trailing whitespace (still valid JSON) to `bytes`.
+    fn padded_file(dir: &Path, id: &str, bytes: u64) -> PathBuf {
+        let mut text = serde_json::to_vec(&approval(id, 1, 2)).expect("json");
+        text.resize(bytes as usize, b' ');
+        let path = dir.join(format!("{id}.json"));
+        fs::write(&path, text).expect("write");
+        path
+    }
+
+    #[test]
+    fn a_file_over_one_mib_is_skipped_at_load_and_left_in_place() {
+        let scratch = Scratch::new("large");
+        let store = Store {
+            dir: scratch.0.join("approvals"),
+        };
+        store.ensure_dir().expect("dir");
+        assert_eq!(MAX_FILE_BYTES, 1024 * 1024);
+        let at_limit = padded_file(&store.dir, "atlimit1", MAX_FILE_BYTES);
+        let over = padded_file(&store.dir, "overlim1", MAX_FILE_BYTES + 1);
+        // A sparse 4 GiB file: only its metadata is ever looked at (reading it whole
+        // would take seconds and 4 GiB of memory).
+        let huge = store.dir.join("hugefil1.json");
+        File::create(&huge)
+            .and_then(|f| f.set_len(4 << 30))
+            .expect("sparse");
+
+        assert!(matches!(read_approval(&at_limit), Ok(a) if a.id == "atlimit1"));
+        assert!(matches!(
+            read_approval(&over),
+            Err(Unreadable::TooLarge(n)) if n == MAX_FILE_BYTES + 1
+        ));
+        assert!(matches!(
+            read_approval(&huge),
+            Err(Unreadable::TooLarge(n)) if n == 4 << 30
+        ));
+        let loaded = store.load().expect("load");
+        assert_eq!(
+            loaded.iter().map(|a| a.id.as_str()).collect::<Vec<_>>(),
+            ["atlimit1"]
+        );
+        assert!(over.exists() && huge.exists(), "skipped files stay");
     }
 }

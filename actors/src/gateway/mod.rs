@@ -274,6 +274,8 @@ pub mod metrics {
     pub const CLOSES_TOTAL: &str = "warden_gateway_closes_total";
     /// Counter: sessions closed with 4000 after two ticks without a client frame.
     pub const IDLE_CLOSES_TOTAL: &str = "warden_gateway_idle_closes_total";
+    /// Counter: sessions closed with 4001 because they fell behind the event stream.
+    pub const SLOW_CONSUMER_CLOSES_TOTAL: &str = "warden_gateway_slow_consumer_closes_total";
     /// Counter: sockets closed with 4408 because the handshake took too long.
     pub const HANDSHAKE_TIMEOUTS_TOTAL: &str = "warden_gateway_handshake_timeouts_total";
     /// Counter: `connect` requests refused, by `reason` (`unauthorized`, `bad_request`).
@@ -282,6 +284,36 @@ pub mod metrics {
     pub const APPROVALS_TOTAL: &str = "warden_approvals_total";
     /// Gauge: approvals waiting for a decision.
     pub const APPROVALS_PENDING: &str = "warden_approvals_pending";
+
+    /// Registers descriptions with the installed recorder (call once after installing it).
+    pub fn describe() {
+        use ::metrics::{describe_counter, describe_gauge};
+        describe_gauge!(SESSIONS, "Authenticated gateway sessions.");
+        describe_gauge!(
+            HANDSHAKING,
+            "Gateway sockets between the upgrade and hello-ok."
+        );
+        describe_counter!(
+            PREAUTH_REJECTIONS_TOTAL,
+            "Upgrades refused because an IP had too many handshaking sockets."
+        );
+        describe_counter!(CLOSES_TOTAL, "Gateway sockets the server closed.");
+        describe_counter!(
+            IDLE_CLOSES_TOTAL,
+            "Gateway sessions closed after two ticks without a client frame."
+        );
+        describe_counter!(
+            SLOW_CONSUMER_CLOSES_TOTAL,
+            "Gateway sessions closed because they fell behind the event stream."
+        );
+        describe_counter!(
+            HANDSHAKE_TIMEOUTS_TOTAL,
+            "Gateway sockets closed because the handshake took too long."
+        );
+        describe_counter!(CONNECT_REFUSALS_TOTAL, "Gateway connect requests refused.");
+        describe_counter!(APPROVALS_TOTAL, "Approvals decided.");
+        describe_gauge!(APPROVALS_PENDING, "Approvals waiting for a decision.");
+    }
 }
 
 /// What the listener and every session share. Cheap to clone: everything is behind one `Arc`.

@@ -17,6 +17,7 @@
 //! | a frame over 64 KiB before `hello-ok`, over `max_frame_bytes` after | 1009 |
 //! | invalid JSON, not a frame of the protocol, a binary frame, invalid UTF-8 | 1007 |
 //! | no client frame (text, ping or pong) for 2 × `tick_interval_ms` | 4000 |
+//! | subscribed, and more than [`hub::CAPACITY`](super::hub::CAPACITY) events behind | 4001 |
 //! | a newer connection of the same node name | 1008 "replaced by a new connection" |
 //! | the program announces a shutdown, or a graceful stop | event `shutdown`, then 1012 / 1001 |
 //!
@@ -104,6 +105,9 @@ pub const LIVENESS_MARGIN: Duration = Duration::from_secs(5);
 /// How long a write to the socket may take before the client counts as gone.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The reason of a 4001 close.
+pub const SLOW_CONSUMER_REASON: &str = "fell behind the event stream; reconnect and resubscribe";
+
 /// After the server's close frame: how long to wait for the client's.
 const CLOSE_LINGER: Duration = Duration::from_secs(1);
 
@@ -162,9 +166,11 @@ pub enum SessionMsg {
     ReadFailed(ReadFailure),
     /// The socket's read half ended (after a close, or the connection dropped).
     ReadEnded,
-    /// An event from the hub.
-    Event(Arc<HubEvent>),
-    /// The hub dropped this many events the session was too slow to take.
+    /// An event from the hub, holding one of the [`MAX_EVENTS_IN_FLIGHT`] slots until
+    /// handled.
+    Event(Arc<HubEvent>, OwnedSemaphorePermit),
+    /// The session fell this many events behind the hub's [`CAPACITY`](super::hub::CAPACITY)
+    /// and lost them: closed with 4001.
     Lagged(u64),
     /// The handshake deadline.
     HandshakeTimeout,
@@ -580,6 +586,10 @@ async fn next_event(
 /// Client frames a session may have waiting in its mailbox before the pump stops reading.
 const MAX_INBOUND_IN_FLIGHT: usize = 32;
 
+/// Hub events a session may have waiting in its mailbox before the pump stops taking
+/// more; the rest wait in the hub, which closes a session that falls too far behind.
+pub const MAX_EVENTS_IN_FLIGHT: usize = 64;
+
 /// Forwards the socket's frames, the hub's events and an announced shutdown to the
 /// session, until the socket's read half ends.
 async fn pump(
@@ -593,6 +603,10 @@ async fn pump(
     // stops reading and TCP pushes back on the client, so a client flooding large frames
     // cannot grow the gateway's memory.
     let window = Arc::new(Semaphore::new(MAX_INBOUND_IN_FLIGHT));
+    // The same for hub events: a session stuck writing to a client that does not read
+    // stops taking events, so it falls behind in the hub (which bounds it) rather than
+    // in its own mailbox (which would not).
+    let event_window = Arc::new(Semaphore::new(MAX_EVENTS_IN_FLIGHT));
     let mut awaiting_hub = true;
     let mut hub_open = true;
     let mut shutdown_open = true;
@@ -621,9 +635,15 @@ async fn pump(
                 awaiting_hub = false;
                 events = handed.ok();
             }
-            ev = next_event(&mut events), if hub_open && events.is_some() => match ev {
+            (permit, ev) = async {
+                let permit = event_window.clone().acquire_owned().await;
+                (permit, next_event(&mut events).await)
+            }, if hub_open && events.is_some() => match ev {
                 Ok(ev) => {
-                    let _ = session.send_message(SessionMsg::Event(ev));
+                    // The semaphore is never closed, so a permit is always granted.
+                    if let Ok(permit) = permit {
+                        let _ = session.send_message(SessionMsg::Event(ev, permit));
+                    }
                 }
                 Err(broadcast::error::RecvError::Lagged(n)) => {
                     let _ = session.send_message(SessionMsg::Lagged(n));
@@ -683,7 +703,7 @@ impl SessionState {
                 // Else: unread bytes may remain; keep the socket until the linger is over,
                 // so the client reads the close frame before the connection resets.
             }
-            SessionMsg::Event(ev) => {
+            SessionMsg::Event(ev, _in_flight) => {
                 if self.is_ready() && self.subscriptions.contains(&ev.name) {
                     let text = ev.text.to_string();
                     self.write(myself, Message::Text(text.into())).await;
@@ -691,7 +711,11 @@ impl SessionState {
             }
             SessionMsg::Lagged(n) => {
                 if !self.subscriptions.is_empty() {
-                    warn!(peer = %self.peer, dropped = n, "Session fell behind the event hub; events were dropped.");
+                    warn!(peer = %self.peer, dropped = n, capacity = super::hub::CAPACITY,
+                        "Session fell behind the event stream; closing with 4001.");
+                    ::metrics::counter!(metrics::SLOW_CONSUMER_CLOSES_TOTAL).increment(1);
+                    self.close(myself, close::SLOW_CONSUMER, SLOW_CONSUMER_REASON)
+                        .await;
                 }
             }
             SessionMsg::HandshakeTimeout => {
@@ -1108,10 +1132,10 @@ impl SessionState {
                 account,
                 reply,
             },
-            _ => {
-                parse_approvals_list(params).map_err(bad)?;
-                ApprovalsMsg::List { reply }
-            }
+            _ => ApprovalsMsg::List {
+                params: parse_approvals_list(params).map_err(bad)?,
+                reply,
+            },
         };
         broker
             .send(msg)

@@ -8,7 +8,7 @@
 //! back whether the handshake worked or not. So however many accounts start on the same
 //! tick, at most `max_concurrent` handshakes reach the gateway at once. Then it subscribes
 //! to `approval.requested` / `approval.resolved` and notifies the approvers of every
-//! approval still pending (`approvals.list`).
+//! approval still pending (`approvals.list`, page by page).
 //!
 //! ## Messages
 //! `Lost` — the connection ended (the pump saw it).
@@ -39,7 +39,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{Instrument, debug, info, warn};
 
-use crate::gateway::client::{ConnectError, ConnectOptions, GatewayClient, Incoming};
+use crate::gateway::client::{CallError, ConnectError, ConnectOptions, GatewayClient, Incoming};
 use crate::gateway::protocol::{ClientInfo, Role, close, code};
 use crate::supervision::{ChildContext, ChildSpec, Failure, Policy, Probe, Restart, SlotClient};
 
@@ -259,8 +259,7 @@ impl Actor for HandlerActor {
             .call("subscribe", events)
             .await
             .map_err(|e| Failure::transient(format!("subscribe failed: {e}")))?;
-        let pending = client
-            .call("approvals.list", json!({}))
+        let pending = list_pending(&mut client)
             .await
             .map_err(|e| Failure::transient(format!("approvals.list failed: {e}")))?;
         let (decisions, decided) = mpsc::unbounded_channel();
@@ -273,7 +272,7 @@ impl Actor for HandlerActor {
             channel: args.channel.clone(),
             probe: args.probe.clone(),
             decided,
-            unsent: pending_requests(&pending),
+            unsent: pending,
             alias: args.config.alias.clone(),
         };
         span.in_scope(|| info!(account = %args.config.alias, pending = pump.unsent.len(), "Approval handler connected."));
@@ -340,6 +339,30 @@ fn classify(err: &ConnectError) -> Failure {
     match err.retry_after() {
         Some(delay) => failure.retry_after(delay),
         None => failure,
+    }
+}
+
+/// Entries per `approvals.list` page the handler asks for (the most the gateway gives).
+const LIST_PAGE: usize = 200;
+
+/// Every approval still pending, read page by page from `approvals.list` (open approvals
+/// come first, so the pages stop where the resolved ones begin).
+async fn list_pending(client: &mut GatewayClient) -> Result<Vec<ApprovalRequest>, CallError> {
+    let mut pending = Vec::new();
+    let mut params = json!({ "limit": LIST_PAGE });
+    loop {
+        let page = client.call("approvals.list", params).await?;
+        pending.extend(pending_requests(&page));
+        let resolved_reached = page["approvals"]
+            .as_array()
+            .and_then(|a| a.last())
+            .is_some_and(|a| a["resolved"] == true);
+        match page.get("next").and_then(Value::as_str) {
+            Some(next) if !resolved_reached => {
+                params = json!({ "limit": LIST_PAGE, "cursor": next });
+            }
+            _ => return Ok(pending),
+        }
     }
 }
 
