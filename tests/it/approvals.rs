@@ -77,6 +77,44 @@ async fn start(state: &Path) -> Rig {
     }
 }
 
+/// A `warden run` process (no Matrix account) and its gateway and admin URLs.
+struct ProcessRig {
+    warden: Warden,
+    url: String,
+    admin: String,
+}
+
+/// Starts `warden run` with its state in `state`, `TOKEN` as operator `default`, unlisted
+/// nodes admitted.
+async fn start_process(name: &str, state: &Path) -> ProcessRig {
+    let args = [
+        "run",
+        "--gateway-bind",
+        "127.0.0.1:0",
+        "--admin-bind",
+        "127.0.0.1:0",
+        "--log-format",
+        "json",
+    ];
+    let state = state.to_str().expect("utf-8 path");
+    let warden = Warden::spawn(
+        TempDir::new(name),
+        &args,
+        &[
+            ("WARDEN_GATEWAY__TOKEN", TOKEN),
+            ("WARDEN_GATEWAY__ALLOW_UNLISTED_NODES", "true"),
+            ("WARDEN_STATE__DIR", state),
+        ],
+    );
+    let admin = warden.admin().await;
+    let line = warden
+        .wait_for_log("Gateway endpoint listening.", STEP)
+        .await;
+    let url = format!("ws://{}/ws", line["addr"].as_str().expect("addr"));
+    warden.wait_for_log("warden started.", STEP).await;
+    ProcessRig { warden, url, admin }
+}
+
 impl Rig {
     /// The approval handler of `account`, subscribed to the approval events.
     async fn approver(&self, account: &str) -> GatewayClient {
@@ -644,7 +682,7 @@ async fn limits_refuse_oversized_requests_pages_list_and_skip_oversized_files() 
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).expect("mode");
     let big = dir.join("bigfile1.json");
     std::fs::write(&big, vec![b' '; 1024 * 1024 + 1]).expect("big file");
-    let rig = start("approvals-limits", &state.0).await;
+    let rig = start_process("approvals-limits", &state.0).await;
     let warned = rig
         .warden
         .wait_for_log(
@@ -658,7 +696,10 @@ async fn limits_refuse_oversized_requests_pages_list_and_skip_oversized_files() 
     assert!(big.exists());
 
     let node = fake_node(&rig.url, "limits-box").await;
-    let mut approver = approver(&rig.url, "ops").await;
+    // Operators may watch approvals too.
+    let mut approver = operator(&rig.url).await;
+    let events = json!({ "events": ["approval.requested"] });
+    approver.call("subscribe", events).await.expect("subscribe");
     let mut op = operator(&rig.url).await;
 
     // Over a size limit: `too_large`, naming the field and the limit; nothing is stored.

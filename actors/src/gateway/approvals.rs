@@ -1724,10 +1724,12 @@ mod tests {
         let (_node, _) = super::super::registry::Registration::register(
             &gateway,
             "box",
+            "node:box",
             vec!["disk".into()],
             1,
             session.clone(),
-        );
+        )
+        .expect("registered");
         let mut hub = gateway.hub().subscribe();
         let client = gateway.approvals().expect("configured").clone();
         let request = |req: &str, reason: String, args: Value| ApprovalsMsg::Request {
