@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 
 use figment::Figment;
-use warden_actors::supervision::settings::PolicySettings;
+use warden_actors::supervision::settings::{PolicyProblem, PolicySettings, validate_effective};
 
 use super::kinds::KINDS;
 use super::{Config, ConfigError};
@@ -117,18 +117,7 @@ fn validate(
         err,
     )?;
 
-    check_policy("supervision.defaults", &config.supervision.defaults, err)?;
-    for (kind, layer) in &config.supervision.kinds {
-        let key = format!("supervision.kinds.{kind}");
-        if !KINDS.contains(&kind.as_str()) {
-            let known = KINDS.join("`, `");
-            return Err(err(
-                key,
-                format!("unknown kind `{kind}`, expected one of `{known}`"),
-            ));
-        }
-        check_policy(&key, layer, err)?;
-    }
+    check_supervision(config, err)?;
     for (name, pool) in &config.start_slots {
         pool.validate()
             .map_err(|(f, m)| err(format!("start_slots.{name}.{f}"), m))?;
@@ -168,7 +157,6 @@ fn validate(
             let msg = format!("{sender:?} must be a full user ID like @name:server, or \"*\"");
             return Err(err(key("allowed_senders"), msg));
         }
-        check_policy(&key("supervision"), &acc.supervision, err)?;
     }
 
     if let Some(node) = &config.node {
@@ -222,6 +210,49 @@ fn positive(
     }
 }
 
+/// Validates the restart policies: each layer on its own (`supervision.defaults`,
+/// `supervision.kinds.<kind>`, each Matrix account's `supervision`), then the effective
+/// policy of every kind and every account, all layers applied.
+fn check_supervision(
+    config: &Config,
+    err: &impl Fn(String, String) -> ConfigError,
+) -> Result<(), ConfigError> {
+    check_policy("supervision.defaults", &config.supervision.defaults, err)?;
+    for (kind, layer) in &config.supervision.kinds {
+        let key = format!("supervision.kinds.{kind}");
+        if !KINDS.contains(&kind.as_str()) {
+            let known = KINDS.join("`, `");
+            return Err(err(
+                key,
+                format!("unknown kind `{kind}`, expected one of `{known}`"),
+            ));
+        }
+        check_policy(&key, layer, err)?;
+    }
+    let accounts: Vec<(String, &PolicySettings)> = config
+        .matrix
+        .accounts
+        .iter()
+        .map(|(alias, acc)| {
+            (
+                format!("matrix.accounts.{alias}.supervision"),
+                &acc.supervision,
+            )
+        })
+        .collect();
+    for (key, layer) in &accounts {
+        check_policy(key, layer, err)?;
+    }
+
+    for kind in KINDS {
+        check_effective(config, kind, None, err)?;
+    }
+    for (key, layer) in accounts {
+        check_effective(config, "matrix_account", Some((key, layer)), err)?;
+    }
+    Ok(())
+}
+
 /// Validates one policy layer found at `prefix`.
 fn check_policy(
     prefix: &str,
@@ -231,4 +262,55 @@ fn check_policy(
     layer
         .validate()
         .map_err(|(field, msg)| err(format!("{prefix}.{field}"), msg))
+}
+
+/// Validates the effective policy of `kind` (under `child`, a child's own layer and its
+/// key), exactly as [`Config::policy_for`] composes it. The error names the key of the
+/// layer that set the offending value, so its source is that layer's: of two values that
+/// disagree (`initial_ms` above `max_ms`), the one from the later layer, which overrode
+/// the layer the other came from.
+fn check_effective(
+    config: &Config,
+    kind: &str,
+    child: Option<(String, &PolicySettings)>,
+    err: &impl Fn(String, String) -> ConfigError,
+) -> Result<(), ConfigError> {
+    let policy = config.policy_for(kind, child.as_ref().map(|(_, layer)| *layer));
+    let Err(problem) = validate_effective(&policy) else {
+        return Ok(());
+    };
+    let mut layers = config.kind_layers(kind);
+    layers.extend(child);
+    // The index of the last layer that sets `field`; `None` for the built-in kind default.
+    let origin = |field: &str| layers.iter().rposition(|(_, layer)| layer.sets(field));
+    let (field, mut message, other) = match problem {
+        PolicyProblem::Value((field, message)) => (field, message, None),
+        PolicyProblem::InitialAboveMax { initial_ms, max_ms } => {
+            let (initial, max) = ("backoff.initial_ms", "backoff.max_ms");
+            if origin(max) > origin(initial) {
+                let message = format!("{max_ms} is below {initial} {initial_ms}");
+                (max, message, Some(initial))
+            } else {
+                let message = format!("{initial_ms} is above {max} {max_ms}");
+                (initial, message, Some(max))
+            }
+        }
+    };
+    let Some(at) = origin(field) else {
+        // The built-in policies are valid (a test checks it); this names the kind if not.
+        message.push_str(" (built-in default)");
+        return Err(err(format!("supervision.kinds.{kind}.{field}"), message));
+    };
+    let prefix = &layers[at].0;
+    if let Some(other) = other
+        && let Some(other_at) = origin(other)
+        && other_at != at
+    {
+        message.push_str(&format!(", set at {}.{other}", layers[other_at].0));
+    }
+    if prefix == "supervision.defaults" {
+        // This layer reaches every kind: say which one it breaks.
+        message.push_str(&format!(" in the policy of kind `{kind}`"));
+    }
+    Err(err(format!("{prefix}.{field}"), message))
 }

@@ -65,3 +65,17 @@ pub fn builtin_policy(kind: &str) -> Policy {
         _ => base,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use warden_actors::supervision::settings::validate_effective;
+
+    use super::*;
+
+    #[test]
+    fn every_built_in_policy_is_valid() {
+        for kind in KINDS.iter().chain(&["something_else"]) {
+            assert_eq!(validate_effective(&builtin_policy(kind)), Ok(()), "{kind}");
+        }
+    }
+}

@@ -102,15 +102,29 @@ impl Default for Config {
 impl Config {
     /// The policy of one child: built-in kind default ← `supervision.defaults` ←
     /// `supervision.kinds.<kind>` ← `child` (e.g. an account's `supervision` table).
+    ///
+    /// `warden config check` validates exactly this composition for every kind in
+    /// [`KINDS`] and every Matrix account, so a policy returned here for a valid config
+    /// never restarts without a delay.
     pub fn policy_for(&self, kind: &str, child: Option<&PolicySettings>) -> Policy {
-        let mut policy = self.supervision.defaults.apply(&builtin_policy(kind));
+        let layers = self.kind_layers(kind);
+        let shared = layers.iter().map(|(_, layer)| *layer);
+        shared
+            .chain(child)
+            .fold(builtin_policy(kind), |policy, layer| layer.apply(&policy))
+    }
+
+    /// The configured policy layers of `kind` below a child's own, bottom first, each with
+    /// the key it sits at: `supervision.defaults`, then `supervision.kinds.<kind>` when set.
+    fn kind_layers(&self, kind: &str) -> Vec<(String, &PolicySettings)> {
+        let mut layers = vec![(
+            "supervision.defaults".to_string(),
+            &self.supervision.defaults,
+        )];
         if let Some(layer) = self.supervision.kinds.get(kind) {
-            policy = layer.apply(&policy);
+            layers.push((format!("supervision.kinds.{kind}"), layer));
         }
-        if let Some(layer) = child {
-            policy = layer.apply(&policy);
-        }
-        policy
+        layers
     }
 
     /// The start-slot pools, by name.

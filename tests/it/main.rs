@@ -10,3 +10,4 @@ mod matrix;
 mod node;
 mod process;
 mod synapse;
+mod tls;

@@ -19,6 +19,16 @@
 //! whether to try again, guided by [`ConnectError::is_retryable`] and
 //! [`ConnectError::retry_after`].
 //!
+//! ## TLS
+//! A `wss://` URL is served by rustls with the aws-lc-rs crypto provider, named explicitly
+//! (never a process-wide default, so no "no default provider" panic and no ambiguity if
+//! another provider is ever compiled in), TLS 1.2 and 1.3. The server certificate is checked
+//! against the system's CA roots, read with `rustls-native-certs`: `SSL_CERT_FILE` /
+//! `SSL_CERT_DIR` when set (instead of the system store), else the platform store
+//! (`/etc/ssl/certs` on Debian). The roots are read at the first `wss://` connect and kept
+//! for the life of the process; if none can be read, the connect fails with
+//! [`ConnectError::Tls`] saying so. No OpenSSL is involved.
+//!
 //! ## Failures
 //! A failed connect is classified so a retry layer can act on it without parsing text:
 //! refused / reset before the upgrade, HTTP 503 with `Retry-After`, closed by the server
@@ -134,6 +144,10 @@ pub enum ConnectError {
     /// The URL cannot be used (bad syntax, not `ws://`/`wss://`).
     #[error("bad gateway URL: {0}")]
     Url(String),
+    /// The TLS handshake of a `wss://` URL failed (an untrusted or mismatched certificate,
+    /// a server that does not speak TLS …), or no CA roots could be read to check it.
+    #[error("TLS: {0}")]
+    Tls(String),
     /// Another network error (unreachable host, unknown name …).
     #[error("network error: {0}")]
     Io(io::Error),
@@ -160,6 +174,7 @@ impl ConnectError {
             | ConnectError::Rejected { .. }
             | ConnectError::Timeout(_)
             | ConnectError::Url(_)
+            | ConnectError::Tls(_)
             | ConnectError::Io(_)
             | ConnectError::Protocol(_) => false,
         }
@@ -178,6 +193,10 @@ impl ConnectError {
     fn from_ws(err: tungstenite::Error) -> Self {
         use tungstenite::error::ProtocolError;
         match err {
+            tungstenite::Error::Io(e) if tls::is_handshake_error(&e) => {
+                ConnectError::Tls(tls::handshake_text(&e))
+            }
+            tungstenite::Error::Tls(e) => ConnectError::Tls(e.to_string()),
             tungstenite::Error::Io(e) => match e.kind() {
                 io::ErrorKind::ConnectionRefused
                 | io::ErrorKind::ConnectionReset
@@ -354,8 +373,9 @@ impl GatewayClient {
         // many approval handlers).
         let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
             .read_buffer_size(4 * 1024);
+        let connector = tls::connector(url)?;
         let (ws, _response) =
-            tokio_tungstenite::connect_async_with_config(url, Some(config), false)
+            tokio_tungstenite::connect_async_tls_with_config(url, Some(config), false, connector)
                 .await
                 .map_err(ConnectError::from_ws)?;
         let mut client = GatewayClient {
@@ -695,6 +715,104 @@ impl GatewayClient {
     }
 }
 
+/// The TLS side of `wss://`: see "TLS" in the module doc.
+mod tls {
+    use std::io;
+    use std::sync::{Arc, OnceLock};
+
+    use rustls::{ClientConfig, RootCertStore};
+    use tokio_tungstenite::Connector;
+
+    use super::ConnectError;
+
+    /// What a certificate error adds, so an operator knows where trust comes from.
+    const ROOTS_HINT: &str = "the gateway's certificate must chain to a CA in the system \
+                              store, or in SSL_CERT_FILE / SSL_CERT_DIR when set";
+
+    /// The connector for `url`: rustls for `wss://`, `None` (plain TCP) otherwise.
+    pub(super) fn connector(url: &str) -> Result<Option<Connector>, ConnectError> {
+        let is_wss = url
+            .get(..6)
+            .is_some_and(|scheme| scheme.eq_ignore_ascii_case("wss://"));
+        if !is_wss {
+            return Ok(None);
+        }
+        Ok(Some(Connector::Rustls(config()?)))
+    }
+
+    /// The client config, built at the first `wss://` connect and then shared: reading the
+    /// system's roots parses a file of about 150 certificates (synchronously, a few ms,
+    /// once per process). A failure is not kept, so a later connect reads the roots again.
+    fn config() -> Result<Arc<ClientConfig>, ConnectError> {
+        static CONFIG: OnceLock<Arc<ClientConfig>> = OnceLock::new();
+        if let Some(config) = CONFIG.get() {
+            return Ok(config.clone());
+        }
+        let built = Arc::new(build()?);
+        Ok(CONFIG.get_or_init(|| built).clone())
+    }
+
+    /// rustls with the aws-lc-rs provider, safe default protocol versions and the system's
+    /// roots.
+    fn build() -> Result<ClientConfig, ConnectError> {
+        let loaded = rustls_native_certs::load_native_certs();
+        let mut roots = RootCertStore::empty();
+        let (added, ignored) = roots.add_parsable_certificates(loaded.certs);
+        let errors: Vec<String> = loaded.errors.iter().map(ToString::to_string).collect();
+        if added == 0 {
+            let why = if errors.is_empty() {
+                format!("none found, {ignored} unusable")
+            } else {
+                errors.join("; ")
+            };
+            return Err(ConnectError::Tls(format!(
+                "no CA certificates to check the gateway's certificate with ({why}); install \
+                 the system's CA bundle (Debian: ca-certificates) or set SSL_CERT_FILE to a \
+                 PEM file"
+            )));
+        }
+        if !errors.is_empty() || ignored > 0 {
+            tracing::warn!(
+                added,
+                ignored,
+                errors = %errors.join("; "),
+                "Some CA certificates could not be read; using the others."
+            );
+        }
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let config = ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| ConnectError::Tls(e.to_string()))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Ok(config)
+    }
+
+    /// Whether `err` is a failed TLS handshake (tokio-rustls wraps the rustls error).
+    pub(super) fn is_handshake_error(err: &io::Error) -> bool {
+        rustls_error(err).is_some()
+    }
+
+    /// The handshake failure in one line, with where trust comes from when it is the
+    /// certificate that was refused.
+    pub(super) fn handshake_text(err: &io::Error) -> String {
+        match rustls_error(err) {
+            Some(
+                e @ rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer),
+            ) => format!("{e}; {ROOTS_HINT}"),
+            Some(e @ rustls::Error::InvalidMessage(_)) => {
+                format!("{e}; the server does not seem to speak TLS (a ws:// listener?)")
+            }
+            Some(e) => e.to_string(),
+            None => err.to_string(),
+        }
+    }
+
+    fn rustls_error(err: &io::Error) -> Option<&rustls::Error> {
+        err.get_ref()?.downcast_ref::<rustls::Error>()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::future::Future;
@@ -707,6 +825,30 @@ mod tests {
     use super::*;
 
     type ServerWs = WebSocketStream<TcpStream>;
+
+    #[test]
+    fn a_failed_tls_handshake_is_its_own_class_and_not_retried() {
+        let refused = rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer);
+        let io_err = io::Error::new(io::ErrorKind::InvalidData, refused);
+        let err = ConnectError::from_ws(tungstenite::Error::Io(io_err));
+        assert!(matches!(err, ConnectError::Tls(_)), "{err:?}");
+        assert!(!err.is_retryable());
+        assert!(
+            err.to_string()
+                .starts_with("TLS: invalid peer certificate: UnknownIssuer; "),
+            "{err}"
+        );
+        // A plain I/O error is still a network error.
+        let reset = io::Error::new(io::ErrorKind::TimedOut, "timed out");
+        let err = ConnectError::from_ws(tungstenite::Error::Io(reset));
+        assert!(matches!(err, ConnectError::Io(_)), "{err:?}");
+    }
+
+    #[test]
+    fn only_wss_urls_get_a_tls_connector() {
+        let plain = tls::connector("ws://127.0.0.1:1/ws").expect("no roots needed");
+        assert!(plain.is_none());
+    }
 
     /// A one-connection WebSocket server playing the gateway's side with `play`.
     async fn serve_once<F, Fut>(play: F) -> (String, JoinHandle<()>)

@@ -77,6 +77,59 @@ impl From<ActionSetting> for Action {
 /// A value that is out of range: (field name relative to the layer, what is wrong).
 pub type Invalid = (&'static str, String);
 
+/// Why an effective policy (every layer applied) cannot be used.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PolicyProblem {
+    /// One value is out of range on its own; the layer that set it is to blame.
+    Value(Invalid),
+    /// `backoff.initial_ms` is above `backoff.max_ms`. Either may be to blame: each can come
+    /// from a different layer.
+    InitialAboveMax {
+        /// The effective `backoff.initial_ms`.
+        initial_ms: u64,
+        /// The effective `backoff.max_ms`.
+        max_ms: u64,
+    },
+}
+
+/// The rules every policy value must meet on its own, shared by the per-layer check and
+/// the check of the effective policy. Why each bound:
+///
+/// - `backoff.max_ms` and `backoff.initial_ms` above 0: `delay(n) = min(max, initial ×
+///   multiplierⁿ)`, so a zero in either makes every delay 0 and a crash-looping child
+///   restarts as fast as the CPU allows (60,941 times in 3 s with `max_ms = 0`).
+/// - `backoff.multiplier` a finite number ≥ 1: below 1 the delays shrink towards 0.
+/// - `backoff.jitter` a finite number in `[0, 1]`: it is the fraction taken off a delay.
+/// - `window_ms` above 0: a zero window counts no failure, so the budget never runs out.
+/// - `shutdown_timeout_ms` above 0: a zero limit kills every child without a graceful stop.
+mod rule {
+    use super::Invalid;
+
+    pub(super) fn above_zero(field: &'static str, value: u64) -> Result<(), Invalid> {
+        if value == 0 {
+            Err((field, "must be above 0".to_string()))
+        } else {
+            Ok(())
+        }
+    }
+
+    pub(super) fn multiplier(m: f64) -> Result<(), Invalid> {
+        if m.is_finite() && m >= 1.0 {
+            Ok(())
+        } else {
+            Err(("backoff.multiplier", format!("{m} must be a number ≥ 1")))
+        }
+    }
+
+    pub(super) fn jitter(j: f64) -> Result<(), Invalid> {
+        if (0.0..=1.0).contains(&j) {
+            Ok(())
+        } else {
+            Err(("backoff.jitter", format!("{j} must be between 0 and 1")))
+        }
+    }
+}
+
 impl PolicySettings {
     /// Lays this layer over `base`.
     pub fn apply(&self, base: &Policy) -> Policy {
@@ -104,18 +157,22 @@ impl PolicySettings {
         }
     }
 
-    /// Checks the values this layer sets, naming the first bad field.
+    /// Checks the values this layer sets, naming the first bad field. A layer that sets
+    /// both `initial_ms` and `max_ms` must keep them in order; across layers, see
+    /// [`validate_effective`].
     pub fn validate(&self) -> Result<(), Invalid> {
         let b = &self.backoff;
-        if let Some(m) = b.multiplier
-            && !(m.is_finite() && m >= 1.0)
-        {
-            return Err(("backoff.multiplier", format!("{m} must be a number ≥ 1")));
+        if let Some(v) = b.initial_ms {
+            rule::above_zero("backoff.initial_ms", v)?;
         }
-        if let Some(j) = b.jitter
-            && !(0.0..=1.0).contains(&j)
-        {
-            return Err(("backoff.jitter", format!("{j} must be between 0 and 1")));
+        if let Some(v) = b.max_ms {
+            rule::above_zero("backoff.max_ms", v)?;
+        }
+        if let Some(m) = b.multiplier {
+            rule::multiplier(m)?;
+        }
+        if let Some(j) = b.jitter {
+            rule::jitter(j)?;
         }
         if let (Some(i), Some(m)) = (b.initial_ms, b.max_ms)
             && i > m
@@ -125,14 +182,56 @@ impl PolicySettings {
                 format!("{i} is above backoff.max_ms {m}"),
             ));
         }
-        if self.window_ms == Some(0) {
-            return Err(("window_ms", "must be above 0".to_string()));
+        if let Some(v) = self.window_ms {
+            rule::above_zero("window_ms", v)?;
         }
-        if self.shutdown_timeout_ms == Some(0) {
-            return Err(("shutdown_timeout_ms", "must be above 0".to_string()));
+        if let Some(v) = self.shutdown_timeout_ms {
+            rule::above_zero("shutdown_timeout_ms", v)?;
         }
         Ok(())
     }
+
+    /// Whether this layer sets `field`, named as in [`Invalid`] (`backoff.max_ms`,
+    /// `window_ms` …): how a problem of the effective policy is traced to its layer.
+    pub fn sets(&self, field: &str) -> bool {
+        let b = &self.backoff;
+        match field {
+            "backoff.initial_ms" => b.initial_ms.is_some(),
+            "backoff.max_ms" => b.max_ms.is_some(),
+            "backoff.multiplier" => b.multiplier.is_some(),
+            "backoff.jitter" => b.jitter.is_some(),
+            "backoff.reset_after_ms" => b.reset_after_ms.is_some(),
+            "max_restarts" => self.max_restarts.is_some(),
+            "window_ms" => self.window_ms.is_some(),
+            "on_exhausted" => self.on_exhausted.is_some(),
+            "on_fatal" => self.on_fatal.is_some(),
+            "liveness_timeout_ms" => self.liveness_timeout_ms.is_some(),
+            "shutdown_timeout_ms" => self.shutdown_timeout_ms.is_some(),
+            "warn_after" => self.warn_after.is_some(),
+            _ => false,
+        }
+    }
+}
+
+/// Checks a policy with every layer applied: the same rules as
+/// [`PolicySettings::validate`], on the values a child will actually run with. A value
+/// that is fine in its own layer can still meet a bad partner from another one (an
+/// `initial_ms` in `supervision.defaults` above a kind's built-in `max_ms`).
+pub fn validate_effective(policy: &Policy) -> Result<(), PolicyProblem> {
+    let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    let b = &policy.backoff;
+    let (initial_ms, max_ms) = (ms(b.initial), ms(b.max));
+    let values = rule::above_zero("backoff.initial_ms", initial_ms)
+        .and_then(|()| rule::above_zero("backoff.max_ms", max_ms))
+        .and_then(|()| rule::multiplier(b.multiplier))
+        .and_then(|()| rule::jitter(b.jitter));
+    values.map_err(PolicyProblem::Value)?;
+    if initial_ms > max_ms {
+        return Err(PolicyProblem::InitialAboveMax { initial_ms, max_ms });
+    }
+    rule::above_zero("window_ms", ms(policy.window))
+        .and_then(|()| rule::above_zero("shutdown_timeout_ms", ms(policy.shutdown_timeout)))
+        .map_err(PolicyProblem::Value)
 }
 
 /// A start-slot pool as configured.
@@ -226,11 +325,104 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(bad.validate().map_err(|e| e.0), Err("backoff.initial_ms"));
+        let zero = PolicySettings {
+            backoff: BackoffSettings {
+                max_ms: Some(0),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        assert_eq!(zero.validate().map_err(|e| e.0), Err("backoff.max_ms"));
         let pool = PoolConfig {
             max_concurrent: 0,
             jitter_ms: 0,
             hold_timeout_ms: 1,
         };
         assert_eq!(pool.validate().map_err(|e| e.0), Err("max_concurrent"));
+    }
+
+    #[test]
+    fn effective_policy_is_checked_as_a_whole() {
+        let base = Policy::default();
+        assert_eq!(validate_effective(&base), Ok(()));
+        let spin = Policy {
+            backoff: Backoff {
+                max: Duration::ZERO,
+                ..base.backoff
+            },
+            ..base
+        };
+        assert_eq!(
+            validate_effective(&spin),
+            Err(PolicyProblem::Value((
+                "backoff.max_ms",
+                "must be above 0".to_string()
+            )))
+        );
+        let inverted = Policy {
+            backoff: Backoff {
+                initial: Duration::from_secs(90),
+                ..base.backoff
+            },
+            ..base
+        };
+        assert_eq!(
+            validate_effective(&inverted),
+            Err(PolicyProblem::InitialAboveMax {
+                initial_ms: 90_000,
+                max_ms: 60_000
+            })
+        );
+        let nan = Policy {
+            backoff: Backoff {
+                multiplier: f64::NAN,
+                ..base.backoff
+            },
+            ..base
+        };
+        assert!(matches!(
+            validate_effective(&nan),
+            Err(PolicyProblem::Value(("backoff.multiplier", _)))
+        ));
+        let no_window = Policy {
+            window: Duration::ZERO,
+            ..base
+        };
+        assert!(matches!(
+            validate_effective(&no_window),
+            Err(PolicyProblem::Value(("window_ms", _)))
+        ));
+    }
+
+    #[test]
+    fn every_field_a_check_can_name_is_traceable_to_its_layer() {
+        let all = PolicySettings {
+            backoff: BackoffSettings {
+                initial_ms: Some(1),
+                max_ms: Some(1),
+                multiplier: Some(1.0),
+                jitter: Some(0.0),
+                reset_after_ms: Some(1),
+            },
+            max_restarts: Some(1),
+            window_ms: Some(1),
+            on_exhausted: Some(ActionSetting::Park),
+            on_fatal: Some(ActionSetting::Park),
+            liveness_timeout_ms: Some(1),
+            shutdown_timeout_ms: Some(1),
+            warn_after: Some(1),
+        };
+        for field in [
+            "backoff.initial_ms",
+            "backoff.max_ms",
+            "backoff.multiplier",
+            "backoff.jitter",
+            "window_ms",
+            "shutdown_timeout_ms",
+        ] {
+            assert!(all.sets(field), "{field}");
+            assert!(!PolicySettings::default().sets(field), "{field}");
+        }
+        assert!(!all.sets("backoff.nonsense"));
     }
 }
