@@ -216,7 +216,14 @@ async fn wss_call_and_node_through_a_tls_terminator_trust_only_ssl_cert_file() {
 
     let gateway = format!("127.0.0.1:{}", free_port());
     let plain_url = format!("ws://{gateway}/ws");
-    let gw = Warden::start("tls-gw", &gateway, &[("WARDEN_GATEWAY__TOKEN", TOKEN)]);
+    let gw = Warden::start(
+        "tls-gw",
+        &gateway,
+        &[
+            ("WARDEN_GATEWAY__TOKEN", TOKEN),
+            ("WARDEN_GATEWAY__ALLOW_UNLISTED_NODES", "true"),
+        ],
+    );
     let admin = gw.admin().await;
     poll_json(
         &format!("{admin}/readyz"),
