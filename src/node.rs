@@ -10,14 +10,21 @@
 //! `consecutive_failures`. With `node.max_disconnected_ms` set, a node that stays
 //! disconnected that long exits 75 after an ordered shutdown, so its service manager
 //! restarts it.
+//!
+//! The node needs `node.token` (or `token_file`): it authenticates with it, and checks the
+//! approval grants of commands that need approval with it; config validation refuses a
+//! `[node]` without one (exit 64). This is where the node's own environment is read for its
+//! commands: each gets only `PATH`, `LANG` and `HOME` from it, plus its own `env` table.
+//! The [`Admission`] — the limits on running and queued commands and the grants already
+//! used — is made once here and outlives every reconnect.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tracing::{error, info};
-use warden_actors::node::commands::CommandSpec;
-use warden_actors::node::connection::{self, ConnectionConfig, NodeStatus};
+use warden_actors::node::commands::{self, CommandSpec};
+use warden_actors::node::connection::{self, Admission, ConnectionConfig, NodeStatus};
 use warden_actors::supervision::EXIT_BUDGET_EXHAUSTED;
 
 use crate::admin;
@@ -45,15 +52,20 @@ pub async fn run(loaded: Loaded) -> i32 {
     let connection_config = connection_config(&node);
     let name = connection_config.name.clone();
     let status = Arc::new(NodeStatus::new());
+    let admission = Arc::new(Admission::new(
+        node.max_concurrent_commands,
+        node.max_queued_commands,
+    ));
 
     let probe_status = status.clone();
     let admin_state = program
         .admin_state(&loaded)
         .with_health(Arc::new(move || probe_status.to_json()));
     let children = vec![
-        connection::spec(
+        connection::spec_with_admission(
             connection_config,
             status.clone(),
+            admission,
             config.policy_for(connection::KIND, None),
         ),
         admin::spec(
@@ -102,14 +114,19 @@ fn connection_config(node: &NodeSettings) -> ConnectionConfig {
             let spec = CommandSpec {
                 argv: c.argv.clone(),
                 args: c.args,
+                approval: c.approval,
                 timeout: Duration::from_millis(c.timeout_ms),
                 max_output_bytes: c.max_output_bytes,
+                env: commands::environment(|key| std::env::var(key).ok(), &c.env),
+                args_after_separator: c.args_after_separator,
+                allow_option_args: c.allow_option_args,
             };
             (name.clone(), spec)
         })
         .collect();
     ConnectionConfig {
         gateway_url: node.gateway_url.clone(),
+        // Config validation refuses a [node] without a token.
         token: node.token.clone().unwrap_or_default(),
         name: node.name.clone().unwrap_or_else(host_name),
         commands: Arc::new(commands),

@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 
 use figment::Figment;
+use warden_actors::node::commands;
 use warden_actors::supervision::settings::{PolicyProblem, PolicySettings, validate_effective};
 
 use super::kinds::KINDS;
@@ -174,6 +175,21 @@ fn validate(
                 cmd.timeout_ms,
                 err,
             )?;
+            for (key, value) in &cmd.env {
+                commands::check_env(key, value)
+                    .map_err(|msg| err(format!("node.commands.{name}.env"), msg))?;
+            }
+        }
+        positive(
+            "node.max_concurrent_commands",
+            node.max_concurrent_commands as u64,
+            err,
+        )?;
+        if node.token.is_none() {
+            let msg = "is required: the node authenticates with it and checks approval \
+                       grants with it; set node.token or node.token_file"
+                .to_string();
+            return Err(err("node.token".to_string(), msg));
         }
     }
 

@@ -157,7 +157,8 @@ pub struct ApprovalSettings {
 pub struct NodeSettings {
     /// Gateway WebSocket URL, `ws://…` or `wss://…`. Required.
     pub gateway_url: String,
-    /// Gateway token. Secret.
+    /// Gateway token. Secret. Required, here or through `token_file`: the node
+    /// authenticates with it and checks approval grants with it.
     pub token: Option<String>,
     /// File holding `token`.
     pub token_file: Option<PathBuf>,
@@ -177,6 +178,21 @@ pub struct NodeSettings {
     /// The retry interval inside that window, in ms (jittered). Default 500.
     #[serde(default = "default_reconnect_within_ms")]
     pub reconnect_within_ms: u64,
+    /// Commands run at once at most (> 0). Default 4.
+    #[serde(default = "default_max_concurrent_commands")]
+    pub max_concurrent_commands: usize,
+    /// Invocations that wait, first come first served, while that many run; more are
+    /// answered `busy` at once. 0 = none wait. Default 32.
+    #[serde(default = "default_max_queued_commands")]
+    pub max_queued_commands: usize,
+}
+
+fn default_max_concurrent_commands() -> usize {
+    4
+}
+
+fn default_max_queued_commands() -> usize {
+    32
 }
 
 fn default_reconnect_window_ms() -> u64 {
@@ -198,6 +214,8 @@ impl fmt::Debug for NodeSettings {
             .field("commands", &self.commands)
             .field("reconnect_window_ms", &self.reconnect_window_ms)
             .field("reconnect_within_ms", &self.reconnect_within_ms)
+            .field("max_concurrent_commands", &self.max_concurrent_commands)
+            .field("max_queued_commands", &self.max_queued_commands)
             .finish()
     }
 }
@@ -211,15 +229,31 @@ pub struct NodeCommand {
     /// Whether callers may append arguments. Default false.
     #[serde(default)]
     pub args: bool,
-    /// Whether each run needs an approval first. Default false.
+    /// Whether each run needs an approval first: the node runs it only with a grant the
+    /// gateway signed with the node's token for exactly this run. Default false.
     #[serde(default)]
     pub approval: bool,
-    /// The run is killed after this long, in ms. Default 60000.
+    /// The run is killed (its whole process group) after this long, in ms, counted from
+    /// its start. Default 60000.
     #[serde(default = "default_command_timeout_ms")]
     pub timeout_ms: u64,
     /// Bytes kept of each of stdout and stderr. Default 65536.
     #[serde(default = "default_max_output_bytes")]
     pub max_output_bytes: usize,
+    /// Variables set for the program, beside PATH, LANG and HOME copied from the node's
+    /// environment (these win over them). Names non-empty, without `=` or NUL. Default
+    /// empty.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Put callers' arguments after a literal `--`, so the program reads them as operands,
+    /// never options. Default false.
+    #[serde(default)]
+    pub args_after_separator: bool,
+    /// Accept callers' arguments that start with `-` (they may turn into options of the
+    /// program). When false, such an argument is refused with `bad_request`, unless
+    /// `args_after_separator` is set. Default false.
+    #[serde(default)]
+    pub allow_option_args: bool,
 }
 
 fn default_max_output_bytes() -> usize {

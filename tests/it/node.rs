@@ -1,14 +1,25 @@
 //! Real-process tests of node mode: `warden node` processes connected to a `warden run`
-//! gateway that is stopped, killed and restarted under them.
+//! gateway that is stopped, killed and restarted under them, and to a fake gateway played
+//! by the test, which sends `node.invoke` requests no real gateway would (forged and
+//! replayed grants, more invocations than the node runs at once).
 
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
 
+use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
 use warden_actors::gateway::client::{ConnectOptions, GatewayClient};
-use warden_actors::gateway::protocol::{ClientInfo, Role};
+use warden_actors::gateway::protocol::auth::Secret;
+use warden_actors::gateway::protocol::grant::Grant;
+use warden_actors::gateway::protocol::{
+    ClientInfo, CommandInfo, ConnectParams, ErrorBody, Frame, Role,
+};
 
-use crate::process::{TempDir, Warden, poll_json};
+use crate::process::{TempDir, Warden, command, poll_json};
 
 const TOKEN: &str = "node-test-token";
 
@@ -267,4 +278,388 @@ async fn a_node_disconnected_too_long_exits_75() {
         "{}",
         lonely.logs()
     );
+}
+
+// ---- against a fake gateway ----
+
+/// How long any one step of the fake-gateway tests may take.
+const STEP: Duration = Duration::from_secs(15);
+
+/// A gateway played by the test: it accepts a node, handshakes, and then sends whatever
+/// `node.invoke` the test wants.
+struct FakeGateway {
+    listener: TcpListener,
+    url: String,
+}
+
+/// One node's socket on the fake gateway.
+struct NodeSocket {
+    ws: WebSocketStream<TcpStream>,
+    /// What the node sent in `connect`.
+    connect: ConnectParams,
+    last_id: u64,
+}
+
+impl FakeGateway {
+    async fn bind() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("ws://{}/ws", listener.local_addr().expect("addr"));
+        Self { listener, url }
+    }
+
+    /// Accepts the next node: challenge, `connect`, `hello-ok` (no ticks).
+    async fn accept(&self) -> NodeSocket {
+        let handshake = async {
+            let (tcp, _) = self.listener.accept().await.expect("accept");
+            let mut ws = tokio_tungstenite::accept_async(tcp).await.expect("upgrade");
+            let challenge = Frame::event("connect.challenge", json!({"nonce": "n", "ts": 0}));
+            ws.send(Message::text(challenge.to_text()))
+                .await
+                .expect("challenge");
+            let Some(Frame::Req { id, method, params }) = next_frame(&mut ws).await else {
+                panic!("expected connect");
+            };
+            assert_eq!(method, "connect");
+            let hello = json!({
+                "type": "hello-ok",
+                "server": {"version": "fake"},
+                "policy": {"tick_interval_ms": 0, "max_frame_bytes": 1 << 20},
+            });
+            ws.send(Message::text(Frame::ok(id, hello).to_text()))
+                .await
+                .expect("hello");
+            let connect = serde_json::from_value(params).expect("connect params");
+            NodeSocket {
+                ws,
+                connect,
+                last_id: 0,
+            }
+        };
+        tokio::time::timeout(STEP, handshake)
+            .await
+            .expect("the node connects")
+    }
+}
+
+/// The next protocol frame, or `None` once the socket is closed.
+async fn next_frame(ws: &mut WebSocketStream<TcpStream>) -> Option<Frame> {
+    loop {
+        match ws.next().await? {
+            Ok(Message::Text(text)) => return Some(Frame::parse(text.as_str()).expect("frame")),
+            Ok(Message::Close(_)) | Err(_) => return None,
+            Ok(_) => {}
+        }
+    }
+}
+
+impl NodeSocket {
+    /// Sends `node.invoke` with `params`; returns its request id.
+    async fn send_invoke(&mut self, params: Value) -> String {
+        self.last_id += 1;
+        let id = format!("g{}", self.last_id);
+        let req = Frame::Req {
+            id: id.clone(),
+            method: "node.invoke".to_string(),
+            params,
+        };
+        self.ws
+            .send(Message::text(req.to_text()))
+            .await
+            .expect("send");
+        id
+    }
+
+    /// The next answer: (request id, result).
+    async fn answer(&mut self) -> (String, Result<Value, ErrorBody>) {
+        let frame = tokio::time::timeout(STEP, next_frame(&mut self.ws))
+            .await
+            .expect("an answer in time");
+        match frame {
+            Some(Frame::Res {
+                id,
+                ok: true,
+                payload,
+                ..
+            }) => (id, Ok(payload.unwrap_or(Value::Null))),
+            Some(Frame::Res {
+                id,
+                error: Some(error),
+                ..
+            }) => (id, Err(error)),
+            other => panic!("expected an answer, got {other:?}"),
+        }
+    }
+
+    /// Sends `node.invoke` and waits for its answer (nothing else may be open).
+    async fn invoke(&mut self, params: Value) -> Result<Value, ErrorBody> {
+        let id = self.send_invoke(params).await;
+        let (answered, result) = self.answer().await;
+        assert_eq!(answered, id);
+        result
+    }
+}
+
+/// Starts `warden node` with `config` (TOML) and `envs` in a fresh directory named after
+/// `dir_name`; returns it with that directory, where its commands run too.
+fn node_with(dir_name: &str, config: &str, envs: &[(&str, &str)]) -> (Warden, PathBuf) {
+    let dir = TempDir::new(dir_name);
+    let path = dir.0.clone();
+    std::fs::write(path.join("node.toml"), config).expect("config");
+    let args = [
+        "--config",
+        "node.toml",
+        "node",
+        "--admin-bind",
+        "127.0.0.1:0",
+        "--log-format",
+        "json",
+    ];
+    (Warden::spawn(dir, &args, envs), path)
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_millis() as u64
+}
+
+/// Waits until `check` holds, or fails naming `what`.
+async fn until(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + STEP;
+    while !check() {
+        assert!(Instant::now() < deadline, "not within {STEP:?}: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The live (not zombie) processes of process group `pgid`.
+fn live_in_group(pgid: i32) -> usize {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    dir.filter_map(|entry| {
+        let pid: i32 = entry.ok()?.file_name().to_str()?.parse().ok()?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // `pid (comm) state ppid pgrp …`
+        let mut rest = stat.rsplit_once(')')?.1.split_whitespace();
+        let state = rest.next()?;
+        let pgrp: i32 = rest.nth(1)?.parse().ok()?;
+        (pgrp == pgid && state != "Z" && state != "X").then_some(())
+    })
+    .count()
+}
+
+fn exists(dir: &Path, file: &str) -> bool {
+    dir.join(file).exists()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_runs_an_approval_command_only_with_a_valid_unused_grant_and_leaks_no_env() {
+    let gw = FakeGateway::bind().await;
+    let config = format!(
+        r#"[node]
+gateway_url = "{}"
+name = "vault"
+[node.commands.env]
+argv = ["env"]
+[node.commands.guarded]
+argv = ["echo", "approved"]
+args = true
+approval = true
+"#,
+        gw.url
+    );
+    // The token comes from the environment, as in a container: `env` must not see it.
+    let (mut node, _) = node_with("trust-vault", &config, &[("WARDEN_NODE__TOKEN", TOKEN)]);
+    let mut socket = gw.accept().await;
+    assert_eq!(socket.connect.token, TOKEN);
+    let announced = socket.connect.node.clone().expect("node info").commands;
+    assert_eq!(
+        announced,
+        [
+            CommandInfo::plain("env"),
+            CommandInfo {
+                name: "guarded".into(),
+                approval: true
+            }
+        ]
+    );
+
+    let args = json!(["the-vault"]);
+    let expires = now_ms() + 60_000;
+    let err = socket
+        .invoke(json!({"command": "guarded", "args": args}))
+        .await
+        .expect_err("no grant");
+    assert_eq!(err.code, "approval_required", "{err:?}");
+
+    let forged = Grant::issue(
+        &Secret::new("not-the-node-token"),
+        "appr-1",
+        "vault",
+        "guarded",
+        &args,
+        expires,
+    );
+    let err = socket
+        .invoke(json!({"command": "guarded", "args": args, "grant": forged}))
+        .await
+        .expect_err("signed with another key");
+    assert_eq!(err.code, "forbidden", "{err:?}");
+    assert!(err.message.contains("not valid"), "{err:?}");
+
+    let grant = Grant::issue(
+        &Secret::new(TOKEN),
+        "appr-2",
+        "vault",
+        "guarded",
+        &args,
+        expires,
+    );
+    let out = socket
+        .invoke(json!({"command": "guarded", "args": args, "grant": grant}))
+        .await
+        .expect("a valid grant runs the command");
+    assert_eq!(out["stdout"], "approved the-vault\n");
+    let err = socket
+        .invoke(json!({"command": "guarded", "args": args, "grant": grant}))
+        .await
+        .expect_err("replayed");
+    assert_eq!(err.code, "forbidden", "{err:?}");
+    assert!(err.message.contains("already used"), "{err:?}");
+
+    let out = socket
+        .invoke(json!({"command": "env"}))
+        .await
+        .expect("env runs");
+    let env = out["stdout"].as_str().expect("stdout");
+    assert!(env.contains("PATH="), "{env}");
+    assert!(!env.contains("WARDEN_"), "{env}");
+    assert!(!env.contains(TOKEN), "{env}");
+    assert!(node.is_running(), "{}", node.logs());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_runs_four_at_once_queues_the_fifth_and_refuses_the_sixth() {
+    let gw = FakeGateway::bind().await;
+    let dir_name = "trust-queue";
+    // Each run marks its start and holds until the test lets it go (30 s at most, should
+    // a failed test leave it behind).
+    let config = format!(
+        r#"[node]
+gateway_url = "{}"
+token = "{TOKEN}"
+name = "busy"
+max_concurrent_commands = 4
+max_queued_commands = 1
+[node.commands.hold]
+argv = ["sh", "-c", "touch started.$1; i=0; while [ ! -e go.$1 ] && [ $i -lt 1500 ]; do sleep 0.02; i=$((i+1)); done; echo $1", "hold"]
+args = true
+"#,
+        gw.url
+    );
+    let (node, dir) = node_with(dir_name, &config, &[]);
+    let mut socket = gw.accept().await;
+    let hold = |n: u32| json!({"command": "hold", "args": [n.to_string()]});
+
+    let mut ids = Vec::new();
+    for n in 1..=4 {
+        ids.push(socket.send_invoke(hold(n)).await);
+    }
+    until("four runs started", || {
+        (1..=4).all(|n| exists(&dir, &format!("started.{n}")))
+    })
+    .await;
+    let fifth = socket.send_invoke(hold(5)).await;
+    let sixth = socket.send_invoke(hold(6)).await;
+    let (id, result) = socket.answer().await;
+    assert_eq!(
+        id, sixth,
+        "the sixth is answered at once; the others still run or wait"
+    );
+    let err = result.expect_err("busy");
+    assert_eq!(err.code, "busy", "{err:?}");
+    assert!(err.message.contains("node.max_queued_commands"), "{err:?}");
+    assert!(!exists(&dir, "started.5"), "the fifth waits while four run");
+
+    std::fs::write(dir.join("go.2"), "").expect("release 2");
+    let (id, result) = socket.answer().await;
+    assert_eq!(id, ids[1]);
+    assert_eq!(result.expect("2 ran")["stdout"], "2\n");
+    until("the fifth started once the second ended", || {
+        exists(&dir, "started.5")
+    })
+    .await;
+
+    for n in [1, 3, 4, 5] {
+        std::fs::write(dir.join(format!("go.{n}")), "").expect("release");
+    }
+    let mut answered = Vec::new();
+    for _ in 0..4 {
+        let (id, result) = socket.answer().await;
+        assert!(result.is_ok(), "{id}: {result:?}");
+        answered.push(id);
+    }
+    answered.sort();
+    let mut expected = vec![ids[0].clone(), ids[2].clone(), ids[3].clone(), fifth];
+    expected.sort();
+    assert_eq!(answered, expected);
+    drop(node);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_connection_kills_the_process_groups_of_its_runs() {
+    let gw = FakeGateway::bind().await;
+    let dir_name = "trust-lost";
+    let config = format!(
+        r#"[node]
+gateway_url = "{}"
+token = "{TOKEN}"
+name = "orphan"
+[node.commands.linger]
+argv = ["sh", "-c", "sleep 60 & echo $$ > pgid.tmp && mv pgid.tmp pgid; wait"]
+"#,
+        gw.url
+    );
+    let (mut node, dir) = node_with(dir_name, &config, &[]);
+    let mut socket = gw.accept().await;
+    socket.send_invoke(json!({"command": "linger"})).await;
+    let pgid = || {
+        std::fs::read_to_string(dir.join("pgid"))
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok())
+    };
+    until("the run and its background sleep are up", || {
+        pgid().is_some_and(|g| live_in_group(g) >= 2)
+    })
+    .await;
+    let pgid = pgid().expect("pgid");
+
+    drop(socket);
+    until("the run's process group is gone", || {
+        live_in_group(pgid) == 0
+    })
+    .await;
+    // The node reconnects: the restart of its connection actor is the reconnect.
+    let _again = gw.accept().await;
+    assert!(node.is_running(), "{}", node.logs());
+}
+
+#[tokio::test]
+async fn a_node_without_a_token_exits_64_naming_node_token() {
+    let dir = TempDir::new("trust-no-token");
+    let config = "[node]\ngateway_url = \"ws://127.0.0.1:9/ws\"\n\
+                  [node.commands.up]\nargv = [\"uptime\"]\n";
+    std::fs::write(dir.0.join("node.toml"), config).expect("config");
+    for args in [
+        &["--config", "node.toml", "node"][..],
+        &["--config", "node.toml", "config", "check"][..],
+    ] {
+        let out = command(&dir, args, &[]).output().await.expect("runs");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.contains("node.token"), "{err}");
+    }
 }

@@ -7,8 +7,29 @@
 //!
 //! ## Supervision
 //! `root/connection` in node mode (`warden node`), a permanent child of the root. It owns a
-//! pump task (aborted with its state) that holds the [`GatewayClient`], reads frames, runs
-//! commands concurrently and answers them.
+//! pump task (aborted with its state) that holds the [`GatewayClient`], reads frames, admits
+//! invocations, runs commands concurrently and answers them. The pump owns the runs (a
+//! `JoinSet`) and the queue of waiting invocations; when the connection ends it aborts the
+//! runs — which kills their process groups — before it reports the loss, and an answer never
+//! outlives the connection it was asked on.
+//!
+//! ## Invocations
+//! A `node.invoke` is checked in the pump, in this order, and answered at once when it
+//! fails: a declared command (`unknown_command`); arguments that are strings, allowed, and
+//! not option-like unless the command says so (`bad_request`, naming the argument); room to
+//! run or wait (`busy`, naming the limit); and, for a command announced with `approval =
+//! true`, a grant for exactly this node, command and arguments, keyed with the node's own
+//! token, unexpired and never used before (`approval_required` without one, `forbidden`
+//! naming why otherwise). A grant that passes is spent even if the run then fails; a grant
+//! on a command that needs none is ignored. The used grants are remembered in the
+//! [`Admission`] shared by every incarnation, so a reconnect does not make a grant new.
+//!
+//! At most `node.max_concurrent_commands` run at once; further invocations wait in arrival
+//! order, at most `node.max_queued_commands` of them. A command's timeout counts from the
+//! moment it starts running, not from its arrival: the gateway's own `timeout_ms` bounds
+//! how long its caller waits. An invocation that reaches the head of the queue after
+//! waiting longer than its command's timeout is answered `busy` and not run, so a queue
+//! that drained slowly does not start work whose caller gave up long ago.
 //!
 //! ## Restart policy
 //! Kind `node_connection`: the supervisor's restart *is* the reconnect — there is no retry
@@ -21,7 +42,7 @@
 //! long rather than after a grown backoff. A rejected token (`unauthorized` or close 1008)
 //! is fatal: no reconnect can fix it, and `on_fatal` (default `exit`, code 78) applies.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -29,10 +50,12 @@ use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, SpawnErr};
 use serde_json::{Value, json};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
-use tracing::{Instrument, info, warn};
+use tracing::{Instrument, info, info_span, warn};
 
 use super::commands::{self, CommandError, CommandSpec};
 use crate::gateway::client::{ConnectError, ConnectOptions, GatewayClient, Incoming};
+use crate::gateway::protocol::auth::Secret;
+use crate::gateway::protocol::grant::{GrantError, UsedGrants};
 use crate::gateway::protocol::{
     ClientInfo, CommandInfo, ErrorBody, NodeInfo, NodeInvokeParams, Role, close, code,
 };
@@ -144,8 +167,59 @@ impl NodeStatus {
     }
 }
 
-/// The connection child's spec.
+/// Default `node.max_concurrent_commands`.
+pub const DEFAULT_MAX_CONCURRENT_COMMANDS: usize = 4;
+
+/// Default `node.max_queued_commands`.
+pub const DEFAULT_MAX_QUEUED_COMMANDS: usize = 32;
+
+/// How many used, unexpired approval grants a node remembers to refuse their replay; past
+/// that, runs that need approval are answered `busy` until some expire.
+pub const MAX_USED_GRANTS: usize = 1024;
+
+/// How a node admits invocations, shared across incarnations of the connection actor: the
+/// limits on running and waiting commands, and the approval grants it has used.
+#[derive(Debug)]
+pub struct Admission {
+    /// At most this many commands run at once (at least 1).
+    max_running: usize,
+    /// At most this many invocations wait for a slot, in arrival order.
+    max_queued: usize,
+    /// The grants redeemed and not yet expired: a replay is refused, across reconnects.
+    used_grants: Mutex<UsedGrants>,
+}
+
+impl Admission {
+    /// Runs at most `max_running` commands at once (0 counts as 1) and queues at most
+    /// `max_queued` more.
+    pub fn new(max_running: usize, max_queued: usize) -> Self {
+        Self {
+            max_running: max_running.max(1),
+            max_queued,
+            used_grants: Mutex::new(UsedGrants::new(MAX_USED_GRANTS)),
+        }
+    }
+}
+
+impl Default for Admission {
+    fn default() -> Self {
+        Self::new(DEFAULT_MAX_CONCURRENT_COMMANDS, DEFAULT_MAX_QUEUED_COMMANDS)
+    }
+}
+
+/// The connection child's spec, with the default [`Admission`] (for embedders such as the
+/// benchmarks; `warden node` uses [`spec_with_admission`]).
 pub fn spec(config: ConnectionConfig, status: Arc<NodeStatus>, policy: Policy) -> ChildSpec {
+    spec_with_admission(config, status, Arc::new(Admission::default()), policy)
+}
+
+/// The connection child's spec; every incarnation shares `status` and `admission`.
+pub fn spec_with_admission(
+    config: ConnectionConfig,
+    status: Arc<NodeStatus>,
+    admission: Arc<Admission>,
+    policy: Policy,
+) -> ChildSpec {
     ChildSpec::new(
         "connection",
         KIND,
@@ -154,6 +228,7 @@ pub fn spec(config: ConnectionConfig, status: Arc<NodeStatus>, policy: Policy) -
             let args = ConnectionArgs {
                 config: config.clone(),
                 status: status.clone(),
+                admission: admission.clone(),
                 probe: ctx.probe.clone(),
                 jitter: ctx.jitter.clone(),
                 span: ctx.span(),
@@ -192,6 +267,7 @@ pub struct ConnectionActor;
 pub struct ConnectionArgs {
     config: ConnectionConfig,
     status: Arc<NodeStatus>,
+    admission: Arc<Admission>,
     probe: Probe,
     jitter: Jitter,
     span: tracing::Span,
@@ -244,8 +320,11 @@ impl Actor for ConnectionActor {
                 name: config.name.clone(),
                 commands: config
                     .commands
-                    .keys()
-                    .map(|name| CommandInfo::plain(name.clone()))
+                    .iter()
+                    .map(|(name, spec)| CommandInfo {
+                        name: name.clone(),
+                        approval: spec.approval,
+                    })
                     .collect(),
             }),
             account: None,
@@ -266,7 +345,13 @@ impl Actor for ConnectionActor {
         args.probe.beat();
         args.probe.set_ready(true);
         args.span.in_scope(|| info!(gateway = %config.gateway_url, node = %config.name, "Connected to the gateway."));
-        let pump = pump(client, myself, config.commands.clone());
+        let invoker = Invoker {
+            commands: config.commands.clone(),
+            node: config.name.clone(),
+            key: Secret::new(config.token.clone()),
+            admission: args.admission.clone(),
+        };
+        let pump = pump(client, myself, invoker);
         state.pump = Some(tokio::spawn(pump.instrument(args.span.clone())));
         Ok(())
     }
@@ -344,15 +429,12 @@ fn classify(
     failure
 }
 
-/// Reads frames, runs invocations concurrently, answers them; reports the end of the
-/// connection to the actor.
-async fn pump(
-    mut client: GatewayClient,
-    actor: ActorRef<ConnectionMsg>,
-    commands: Arc<BTreeMap<String, CommandSpec>>,
-) {
-    let mut running: JoinSet<(String, Result<Value, ErrorBody>)> = JoinSet::new();
-    let cause = loop {
+/// Reads frames, admits invocations, runs them (at most `max_running` at once, the rest
+/// in arrival order), answers them; reports the end of the connection to the actor.
+async fn pump(mut client: GatewayClient, actor: ActorRef<ConnectionMsg>, invoker: Invoker) {
+    let mut running = Runs::new();
+    let mut slots = Slots::new(&invoker.admission);
+    let cause = 'pump: loop {
         tokio::select! {
             incoming = client.next_event() => match incoming {
                 Ok(Incoming::Event { .. }) => {
@@ -360,27 +442,54 @@ async fn pump(
                 }
                 Ok(Incoming::Request { id, method, params }) => {
                     let _ = actor.send_message(ConnectionMsg::Beat);
-                    if method != "node.invoke" {
-                        let err = ErrorBody { code: code::UNKNOWN_METHOD.to_string(), message: format!("a node does not answer {method}") };
-                        if let Err(e) = client.respond(&id, Err(err)).await {
-                            break e.to_string();
+                    let refused = if method != "node.invoke" {
+                        fail(code::UNKNOWN_METHOD, format!("a node does not answer {method}"))
+                    } else {
+                        match invoker.admit(id.clone(), params, slots.has_room(), unix_ms()) {
+                            Ok(call) => {
+                                if let Some(call) = slots.offer(call) {
+                                    spawn_run(&mut running, call);
+                                }
+                                continue;
+                            }
+                            Err(refused) => refused,
                         }
-                        continue;
+                    };
+                    if let Err(e) = client.respond(&id, Err(refused)).await {
+                        break e.to_string();
                     }
-                    let commands = commands.clone();
-                    running.spawn(async move { (id, invoke(&commands, params).await) });
                 }
                 Err(e) => break e.to_string(),
             },
             Some(done) = running.join_next(), if !running.is_empty() => {
-                let Ok((id, result)) = done else { continue };
-                if let Err(e) = client.respond(&id, result).await {
-                    break e.to_string();
+                let (next, expired) = slots.finished();
+                if let Some(call) = next {
+                    spawn_run(&mut running, call);
+                }
+                let mut answers: Vec<_> = expired
+                    .into_iter()
+                    .map(|call| {
+                        let refused = slots.expired(&call);
+                        (call.id, Err(refused))
+                    })
+                    .collect();
+                match done {
+                    Ok(answer) => answers.push(answer),
+                    Err(e) => warn!(error = %e, "A command run ended without an answer."),
+                }
+                for (id, answer) in answers {
+                    if let Err(e) = client.respond(&id, answer).await {
+                        break 'pump e.to_string();
+                    }
                 }
             }
         }
     };
-    warn!(cause = %cause, "Lost the connection to the gateway.");
+    warn!(cause = %cause, running = running.len(), queued = slots.waiting.len(),
+        "Lost the connection to the gateway.");
+    // Their answers could go nowhere: stop the runs (killing their process groups) before
+    // the loss is reported and a new connection starts.
+    running.shutdown().await;
     let expected_back_ms = client.expected_back_ms();
     let _ = actor.send_message(ConnectionMsg::Lost {
         cause,
@@ -388,52 +497,492 @@ async fn pump(
     });
 }
 
-/// Runs one `node.invoke`.
-async fn invoke(
-    commands: &BTreeMap<String, CommandSpec>,
-    params: Value,
-) -> Result<Value, ErrorBody> {
-    let fail = |code: &str, message: String| ErrorBody {
+/// The pump's runs: each yields its request id and answer.
+type Runs = JoinSet<(String, Result<Value, ErrorBody>)>;
+
+/// Starts `call` in `running`, in a span naming it.
+fn spawn_run(running: &mut Runs, call: Call) {
+    let span = info_span!("node_command", command = %call.command, request = %call.id);
+    running.spawn(call.execute().instrument(span));
+}
+
+/// An error answer.
+fn fail(code: &str, message: String) -> ErrorBody {
+    ErrorBody {
         code: code.to_string(),
         message,
-    };
-    let params: NodeInvokeParams = serde_json::from_value(params)
-        .map_err(|e| fail(code::BAD_REQUEST, format!("bad node.invoke params: {e}")))?;
-    let spec = commands.get(&params.command).ok_or_else(|| {
-        fail(
-            "unknown_command",
-            format!("this node has no command {:?}", params.command),
-        )
-    })?;
-    let args: Vec<String> = match params.args {
-        Value::Null => Vec::new(),
+    }
+}
+
+/// Now, in ms since the Unix epoch: the clock of grant expiries.
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// What one connection needs to admit a `node.invoke`.
+struct Invoker {
+    /// The declared commands by name.
+    commands: Arc<BTreeMap<String, CommandSpec>>,
+    /// The name the node announced: grants are bound to it.
+    node: String,
+    /// The node's own gateway token: the key its grants are signed with.
+    key: Secret,
+    /// The limits and the used grants, shared across reconnects.
+    admission: Arc<Admission>,
+}
+
+impl Invoker {
+    /// Checks request `id` (see the module doc for the order); `has_room` says whether
+    /// one more invocation may run or wait, and `now_ms` is the grant clock. A grant that
+    /// passes is spent here.
+    fn admit(
+        &self,
+        id: String,
+        params: Value,
+        has_room: bool,
+        now_ms: u64,
+    ) -> Result<Call, ErrorBody> {
+        let params: NodeInvokeParams = serde_json::from_value(params)
+            .map_err(|e| fail(code::BAD_REQUEST, format!("bad node.invoke params: {e}")))?;
+        let spec = self.commands.get(&params.command).ok_or_else(|| {
+            fail(
+                code::UNKNOWN_COMMAND,
+                format!("this node has no command {:?}", params.command),
+            )
+        })?;
+        let args = string_args(&params.args)?;
+        commands::check_args(spec, &args).map_err(|e| fail(code::BAD_REQUEST, e.to_string()))?;
+        if !has_room {
+            let Admission {
+                max_running,
+                max_queued,
+                ..
+            } = *self.admission;
+            return Err(fail(
+                code::BUSY,
+                format!(
+                    "node {} already runs {max_running} commands \
+                     (node.max_concurrent_commands) with {max_queued} more waiting \
+                     (node.max_queued_commands); try again later",
+                    self.node
+                ),
+            ));
+        }
+        if spec.approval {
+            self.redeem(&params, now_ms)?;
+        }
+        Ok(Call {
+            id,
+            command: params.command,
+            spec: spec.clone(),
+            args,
+            approval: params.grant.map(|g| g.approval).filter(|_| spec.approval),
+            admitted_at: Instant::now(),
+        })
+    }
+
+    /// Spends the grant of `params`, which must be for exactly this run.
+    fn redeem(&self, params: &NodeInvokeParams, now_ms: u64) -> Result<(), ErrorBody> {
+        let Some(grant) = &params.grant else {
+            return Err(fail(
+                code::APPROVAL_REQUIRED,
+                GrantError::Missing.to_string(),
+            ));
+        };
+        let redeemed = self
+            .admission
+            .used_grants
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .redeem(
+                grant,
+                &self.key,
+                &self.node,
+                &params.command,
+                &params.args,
+                now_ms,
+            );
+        redeemed.map_err(|e| {
+            warn!(command = %params.command, approval = %grant.approval, reason = %e,
+                "Refused a command that needs approval: its grant does not admit the run.");
+            let code = match e {
+                GrantError::Full => code::BUSY,
+                _ => code::FORBIDDEN,
+            };
+            fail(code, e.to_string())
+        })
+    }
+}
+
+/// The caller's arguments: absent, or a list of strings.
+fn string_args(args: &Value) -> Result<Vec<String>, ErrorBody> {
+    match args {
+        Value::Null => Ok(Vec::new()),
         Value::Array(items) => items
-            .into_iter()
+            .iter()
             .map(|v| match v {
-                Value::String(s) => Ok(s),
+                Value::String(s) => Ok(s.clone()),
                 other => Err(fail(
                     code::BAD_REQUEST,
                     format!("arguments must be strings, got {other}"),
                 )),
             })
-            .collect::<Result<_, _>>()?,
-        other => {
-            return Err(fail(
-                code::BAD_REQUEST,
-                format!("args must be a list of strings, got {other}"),
-            ));
+            .collect(),
+        other => Err(fail(
+            code::BAD_REQUEST,
+            format!("args must be a list of strings, got {other}"),
+        )),
+    }
+}
+
+/// An admitted `node.invoke`, running or waiting for a slot.
+#[derive(Debug)]
+struct Call {
+    /// The request to answer.
+    id: String,
+    /// The command's name.
+    command: String,
+    /// The command.
+    spec: CommandSpec,
+    /// The caller's arguments, checked.
+    args: Vec<String>,
+    /// The approval its grant was issued for, for a command that needs one.
+    approval: Option<String>,
+    /// When it was admitted.
+    admitted_at: Instant,
+}
+
+impl Call {
+    /// Runs the command; returns the request id and its answer.
+    async fn execute(self) -> (String, Result<Value, ErrorBody>) {
+        let result = commands::run(&self.spec, &self.args).await;
+        let answer = match result {
+            Ok(out) => {
+                info!(
+                    exit_code = out.exit_code,
+                    duration_ms = out.duration_ms,
+                    approval = self.approval.as_deref(),
+                    "Ran a command."
+                );
+                Ok(json!({
+                    "exit_code": out.exit_code,
+                    "stdout": out.stdout,
+                    "stderr": out.stderr,
+                    "truncated": out.truncated,
+                    "duration_ms": out.duration_ms,
+                }))
+            }
+            Err(e) => {
+                info!(error = %e, approval = self.approval.as_deref(), "A command did not run to its end.");
+                let code = match &e {
+                    CommandError::Timeout(_) => code::TIMEOUT,
+                    e if e.is_bad_request() => code::BAD_REQUEST,
+                    _ => code::INTERNAL,
+                };
+                Err(fail(code, e.to_string()))
+            }
+        };
+        (self.id, answer)
+    }
+}
+
+/// The pump's slots: at most `max_running` calls run, at most `max_queued` wait, first
+/// come first served.
+#[derive(Debug)]
+struct Slots {
+    max_running: usize,
+    max_queued: usize,
+    /// How many calls run now.
+    running: usize,
+    /// The calls waiting for a slot, oldest first.
+    waiting: VecDeque<Call>,
+}
+
+impl Slots {
+    fn new(admission: &Admission) -> Self {
+        Self {
+            max_running: admission.max_running,
+            max_queued: admission.max_queued,
+            running: 0,
+            waiting: VecDeque::new(),
         }
-    };
-    match commands::run(spec, &args).await {
-        Ok(out) => Ok(json!({
-            "exit_code": out.exit_code,
-            "stdout": out.stdout,
-            "stderr": out.stderr,
-            "truncated": out.truncated,
-            "duration_ms": out.duration_ms,
-        })),
-        Err(e @ CommandError::Timeout(_)) => Err(fail("timeout", e.to_string())),
-        Err(e @ CommandError::ArgsNotAllowed) => Err(fail(code::BAD_REQUEST, e.to_string())),
-        Err(e) => Err(fail(code::INTERNAL, e.to_string())),
+    }
+
+    /// Whether one more call may be admitted, to run now or to wait.
+    fn has_room(&self) -> bool {
+        self.running < self.max_running || self.waiting.len() < self.max_queued
+    }
+
+    /// Takes an admitted call: gives it back when it may start now, keeps it waiting
+    /// otherwise. The caller checked [`has_room`](Self::has_room).
+    fn offer(&mut self, call: Call) -> Option<Call> {
+        if self.running < self.max_running && self.waiting.is_empty() {
+            self.running += 1;
+            return Some(call);
+        }
+        self.waiting.push_back(call);
+        None
+    }
+
+    /// A run ended: the next call to start, if one waits, and the calls before it that
+    /// waited longer than their own command's timeout (to be refused, never run).
+    fn finished(&mut self) -> (Option<Call>, Vec<Call>) {
+        self.running = self.running.saturating_sub(1);
+        let mut expired = Vec::new();
+        while let Some(call) = self.waiting.pop_front() {
+            if call.admitted_at.elapsed() > call.spec.timeout {
+                expired.push(call);
+                continue;
+            }
+            self.running += 1;
+            return (Some(call), expired);
+        }
+        (None, expired)
+    }
+
+    /// The answer to a call that waited too long.
+    fn expired(&self, call: &Call) -> ErrorBody {
+        fail(
+            code::BUSY,
+            format!(
+                "waited {} ms for one of the node's {} command slots \
+                 (node.max_concurrent_commands), longer than the command's timeout of {} ms; \
+                 not run",
+                call.admitted_at.elapsed().as_millis(),
+                self.max_running,
+                call.spec.timeout.as_millis()
+            ),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gateway::protocol::grant::Grant;
+
+    const TOKEN: &str = "node-token";
+
+    /// An invoker for node `box` with commands `plain` and `guarded` (needs approval),
+    /// both taking arguments.
+    fn invoker(admission: &Arc<Admission>) -> Invoker {
+        let echo = CommandSpec {
+            args: true,
+            ..CommandSpec::new(["echo"])
+        };
+        let guarded = CommandSpec {
+            approval: true,
+            ..echo.clone()
+        };
+        let commands = BTreeMap::from([
+            ("plain".to_string(), echo),
+            ("guarded".to_string(), guarded),
+        ]);
+        Invoker {
+            commands: Arc::new(commands),
+            node: "box".to_string(),
+            key: Secret::new(TOKEN),
+            admission: admission.clone(),
+        }
+    }
+
+    fn params(command: &str, args: &Value, grant: Option<&Grant>) -> Value {
+        json!({"command": command, "args": args, "grant": grant})
+    }
+
+    /// A call of a command with timeout `timeout_ms`.
+    fn call(id: &str, timeout_ms: u64) -> Call {
+        Call {
+            id: id.to_string(),
+            command: "c".to_string(),
+            spec: CommandSpec {
+                timeout: Duration::from_millis(timeout_ms),
+                ..CommandSpec::new(["true"])
+            },
+            args: Vec::new(),
+            approval: None,
+            admitted_at: Instant::now(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_command_that_needs_approval_runs_once_with_a_grant_for_exactly_it() {
+        let admission = Arc::new(Admission::default());
+        let node = invoker(&admission);
+        let now = 1_000_000;
+        let args = json!(["/srv"]);
+        let key = Secret::new(TOKEN);
+        let refusal = |p: Value, room: bool| {
+            let err = node.admit("1".into(), p, room, now).expect_err("refused");
+            (err.code, err.message)
+        };
+
+        let missing = refusal(params("guarded", &args, None), true);
+        assert_eq!(
+            missing,
+            ("approval_required".into(), GrantError::Missing.to_string())
+        );
+        let other_key = Grant::issue(
+            &Secret::new("another"),
+            "a1",
+            "box",
+            "guarded",
+            &args,
+            now + 60_000,
+        );
+        let forged = refusal(params("guarded", &args, Some(&other_key)), true);
+        assert_eq!(
+            forged,
+            ("forbidden".into(), GrantError::Invalid.to_string())
+        );
+
+        let grant = Grant::issue(&key, "a2", "box", "guarded", &args, now + 60_000);
+        let other_args = refusal(params("guarded", &json!(["/etc"]), Some(&grant)), true);
+        assert_eq!(
+            other_args.0, "forbidden",
+            "the grant is bound to its arguments"
+        );
+        let (code, message) = refusal(params("guarded", &args, Some(&grant)), false);
+        assert_eq!(code, "busy");
+        assert!(message.contains("node.max_queued_commands"), "{message}");
+
+        // Refused while the node was busy, the grant was not spent.
+        let admitted = node
+            .admit(
+                "2".into(),
+                params("guarded", &args, Some(&grant)),
+                true,
+                now,
+            )
+            .expect("admitted");
+        assert_eq!(
+            (admitted.approval.as_deref(), admitted.args.as_slice()),
+            (Some("a2"), ["/srv".to_string()].as_slice())
+        );
+        let replayed = refusal(params("guarded", &args, Some(&grant)), true);
+        assert_eq!(
+            replayed,
+            ("forbidden".into(), GrantError::Replayed.to_string())
+        );
+        // A new incarnation of the connection shares the used grants.
+        let reconnected = invoker(&admission);
+        let err = reconnected
+            .admit(
+                "3".into(),
+                params("guarded", &args, Some(&grant)),
+                true,
+                now,
+            )
+            .expect_err("still a replay");
+        assert_eq!(err.message, GrantError::Replayed.to_string());
+
+        let stale = Grant::issue(&key, "a3", "box", "guarded", &args, now);
+        let expired = refusal(params("guarded", &args, Some(&stale)), true);
+        assert_eq!(
+            expired,
+            ("forbidden".into(), GrantError::Expired.to_string())
+        );
+
+        // A grant on a command that needs none is ignored, even a forged one.
+        let plain = node
+            .admit(
+                "4".into(),
+                params("plain", &args, Some(&other_key)),
+                true,
+                now,
+            )
+            .expect("admitted");
+        assert_eq!(plain.approval, None);
+    }
+
+    #[tokio::test]
+    async fn arguments_are_checked_before_room_and_grants() {
+        let node = invoker(&Arc::new(Admission::default()));
+        let refusal = |p: Value| {
+            let err = node.admit("1".into(), p, false, 0).expect_err("refused");
+            (err.code, err.message)
+        };
+        let (code, message) = refusal(params("guarded", &json!(["-rf"]), None));
+        assert_eq!(code, "bad_request");
+        assert!(message.contains("\"-rf\""), "{message}");
+        assert_eq!(refusal(params("plain", &json!([1]), None)).0, "bad_request");
+        assert_eq!(
+            refusal(params("rm", &Value::Null, None)).0,
+            "unknown_command"
+        );
+    }
+
+    #[tokio::test]
+    async fn four_run_the_fifth_waits_for_one_of_them_and_the_queue_is_bounded() {
+        let mut slots = Slots::new(&Admission::new(4, 2));
+        for id in ["1", "2", "3", "4"] {
+            assert!(slots.has_room());
+            assert_eq!(
+                slots.offer(call(id, 1000)).map(|c| c.id),
+                Some(id.to_string())
+            );
+        }
+        assert!(slots.offer(call("5", 1000)).is_none(), "the fifth waits");
+        assert!(slots.offer(call("6", 1000)).is_none(), "so does the sixth");
+        assert!(
+            !slots.has_room(),
+            "four running and two waiting: the next is refused"
+        );
+
+        let (next, expired) = slots.finished();
+        assert_eq!(
+            next.map(|c| c.id).as_deref(),
+            Some("5"),
+            "first come, first served"
+        );
+        assert!(expired.is_empty());
+        assert!(slots.has_room());
+        let (next, _) = slots.finished();
+        assert_eq!(next.map(|c| c.id).as_deref(), Some("6"));
+        let (next, _) = slots.finished();
+        assert!(next.is_none());
+        assert_eq!(slots.running, 3);
+        assert_eq!(
+            slots.offer(call("7", 1000)).map(|c| c.id).as_deref(),
+            Some("7")
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_call_that_waited_longer_than_its_timeout_is_refused_not_run() {
+        let mut slots = Slots::new(&Admission::new(1, 3));
+        assert!(slots.offer(call("running", 60_000)).is_some());
+        assert!(slots.offer(call("short", 1000)).is_none());
+        tokio::time::advance(Duration::from_millis(500)).await;
+        assert!(slots.offer(call("long", 10_000)).is_none());
+        tokio::time::advance(Duration::from_millis(500)).await;
+        assert!(slots.offer(call("edge", 0)).is_none());
+
+        // At 1000 ms `short` has waited exactly its timeout: it still runs.
+        let (next, expired) = slots.finished();
+        assert_eq!(next.map(|c| c.id).as_deref(), Some("short"));
+        assert!(expired.is_empty());
+
+        tokio::time::advance(Duration::from_millis(1)).await;
+        let (next, expired) = slots.finished();
+        assert_eq!(next.map(|c| c.id).as_deref(), Some("long"));
+        assert_eq!(expired.len(), 0, "`long` waited 501 ms of its 10 s");
+
+        let (next, expired) = slots.finished();
+        assert!(next.is_none());
+        let ids: Vec<&str> = expired.iter().map(|c| c.id.as_str()).collect();
+        assert_eq!(ids, ["edge"], "`edge` waited 1 ms, over its 0 ms");
+        let refusal = slots.expired(&expired[0]);
+        assert_eq!(refusal.code, "busy");
+        assert!(
+            refusal
+                .message
+                .starts_with("waited 1 ms for one of the node's 1 command slots"),
+            "{}",
+            refusal.message
+        );
+        assert_eq!(slots.running, 0);
     }
 }
