@@ -150,6 +150,7 @@ mod tests {
     async fn a_subscriber_that_does_not_read_is_closed_with_4001_and_the_others_keep_receiving() {
         let state = GatewayState::new(GatewaySettings {
             bind: SocketAddr::from(([127, 0, 0, 1], 0)),
+            token: Some("any".into()),
             ..GatewaySettings::default()
         });
         let bound = Arc::new(watch::Sender::new(None));

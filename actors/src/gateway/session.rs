@@ -1451,6 +1451,7 @@ mod tests {
             bind: SocketAddr::from(([127, 0, 0, 1], 0)),
             max_preauth_per_ip: 1,
             handshake_timeout_ms: 300,
+            token: Some("any".into()),
             ..GatewaySettings::default()
         });
         let bound = Arc::new(watch::Sender::new(None));
