@@ -4,6 +4,9 @@
 //!   `GET /metrics`, `GET /admin/tree` (`?format=text` for a drawing), `GET /admin/config`
 //!   and `POST /admin/actors/{path}/{restart|stop|start|kill}`. Every error is one JSON
 //!   shape, `{"error":{"code":"…","message":"…"}}`.
+//! * Serving: the [`ServeActor`] accept loop, HTTP/1.1, a connection closed unless it sends
+//!   a whole request head within [`HEADER_READ_TIMEOUT`], at most [`MAX_CONNECTIONS`] open
+//!   (the next one gets 503 with `Retry-After: 1`).
 //! * [`spec`] — the admin actor, so the endpoint is a supervised child like any other.
 //! * [`fetch_tree_text`] / [`check_health`] — the client side, for `warden tree` and
 //!   `warden health`.
@@ -45,7 +48,7 @@ use subtle::ConstantTimeEq;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
-use warden_actors::serve::{ServeActor, ServeArgs, TickHook};
+use warden_actors::serve::{ServeActor, ServeArgs, ServeLimits, TickHook};
 use warden_actors::supervision::{
     ChildContext, ChildSpec, ControlAction, Failure, NodeState, Policy, ROOT, Restart,
     SupervisorError, TreeHandle,
@@ -79,6 +82,14 @@ pub const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 
 /// How long a stopping admin actor lets in-flight requests finish before it aborts them.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A connection that has not sent a whole request head within this long (from accept, or
+/// from its previous answer) is closed.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Open connections at most; the next one is answered 503 with `Retry-After: 1`. Probes,
+/// scrapes and the CLI need a handful.
+pub const MAX_CONNECTIONS: usize = 256;
 
 /// How long the client waits for an answer.
 pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -598,6 +609,12 @@ pub fn spec(settings: &AdminSettings, state: AdminState, policy: Policy) -> Chil
                 router: router(state.clone()),
                 bound: state.bound.clone(),
                 on_tick,
+                limits: ServeLimits {
+                    header_read_timeout: HEADER_READ_TIMEOUT,
+                    max_connections: Some(MAX_CONNECTIONS),
+                    metrics: None,
+                },
+                on_accept: None,
             };
             ServeActor::start(ctx, args).await
         }

@@ -1,5 +1,11 @@
 //! The gateway listener: `GET /health` and the WebSocket endpoint `GET /ws`.
 //!
+//! It is a [`ServeActor`]: HTTP/1.1 only, every connection closed unless it sends a whole
+//! request head within `header_read_timeout_ms` (from accept, and again between requests
+//! of a kept-alive connection), and at most `max_connections` connections open, counted
+//! from accept to close (a WebSocket until the socket closes); the next one is answered
+//! `503` with `Retry-After: 1` and `too_many_connections`, and closed.
+//!
 //! `/ws`, in order:
 //! 1. more than `max_preauth_per_ip` handshaking sockets from the client's IP ⇒ HTTP 503
 //!    with `Retry-After: 1` and a JSON error, no upgrade; else a pre-auth slot is taken
@@ -44,7 +50,7 @@ use tracing::{debug, info, warn};
 use super::protocol::{close, try_again_reason};
 use super::session::{self, SessionStart};
 use super::{GatewayState, SESSIONS_PATH, metrics};
-use crate::serve::{ServeActor, ServeArgs};
+use crate::serve::{ServeActor, ServeArgs, ServeLimits, ServeMetrics};
 use crate::supervision::{ChildContext, ChildSpec, Policy, Restart};
 
 /// The kind of the listener child, for policies and metrics.
@@ -78,12 +84,22 @@ pub fn spec(
 ) -> ChildSpec {
     let state = state.clone();
     ChildSpec::new(ID, KIND, Restart::Permanent, move |ctx: ChildContext| {
+        let settings = state.settings();
         let args = ServeArgs {
             name: "gateway",
-            bind: state.settings().bind,
+            bind: settings.bind,
             router: router(state.clone()),
             bound: bound.clone(),
             on_tick: None,
+            limits: ServeLimits {
+                header_read_timeout: Duration::from_millis(settings.header_read_timeout_ms),
+                max_connections: Some(settings.max_connections as usize),
+                metrics: Some(ServeMetrics {
+                    open: metrics::CONNECTIONS,
+                    refused: metrics::CONNECTION_CAP_REFUSALS_TOTAL,
+                }),
+            },
+            on_accept: None,
         };
         ServeActor::start(ctx, args)
     })

@@ -222,6 +222,10 @@ pub mod metrics {
     pub const HANDSHAKING: &str = "warden_gateway_handshaking";
     /// Counter: upgrades refused with 503 because an IP had too many handshaking sockets.
     pub const PREAUTH_REJECTIONS_TOTAL: &str = "warden_gateway_preauth_rejections_total";
+    /// Gauge: open connections to the listener, from accept to close (WebSockets included).
+    pub const CONNECTIONS: &str = "warden_gateway_connections";
+    /// Counter: connections answered 503 because `max_connections` were open.
+    pub const CONNECTION_CAP_REFUSALS_TOTAL: &str = "warden_gateway_connection_cap_refusals_total";
     /// Counter: sockets the server closed, by `code`.
     pub const CLOSES_TOTAL: &str = "warden_gateway_closes_total";
     /// Counter: sessions closed with 4000 after two ticks without a client frame.
