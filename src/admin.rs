@@ -631,7 +631,8 @@ pub fn spec(settings: &AdminSettings, state: AdminState, policy: Policy) -> Chil
 #[error("cannot install the Prometheus metrics recorder: {0}")]
 pub struct MetricsError(#[from] BuildError);
 
-/// Installs the process-wide Prometheus recorder and describes the kernel's metrics.
+/// Installs the process-wide Prometheus recorder and describes the kernel's and the
+/// gateway's metrics.
 ///
 /// Call it once, before starting the tree (metrics recorded earlier are lost), and pass
 /// the handle to [`AdminState::new`]: the admin actor serves it at `/metrics` and runs its
@@ -639,6 +640,7 @@ pub struct MetricsError(#[from] BuildError);
 pub fn install_metrics() -> Result<PrometheusHandle, MetricsError> {
     let handle = PrometheusBuilder::new().install_recorder()?;
     warden_actors::supervision::metrics::describe();
+    warden_actors::gateway::metrics::describe();
     Ok(handle)
 }
 

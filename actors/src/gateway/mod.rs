@@ -242,6 +242,41 @@ pub mod metrics {
     pub const APPROVALS_TOTAL: &str = "warden_approvals_total";
     /// Gauge: approvals waiting for a decision.
     pub const APPROVALS_PENDING: &str = "warden_approvals_pending";
+
+    /// Registers descriptions with the installed recorder (call once after installing it).
+    pub fn describe() {
+        use metrics::{describe_counter, describe_gauge};
+        describe_gauge!(SESSIONS, "Authenticated gateway sessions.");
+        describe_gauge!(
+            HANDSHAKING,
+            "Gateway connections holding a pre-auth slot (not yet past hello-ok)."
+        );
+        describe_counter!(
+            PREAUTH_REJECTIONS_TOTAL,
+            "Upgrades answered 503 because their address had too many handshaking connections."
+        );
+        describe_gauge!(CONNECTIONS, "Open connections to the gateway listener.");
+        describe_counter!(
+            CONNECTION_CAP_REFUSALS_TOTAL,
+            "Connections answered 503 because gateway.max_connections were open."
+        );
+        describe_counter!(
+            UPGRADE_REFUSALS_TOTAL,
+            "WebSocket upgrades refused for their Origin or their credential."
+        );
+        describe_counter!(CLOSES_TOTAL, "Gateway sockets the server closed.");
+        describe_counter!(
+            IDLE_CLOSES_TOTAL,
+            "Gateway sessions closed after two ticks without a client frame."
+        );
+        describe_counter!(
+            HANDSHAKE_TIMEOUTS_TOTAL,
+            "Gateway sockets closed because the handshake took too long."
+        );
+        describe_counter!(CONNECT_REFUSALS_TOTAL, "Gateway connect requests refused.");
+        describe_counter!(APPROVALS_TOTAL, "Approvals decided.");
+        describe_gauge!(APPROVALS_PENDING, "Approvals waiting for a decision.");
+    }
 }
 
 /// What the listener and every session share. Cheap to clone: everything is behind one `Arc`.
