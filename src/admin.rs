@@ -3,7 +3,13 @@
 //! * [`router`] — the routes, over an [`AdminState`]: `GET /healthz`, `GET /readyz`,
 //!   `GET /metrics`, `GET /admin/tree` (`?format=text` for a drawing), `GET /admin/config`
 //!   and `POST /admin/actors/{path}/{restart|stop|start|kill}`. Every error is one JSON
-//!   shape, `{"error":{"code":"…","message":"…"}}`.
+//!   shape, `{"error":{"code":"…","message":"…"}}`. A request whose `Origin` header names
+//!   another site than the endpoint's own gets 403 `forbidden_origin` before anything else
+//!   (see `require_own_origin`): a page elsewhere cannot drive the endpoint through the
+//!   operator's browser.
+//! * Serving: the [`ServeActor`] accept loop, HTTP/1.1, a connection closed unless it sends
+//!   a whole request head within [`HEADER_READ_TIMEOUT`], at most [`MAX_CONNECTIONS`] open
+//!   (the next one gets 503 with `Retry-After: 1`).
 //! * [`spec`] — the admin actor, so the endpoint is a supervised child like any other.
 //! * [`fetch_tree_text`] / [`check_health`] — the client side, for `warden tree` and
 //!   `warden health`.
@@ -45,7 +51,7 @@ use subtle::ConstantTimeEq;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
-use warden_actors::serve::{ServeActor, ServeArgs, TickHook};
+use warden_actors::serve::{ServeActor, ServeArgs, ServeLimits, TickHook};
 use warden_actors::supervision::{
     ChildContext, ChildSpec, ControlAction, Failure, NodeState, Policy, ROOT, Restart,
     SupervisorError, TreeHandle,
@@ -79,6 +85,14 @@ pub const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 
 /// How long a stopping admin actor lets in-flight requests finish before it aborts them.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A connection that has not sent a whole request head within this long (from accept, or
+/// from its previous answer) is closed.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Open connections at most; the next one is answered 503 with `Retry-After: 1`. Probes,
+/// scrapes and the CLI need a handful.
+pub const MAX_CONNECTIONS: usize = 256;
 
 /// How long the client waits for an answer.
 pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -212,7 +226,64 @@ pub fn router(state: AdminState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), require_token))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            require_own_origin,
+        ))
         .with_state(state)
+}
+
+/// Refuses (403) a request whose `Origin` header names another site than the endpoint's
+/// own: a page elsewhere must not drive the endpoint through the operator's browser
+/// (`POST /admin/actors/…/kill`). Browsers send `Origin` on every POST and cross-origin
+/// fetch; other clients send none and pass. The own origin is `http://` or `https://`
+/// followed by the request's `Host`. Without an admin token, the `Host` must also be a
+/// loopback name (`localhost`, `127.x.x.x`, `[::1]`): a page whose own name resolves to
+/// 127.0.0.1 (DNS rebinding) is same-origin by the `Host` alone.
+async fn require_own_origin(State(state): State<AdminState>, req: Request, next: Next) -> Response {
+    let headers = req.headers();
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or_default();
+    let foreign = headers
+        .get_all(header::ORIGIN)
+        .iter()
+        .map(|value| String::from_utf8_lossy(value.as_bytes()).into_owned())
+        .find(|origin| !is_own_origin(origin, host, state.token.is_some()));
+    match foreign {
+        None => next.run(req).await,
+        Some(origin) => {
+            debug!(path = %req.uri().path(), origin = ?origin, host = ?host, "Refused an admin request from a foreign origin.");
+            ApiError::ForeignOrigin(origin).into_response()
+        }
+    }
+}
+
+/// Whether `origin` is `http(s)://<host>`, `host` being the request's `Host` header; with
+/// no token, only a loopback host is anyone's own.
+fn is_own_origin(origin: &str, host: &str, with_token: bool) -> bool {
+    let Some((scheme, authority)) = origin.trim().split_once("://") else {
+        return false;
+    };
+    let scheme_ok = scheme.eq_ignore_ascii_case("http") || scheme.eq_ignore_ascii_case("https");
+    let host = host.trim();
+    scheme_ok
+        && !host.is_empty()
+        && authority.eq_ignore_ascii_case(host)
+        && (with_token || is_loopback_host(host))
+}
+
+/// `localhost`, an IPv4 loopback address or `[::1]`, with or without a port.
+fn is_loopback_host(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(rest) => rest.split_once(']').map_or(rest, |(ip, _)| ip),
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// `/healthz` and `/readyz` answer without a token: probes carry none.
@@ -457,6 +528,8 @@ enum ApiError {
     Starting,
     /// No or a wrong bearer token (401).
     Unauthorized,
+    /// A request from a page of another origin (403); the origin it named.
+    ForeignOrigin(String),
     /// No such endpoint (404).
     NotFound(String),
     /// The endpoint exists, the method does not (405).
@@ -501,6 +574,14 @@ impl ApiError {
                 StatusCode::UNAUTHORIZED,
                 "unauthorized",
                 "this endpoint needs Authorization: Bearer <admin token>".to_string(),
+            ),
+            ApiError::ForeignOrigin(origin) => (
+                StatusCode::FORBIDDEN,
+                "forbidden_origin",
+                format!(
+                    "requests from origin {:?} are refused: the admin endpoint serves only its own origin",
+                    origin.chars().take(200).collect::<String>()
+                ),
             ),
             ApiError::NotFound(message) => (StatusCode::NOT_FOUND, "not_found", message),
             ApiError::MethodNotAllowed => (
@@ -598,6 +679,12 @@ pub fn spec(settings: &AdminSettings, state: AdminState, policy: Policy) -> Chil
                 router: router(state.clone()),
                 bound: state.bound.clone(),
                 on_tick,
+                limits: ServeLimits {
+                    header_read_timeout: HEADER_READ_TIMEOUT,
+                    max_connections: Some(MAX_CONNECTIONS),
+                    metrics: None,
+                },
+                on_accept: None,
             };
             ServeActor::start(ctx, args).await
         }
@@ -793,6 +880,26 @@ mod tests {
         assert_eq!(bearer(&headers), Some("abc"));
         headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic abc"));
         assert_eq!(bearer(&headers), None);
+    }
+
+    #[test]
+    fn own_origin_is_the_host_and_without_a_token_a_loopback_one() {
+        let host = "127.0.0.1:18790";
+        assert!(is_own_origin("http://127.0.0.1:18790", host, false));
+        assert!(is_own_origin("HTTPS://127.0.0.1:18790", host, false));
+        assert!(!is_own_origin("http://127.0.0.1:8080", host, false));
+        assert!(!is_own_origin("https://evil.example", host, false));
+        assert!(!is_own_origin("null", host, false));
+        assert!(!is_own_origin("ftp://127.0.0.1:18790", host, false));
+        assert!(!is_own_origin("http://127.0.0.1:18790", "", false));
+        assert!(is_own_origin("http://LocalHost:1", "localhost:1", false));
+        assert!(is_own_origin("http://[::1]:1", "[::1]:1", false));
+        // DNS rebinding: the names agree, but only a token-guarded endpoint trusts them.
+        let rebound = "evil.example:18790";
+        assert!(!is_own_origin("http://evil.example:18790", rebound, false));
+        assert!(is_own_origin("http://evil.example:18790", rebound, true));
+        assert!(!is_loopback_host("127.0.0.1.evil.example"));
+        assert!(is_loopback_host("127.0.0.2"));
     }
 
     #[test]

@@ -506,6 +506,57 @@ async fn token_guards_everything_but_the_probes() -> anyhow::Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_elsewhere_cannot_post_actions() -> anyhow::Result<()> {
+    let fx = Fixture::start(None, false).await?;
+    fx.wait_status("/readyz", StatusCode::OK).await?;
+    let port = fx.base.rsplit_once(':').map(|(_, p)| p).unwrap_or_default();
+    let kill = fx.url("/admin/actors/root/alpha/kill");
+
+    // A cross-site POST from the operator's browser names its page's origin.
+    let response = fx
+        .http
+        .post(&kill)
+        .header("origin", "https://evil.example")
+        .send()
+        .await?;
+    assert_eq!(response.status(), StatusCode::FORBIDDEN);
+    let body: Value = response.json().await?;
+    assert_eq!(error_code(&body), "forbidden_origin", "{body}");
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("\"https://evil.example\""), "{message}");
+    // A page whose own name resolves to 127.0.0.1 (DNS rebinding) agrees with the Host
+    // header, but a tokenless endpoint serves only loopback names.
+    let response = fx
+        .http
+        .post(&kill)
+        .header("host", format!("evil.example:{port}"))
+        .header("origin", format!("http://evil.example:{port}"))
+        .send()
+        .await?;
+    assert_eq!(response.status(), StatusCode::FORBIDDEN);
+    let tree = fx.wait_tree(None, "alpha untouched", |_| true).await?;
+    let alpha = child(&tree, "root/alpha").context("alpha")?;
+    assert_eq!((alpha.generation, alpha.restarts_total), (1, 0));
+
+    // Its own origin (a page the endpoint served) and no origin (curl, the CLI) pass.
+    let response = fx
+        .http
+        .post(&kill)
+        .header("origin", fx.base.as_str())
+        .send()
+        .await?;
+    assert_eq!(response.status(), StatusCode::OK);
+    fx.wait_tree(None, "alpha restarted after a same-origin kill", |t| {
+        child(t, "root/alpha").is_some_and(|a| a.generation == 2)
+    })
+    .await?;
+    let (status, body) = fx.post("/admin/actors/root/alpha/restart", None).await?;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    fx.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_restarts() -> anyhow::Result<()> {
     let fx = Fixture::start(None, true).await?;
     fx.wait_status("/readyz", StatusCode::OK).await?;

@@ -6,17 +6,23 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
+use tokio::task::JoinSet;
 use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::{HeaderName, HeaderValue};
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
-use warden_actors::gateway::protocol::{close, parse_retry_after};
+use warden_actors::gateway::client::{ConnectError, ConnectOptions, GatewayClient};
+use warden_actors::gateway::protocol::{ClientInfo, Role, close, parse_retry_after};
 use warden_actors::gateway::{self, GatewaySettings, GatewayState};
 use warden_actors::supervision::{Jitter, Policy, Tree, TreeOptions};
 
@@ -947,4 +953,301 @@ async fn session_caps_answer_named_errors() {
     // Answering one frees a place.
     answer_invoke(&mut node, |_| json!({ "ok": true, "payload": 1 })).await;
     assert_eq!(next_res(&mut op, "p1").await["ok"], true);
+}
+
+// ---------------------------------------------------------------------------------------
+// The HTTP layer: header read timeout, pre-auth from accept, Origin, the connection cap
+// ---------------------------------------------------------------------------------------
+
+fn operator_options(token: &str) -> ConnectOptions {
+    let client = ClientInfo {
+        name: "it".into(),
+        version: "0".into(),
+    };
+    ConnectOptions::new(Role::Operator, token, client)
+}
+
+/// A raw WebSocket upgrade of `/ws` carrying `headers`.
+async fn upgrade_with(gw: &Gateway, headers: &[(&str, &str)]) -> Result<Ws, tungstenite::Error> {
+    let mut request = gw.url().into_client_request().expect("request");
+    for (name, value) in headers {
+        request.headers_mut().insert(
+            HeaderName::from_bytes(name.as_bytes()).expect("header name"),
+            HeaderValue::from_str(value).expect("header value"),
+        );
+    }
+    tokio_tungstenite::connect_async(request)
+        .await
+        .map(|(ws, _)| ws)
+}
+
+/// The HTTP answer that refused an upgrade: status, `Retry-After`, JSON body.
+fn refusal(result: Result<Ws, tungstenite::Error>) -> (u16, Option<String>, Value) {
+    match result {
+        Err(tungstenite::Error::Http(response)) => {
+            let retry_after = response
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+            let body = serde_json::from_slice(response.body().as_deref().unwrap_or_default())
+                .expect("JSON body");
+            (response.status().as_u16(), retry_after, body)
+        }
+        Err(e) => panic!("expected an HTTP refusal, got {e}"),
+        Ok(_) => panic!("expected an HTTP refusal, got an upgrade"),
+    }
+}
+
+/// Sends `request` on a new connection and reads until the server closes it.
+async fn raw_http(addr: SocketAddr, request: &str) -> String {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut answer = Vec::new();
+    tokio::time::timeout(DEADLINE, stream.read_to_end(&mut answer))
+        .await
+        .expect("the server closed the connection within the deadline")
+        .expect("read");
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+const GET_HEALTH: &str = "GET /health HTTP/1.1\r\nHost: gateway\r\nConnection: close\r\n\r\n";
+
+#[tokio::test]
+async fn trickling_sockets_are_closed_at_the_header_read_timeout_while_a_client_is_served() {
+    const SOCKETS: usize = 200;
+    const PACE: Duration = Duration::from_millis(300);
+    let timeout = Duration::from_millis(1000);
+    let gw = Gateway::start(
+        GatewaySettings {
+            header_read_timeout_ms: 1000,
+            ..settings()
+        },
+        true,
+    )
+    .await;
+    let connected = Arc::new(AtomicUsize::new(0));
+    let closed = Arc::new(AtomicUsize::new(0));
+    let mut tricklers = JoinSet::new();
+    for _ in 0..SOCKETS {
+        let (addr, connected, closed) = (gw.addr, connected.clone(), closed.clone());
+        tricklers.spawn(async move {
+            let mut stream = TcpStream::connect(addr).await.expect("connect");
+            let t0 = Instant::now();
+            connected.fetch_add(1, Ordering::SeqCst);
+            // One byte of a request head every PACE; it would take seconds to complete.
+            let head = b"GET /ws HTTP/1.1\r\nHost: gateway\r\nConnection: Upgrade\r\n";
+            let mut pace = tokio::time::interval(PACE);
+            let mut sent = 0;
+            let mut sink = [0u8; 512];
+            let lasted = loop {
+                assert!(
+                    t0.elapsed() < DEADLINE,
+                    "still open after {DEADLINE:?} and {sent} bytes"
+                );
+                tokio::select! {
+                    _ = pace.tick() => {
+                        if stream.write_all(&head[sent % head.len()..][..1]).await.is_err() {
+                            break t0.elapsed();
+                        }
+                        sent += 1;
+                    }
+                    read = stream.read(&mut sink) => match read {
+                        Ok(0) | Err(_) => break t0.elapsed(),
+                        Ok(_) => {}
+                    },
+                }
+            };
+            closed.fetch_add(1, Ordering::SeqCst);
+            (lasted, sent)
+        });
+    }
+    eventually("every trickling socket is connected", || {
+        connected.load(Ordering::SeqCst) == SOCKETS
+    })
+    .await;
+
+    // Meanwhile a real client connects and is served (its credential spares it the
+    // address's pre-auth budget, which the tricklers hold).
+    let t = Instant::now();
+    let (mut client, _) = GatewayClient::connect(&gw.url(), operator_options(TOKEN))
+        .await
+        .expect("hello-ok while 200 sockets trickle");
+    let health = client.call("health", json!({})).await.expect("health");
+    assert_eq!(health, json!({ "status": "ok" }));
+    let served_in = t.elapsed();
+    assert_eq!(
+        closed.load(Ordering::SeqCst),
+        0,
+        "the client was served before any trickling socket was closed"
+    );
+
+    let mut lasted = Vec::new();
+    while let Some(joined) = tricklers.join_next().await {
+        let (time, sent) = joined.expect("trickler");
+        assert!(sent >= 3, "a trickler sent only {sent} bytes");
+        lasted.push(time);
+    }
+    lasted.sort();
+    let (first, last) = (lasted[0], lasted[SOCKETS - 1]);
+    eprintln!(
+        "{SOCKETS} trickling sockets closed after {} to {} ms (header read timeout {} ms); \
+         the client was served in {} ms",
+        first.as_millis(),
+        last.as_millis(),
+        timeout.as_millis(),
+        served_in.as_millis()
+    );
+    assert!(first >= timeout - Duration::from_millis(100), "{first:?}");
+    assert!(last < timeout + Duration::from_millis(1500), "{last:?}");
+    eventually("the tricklers' pre-auth slots are released", || {
+        gw.state.counts().3 == 0
+    })
+    .await;
+    let health = client
+        .call("health", json!({}))
+        .await
+        .expect("still served");
+    assert_eq!(health, json!({ "status": "ok" }));
+}
+
+#[tokio::test]
+async fn silent_sockets_do_not_lock_out_a_client_that_sends_its_credential() {
+    let gw = Gateway::default().await;
+    // 16 connections that never send a byte take slots from accept on; 16 upgraded sockets
+    // that never send `connect` take the rest of the address's 32.
+    let mut bare = Vec::new();
+    for _ in 0..16 {
+        bare.push(TcpStream::connect(gw.addr).await.expect("connect"));
+    }
+    eventually("silent connections hold slots from accept", || {
+        gw.state.counts().3 == 16
+    })
+    .await;
+    let mut silent = Vec::new();
+    for _ in 0..16 {
+        silent.push(gw.open().await);
+    }
+    assert_eq!(gw.state.counts().3, 32);
+
+    // Without a credential: 503, as before.
+    let (status, retry_after, body) = refusal(upgrade_with(&gw, &[]).await);
+    assert_eq!((status, retry_after.as_deref()), (503, Some("1")), "{body}");
+    assert_eq!(body["error"]["code"], "too_many_handshakes");
+    // A credential the gateway does not know: 401, no upgrade.
+    let (status, _, body) =
+        refusal(upgrade_with(&gw, &[("authorization", "Bearer not-the-token")]).await);
+    assert_eq!(status, 401, "{body}");
+    assert_eq!(
+        body,
+        json!({ "error": { "code": "unauthorized", "message": "wrong token" } })
+    );
+    match GatewayClient::connect(&gw.url(), operator_options("not-the-token")).await {
+        Err(ConnectError::Rejected { code, message }) => {
+            assert_eq!(
+                (code.as_str(), message.as_str()),
+                ("unauthorized", "wrong token")
+            );
+        }
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+
+    // With its credential on the upgrade, the real client gets in.
+    let (mut client, _) = GatewayClient::connect(&gw.url(), operator_options(TOKEN))
+        .await
+        .expect("hello-ok despite 32 silent sockets");
+    let status = client.call("status", json!({})).await.expect("status");
+    assert_eq!(
+        status["sessions"],
+        json!({ "operator": 1, "node": 0, "approver": 0, "handshaking": 32 })
+    );
+    assert_eq!(gw.state.handshake_stats().preauth_rejections, 1);
+
+    // The bare connections give their slots back when they close.
+    drop(bare);
+    eventually("the bare connections' slots are released", || {
+        gw.state.counts().3 == 16
+    })
+    .await;
+    drop(silent);
+}
+
+#[tokio::test]
+async fn an_upgrade_from_a_foreign_origin_gets_403_and_a_listed_one_upgrades() {
+    let gw = Gateway::start(
+        GatewaySettings {
+            allowed_origins: vec!["https://ops.example.com".to_string()],
+            ..settings()
+        },
+        true,
+    )
+    .await;
+    let (status, _, body) = refusal(upgrade_with(&gw, &[("origin", "https://evil.example")]).await);
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(body["error"]["code"], "forbidden_origin");
+    let message = body["error"]["message"].as_str().expect("message");
+    assert!(message.contains("\"https://evil.example\""), "{message}");
+    // Even with the right credential.
+    let (status, _, _) = refusal(
+        upgrade_with(
+            &gw,
+            &[
+                ("origin", "http://localhost:3000"),
+                ("authorization", &format!("Bearer {TOKEN}")),
+            ],
+        )
+        .await,
+    );
+    assert_eq!(status, 403);
+
+    // A listed origin (scheme and host compared without case) upgrades and handshakes.
+    let mut ws = upgrade_with(&gw, &[("origin", "HTTPS://Ops.Example.com")])
+        .await
+        .expect("upgrade from a listed origin");
+    assert_eq!(next_event(&mut ws).await["event"], "connect.challenge");
+    send(&mut ws, &connect_req("c", "operator", TOKEN, json!({}))).await;
+    assert_eq!(next_res(&mut ws, "c").await["ok"], true);
+}
+
+#[tokio::test]
+async fn past_max_connections_a_new_connection_gets_503_with_retry_after() {
+    let gw = Gateway::start(
+        GatewaySettings {
+            max_connections: 2,
+            ..settings()
+        },
+        true,
+    )
+    .await;
+    // An upgraded, authenticated socket and an idle connection: the cap of 2.
+    let (client, _) = GatewayClient::connect(&gw.url(), operator_options(TOKEN))
+        .await
+        .expect("hello-ok");
+    let _idle = TcpStream::connect(gw.addr).await.expect("connect");
+
+    let answer = raw_http(gw.addr, GET_HEALTH).await;
+    let (head, body) = answer.split_once("\r\n\r\n").expect("an HTTP answer");
+    assert!(head.starts_with("HTTP/1.1 503 "), "{answer}");
+    assert!(
+        head.lines()
+            .any(|l| l.eq_ignore_ascii_case("retry-after: 1")),
+        "{answer}"
+    );
+    let body: Value = serde_json::from_str(body).expect("JSON body");
+    assert_eq!(body["error"]["code"], "too_many_connections");
+    let message = body["error"]["message"].as_str().expect("message");
+    assert!(message.contains("maximum of 2 connections"), "{message}");
+
+    // The WebSocket held its place until it closed; then a new connection is served.
+    client.close().await;
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let answer = raw_http(gw.addr, GET_HEALTH).await;
+        if answer.starts_with("HTTP/1.1 200 ") {
+            break;
+        }
+        assert!(answer.starts_with("HTTP/1.1 503 "), "{answer}");
+        assert!(Instant::now() < deadline, "still refused: {answer}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }

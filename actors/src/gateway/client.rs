@@ -32,7 +32,8 @@
 //! ## Failures
 //! A failed connect is classified so a retry layer can act on it without parsing text:
 //! refused / reset before the upgrade, HTTP 503 with `Retry-After`, closed by the server
-//! before `hello-ok` (1012, 1013, 1008 …), rejected (`unauthorized`), timed out, or a
+//! before `hello-ok` (1012, 1013, 1008 …), rejected (`unauthorized`, at `connect` or by
+//! a 401 to the credential the upgrade carries in `Authorization`), timed out, or a
 //! protocol violation. After `hello-ok`, a [`CallError`] says whether the gateway answered
 //! with an error or the connection was lost (and the request may have been delivered).
 //! A connection silent for two tick intervals is closed with 4000 ([`CallError::Silent`]).
@@ -45,6 +46,9 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::http::header::AUTHORIZATION;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{self, Message};
@@ -130,7 +134,8 @@ pub enum ConnectError {
         /// `shutdown` event received during the handshake.
         retry_after_ms: Option<u64>,
     },
-    /// The server answered `connect` with an error (`unauthorized`, `bad_request` …).
+    /// The server answered `connect` with an error (`unauthorized`, `bad_request` …), or
+    /// refused the credential the upgrade carried (HTTP 401, `unauthorized`).
     #[error("gateway rejected the connection: {code}: {message}")]
     Rejected {
         /// The error code.
@@ -217,6 +222,22 @@ impl ConnectError {
                     .and_then(|v| v.trim().parse::<u64>().ok())
                     .map(|secs| secs.saturating_mul(1000));
                 ConnectError::Busy { retry_after_ms }
+            }
+            // The credential on the upgrade was refused: the same rejection as a refused
+            // `connect`, with the server's code and message.
+            tungstenite::Error::Http(response) if response.status().as_u16() == 401 => {
+                let body = response.body().as_deref().unwrap_or_default();
+                #[derive(serde::Deserialize)]
+                struct Refusal {
+                    error: ErrorBody,
+                }
+                let ErrorBody { code, message } = serde_json::from_slice::<Refusal>(body)
+                    .map(|r| r.error)
+                    .unwrap_or_else(|_| ErrorBody {
+                        code: protocol::code::UNAUTHORIZED.to_string(),
+                        message: "HTTP 401 on the WebSocket upgrade".to_string(),
+                    });
+                ConnectError::Rejected { code, message }
             }
             tungstenite::Error::Http(response) => ConnectError::Http {
                 status: response.status().as_u16(),
@@ -373,11 +394,24 @@ impl GatewayClient {
         // many approval handlers).
         let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
             .read_buffer_size(4 * 1024);
+        // The credential goes on the upgrade too: a gateway that knows it admits the
+        // upgrade outside the per-address budget of unauthenticated sockets (and refuses a
+        // wrong one with 401 before upgrading). `connect` still carries it.
+        let mut request = url.into_client_request().map_err(ConnectError::from_ws)?;
+        if !options.token.is_empty()
+            && let Ok(value) = HeaderValue::from_str(&format!("Bearer {}", options.token))
+        {
+            request.headers_mut().insert(AUTHORIZATION, value);
+        }
         let connector = tls::connector(url)?;
-        let (ws, _response) =
-            tokio_tungstenite::connect_async_tls_with_config(url, Some(config), false, connector)
-                .await
-                .map_err(ConnectError::from_ws)?;
+        let (ws, _response) = tokio_tungstenite::connect_async_tls_with_config(
+            request,
+            Some(config),
+            false,
+            connector,
+        )
+        .await
+        .map_err(ConnectError::from_ws)?;
         let mut client = GatewayClient {
             ws,
             last_id: 0,

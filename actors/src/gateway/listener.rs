@@ -1,13 +1,46 @@
 //! The gateway listener: `GET /health` and the WebSocket endpoint `GET /ws`.
 //!
-//! `/ws`, in order:
-//! 1. more than `max_preauth_per_ip` handshaking sockets from the client's IP ⇒ HTTP 503
-//!    with `Retry-After: 1` and a JSON error, no upgrade; else a pre-auth slot is taken
-//!    (released at `hello-ok` or when the socket ends);
-//! 2. upgrade, with `max_frame_bytes` as the largest frame and message;
-//! 3. the tree is not set yet (the program is starting) ⇒ close 1013 with
+//! It is a [`ServeActor`]: HTTP/1.1 only, every connection closed unless it sends a whole
+//! request head within `header_read_timeout_ms` (from accept, and again between requests
+//! of a kept-alive connection), and at most `max_connections` connections open, counted
+//! from accept to close (a WebSocket until the socket closes); the next one is answered
+//! `503` with `Retry-After: 1` and `too_many_connections`, and closed.
+//!
+//! ## Pre-auth accounting: what counts when
+//! Each IP has `max_preauth_per_ip` pre-auth slots; the `handshaking` count (and its gauge
+//! and peak) is the number of slots held.
+//! * **Accept.** Every admitted connection takes a slot of its IP, if one is free, before
+//!   it has sent a byte. A connection that found none holds nothing (it still counts
+//!   against `max_connections`, and the header read timeout still closes it).
+//! * **`/ws` with `Authorization: Bearer <token>`, `token` a credential the gateway knows**
+//!   (any operator's, node's or approval handler's): the upgrade is authenticated at the
+//!   HTTP layer and exempt from the IP budget. The connection's slot, if it has one, gives
+//!   its IP share back at once but stays counted as handshaking; if it had none, an exempt
+//!   one is made. Either way the upgrade goes ahead, whatever the IP's count.
+//! * **`/ws` with any other `Authorization` header** ⇒ HTTP 401 `unauthorized` ("wrong
+//!   token"), no upgrade; the connection's slot is released. (While the gateway has no
+//!   operator or node credential configured the header is ignored instead, and the
+//!   `connect` check alone decides.)
+//! * **`/ws` without `Authorization`** uses the connection's slot; if it has none it tries
+//!   once more for a free one; failing that ⇒ HTTP 503 `too_many_handshakes` with
+//!   `Retry-After: 1`, no upgrade (counted in `preauth_rejections`).
+//! * **Release.** The slot travels with the upgraded socket into its session and is given
+//!   back at `hello-ok`, or when the socket ends (4408 at the handshake timeout, 1013, a
+//!   refusal …). A connection that never upgrades (`/health`, silence, a trickle) gives it
+//!   back when it closes — at the latest at the header read timeout.
+//!
+//! The `connect` frame is checked exactly as before: a bearer header only spares the
+//! upgrade the IP budget, it grants no role.
+//!
+//! ## `/ws`, in order
+//! 1. an `Origin` header not listed in `allowed_origins` (compared without case, and
+//!    without a trailing `/`) ⇒ HTTP 403 `forbidden_origin` naming it, no upgrade; no
+//!    `Origin` header (every non-browser client) passes;
+//! 2. the credential and the pre-auth slot, as above (401 / 503);
+//! 3. upgrade, with `max_frame_bytes` as the largest frame and message;
+//! 4. the tree is not set yet (the program is starting) ⇒ close 1013 with
 //!    `starting; retry_after_ms=…`;
-//! 4. else the socket becomes a temporary child `conn-<n>` of `root/gateway/sessions` (a
+//! 5. else the socket becomes a temporary child `conn-<n>` of `root/gateway/sessions` (a
 //!    [`SessionActor`](super::session::SessionActor)); if the sessions supervisor refuses
 //!    it (it is shutting down) ⇒ close 1012 "service restart" (1001 when the shutdown
 //!    intent is `stop`).
@@ -32,19 +65,19 @@ use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{Extensions, HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use futures_util::StreamExt;
 use serde_json::json;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-use super::protocol::{close, try_again_reason};
+use super::protocol::{close, code, try_again_reason};
 use super::session::{self, SessionStart};
-use super::{GatewayState, SESSIONS_PATH, metrics};
-use crate::serve::{ServeActor, ServeArgs};
+use super::{GatewayState, PreauthSlot, SESSIONS_PATH, metrics};
+use crate::serve::{AcceptHook, ServeActor, ServeArgs, ServeLimits, ServeMetrics};
 use crate::supervision::{ChildContext, ChildSpec, Policy, Restart};
 
 /// The kind of the listener child, for policies and metrics.
@@ -78,33 +111,105 @@ pub fn spec(
 ) -> ChildSpec {
     let state = state.clone();
     ChildSpec::new(ID, KIND, Restart::Permanent, move |ctx: ChildContext| {
+        let settings = state.settings();
         let args = ServeArgs {
             name: "gateway",
-            bind: state.settings().bind,
+            bind: settings.bind,
             router: router(state.clone()),
             bound: bound.clone(),
             on_tick: None,
+            limits: ServeLimits {
+                header_read_timeout: Duration::from_millis(settings.header_read_timeout_ms),
+                max_connections: Some(settings.max_connections as usize),
+                metrics: Some(ServeMetrics {
+                    open: metrics::CONNECTIONS,
+                    refused: metrics::CONNECTION_CAP_REFUSALS_TOTAL,
+                }),
+            },
+            on_accept: Some(preauth_at_accept(state.clone())),
         };
         ServeActor::start(ctx, args)
     })
     .with_policy(policy)
 }
 
+/// The pre-auth slot a connection took when it was accepted, if it got one. Shared by the
+/// connection, which drops it when it closes, and its requests: an upgrade moves it into
+/// the session.
+#[derive(Clone)]
+struct AcceptedSlot(Arc<Mutex<Option<PreauthSlot>>>);
+
+impl AcceptedSlot {
+    fn take(&self) -> Option<PreauthSlot> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+}
+
+/// Takes a pre-auth slot for every accepted connection, before it has sent anything.
+fn preauth_at_accept(state: GatewayState) -> AcceptHook {
+    Arc::new(move |peer: SocketAddr| {
+        let slot = state.try_preauth(peer.ip());
+        let mut values = Extensions::new();
+        values.insert(AcceptedSlot(Arc::new(Mutex::new(slot))));
+        values
+    })
+}
+
 /// `GET /ws`.
 async fn upgrade(
     State(state): State<GatewayState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    accepted: Option<Extension<AcceptedSlot>>,
+    headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
-    let Some(slot) = state.try_preauth(peer.ip()) else {
+    if let Some(origin) = foreign_origin(&state.settings().allowed_origins, &headers) {
+        ::metrics::counter!(metrics::UPGRADE_REFUSALS_TOTAL, "reason" => "origin").increment(1);
+        debug!(peer = %peer, origin = ?origin, "Refused an upgrade from a foreign origin (403).");
+        let shown: String = origin.chars().take(200).collect();
+        return error(
+            StatusCode::FORBIDDEN,
+            "forbidden_origin",
+            format!(
+                "origin {shown:?} may not open a gateway WebSocket: it is not in gateway.allowed_origins"
+            ),
+        );
+    }
+    let held = accepted.and_then(|Extension(accepted)| accepted.take());
+    let slot = match bearer(&state, &headers) {
+        Bearer::Known => Some(match held {
+            Some(mut slot) => {
+                slot.exempt();
+                slot
+            }
+            None => state.exempt_preauth(),
+        }),
+        Bearer::Unknown => {
+            ::metrics::counter!(metrics::UPGRADE_REFUSALS_TOTAL, "reason" => "unauthorized")
+                .increment(1);
+            debug!(peer = %peer, "Refused an upgrade with an unknown credential (401).");
+            let mut response = error(
+                StatusCode::UNAUTHORIZED,
+                code::UNAUTHORIZED,
+                "wrong token".into(),
+            );
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            return response;
+        }
+        Bearer::Absent => held.or_else(|| state.try_preauth(peer.ip())),
+    };
+    let Some(slot) = slot else {
+        state.count_preauth_rejection();
         ::metrics::counter!(metrics::PREAUTH_REJECTIONS_TOTAL).increment(1);
         let max = state.settings().max_preauth_per_ip;
         debug!(peer = %peer, max, "Too many handshaking sockets from one address; answering 503.");
-        let body = Json(json!({ "error": {
-            "code": "too_many_handshakes",
-            "message": format!("more than {max} sockets from this address are still handshaking; retry later"),
-        }}));
-        let mut response = (StatusCode::SERVICE_UNAVAILABLE, body).into_response();
+        let mut response = error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too_many_handshakes",
+            format!("more than {max} sockets from this address are still handshaking; retry later"),
+        );
         response
             .headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
@@ -120,17 +225,66 @@ async fn upgrade(
         .on_upgrade(move |socket| accept(state, socket, peer, slot))
 }
 
+/// An error answer: `{"error":{"code","message"}}`.
+fn error(status: StatusCode, code: &'static str, message: String) -> Response {
+    let body = Json(json!({ "error": { "code": code, "message": message } }));
+    (status, body).into_response()
+}
+
+/// What the `Authorization` header of an upgrade says.
+enum Bearer {
+    /// No header (or the gateway knows no operator or node credential to compare with).
+    Absent,
+    /// `Bearer <token>` with a token the gateway knows.
+    Known,
+    /// Anything else.
+    Unknown,
+}
+
+fn bearer(state: &GatewayState, headers: &HeaderMap) -> Bearer {
+    let Some(value) = headers.get(header::AUTHORIZATION) else {
+        return Bearer::Absent;
+    };
+    let token = value.to_str().ok().and_then(|value| {
+        let (scheme, token) = value.trim().split_once(' ')?;
+        scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+    });
+    if token.is_some_and(|token| state.principals().identify(token).is_some()) {
+        return Bearer::Known;
+    }
+    // With nothing configured to compare with, the session's `connect` check alone decides
+    // (it is what decides whether such a gateway admits anyone).
+    let settings = state.settings();
+    if settings.token.is_none() && settings.operators.is_empty() && settings.nodes.is_empty() {
+        return Bearer::Absent;
+    }
+    Bearer::Unknown
+}
+
+/// The first `Origin` header of `headers` that `allowed` does not list, if any.
+fn foreign_origin(allowed: &[String], headers: &HeaderMap) -> Option<String> {
+    headers
+        .get_all(header::ORIGIN)
+        .iter()
+        .map(|value| String::from_utf8_lossy(value.as_bytes()).into_owned())
+        .find(|origin| {
+            let origin = normalise_origin(origin);
+            !allowed.iter().any(|a| normalise_origin(a) == origin)
+        })
+}
+
+/// An origin for comparison: scheme and host are case-insensitive; a trailing `/` (which
+/// a browser never sends, but a config may hold) is dropped.
+fn normalise_origin(origin: &str) -> String {
+    origin.trim().trim_end_matches('/').to_ascii_lowercase()
+}
+
 /// Hands an upgraded socket to a new session, or closes it with the reason it cannot have
 /// one.
-async fn accept(
-    state: GatewayState,
-    socket: WebSocket,
-    peer: SocketAddr,
-    slot: super::PreauthSlot,
-) {
+async fn accept(state: GatewayState, socket: WebSocket, peer: SocketAddr, slot: PreauthSlot) {
     // The program hands the tree over right after it has started, and children of that
     // tree (approval handlers) may connect just before: wait a moment rather than turn
-    // them away. A socket that waits is counted against the pre-auth budget meanwhile.
+    // them away. A socket that waits keeps its pre-auth slot meanwhile.
     let Some(tree) = state.wait_tree(STARTING_WAIT).await else {
         debug!(peer = %peer, "A socket arrived before the tree was set; closing with 1013.");
         close_socket(

@@ -266,10 +266,18 @@ impl ShutdownIntent {
 pub mod metrics {
     /// Gauge: authenticated sessions, by `role`.
     pub const SESSIONS: &str = "warden_gateway_sessions";
-    /// Gauge: sockets between the upgrade and `hello-ok`.
+    /// Gauge: connections holding a pre-auth slot, from accept (or from the upgrade request
+    /// for one authenticated by its `Authorization` header) to `hello-ok` or close.
     pub const HANDSHAKING: &str = "warden_gateway_handshaking";
     /// Counter: upgrades refused with 503 because an IP had too many handshaking sockets.
     pub const PREAUTH_REJECTIONS_TOTAL: &str = "warden_gateway_preauth_rejections_total";
+    /// Gauge: open connections to the listener, from accept to close (WebSockets included).
+    pub const CONNECTIONS: &str = "warden_gateway_connections";
+    /// Counter: connections answered 503 because `max_connections` were open.
+    pub const CONNECTION_CAP_REFUSALS_TOTAL: &str = "warden_gateway_connection_cap_refusals_total";
+    /// Counter: upgrades refused before the WebSocket opened, by `reason` (`origin`: 403
+    /// for an `Origin` not allowed; `unauthorized`: 401 for an unknown credential).
+    pub const UPGRADE_REFUSALS_TOTAL: &str = "warden_gateway_upgrade_refusals_total";
     /// Counter: sockets the server closed, by `code`.
     pub const CLOSES_TOTAL: &str = "warden_gateway_closes_total";
     /// Counter: sessions closed with 4000 after two ticks without a client frame.
@@ -287,15 +295,24 @@ pub mod metrics {
 
     /// Registers descriptions with the installed recorder (call once after installing it).
     pub fn describe() {
-        use ::metrics::{describe_counter, describe_gauge};
+        use metrics::{describe_counter, describe_gauge};
         describe_gauge!(SESSIONS, "Authenticated gateway sessions.");
         describe_gauge!(
             HANDSHAKING,
-            "Gateway sockets between the upgrade and hello-ok."
+            "Gateway connections holding a pre-auth slot (not yet past hello-ok)."
         );
         describe_counter!(
             PREAUTH_REJECTIONS_TOTAL,
-            "Upgrades refused because an IP had too many handshaking sockets."
+            "Upgrades answered 503 because their address had too many handshaking connections."
+        );
+        describe_gauge!(CONNECTIONS, "Open connections to the gateway listener.");
+        describe_counter!(
+            CONNECTION_CAP_REFUSALS_TOTAL,
+            "Connections answered 503 because gateway.max_connections were open."
+        );
+        describe_counter!(
+            UPGRADE_REFUSALS_TOTAL,
+            "WebSocket upgrades refused for their Origin or their credential."
         );
         describe_counter!(CLOSES_TOTAL, "Gateway sockets the server closed.");
         describe_counter!(
@@ -339,11 +356,11 @@ struct Shared {
     approvals: OnceLock<ApprovalsSettings>,
     /// Reaches the approvals broker; follows it across restarts.
     broker: ApprovalsClient,
-    /// Handshaking sockets per client IP.
+    /// Pre-auth slots held per client IP (see [`PreauthSlot`]).
     preauth: Mutex<HashMap<IpAddr, u32>>,
-    /// Handshaking sockets in all.
+    /// Pre-auth slots held in all, exempt ones included.
     handshaking: AtomicU64,
-    /// The most sockets ever handshaking at once.
+    /// The most pre-auth slots ever held at once.
     handshaking_peak: AtomicU64,
     /// Upgrades refused (503) for want of a pre-auth slot.
     preauth_rejections: AtomicU64,
@@ -558,25 +575,54 @@ impl GatewayState {
         self.0.handshake_timeouts.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Takes a pre-auth slot for `ip`, unless it already holds `max_preauth_per_ip`.
+    /// Takes a pre-auth slot for `ip`, unless it already holds `max_preauth_per_ip`. A
+    /// refusal is not counted here: the caller may still admit the connection otherwise
+    /// (see [`GatewayState::count_preauth_rejection`]).
     pub(crate) fn try_preauth(&self, ip: IpAddr) -> Option<PreauthSlot> {
         let max = self.0.settings.max_preauth_per_ip;
         let mut map = self.0.preauth.lock().unwrap_or_else(|e| e.into_inner());
         let held = map.entry(ip).or_insert(0);
         if *held >= max {
-            drop(map);
-            self.0.preauth_rejections.fetch_add(1, Ordering::Relaxed);
+            if *held == 0 {
+                map.remove(&ip);
+            }
             return None;
         }
         *held += 1;
         drop(map);
+        Some(self.count_handshaking(Some(ip)))
+    }
+
+    /// A pre-auth slot outside every IP's budget, for a connection that authenticated with
+    /// a known credential before it got one: counted as handshaking until `hello-ok`.
+    pub(crate) fn exempt_preauth(&self) -> PreauthSlot {
+        self.count_handshaking(None)
+    }
+
+    /// Counts one upgrade refused (503) for want of a pre-auth slot.
+    pub(crate) fn count_preauth_rejection(&self) {
+        self.0.preauth_rejections.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn count_handshaking(&self, ip: Option<IpAddr>) -> PreauthSlot {
         let now = self.0.handshaking.fetch_add(1, Ordering::Relaxed) + 1;
         self.0.handshaking_peak.fetch_max(now, Ordering::Relaxed);
         ::metrics::gauge!(metrics::HANDSHAKING).increment(1.0);
-        Some(PreauthSlot {
+        PreauthSlot {
             state: self.clone(),
             ip,
-        })
+        }
+    }
+
+    /// Gives `ip`'s share of its pre-auth allowance back.
+    fn release_preauth(&self, ip: IpAddr) {
+        let mut map = self.0.preauth.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(held) = map.get_mut(&ip) {
+            *held = held.saturating_sub(1);
+            if *held == 0 {
+                map.remove(&ip);
+            }
+        }
     }
 
     /// Counts one authenticated session of `role` until the guard drops.
@@ -618,7 +664,8 @@ pub const DEFAULT_OPERATOR: &str = "default";
 /// Handshake totals of one [`GatewayState`] (see [`GatewayState::handshake_stats`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct HandshakeStats {
-    /// The most sockets handshaking at once (between the upgrade and `hello-ok`).
+    /// The most connections handshaking at once: holding a pre-auth slot, from accept (or
+    /// from an upgrade authenticated by its header) to `hello-ok`.
     pub handshaking_peak: u64,
     /// Upgrades answered 503 because their IP held `max_preauth_per_ip` handshakes.
     pub preauth_rejections: u64,
@@ -634,28 +681,29 @@ fn role_index(role: Role) -> usize {
     }
 }
 
-/// One handshaking socket's share of its IP's pre-auth allowance; released on drop (at
-/// `hello-ok`, or when the socket ends however it ends).
+/// One unauthenticated connection's share of its IP's pre-auth allowance, taken when the
+/// listener accepts it; released on drop (at `hello-ok`, or when the connection ends
+/// however it ends). A slot counts as handshaking for its whole life; an exempt one (the
+/// upgrade carried a known credential) no longer counts against its IP.
 pub struct PreauthSlot {
     state: GatewayState,
-    ip: IpAddr,
+    /// The IP whose allowance it holds; `None` once exempt.
+    ip: Option<IpAddr>,
+}
+
+impl PreauthSlot {
+    /// Gives the IP's share back (the connection proved a credential) and stays counted as
+    /// handshaking until dropped.
+    pub(crate) fn exempt(&mut self) {
+        if let Some(ip) = self.ip.take() {
+            self.state.release_preauth(ip);
+        }
+    }
 }
 
 impl Drop for PreauthSlot {
     fn drop(&mut self) {
-        let mut map = self
-            .state
-            .0
-            .preauth
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        if let Some(held) = map.get_mut(&self.ip) {
-            *held = held.saturating_sub(1);
-            if *held == 0 {
-                map.remove(&self.ip);
-            }
-        }
-        drop(map);
+        self.exempt();
         self.state.0.handshaking.fetch_sub(1, Ordering::Relaxed);
         ::metrics::gauge!(metrics::HANDSHAKING).decrement(1.0);
     }
