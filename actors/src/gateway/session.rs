@@ -1432,7 +1432,7 @@ mod tests {
     use tokio::sync::watch;
     use tokio_tungstenite::tungstenite::Message as WsMessage;
 
-    use super::super::client::{ConnectError, ConnectOptions, GatewayClient};
+    use super::super::client::{ConnectOptions, GatewayClient};
     use super::super::protocol::{ClientInfo, Role, close};
     use super::super::{GatewaySettings, GatewayState, spec};
     use crate::supervision::{Jitter, Policy, Tree, TreeOptions};
@@ -1485,12 +1485,17 @@ mod tests {
         let (mut silent, _) = tokio_tungstenite::connect_async(url.as_str())
             .await
             .expect("upgrade");
-        let busy = GatewayClient::connect(&url, options()).await;
-        assert!(
-            matches!(busy, Err(ConnectError::Busy { .. })),
-            "{:?}",
-            busy.err()
-        );
+        // Without a credential on the upgrade: 503. With one, the budget does not apply.
+        match tokio_tungstenite::connect_async(url.as_str()).await {
+            Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+                assert_eq!(response.status(), 503)
+            }
+            other => panic!("not refused: {:?}", other.map(|_| ())),
+        }
+        let (with_credential, _) = GatewayClient::connect(&url, options())
+            .await
+            .expect("a client with its credential is not locked out");
+        with_credential.close().await;
         let code = tokio::time::timeout(Duration::from_secs(5), async {
             while let Some(Ok(msg)) = silent.next().await {
                 if let WsMessage::Close(frame) = msg {
@@ -1504,7 +1509,8 @@ mod tests {
         assert_eq!(code, Some(close::HANDSHAKE_TIMEOUT));
         let stats = state.handshake_stats();
         assert_eq!((stats.preauth_rejections, stats.handshake_timeouts), (1, 1));
-        assert_eq!(stats.handshaking_peak, 1);
+        // The silent socket and the client with its credential handshook at once.
+        assert_eq!(stats.handshaking_peak, 2);
         let _ = tree.shutdown(Duration::from_secs(5)).await;
     }
 }
