@@ -111,6 +111,41 @@ fn validate(
         err,
     )?;
     positive("gateway.max_frame_bytes", g.max_frame_bytes as u64, err)?;
+    positive(
+        "gateway.header_read_timeout_ms",
+        g.header_read_timeout_ms,
+        err,
+    )?;
+    positive("gateway.max_connections", u64::from(g.max_connections), err)?;
+    positive("gateway.max_subscriptions", g.max_subscriptions as u64, err)?;
+    positive(
+        "gateway.max_invoke_timeout_ms",
+        g.max_invoke_timeout_ms,
+        err,
+    )?;
+    positive(
+        "gateway.max_pending_invocations",
+        g.max_pending_invocations as u64,
+        err,
+    )?;
+    positive("gateway.node_forget_after_ms", g.node_forget_after_ms, err)?;
+    for (i, origin) in g.allowed_origins.iter().enumerate() {
+        if !is_origin(origin) {
+            let msg = format!(
+                "{origin:?} is not an origin: give scheme://host[:port], e.g. \"https://ops.example.com\""
+            );
+            return Err(err(format!("gateway.allowed_origins[{i}]"), msg));
+        }
+    }
+    for name in g.nodes.keys() {
+        let bad = name.is_empty()
+            || name.len() > warden_actors::gateway::protocol::handshake::MAX_NAME_LEN
+            || name.chars().any(|c| c.is_control() || c.is_whitespace());
+        if bad {
+            let msg = "a node name is 1 to 128 characters with no spaces or control characters";
+            return Err(err(format!("gateway.nodes.{name}"), msg.to_string()));
+        }
+    }
     check_bind(
         "admin",
         config.admin.bind,
@@ -211,6 +246,19 @@ fn check_bind(
          set {section}.token or {section}.token_file, or bind to 127.0.0.1"
     );
     Err(err(format!("{section}.bind"), msg))
+}
+
+/// `scheme://host[:port]` with no path, as browsers send it in `Origin`.
+fn is_origin(origin: &str) -> bool {
+    let Some((scheme, rest)) = origin.split_once("://") else {
+        return false;
+    };
+    let scheme_ok = !scheme.is_empty()
+        && scheme
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c));
+    let host = rest.trim_end_matches('/');
+    scheme_ok && !host.is_empty() && !host.contains(['/', '?', '#', ' ', '@'])
 }
 
 /// `value` must be above 0.

@@ -1230,3 +1230,58 @@ fn matrix_accounts_name_what_is_wrong() {
         Ok(())
     });
 }
+
+/// Principals and caps: a credential without a token, a cap of 0, an origin that is not
+/// one — each names its key and source.
+#[test]
+fn principals_and_caps_are_validated() {
+    let cases = [
+        (
+            "[gateway.operators.alice]\n",
+            "gateway.operators.alice: needs token or token_file",
+        ),
+        (
+            "[gateway.nodes.box]\ntoken = \"\"\n",
+            "gateway.nodes.box.token: is empty",
+        ),
+        (
+            "[gateway]\nmax_connections = 0\n",
+            "gateway.max_connections: must be above 0",
+        ),
+        (
+            "[gateway]\nheader_read_timeout_ms = 0\n",
+            "gateway.header_read_timeout_ms: must be above 0",
+        ),
+        (
+            "[gateway]\nmax_pending_invocations = 0\n",
+            "gateway.max_pending_invocations: must be above 0",
+        ),
+        (
+            "[gateway]\nallowed_origins = [\"https://ok.example\", \"ops.example.com/x\"]\n",
+            "gateway.allowed_origins[1]: \"ops.example.com/x\" is not an origin",
+        ),
+    ];
+    for (toml, expected) in cases {
+        Jail::expect_with(|jail| {
+            jail.create_file("warden.toml", toml)?;
+            let err = load_err(&with_file())?;
+            let text = err.to_string();
+            assert!(text.contains(expected), "{toml}: {text}");
+            assert!(text.contains("warden.toml"), "names the file: {text}");
+            Ok(())
+        });
+    }
+    Jail::expect_with(|jail| {
+        jail.create_file(
+            "warden.toml",
+            "[gateway]\nallowed_origins = [\"https://ops.example.com\"]\n\
+             [gateway.operators.alice]\ntoken = \"a\"\n[gateway.nodes.box]\ntoken_file = \"box\"\n",
+        )?;
+        jail.create_file("box", "box-token\n")?;
+        let loaded = load(&with_file()).map_err(|e| e.to_string())?;
+        let g = &loaded.config.gateway;
+        assert_eq!(g.nodes["box"].token.as_deref(), Some("box-token"));
+        assert_eq!(g.operators["alice"].token.as_deref(), Some("a"));
+        Ok(())
+    });
+}

@@ -1008,12 +1008,14 @@ async fn a_recovery_key_is_applied_after_a_fresh_login() {
 mod approvals {
     use super::*;
 
-    /// A `warden node` named `name` with a `hello` command, connected to `gateway`.
+    /// A `warden node` named `name` with a `hello` command that needs an approval for each
+    /// run, connected to `gateway`: every run below passed the broker's grant, which the
+    /// node checked itself.
     fn node(name: &str, gateway: &str) -> Warden {
         let dir = TempDir::new(name);
         let config = format!(
             "[node]\ngateway_url = \"{gateway}\"\ntoken = \"{TOKEN}\"\nname = \"{name}\"\n\
-             [node.commands.hello]\nargv = [\"echo\", \"hello from {name}\"]\n"
+             [node.commands.hello]\nargv = [\"echo\", \"hello from {name}\"]\napproval = true\n"
         );
         std::fs::write(dir.0.join("node.toml"), config).expect("node config");
         let args = [
