@@ -246,13 +246,16 @@ run_fuzz() {
         if "${command[@]}" >"$output" 2>&1; then
             # libFuzzer ends with "#N DONE cov: C ft: F …" and "Done N runs in T second(s)".
             line=$(awk -v t="$target" '
-                / DONE / { for (i = 1; i <= NF; i++) { if ($i == "cov:") c = $(i+1); if ($i == "ft:") f = $(i+1) } }
+                $2 == "DONE" { for (i = 1; i <= NF; i++) { if ($i == "cov:") c = $(i+1); if ($i == "ft:") f = $(i+1) } }
                 /^Done [0-9]+ runs in / { n = $2; s = $5 }
                 END { printf "fuzz: %s: %d runs in %d s, no crash (cov %s, ft %s)", t, n, s, c, f }' "$output")
             rm -f "$output"
         else
             status=1
-            tail -n 40 "$output" >&2
+            # The panic message, libFuzzer's verdict, and the input cargo-fuzz saved.
+            awk '/panicked at/ { p = 1 } /^stack backtrace:/ { p = 0 } p
+                 /ERROR: libFuzzer:/ || /^SUMMARY:/ { print }
+                 /^Failing input:/ { f = 2 } f && NF { print; f-- }' "$output" >&2
             line="fuzz: $target: FAILED, the input is in fuzz/artifacts/$target/ (log: $output)"
         fi
         log "$line"

@@ -56,7 +56,10 @@ fn params_parsers(value: Value) {
                 assert!(!s.trim().is_empty(), "accepted an empty string: {p:?}");
             }
             if let Some(t) = p.timeout_s {
-                assert!(APPROVAL_TIMEOUT_S.contains(&t), "timeout out of range: {p:?}");
+                assert!(
+                    APPROVAL_TIMEOUT_S.contains(&t),
+                    "timeout out of range: {p:?}"
+                );
             }
         }
         Err(message) => names_its_fault(&message),
@@ -85,7 +88,11 @@ where
     if let Ok(parsed) = serde_json::from_value::<T>(value.clone()) {
         let written = serde_json::to_value(&parsed).expect("a params type serializes");
         let back = serde_json::from_value::<T>(written.clone());
-        assert_eq!(back.as_ref().ok(), Some(&parsed), "written back as {written}");
+        assert_eq!(
+            back.as_ref().ok(),
+            Some(&parsed),
+            "written back as {written}"
+        );
     }
 }
 
