@@ -1,8 +1,8 @@
 //! Fuzz target `handshake`: `warden_protocol::handshake::check`, the decision taken on
 //! the first frame of a socket, against fixed principals: operator `ops`, node `box` (a
 //! token of digits only, as a config may hold), the approval handler of account `nova`.
-//! The first input byte chooses whether unlisted nodes are allowed (its low bit); the
-//! rest is the frame's text.
+//! The first input byte chooses whether unlisted nodes are allowed (its low bit: the
+//! seeds start with `0` or `1`); the rest is the frame's text.
 //!
 //! Asserted beyond "no panic":
 //! * nothing is accepted unless the `connect`'s `token` is a configured token, and it is
