@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # warden's test command: installs what the tests need when it is absent, then runs the
-# whole suite. Works from any directory; idempotent; fast when everything is present
-# (no package index update then).
+# whole suite, then runs each fuzz target of fuzz/ briefly. Works from any directory;
+# idempotent; fast when everything is present (no package index update then).
 #
 #   ./scripts/test.sh                  # everything
 #   ./scripts/test.sh -- --nocapture   # extra arguments go to the test binaries
@@ -11,6 +11,7 @@
 #                       (outside CI it is a warning, and the tests that need it decide)
 #   WARDEN_TOOLS_DIR    where fetched tools are kept (default ~/.cache/warden/tools)
 #   PROMTOOL            a promtool to use instead of looking for one
+#   FUZZ_SECONDS        how long each fuzz target runs (default 25; 0 skips fuzzing)
 #
 # Exported for the tests:
 #   PROMTOOL            path of promtool, which validates the /metrics exposition
@@ -190,6 +191,80 @@ stop_synapse() {
     rm -rf "$SYNAPSE_DIR"
 }
 
+# --- fuzzing ----------------------------------------------------------------------------
+# fuzz/ (cargo-fuzz layout, its own workspace, depends only on warden-protocol) holds
+# coverage-guided targets for the frame parser and the handshake. Each runs for
+# $FUZZ_SECONDS from its committed seeds in a scratch corpus; a crash fails the run and
+# leaves the input in fuzz/artifacts/<target>/. The targets build with libFuzzer and
+# AddressSanitizer, whose `-Z` flags stable rustc takes only with RUSTC_BOOTSTRAP=1, set
+# for these commands alone; fuzz/target is their own target directory.
+CARGO_FUZZ_VERSION=0.13.2
+FUZZ_TARGETS=(frame handshake)
+FUZZ_SECONDS=${FUZZ_SECONDS:-25}
+FUZZ_SUMMARY=()
+
+# cargo-fuzz on PATH (or in ~/.cargo/bin, where `cargo install` puts it), else installed.
+ensure_cargo_fuzz() {
+    if cargo fuzz --version >/dev/null 2>&1; then
+        return 0
+    fi
+    log "cargo-fuzz not found: installing cargo-fuzz $CARGO_FUZZ_VERSION from crates.io"
+    if ! run cargo install cargo-fuzz --version "$CARGO_FUZZ_VERSION" --locked; then
+        missing cargo-fuzz "cargo install cargo-fuzz failed (see above)"
+        return 1
+    fi
+}
+
+# Builds and runs every fuzz target; fills FUZZ_SUMMARY; returns 1 on a failing input (a
+# crash, a timeout or running out of memory) or a failed build.
+run_fuzz() {
+    if [ "$FUZZ_SECONDS" = 0 ]; then
+        log "fuzz: skipped (FUZZ_SECONDS=0)"
+        return 0
+    fi
+    if ! ensure_cargo_fuzz; then
+        FUZZ_SUMMARY+=("fuzz: skipped (cargo-fuzz is not available)")
+        return 0
+    fi
+    # cargo-fuzz has no --locked: check the committed lock file first.
+    local started=$SECONDS
+    if ! run cargo metadata --locked --format-version 1 --manifest-path fuzz/Cargo.toml \
+        >/dev/null || ! run env RUSTC_BOOTSTRAP=1 cargo fuzz build; then
+        FUZZ_SUMMARY+=("fuzz: the targets did not build (see above)")
+        return 1
+    fi
+    log "fuzz: targets built in $((SECONDS - started)) s"
+    local target scratch output status=0 line command
+    for target in "${FUZZ_TARGETS[@]}"; do
+        scratch=$(mktemp -d "${TMPDIR:-/tmp}/warden-fuzz-$target.XXXXXX")
+        output=$scratch.log
+        cp fuzz/corpus/"$target"/* "$scratch"/
+        command=(env RUSTC_BOOTSTRAP=1 cargo fuzz run "$target" "$scratch" --
+            -dict="$PWD/fuzz/protocol.dict" -max_total_time="$FUZZ_SECONDS" -timeout=10
+            -print_final_stats=1)
+        printf '+ %s > %s\n' "${command[*]}" "$output" >&2
+        if "${command[@]}" >"$output" 2>&1; then
+            # libFuzzer ends with "#N DONE cov: C ft: F …" and "Done N runs in T second(s)".
+            line=$(awk -v t="$target" '
+                $2 == "DONE" { for (i = 1; i <= NF; i++) { if ($i == "cov:") c = $(i+1); if ($i == "ft:") f = $(i+1) } }
+                /^Done [0-9]+ runs in / { n = $2; s = $5 }
+                END { printf "fuzz: %s: %d runs in %d s, no crash (cov %s, ft %s)", t, n, s, c, f }' "$output")
+            rm -f "$output"
+        else
+            status=1
+            # The panic message, libFuzzer's verdict, and the input cargo-fuzz saved.
+            awk '/panicked at/ { p = 1 } /^stack backtrace:/ { p = 0 } p
+                 /ERROR: libFuzzer:/ || /^SUMMARY:/ { print }
+                 /^Failing input:/ { f = 2 } f && NF { print; f-- }' "$output" >&2
+            line="fuzz: $target: FAILED, the input is in fuzz/artifacts/$target/ (log: $output)"
+        fi
+        log "$line"
+        FUZZ_SUMMARY+=("$line")
+        rm -rf "$scratch"
+    done
+    return "$status"
+}
+
 main() {
     if ! command -v cargo >/dev/null 2>&1; then
         log "error: cargo is not on PATH"
@@ -206,12 +281,22 @@ main() {
     fi
     # The benchmark smoke run prints last; end with one plain line that totals every test
     # binary's "test result" line, so the outcome is the closing line of the log.
-    local out status=0
+    local out status=0 fuzz_status=0
     out=$(mktemp)
     run cargo test --workspace --all-targets --locked "$@" 2>&1 | tee "$out" || status=$?
+    # After the tests, so that their failures show first; fuzz/ is not a workspace member.
+    run_fuzz || fuzz_status=$?
+    # One line per fuzz target, then the plain test total as the closing line.
+    if [ "${#FUZZ_SUMMARY[@]}" -gt 0 ]; then
+        printf '%s\n' "${FUZZ_SUMMARY[@]}"
+    fi
     awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed;?$/) p += $i; if ($(i+1) ~ /^failed;?$/) f += $i } }
          END { printf "warden: %d passed, %d failed\n", p, f }' "$out"
     rm -f "$out"
+    if [ "$fuzz_status" != 0 ]; then
+        log "error: fuzzing failed (see the fuzz: lines above)"
+        [ "$status" != 0 ] || status=$fuzz_status
+    fi
     return "$status"
 }
 

@@ -229,6 +229,17 @@ mod tests {
     }
 
     #[test]
+    fn a_grant_holds_for_arguments_relayed_as_text() {
+        // The broker keys the grant with the arguments as it parsed them; the node checks
+        // it against the arguments it parses from the relayed `node.invoke`.
+        let key = Secret::new("node-token");
+        let sent: Value = serde_json::from_str("[222222222222222222222222]").expect("json");
+        let grant = Grant::issue(&key, "abcd1234", "box", "disk", &sent, 1_000);
+        let relayed: Value = serde_json::from_str(&sent.to_string()).expect("json");
+        assert_eq!(grant.verify(&key, "box", "disk", &relayed, 500), Ok(()));
+    }
+
+    #[test]
     fn used_grants_are_bounded_and_forgotten_at_expiry() {
         let key = Secret::new("k");
         let mut used = UsedGrants::new(1);

@@ -108,6 +108,13 @@ pub fn check(text: &str, principals: &Principals) -> Result<Accepted, Refused> {
 
 /// The `connect` params, checked field by field.
 fn parse_params(params: Value) -> Result<ConnectParams, String> {
+    // serde's error would quote a token sent as a number: a credential is never echoed.
+    if let Some(token) = params.get("token").filter(|t| !t.is_string()) {
+        return Err(format!(
+            "bad connect params: field `token`: expected a string, got {}",
+            crate::json_kind(token)
+        ));
+    }
     let params: ConnectParams =
         serde_json::from_value(params).map_err(|e| format!("bad connect params: {e}"))?;
     if params.protocol != PROTOCOL_VERSION {
@@ -225,6 +232,20 @@ mod tests {
             ),
             code::UNAUTHORIZED
         );
+        // Found by the `handshake` fuzz target's properties: a token of digits sent as a
+        // JSON number came back in serde's error text.
+        let mut digits = principals();
+        digits.add_operator("ci", Secret::new("2026112901"));
+        let text = connect(
+            json!({"protocol": 1, "role": "operator", "token": 2026112901, "client": client}),
+        );
+        match check(&text, &digits) {
+            Err(Refused::Connect { code, message, .. }) => {
+                assert_eq!(code, code::BAD_REQUEST);
+                assert!(!message.contains("2026112901"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
         let long = "x".repeat(MAX_NAME_LEN + 1);
         assert_eq!(
             refused(
