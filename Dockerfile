@@ -46,19 +46,21 @@ RUN rustup toolchain install && cargo --version
 # Cargo.toml, actors/Cargo.toml or Cargo.lock change.
 COPY Cargo.toml Cargo.lock ./
 COPY actors/Cargo.toml actors/
-RUN mkdir -p src actors/src actors/benches tests/it \
+COPY protocol/Cargo.toml protocol/
+RUN mkdir -p src actors/src actors/benches tests/it protocol/src \
     && echo 'fn main() {}' > src/main.rs \
-    && touch src/lib.rs actors/src/lib.rs tests/it/main.rs \
+    && touch src/lib.rs actors/src/lib.rs protocol/src/lib.rs tests/it/main.rs \
     && echo 'fn main() {}' > actors/benches/kernel.rs \
     && cargo build --release --locked --bin warden \
-    && rm -rf src actors/src actors/benches tests
+    && rm -rf src actors/src actors/benches protocol/src tests
 
 # The real sources. Touch them so cargo never mistakes the stub build for a fresh one
 # (COPY keeps the files' modification times, which may be older than the stub build).
 COPY src src
 COPY actors actors
+COPY protocol protocol
 COPY config config
-RUN find src actors/src -name '*.rs' -exec touch {} + \
+RUN find src actors/src protocol/src -name '*.rs' -exec touch {} + \
     && cargo build --release --locked --bin warden \
     && install -m 0755 target/release/warden /usr/local/bin/warden
 
