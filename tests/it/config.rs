@@ -1138,10 +1138,18 @@ fn multi_account_example_is_valid() {
             include_str!("../../config/examples/multi-account.toml"),
         )?;
         jail.create_dir("secrets")?;
-        for name in ["admin", "nova_pw", "nova_rk", "orion"] {
+        for name in ["admin", "nova_pw", "nova_rk", "orion", "owner", "box"] {
             jail.create_file(format!("secrets/{name}"), &format!("{name}-secret\n"))?;
         }
         jail.set_env("WARDEN_ADMIN__TOKEN_FILE", "secrets/admin");
+        jail.set_env(
+            "WARDEN_GATEWAY__OPERATORS__OWNER__TOKEN_FILE",
+            "secrets/owner",
+        );
+        jail.set_env(
+            "WARDEN_GATEWAY__NODES__BUILD-BOX__TOKEN_FILE",
+            "secrets/box",
+        );
         jail.set_env(
             "WARDEN_MATRIX__ACCOUNTS__NOVA__PASSWORD_FILE",
             "secrets/nova_pw",
@@ -1156,6 +1164,9 @@ fn multi_account_example_is_valid() {
         );
         let c = load_ok(&with_file())?.config;
         assert_eq!(c.admin.token.as_deref(), Some("admin-secret"));
+        let g = &c.gateway;
+        assert_eq!(g.operators["owner"].token.as_deref(), Some("owner-secret"));
+        assert_eq!(g.nodes["build-box"].token.as_deref(), Some("box-secret"));
         let orion = &c.matrix.accounts["orion"];
         assert_eq!(orion.access_token.as_deref(), Some("orion-secret"));
         assert!(c.matrix.accounts["nova"].approvals.enabled);
