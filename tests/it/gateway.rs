@@ -1251,3 +1251,32 @@ async fn past_max_connections_a_new_connection_gets_503_with_retry_after() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// A node gone for `node_forget_after_ms` is forgotten: `nodes.list` no longer shows it and
+/// `nodes.invoke` says `unknown_node` instead of `node_offline`.
+#[tokio::test]
+async fn a_node_gone_long_enough_is_forgotten() {
+    let settings = GatewaySettings {
+        node_forget_after_ms: 300,
+        ..settings()
+    };
+    let gw = Gateway::start(settings, true).await;
+    let mut op = gw.operator().await;
+    let node = gw.node("box", &["uptime"]).await;
+    drop(node);
+    eventually("the node is disconnected", || gw.state.counts().1 == 0).await;
+    let invoke = json!({ "node": "box", "command": "uptime" });
+    let res = call(&mut op, "1", "nodes.invoke", invoke.clone()).await;
+    assert_eq!(error_code(&res), "node_offline", "{res}");
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let list = call(&mut op, "l", "nodes.list", json!({})).await;
+        if list["payload"] == json!([]) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still listed: {list}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let res = call(&mut op, "2", "nodes.invoke", invoke).await;
+    assert_eq!(error_code(&res), "unknown_node", "{res}");
+}
