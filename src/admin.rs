@@ -238,14 +238,21 @@ pub fn router(state: AdminState) -> Router {
 /// (`POST /admin/actors/…/kill`). Browsers send `Origin` on every POST and cross-origin
 /// fetch; other clients send none and pass. The own origin is `http://` or `https://`
 /// followed by the request's `Host`. Without an admin token, the `Host` must also be a
-/// loopback name (`localhost`, `127.x.x.x`, `[::1]`): a page whose own name resolves to
-/// 127.0.0.1 (DNS rebinding) is same-origin by the `Host` alone.
+/// loopback name (`localhost`, `127.x.x.x`, `[::1]`) on every request, `Origin` or not: a
+/// page whose own name resolves to 127.0.0.1 (DNS rebinding) is same-origin by the `Host`
+/// alone, and its GETs carry no `Origin`.
 async fn require_own_origin(State(state): State<AdminState>, req: Request, next: Next) -> Response {
     let headers = req.headers();
     let host = headers
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
         .unwrap_or_default();
+    // Without a token, a non-loopback `Host` is a page that rebound its name to this
+    // address (a same-origin GET carries no `Origin`): refused whatever it asks.
+    if state.token.is_none() && !host.is_empty() && !is_loopback_host(host) {
+        debug!(path = %req.uri().path(), host = ?host, "Refused an admin request for a non-loopback host without admin.token.");
+        return ApiError::ForeignHost(host.to_string()).into_response();
+    }
     let foreign = headers
         .get_all(header::ORIGIN)
         .iter()
@@ -530,6 +537,8 @@ enum ApiError {
     Unauthorized,
     /// A request from a page of another origin (403); the origin it named.
     ForeignOrigin(String),
+    /// Without `admin.token`, a request for a host name that is not a loopback one (403).
+    ForeignHost(String),
     /// No such endpoint (404).
     NotFound(String),
     /// The endpoint exists, the method does not (405).
@@ -574,6 +583,14 @@ impl ApiError {
                 StatusCode::UNAUTHORIZED,
                 "unauthorized",
                 "this endpoint needs Authorization: Bearer <admin token>".to_string(),
+            ),
+            ApiError::ForeignHost(host) => (
+                StatusCode::FORBIDDEN,
+                "forbidden_host",
+                format!(
+                    "requests for host {:?} are refused: without admin.token the admin endpoint serves only loopback names",
+                    host.chars().take(200).collect::<String>()
+                ),
             ),
             ApiError::ForeignOrigin(origin) => (
                 StatusCode::FORBIDDEN,

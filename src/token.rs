@@ -5,7 +5,7 @@
 
 use std::fs::{self, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use warden_actors::gateway::protocol::auth::Secret;
@@ -54,30 +54,42 @@ pub fn operator_token(state_dir: &Path) -> io::Result<(String, PathBuf, bool)> {
     }
 }
 
-/// The token stored at `path`, if the file exists. A file readable by group or others is
-/// tightened to 0600; an empty or oversized one is an error.
+/// The token stored at `path`, if the file exists. It must be a regular file (not a
+/// symbolic link) readable by its owner only; an empty or oversized one is an error.
 pub fn read(path: &Path) -> io::Result<Option<String>> {
-    let mut file = match fs::File::open(path) {
-        Ok(file) => file,
+    let fail = |what: String| io::Error::other(format!("{}: {what}", path.display()));
+    let link = match fs::symlink_metadata(path) {
+        Ok(meta) => meta,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(io::Error::new(e.kind(), format!("{}: {e}", path.display()))),
+        Err(e) => return Err(fail(e.to_string())),
     };
+    if !link.file_type().is_file() {
+        return Err(fail(
+            "is not a regular file (a symbolic link?); remove it".into(),
+        ));
+    }
+    let mut file = fs::File::open(path).map_err(|e| fail(e.to_string()))?;
     let meta = file.metadata()?;
-    if meta.len() > MAX_LEN {
-        return Err(io::Error::other(format!(
-            "{} is larger than {MAX_LEN} bytes; it is not a token file",
-            path.display()
+    // The file opened is the one checked, not something swapped in meanwhile.
+    if (meta.dev(), meta.ino()) != (link.dev(), link.ino()) {
+        return Err(fail("changed while it was being opened".into()));
+    }
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(fail(format!(
+            "mode {mode:o} lets others read it; chmod 600 it (or remove it to get a new one)"
         )));
     }
-    if meta.permissions().mode() & 0o077 != 0 {
-        // Best effort: we may not own it (then reading it still works).
-        let _ = fs::set_permissions(path, fs::Permissions::from_mode(0o600));
+    if meta.len() > MAX_LEN {
+        return Err(fail(format!(
+            "larger than {MAX_LEN} bytes; it is not a token file"
+        )));
     }
     let mut text = String::new();
     file.read_to_string(&mut text)?;
     let token = text.trim_end_matches(['\n', '\r']).to_string();
     if token.is_empty() {
-        return Err(io::Error::other(format!("{} is empty", path.display())));
+        return Err(fail("is empty".into()));
     }
     Ok(Some(token))
 }

@@ -195,9 +195,12 @@ impl Principals {
         self.operators.keys().map(String::as_str)
     }
 
-    /// Whose token `given` is. Every credential is compared, whatever matched before.
+    /// Whose token `given` is. Every credential is compared, whatever matched before. A
+    /// token that two principals share is nobody's (the config refuses that too): it
+    /// must never make a node host an operator.
     pub fn identify(&self, given: &str) -> Option<Identity> {
         let mut found = None;
+        let mut matches = 0usize;
         let all = self
             .operators
             .iter()
@@ -213,11 +216,12 @@ impl Principals {
                     .map(|(n, s)| (Identity::Approver(n.clone()), s)),
             );
         for (identity, secret) in all {
-            if secret.matches(given) && found.is_none() {
+            if secret.matches(given) {
+                matches += 1;
                 found = Some(identity);
             }
         }
-        found
+        if matches == 1 { found } else { None }
     }
 
     /// The secret `principal` authenticated with: what approval grants for a node are

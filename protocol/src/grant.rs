@@ -43,6 +43,9 @@ pub enum GrantError {
     /// Past its expiry.
     #[error("the approval grant has expired")]
     Expired,
+    /// Valid for longer than [`MAX_LIFETIME_MS`] from now.
+    #[error("the approval grant is valid for too long")]
+    TooLong,
     /// Used before.
     #[error("the approval grant was already used")]
     Replayed,
@@ -52,6 +55,12 @@ pub enum GrantError {
 }
 
 type HmacSha256 = Hmac<Sha256>;
+
+/// The longest a grant may be valid for: a node refuses one that expires later than this
+/// from now, so a grant replayed after the node restarted (which forgets the grants it
+/// used) is good for at most this long. The gateway issues grants for the invocation's
+/// timeout, capped at this.
+pub const MAX_LIFETIME_MS: u64 = 15 * 60 * 1000;
 
 impl Grant {
     /// Issues a grant for running `command` with `args` on `node`, for `approval`, keyed
@@ -110,6 +119,9 @@ impl Grant {
         }
         if now_ms >= self.expires_at_ms {
             return Err(GrantError::Expired);
+        }
+        if self.expires_at_ms - now_ms > MAX_LIFETIME_MS {
+            return Err(GrantError::TooLong);
         }
         Ok(())
     }
@@ -219,6 +231,11 @@ mod tests {
         assert_eq!(
             used.redeem(&fresh, &key, "box", "disk", &args, 1_000),
             Err(GrantError::Expired)
+        );
+        let far = Grant::issue(&key, "a", "box", "disk", &args, 500 + MAX_LIFETIME_MS + 1);
+        assert_eq!(
+            used.redeem(&far, &key, "box", "disk", &args, 500),
+            Err(GrantError::TooLong)
         );
         let mut forged = fresh.clone();
         forged.expires_at_ms = 10_000;

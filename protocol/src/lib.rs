@@ -458,6 +458,14 @@ impl ApprovalRequestParams {
         let mut p = Params::new(params)?;
         let node = p.string("node")?;
         let command = p.string("command")?;
+        for (field, value) in [("node", &node), ("command", &command)] {
+            if value.len() > handshake::MAX_NAME_LEN {
+                return Err(format!(
+                    "field `{field}`: longer than {} bytes",
+                    handshake::MAX_NAME_LEN
+                ));
+            }
+        }
         let args = p.take("args").unwrap_or(Value::Null);
         let reason = p.string("reason")?;
         let timeout_s = match p.take("timeout_s") {

@@ -137,6 +137,27 @@ fn validate(
             return Err(err(format!("gateway.allowed_origins[{i}]"), msg));
         }
     }
+    // Every principal needs its own token: a token shared by an operator and a node would
+    // make the node host an operator.
+    let mut seen: Vec<(String, &str)> = Vec::new();
+    let tokens =
+        g.token
+            .iter()
+            .map(|t| ("gateway.token".to_string(), t.as_str()))
+            .chain(g.operators.iter().filter_map(|(n, c)| {
+                Some((format!("gateway.operators.{n}.token"), c.token.as_deref()?))
+            }))
+            .chain(g.nodes.iter().filter_map(|(n, c)| {
+                Some((format!("gateway.nodes.{n}.token"), c.token.as_deref()?))
+            }));
+    for (key, token) in tokens {
+        if let Some((first, _)) = seen.iter().find(|(_, t)| *t == token) {
+            let msg =
+                format!("is the same token as {first}; every operator and node needs its own");
+            return Err(err(key, msg));
+        }
+        seen.push((key, token));
+    }
     for name in g.nodes.keys() {
         let bad = name.is_empty()
             || name.len() > warden_actors::gateway::protocol::handshake::MAX_NAME_LEN

@@ -534,6 +534,16 @@ async fn a_page_elsewhere_cannot_post_actions() -> anyhow::Result<()> {
         .send()
         .await?;
     assert_eq!(response.status(), StatusCode::FORBIDDEN);
+    // Its GETs carry no Origin: the Host alone is refused.
+    let response = fx
+        .http
+        .get(format!("{}/admin/config", fx.base))
+        .header("host", format!("evil.example:{port}"))
+        .send()
+        .await?;
+    assert_eq!(response.status(), StatusCode::FORBIDDEN);
+    let body: Value = response.json().await?;
+    assert_eq!(error_code(&body), "forbidden_host", "{body}");
     let tree = fx.wait_tree(None, "alpha untouched", |_| true).await?;
     let alpha = child(&tree, "root/alpha").context("alpha")?;
     assert_eq!((alpha.generation, alpha.restarts_total), (1, 0));

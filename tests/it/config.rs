@@ -1256,6 +1256,10 @@ fn principals_and_caps_are_validated() {
             "gateway.nodes.box.token: is empty",
         ),
         (
+            "[gateway]\ntoken = \"same\"\n[gateway.nodes.box]\ntoken = \"same\"\n",
+            "gateway.nodes.box.token: is the same token as gateway.token",
+        ),
+        (
             "[gateway]\nmax_connections = 0\n",
             "gateway.max_connections: must be above 0",
         ),

@@ -920,6 +920,10 @@ async fn session_caps_answer_named_errors() {
     assert_eq!(res["ok"], true, "{res}");
     let res = call(&mut op, "s2", "subscribe", json!({ "events": ["d"] })).await;
     assert_eq!(error_code(&res), "too_large", "{res}");
+    // Names are short too: one session cannot park megabytes in its subscriptions.
+    let long = "x".repeat(65);
+    let res = call(&mut op, "s3", "subscribe", json!({ "events": [long] })).await;
+    assert_eq!(error_code(&res), "too_large", "{res}");
     let res = call(
         &mut op,
         "t",
@@ -1279,4 +1283,31 @@ async fn a_node_gone_long_enough_is_forgotten() {
     }
     let res = call(&mut op, "2", "nodes.invoke", invoke).await;
     assert_eq!(error_code(&res), "unknown_node", "{res}");
+}
+
+/// An unlisted node's name stays its operator's while it is remembered: another operator
+/// cannot squat it during the node's reconnect and receive its invocations.
+#[tokio::test]
+async fn an_unlisted_node_name_cannot_be_squatted_while_its_node_is_away() {
+    let mut settings = principal_settings();
+    settings.allow_unlisted_nodes = true;
+    settings.operators.insert(
+        "eve".to_string(),
+        gateway::Credential {
+            token: Some("eve-token".into()),
+            token_file: None,
+        },
+    );
+    let gw = Gateway::start(settings, true).await;
+    let laptop = json!({ "node": { "name": "laptop", "commands": ["uptime"] } });
+    let (node, _) = gw.hello_as("node", OPS, laptop.clone()).await;
+    drop(node);
+    eventually("the node is away", || gw.state.counts().1 == 0).await;
+    assert_eq!(
+        refused(&gw, "node", "eve-token", laptop.clone()).await,
+        "unauthorized"
+    );
+    // Its own operator's credential gets it back.
+    let (_back, _) = gw.hello_as("node", OPS, laptop).await;
+    assert_eq!(gw.state.counts().1, 1);
 }

@@ -11,7 +11,8 @@
 //! A name is held by the credential that registered it (its *holder*: `node:<name>` for a
 //! configured node, `operator:<op>` for an unlisted one). A new connection of the same
 //! holder replaces a live one (the node restarted); any other holder is refused while the
-//! name is live. A name disconnected for `gateway.node_forget_after_ms` is forgotten, and
+//! name is live, and for an unlisted name also while it is remembered offline (so another
+//! operator cannot squat it during a reconnect). A name disconnected for `gateway.node_forget_after_ms` is forgotten, and
 //! the registry holds at most [`MAX_NODES`] names (the oldest disconnected ones go first).
 
 use std::collections::BTreeMap;
@@ -156,7 +157,14 @@ impl Registration {
             let mut nodes = registry.nodes.lock().unwrap_or_else(|e| e.into_inner());
             Registry::prune(&mut nodes, registry.forget_after_ms, now);
             match nodes.get(name) {
-                Some(e) if e.live.is_some() && e.holder != holder => return Err(e.holder.clone()),
+                // A live name is its holder's; an unlisted name stays its operator's until
+                // forgotten, so nobody can squat it while its node is briefly away. A
+                // configured node's own credential always gets its name back.
+                Some(e)
+                    if e.holder != holder && (e.live.is_some() || !holder.starts_with("node:")) =>
+                {
+                    return Err(e.holder.clone());
+                }
                 Some(_) => {}
                 None if nodes.len() >= MAX_NODES => {
                     let oldest = nodes

@@ -84,7 +84,7 @@ use super::approvals::{ApprovalsMsg, ReplyTo};
 use super::chat::SendParams;
 use super::hub::{HubEvent, event};
 use super::protocol::auth::Principal;
-use super::protocol::grant::Grant;
+use super::protocol::grant::{self, Grant};
 use super::protocol::handshake::{self, Accepted, Refused};
 use super::protocol::{
     ApprovalRequestParams, ApprovalResolveParams, Challenge, DEFAULT_INVOKE_TIMEOUT_MS, ErrorBody,
@@ -311,7 +311,8 @@ pub(crate) fn dispatch_invoke(
                 let message = format!("no credential of node {node:?} to sign the approval with");
                 return Err((code::INTERNAL, message));
             };
-            let expires_at_ms = now_ms().saturating_add(timeout.as_millis() as u64);
+            let lifetime = (timeout.as_millis() as u64).min(grant::MAX_LIFETIME_MS);
+            let expires_at_ms = now_ms().saturating_add(lifetime);
             Some(Grant::issue(key, id, node, &command, &args, expires_at_ms))
         }
     };
@@ -582,6 +583,9 @@ async fn next_event(
         None => std::future::pending().await,
     }
 }
+
+/// Longest event name a session may subscribe to (the real ones are a few words).
+const MAX_EVENT_NAME: usize = 64;
 
 /// Client frames a session may have waiting in its mailbox before the pump stops reading.
 const MAX_INBOUND_IN_FLIGHT: usize = 32;
@@ -1017,6 +1021,19 @@ impl SessionState {
                     match serde_json::from_value::<SubscribeParams>(params) {
                         Ok(p) => {
                             let max = self.gateway.settings().max_subscriptions;
+                            if let Some(long) = p
+                                .events
+                                .iter()
+                                .find(|e| e.is_empty() || e.len() > MAX_EVENT_NAME)
+                            {
+                                let shown: String = long.chars().take(32).collect();
+                                let message = format!(
+                                    "event names are 1 to {MAX_EVENT_NAME} bytes; {shown:?}… is not"
+                                );
+                                self.send(myself, &Frame::err(id, code::TOO_LARGE, message))
+                                    .await;
+                                return;
+                            }
                             let mut all = self.subscriptions.clone();
                             all.extend(p.events);
                             if all.len() > max {
