@@ -31,6 +31,7 @@
 //! | `reason`, in bytes of UTF-8 | [`DEFAULT_MAX_REASON_BYTES`] (4 KiB), `max_reason_bytes` | `too_large`, naming the field and the limit |
 //! | `args`, in bytes of compact JSON | [`DEFAULT_MAX_ARGS_BYTES`] (16 KiB), `max_args_bytes` | `too_large`, naming the field and the limit |
 //! | open approvals (pending, or approved with the command running) | [`DEFAULT_MAX_OPEN`] (1,000), `max_open` | `busy`, naming the cap |
+//! | open approvals of one requester (its principal, `operator:<name>`) | [`DEFAULT_MAX_OPEN_PER_REQUESTER`] (200), `max_open_per_requester` | `busy`, naming the cap |
 //!
 //! Resolved approvals are bounded by [`KEEP_RESOLVED`]. At start, an approval file larger
 //! than [`MAX_FILE_BYTES`] (1 MiB, far above what the limits above let the broker write) is
@@ -125,6 +126,10 @@ pub const KEEP_RESOLVED: usize = 50;
 /// `approvals.request` gets `busy`.
 pub const DEFAULT_MAX_OPEN: usize = 1_000;
 
+/// Open approvals one requester (an operator principal) may hold at most; past it, `busy`.
+/// One operator cannot take the whole gateway's cap.
+pub const DEFAULT_MAX_OPEN_PER_REQUESTER: usize = 200;
+
 /// Longest `reason` of `approvals.request`, in bytes; past it, `too_large`.
 pub const DEFAULT_MAX_REASON_BYTES: usize = 4 * 1024;
 
@@ -156,6 +161,8 @@ pub struct ApprovalsSettings {
     pub default_timeout: Duration,
     /// Open approvals at most (pending or running). Default [`DEFAULT_MAX_OPEN`].
     pub max_open: usize,
+    /// Open approvals of one requester at most. Default [`DEFAULT_MAX_OPEN_PER_REQUESTER`].
+    pub max_open_per_requester: usize,
     /// Longest `reason`, in bytes. Default [`DEFAULT_MAX_REASON_BYTES`].
     pub max_reason_bytes: usize,
     /// Largest `args`, in bytes of compact JSON. Default [`DEFAULT_MAX_ARGS_BYTES`].
@@ -170,6 +177,7 @@ impl ApprovalsSettings {
             approvers: BTreeMap::new(),
             default_timeout: DEFAULT_TIMEOUT,
             max_open: DEFAULT_MAX_OPEN,
+            max_open_per_requester: DEFAULT_MAX_OPEN_PER_REQUESTER,
             max_reason_bytes: DEFAULT_MAX_REASON_BYTES,
             max_args_bytes: DEFAULT_MAX_ARGS_BYTES,
         }
@@ -286,6 +294,8 @@ pub enum ApprovalsMsg {
     Request {
         /// The checked params.
         params: ApprovalRequestParams,
+        /// Who asks: the session's principal (`operator:<name>`).
+        requester: String,
         /// The requester.
         reply: ReplyTo,
     },
@@ -370,6 +380,9 @@ struct Approval {
     #[serde(default)]
     args: Value,
     reason: String,
+    /// The principal that asked (`operator:<name>`); empty in files of earlier versions.
+    #[serde(default)]
+    requester: String,
     requested_at_ms: u64,
     expires_at_ms: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -931,7 +944,11 @@ impl ApprovalsState {
 
     fn on_message(&mut self, myself: &ActorRef<ApprovalsMsg>, msg: ApprovalsMsg) {
         match msg {
-            ApprovalsMsg::Request { params, reply } => self.request(myself, params, reply),
+            ApprovalsMsg::Request {
+                params,
+                requester,
+                reply,
+            } => self.request(myself, params, requester, reply),
             ApprovalsMsg::Resolve {
                 params,
                 account,
@@ -971,9 +988,24 @@ impl ApprovalsState {
         &mut self,
         myself: &ActorRef<ApprovalsMsg>,
         params: ApprovalRequestParams,
+        requester: String,
         reply: ReplyTo,
     ) {
         let open = self.book.open.len();
+        let mine = self
+            .book
+            .open
+            .values()
+            .filter(|a| a.requester == requester)
+            .count();
+        if mine >= self.settings.max_open_per_requester {
+            let message = format!(
+                "{mine} approvals of {requester} are open, the cap per requester ({}); \
+                 try again once some are decided",
+                self.settings.max_open_per_requester
+            );
+            return reply.err(code::BUSY, message);
+        }
         if let Err((refusal, message)) = self.settings.check_request(&params, open) {
             if refusal == code::BUSY {
                 debug!(
@@ -1014,6 +1046,7 @@ impl ApprovalsState {
             command: params.command,
             args: params.args,
             reason: params.reason,
+            requester,
             requested_at_ms: now,
             expires_at_ms: now.saturating_add(timeout.as_millis() as u64),
             decision: None,
@@ -1246,6 +1279,7 @@ mod tests {
             command: "disk".to_string(),
             args: json!(["-h"]),
             reason: "why not".to_string(),
+            requester: "operator:default".to_string(),
             requested_at_ms,
             expires_at_ms,
             decision: None,
@@ -1523,6 +1557,7 @@ mod tests {
                 reason: "full?".into(),
                 timeout_s,
             },
+            requester: "operator:default".into(),
             reply: ReplyTo::new(session.clone(), req),
         };
         let resolve =
@@ -1709,6 +1744,45 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn one_requester_cannot_take_the_whole_cap() {
+        let scratch = Scratch::new("per-requester");
+        let gateway = GatewayState::new(super::super::GatewaySettings::default());
+        let mut settings = ApprovalsSettings::new(scratch.0.join("approvals"));
+        settings.max_open_per_requester = 1;
+        assert!(gateway.set_approvals(settings).is_ok());
+        let _broker = spawn_broker(&gateway).await;
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let (session, _) = Actor::spawn(None, Catcher, tx).await.expect("catcher");
+        let (_node, _) = super::super::registry::Registration::register(
+            &gateway,
+            "box",
+            "node:box",
+            vec!["disk".into()],
+            1,
+            session.clone(),
+        )
+        .expect("registered");
+        let mut hub = gateway.hub().subscribe();
+        let client = gateway.approvals().expect("configured").clone();
+        let request = |req: &str, requester: &str| ApprovalsMsg::Request {
+            params: params("why".into(), Value::Null),
+            requester: requester.into(),
+            reply: ReplyTo::new(session.clone(), req),
+        };
+        client.send(request("a1", "operator:a")).expect("send");
+        next_requested(&mut hub).await;
+        client.send(request("a2", "operator:a")).expect("send");
+        let out = reply(&mut rx, "a2").await;
+        assert_eq!(out["error"]["code"], "busy", "{out}");
+        let message = out["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains("per requester"), "{message}");
+        client.send(request("b1", "operator:b")).expect("send");
+        assert!(is_valid_id(
+            next_requested(&mut hub).await["id"].as_str().expect("id")
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn the_broker_refuses_over_the_caps_and_stores_nothing() {
         let scratch = Scratch::new("caps");
         let gateway = GatewayState::new(super::super::GatewaySettings::default());
@@ -1734,6 +1808,7 @@ mod tests {
         let client = gateway.approvals().expect("configured").clone();
         let request = |req: &str, reason: String, args: Value| ApprovalsMsg::Request {
             params: params(reason, args),
+            requester: "operator:a".into(),
             reply: ReplyTo::new(session.clone(), req),
         };
         let files = || {

@@ -1141,6 +1141,10 @@ impl SessionState {
         let reply = ReplyTo::new(myself.clone(), id);
         let msg = match method {
             "approvals.request" => ApprovalsMsg::Request {
+                requester: match &self.phase {
+                    Phase::Ready(authed) => authed.principal.label(),
+                    Phase::Handshake { .. } => String::new(),
+                },
                 params: ApprovalRequestParams::parse(params).map_err(bad)?,
                 reply,
             },
