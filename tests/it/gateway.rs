@@ -68,9 +68,20 @@ impl Gateway {
         format!("ws://{}/ws", self.addr)
     }
 
-    /// A socket that has read its `connect.challenge`.
+    /// A socket that has read its `connect.challenge`, opened without a credential on the
+    /// upgrade (like a browser; held to 64 KiB frames).
     async fn open(&self) -> Ws {
-        let (mut ws, _) = tokio_tungstenite::connect_async(self.url())
+        self.open_with(None).await
+    }
+
+    /// The same, showing `bearer` on the upgrade as warden's own clients do.
+    async fn open_with(&self, bearer: Option<&str>) -> Ws {
+        let mut request = self.url().into_client_request().expect("request");
+        if let Some(token) = bearer {
+            let value = HeaderValue::from_str(&format!("Bearer {token}")).expect("header");
+            request.headers_mut().insert("authorization", value);
+        }
+        let (mut ws, _) = tokio_tungstenite::connect_async(request)
             .await
             .expect("upgrade");
         let challenge = next_frame(&mut ws).await;
@@ -92,7 +103,7 @@ impl Gateway {
 
     /// A socket past `hello-ok` as `role` with credential `token`.
     async fn hello_as(&self, role: &str, token: &str, extra: Value) -> (Ws, Value) {
-        let mut ws = self.open().await;
+        let mut ws = self.open_with(Some(token)).await;
         send(&mut ws, &connect_req("c", role, token, extra)).await;
         let res = next_res(&mut ws, "c").await;
         assert_eq!(res["ok"], true, "{res}");
@@ -404,6 +415,14 @@ async fn oversize_frames_are_closed_with_1009() {
     .await;
     assert_eq!(res["ok"], true);
     send(&mut ws, &json!({ "pad": "x".repeat(max + 1) })).await;
+    assert_eq!(closed(&mut ws).await.0.0, close::TOO_BIG);
+    // A socket that did not show its credential on the upgrade stays at 64 KiB, and its
+    // hello says so.
+    let mut ws = gw.open().await;
+    send(&mut ws, &connect_req("c", "operator", TOKEN, json!({}))).await;
+    let hello = next_res(&mut ws, "c").await;
+    assert_eq!(hello["payload"]["policy"]["max_frame_bytes"], 64 * 1024);
+    send(&mut ws, &json!({ "pad": "x".repeat(70 * 1024) })).await;
     assert_eq!(closed(&mut ws).await.0.0, close::TOO_BIG);
 }
 

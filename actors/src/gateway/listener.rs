@@ -74,7 +74,7 @@ use serde_json::json;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-use super::protocol::{close, code, try_again_reason};
+use super::protocol::{MAX_PREAUTH_FRAME_BYTES, close, code, try_again_reason};
 use super::session::{self, SessionStart};
 use super::{GatewayState, PreauthSlot, SESSIONS_PATH, metrics};
 use crate::serve::{AcceptHook, ServeActor, ServeArgs, ServeLimits, ServeMetrics};
@@ -176,7 +176,9 @@ async fn upgrade(
         );
     }
     let held = accepted.and_then(|Extension(accepted)| accepted.take());
-    let slot = match bearer(&state, &headers) {
+    let shown = bearer(&state, &headers);
+    let credentialed = matches!(shown, Bearer::Known);
+    let slot = match shown {
         Bearer::Known => Some(match held {
             Some(mut slot) => {
                 slot.exempt();
@@ -215,14 +217,21 @@ async fn upgrade(
             .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         return response;
     };
-    let max = state.settings().max_frame_bytes;
+    // The WebSocket layer's limit is fixed here, before `connect`: a socket that did not
+    // show its credential is held to the pre-auth limit (64 KiB) for its whole life, so a
+    // stranger cannot make the gateway buffer 1 MiB frames before it is refused.
+    let max = if credentialed {
+        state.settings().max_frame_bytes
+    } else {
+        MAX_PREAUTH_FRAME_BYTES.min(state.settings().max_frame_bytes)
+    };
     // A small read buffer: tungstenite's 128 KiB default stays resident per idle socket
     // (1.4 GiB for 10,000 connections); larger frames still reserve what they announce.
     ws.read_buffer_size(4 * 1024)
         .max_message_size(max)
         .max_frame_size(max)
         .on_failed_upgrade(move |e| debug!(peer = %peer, error = %e, "WebSocket upgrade failed."))
-        .on_upgrade(move |socket| accept(state, socket, peer, slot))
+        .on_upgrade(move |socket| accept(state, socket, peer, slot, max))
 }
 
 /// An error answer: `{"error":{"code","message"}}`.
@@ -281,7 +290,13 @@ fn normalise_origin(origin: &str) -> String {
 
 /// Hands an upgraded socket to a new session, or closes it with the reason it cannot have
 /// one.
-async fn accept(state: GatewayState, socket: WebSocket, peer: SocketAddr, slot: PreauthSlot) {
+async fn accept(
+    state: GatewayState,
+    socket: WebSocket,
+    peer: SocketAddr,
+    slot: PreauthSlot,
+    max_frame_bytes: usize,
+) {
     // The program hands the tree over right after it has started, and children of that
     // tree (approval handlers) may connect just before: wait a moment rather than turn
     // them away. A socket that waits keeps its pre-auth slot meanwhile.
@@ -308,6 +323,7 @@ async fn accept(state: GatewayState, socket: WebSocket, peer: SocketAddr, slot: 
         peer,
         conn,
         preauth: slot,
+        max_frame_bytes,
     })));
     let spec = session::spec(&id, &state, start.clone());
     if let Err(e) = sessions.add(spec).await {

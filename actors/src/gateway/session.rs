@@ -14,7 +14,7 @@
 //! | what | close |
 //! |---|---|
 //! | no `hello-ok` within `handshake_timeout_ms` | 4408 "handshake timeout" |
-//! | a frame over 64 KiB before `hello-ok`, over `max_frame_bytes` after | 1009 |
+//! | a frame over 64 KiB before `hello-ok`, over `max_frame_bytes` after (64 KiB for a socket that did not show its credential on the upgrade) | 1009 |
 //! | invalid JSON, not a frame of the protocol, a binary frame, invalid UTF-8 | 1007 |
 //! | no client frame (text, ping or pong) for 2 × `tick_interval_ms` | 4000 |
 //! | subscribed, and more than [`hub::CAPACITY`](super::hub::CAPACITY) events behind | 4001 |
@@ -128,6 +128,9 @@ pub struct SessionStart {
     pub conn: u64,
     /// The socket's pre-auth slot, held until `hello-ok`.
     pub preauth: PreauthSlot,
+    /// The largest frame its WebSocket layer takes: `max_frame_bytes`, or 64 KiB for a
+    /// socket that did not show its credential on the upgrade.
+    pub max_frame_bytes: usize,
 }
 
 /// The spec of session `id`: temporary, with a liveness backstop. Its start function takes
@@ -428,6 +431,8 @@ pub struct SessionState {
     gateway: GatewayState,
     /// The socket's number (`conn-<n>`), which identifies its node registration.
     conn: u64,
+    /// Largest frame after `hello-ok` (see [`SessionStart::max_frame_bytes`]).
+    max_frame_bytes: usize,
     peer: SocketAddr,
     probe: Probe,
     /// `actor` span of this session; wraps every handler and the pump.
@@ -508,6 +513,7 @@ impl Actor for SessionActor {
         Ok(SessionState {
             gateway,
             conn: start.conn,
+            max_frame_bytes: start.max_frame_bytes,
             peer: start.peer,
             probe,
             span,
@@ -924,7 +930,7 @@ impl SessionState {
             },
             policy: SessionPolicy {
                 tick_interval_ms: settings.tick_interval_ms,
-                max_frame_bytes: settings.max_frame_bytes,
+                max_frame_bytes: self.max_frame_bytes,
             },
         };
         let tick = Duration::from_millis(settings.tick_interval_ms);
@@ -1393,7 +1399,7 @@ impl SessionState {
     fn frame_limit(&self) -> usize {
         match self.phase {
             Phase::Handshake { .. } => MAX_PREAUTH_FRAME_BYTES,
-            Phase::Ready(_) => self.gateway.settings().max_frame_bytes,
+            Phase::Ready(_) => self.max_frame_bytes,
         }
     }
 
