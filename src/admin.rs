@@ -9,7 +9,14 @@
 //!   operator's browser.
 //! * Serving: the [`ServeActor`] accept loop, HTTP/1.1, a connection closed unless it sends
 //!   a whole request head within [`HEADER_READ_TIMEOUT`], at most [`MAX_CONNECTIONS`] open
-//!   (the next one gets 503 with `Retry-After: 1`).
+//!   (the next one gets 503 with `Retry-After: 1`), and **no keep-alive**: every connection
+//!   is closed after its one answer. A client repeating `GET /healthz` on kept-alive
+//!   connections therefore holds no place between requests and cannot fill the cap;
+//!   `warden health` (one request per connection anyway) gets in as soon as the answers
+//!   are written. What keep-alive off does not bound: connections that never send a
+//!   request head, each held up to [`HEADER_READ_TIMEOUT`]; 256 of them from a local
+//!   process still refuse `warden health` while they last (there is no per-address cap
+//!   here: the probe itself comes from loopback, so it would be refused with them).
 //! * [`spec`] — the admin actor, so the endpoint is a supervised child like any other.
 //! * [`fetch_tree_text`] / [`check_health`] — the client side, for `warden tree` and
 //!   `warden health`.
@@ -86,8 +93,8 @@ pub const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 /// How long a stopping admin actor lets in-flight requests finish before it aborts them.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// A connection that has not sent a whole request head within this long (from accept, or
-/// from its previous answer) is closed.
+/// A connection that has not sent a whole request head within this long (from accept) is
+/// closed.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Open connections at most; the next one is answered 503 with `Retry-After: 1`. Probes,
@@ -699,6 +706,7 @@ pub fn spec(settings: &AdminSettings, state: AdminState, policy: Policy) -> Chil
                 limits: ServeLimits {
                     header_read_timeout: HEADER_READ_TIMEOUT,
                     max_connections: Some(MAX_CONNECTIONS),
+                    keep_alive: false,
                     metrics: None,
                 },
                 on_accept: None,

@@ -13,9 +13,14 @@
 //!   count travels inside the upgraded socket). Past the cap a new connection is answered
 //!   a fixed `HTTP/1.1 503` with `Retry-After: 1` and a JSON error naming the cap, without
 //!   reading its request, and closed.
-//! * **Per-connection values** ([`ServeArgs::on_accept`]): what the hook returns for an
-//!   admitted connection is added to the extensions of each of its requests and lives as
-//!   long as the connection (the gateway's pre-auth slot).
+//! * **Keep-alive, or not** ([`ServeLimits::keep_alive`]): without it a connection is
+//!   closed after its first answer (or handed on by its upgrade), so one that does not
+//!   upgrade holds its place at most one header read timeout plus one request — a client
+//!   cannot keep a place by repeating cheap requests.
+//! * **Per-connection values, or a refusal** ([`ServeArgs::on_accept`]): what the hook
+//!   returns for a connection is added to the extensions of each of its requests and
+//!   lives as long as the connection (the gateway's pre-auth slot); a [`Refusal`] instead
+//!   gets the connection the same fixed 503 as the cap, with the hook's error, unread.
 //!
 //! Handlers still extract `ConnectInfo<SocketAddr>`. Only HTTP/1.1 is served (with
 //! upgrades); there is no h2c.
@@ -40,6 +45,7 @@
 //! child's budget and `on_exhausted` decide how long to keep trying). The server ending on
 //! its own is a transient failure.
 
+use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -51,7 +57,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::ConnectInfo;
-use axum::http::{Extensions, Request};
+use axum::http::{Extensions, HeaderValue, Request, StatusCode, header};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -75,11 +81,22 @@ pub const TICK: Duration = Duration::from_secs(5);
 /// Something to run on every tick (e.g. metrics upkeep).
 pub type TickHook = Arc<dyn Fn() + Send + Sync>;
 
-/// Called for every admitted connection with its peer address. The values it returns are
-/// added to the extensions of each request on that connection, and dropped when the
-/// connection closes (for an upgraded connection: when the upgraded socket is dropped).
-/// Must be cheap: it runs on the accept loop.
-pub type AcceptHook = Arc<dyn Fn(SocketAddr) -> Extensions + Send + Sync>;
+/// Called for every accepted connection with its peer address, before the cap is checked
+/// and before anything is read. The values it returns are added to the extensions of each
+/// request on that connection, and dropped when the connection closes (for an upgraded
+/// connection: when the upgraded socket is dropped). A [`Refusal`] has the connection
+/// answered 503 with `Retry-After: 1` and closed unread. Must be cheap: it runs on the
+/// accept loop.
+pub type AcceptHook = Arc<dyn Fn(SocketAddr) -> Result<Extensions, Refusal> + Send + Sync>;
+
+/// Why an [`AcceptHook`] turns a connection away: the JSON error of its 503.
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    /// The error code (`too_many_connections_from_address`).
+    pub code: &'static str,
+    /// A sentence for the client, naming the limit.
+    pub message: String,
+}
 
 /// How long a connection past the cap may take to read its 503 before it is closed.
 pub const REFUSAL_LINGER: Duration = Duration::from_secs(1);
@@ -107,6 +124,9 @@ pub struct ServeLimits {
     /// Open connections at most, from accept to close (upgraded ones included); `None`:
     /// no cap.
     pub max_connections: Option<usize>,
+    /// Whether a connection may send another request after its first answer; if not, it
+    /// is closed after that answer (`Connection: close`).
+    pub keep_alive: bool,
     /// Where to record connections, if anywhere.
     pub metrics: Option<ServeMetrics>,
 }
@@ -348,6 +368,8 @@ struct Server {
     router: Router,
     /// Configured once: HTTP/1.1 with the header read timeout on tokio's clock.
     http: http1::Builder,
+    /// Whether a connection may send another request after an answer.
+    keep_alive: bool,
     /// One permit per open connection, when there is a cap.
     permits: Option<Arc<Semaphore>>,
     max_connections: Option<usize>,
@@ -374,6 +396,7 @@ impl Server {
             name,
             router,
             http,
+            keep_alive: limits.keep_alive,
             permits: limits.max_connections.map(|n| Arc::new(Semaphore::new(n))),
             max_connections: limits.max_connections,
             refusal: over_capacity_answer(name, limits.max_connections.unwrap_or_default()).into(),
@@ -400,8 +423,10 @@ impl Server {
                 Some(joined) = refusals.join_next(), if !refusals.is_empty() => self.reap(joined),
                 accepted = listener.accept() => match accepted {
                     Ok((stream, peer)) => {
-                        if let Some(stream) = self.admit(stream, peer, &closing_rx, &mut conns) {
-                            self.refuse(stream, peer, &mut refusals);
+                        if let Some((stream, answer)) =
+                            self.admit(stream, peer, &closing_rx, &mut conns)
+                        {
+                            refuse(stream, peer, answer, &mut refusals);
                         }
                     }
                     Err(e) if is_connection_error(&e) => {
@@ -426,19 +451,32 @@ impl Server {
         }
     }
 
-    /// Serves a new connection in a task of `conns`; gives it back when the cap is reached.
+    /// Serves a new connection in a task of `conns`; gives it back with the answer it gets
+    /// instead when the hook refuses it or the cap is reached.
     fn admit(
         &mut self,
         stream: TcpStream,
         peer: SocketAddr,
         closing: &watch::Receiver<bool>,
         conns: &mut JoinSet<()>,
-    ) -> Option<TcpStream> {
+    ) -> Option<(TcpStream, Arc<str>)> {
+        let values = match self.on_accept.as_ref().map(|hook| hook(peer)) {
+            None => Extensions::new(),
+            Some(Ok(values)) => values,
+            Some(Err(refusal)) => {
+                debug!(peer = %peer, code = refusal.code, message = %refusal.message,
+                    "Refused a connection at accept.");
+                return Some((
+                    stream,
+                    refusal_answer(refusal.code, &refusal.message).into(),
+                ));
+            }
+        };
         let permit = match &self.permits {
             None => None,
             Some(permits) => match permits.clone().try_acquire_owned() {
                 Ok(permit) => Some(permit),
-                Err(_) => return Some(stream),
+                Err(_) => return Some((stream, self.over_capacity(peer))),
             },
         };
         if std::mem::take(&mut self.full) {
@@ -447,16 +485,12 @@ impl Server {
                 "Below the connection cap again; accepting."
             );
         }
-        let values = self
-            .on_accept
-            .as_ref()
-            .map(|hook| hook(peer))
-            .unwrap_or_default();
         let io = TokioIo::new(Tracked {
             stream,
             _held: Held::new(permit, values.clone(), self.metrics.map(|m| m.open)),
         });
         let router = self.router.clone();
+        let keep_alive = self.keep_alive;
         // Whether a whole request head ever arrived: until then nothing is in flight, and a
         // stop closes the connection at once rather than wait for a head that may never
         // come.
@@ -468,7 +502,19 @@ impl Server {
             req.extensions_mut().insert(ConnectInfo(peer));
             req.extensions_mut().extend(values.clone());
             // A router is always ready: no `poll_ready` first.
-            router.clone().call(req)
+            let answer = router.clone().call(req);
+            async move {
+                let mut response = answer.await?;
+                // hyper's own `keep_alive(false)` would also mark a `101` `close`, which
+                // breaks the upgrade; a `Connection: close` of ours makes hyper close the
+                // connection after any other answer.
+                if !keep_alive && response.status() != StatusCode::SWITCHING_PROTOCOLS {
+                    response
+                        .headers_mut()
+                        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                }
+                Ok::<_, Infallible>(response)
+            }
         });
         let conn = self.http.serve_connection(io, service).with_upgrades();
         let mut closing = closing.clone();
@@ -505,11 +551,8 @@ impl Server {
         None
     }
 
-    /// Answers a connection past the cap with a fixed 503 and closes it. While few do, each
-    /// lingers (at most [`REFUSAL_LINGER`]) until the client has read the answer, so the
-    /// close does not reset the connection under it; past [`MAX_LINGERING_REFUSALS`] the
-    /// answer is written without waiting.
-    fn refuse(&mut self, stream: TcpStream, peer: SocketAddr, refusals: &mut JoinSet<()>) {
+    /// Counts and logs a connection past the cap; returns its answer.
+    fn over_capacity(&mut self, peer: SocketAddr) -> Arc<str> {
         if let Some(metrics) = self.metrics {
             ::metrics::counter!(metrics.refused).increment(1);
         }
@@ -521,20 +564,7 @@ impl Server {
             );
         }
         debug!(peer = %peer, max, "Refused a connection past the cap.");
-        let answer = self.refusal.clone();
-        if refusals.len() < MAX_LINGERING_REFUSALS {
-            let span = tracing::debug_span!("refused_connection", peer = %peer);
-            refusals.spawn(
-                async move {
-                    let _ = tokio::time::timeout(REFUSAL_LINGER, answer_and_close(stream, &answer))
-                        .await;
-                }
-                .instrument(span),
-            );
-        } else {
-            // A fresh socket's send buffer takes a few hundred bytes at once.
-            let _ = stream.try_write(answer.as_bytes());
-        }
+        self.refusal.clone()
     }
 
     fn reap(&self, joined: Result<(), JoinError>) {
@@ -543,6 +573,26 @@ impl Server {
         {
             warn!(server = self.name, error = %e, "A connection task panicked.");
         }
+    }
+}
+
+/// Answers a refused connection with its fixed 503 and closes it. While few do, each
+/// lingers (at most [`REFUSAL_LINGER`]) until the client has read the answer, so the close
+/// does not reset the connection under it; past [`MAX_LINGERING_REFUSALS`] the answer is
+/// written without waiting.
+fn refuse(stream: TcpStream, peer: SocketAddr, answer: Arc<str>, refusals: &mut JoinSet<()>) {
+    if refusals.len() < MAX_LINGERING_REFUSALS {
+        let span = tracing::debug_span!("refused_connection", peer = %peer);
+        refusals.spawn(
+            async move {
+                let _ =
+                    tokio::time::timeout(REFUSAL_LINGER, answer_and_close(stream, &answer)).await;
+            }
+            .instrument(span),
+        );
+    } else {
+        // A fresh socket's send buffer takes a few hundred bytes at once.
+        let _ = stream.try_write(answer.as_bytes());
     }
 }
 
@@ -560,11 +610,15 @@ fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
 
 /// The whole answer to a connection past the cap.
 fn over_capacity_answer(name: &str, max: usize) -> String {
-    let body = serde_json::json!({ "error": {
-        "code": "too_many_connections",
-        "message": format!("the {name} endpoint has its maximum of {max} connections open; retry later"),
-    }})
-    .to_string();
+    refusal_answer(
+        "too_many_connections",
+        &format!("the {name} endpoint has its maximum of {max} connections open; retry later"),
+    )
+}
+
+/// A whole `503` with `Retry-After: 1` and the JSON error `code` / `message`.
+fn refusal_answer(code: &str, message: &str) -> String {
+    let body = serde_json::json!({ "error": { "code": code, "message": message } }).to_string();
     format!(
         "HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Type: application/json\r\n\
          Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
@@ -748,6 +802,7 @@ mod tests {
         let limits = ServeLimits {
             header_read_timeout: Duration::from_secs(30),
             max_connections: None,
+            keep_alive: true,
             metrics: None,
         };
         let (tree, addr) = serving(router, limits).await;
@@ -803,6 +858,7 @@ mod tests {
         let limits = ServeLimits {
             header_read_timeout: Duration::from_secs(30),
             max_connections: Some(1),
+            keep_alive: true,
             metrics: None,
         };
         let (tree, addr) = serving(router, limits).await;
@@ -855,6 +911,7 @@ mod tests {
                     limits: ServeLimits {
                         header_read_timeout: Duration::from_secs(10),
                         max_connections: None,
+                        keep_alive: true,
                         metrics: None,
                     },
                     on_accept: None,

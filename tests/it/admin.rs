@@ -733,6 +733,59 @@ async fn wait_healthy(base: &str) -> anyhow::Result<()> {
     }
 }
 
+/// The attack of the review on the admin endpoint: more keep-alive `GET /healthz`
+/// connections from 127.0.0.1 than its cap, all kept open on the client's side. Without
+/// keep-alive the server closes each after its answer, so none keeps a place and
+/// `warden health` (`check_health`) gets its answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_alive_healthz_sockets_do_not_lock_out_warden_health() -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const SOCKETS: usize = 300;
+    let fx = Fixture::start(None, false).await?;
+    let addr = fx.base.trim_start_matches("http://").to_string();
+    let mut attack = Vec::new();
+    for _ in 0..SOCKETS {
+        let mut stream = tokio::net::TcpStream::connect(&addr).await?;
+        let _ = stream
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: admin\r\n\r\n")
+            .await;
+        attack.push(stream);
+    }
+    let (mut served, mut refused, mut reset) = (0, 0, 0);
+    for stream in &mut attack {
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(DEADLINE, stream.read_to_end(&mut answer))
+            .await
+            .context("the server kept a keep-alive /healthz connection open")?;
+        let answer = String::from_utf8_lossy(&answer);
+        if answer.is_empty() {
+            reset += 1;
+        } else if answer.starts_with("HTTP/1.1 200 ") {
+            ensure!(
+                answer
+                    .to_ascii_lowercase()
+                    .contains("\r\nconnection: close\r\n"),
+                "{answer}"
+            );
+            served += 1;
+        } else {
+            ensure!(answer.contains("too_many_connections"), "{answer}");
+            refused += 1;
+        }
+    }
+    eprintln!(
+        "{SOCKETS} keep-alive /healthz connections: {served} served and closed, {refused} \
+         refused with 503, {reset} reset"
+    );
+    ensure!(served >= 1, "none served");
+    assert_eq!(served + refused + reset, SOCKETS);
+    // The attacker still holds its 300 sockets; their places are free.
+    wait_healthy(&fx.base).await?;
+    admin::check_health(&fx.base).await?;
+    drop(attack);
+    fx.shutdown().await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_admin_actor_comes_back_on_its_port_after_a_restart_and_a_kill() -> anyhow::Result<()> {
     // A fixed port: a restart must free it (graceful stop), and so must a kill (no

@@ -1044,6 +1044,9 @@ async fn trickling_sockets_are_closed_at_the_header_read_timeout_while_a_client_
     let gw = Gateway::start(
         GatewaySettings {
             header_read_timeout_ms: 1000,
+            // Room for the 200 tricklers and the client under the address's cap on
+            // unauthenticated connections (4 × 64): this test is about the timeout.
+            max_preauth_per_ip: 64,
             ..settings()
         },
         true,
@@ -1270,6 +1273,174 @@ async fn past_max_connections_a_new_connection_gets_503_with_retry_after() {
             break;
         }
         assert!(answer.starts_with("HTTP/1.1 503 "), "{answer}");
+        assert!(Instant::now() < deadline, "still refused: {answer}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Reads what the server sends until it closes the connection; a reset ends it too (a
+/// refusal written without lingering). Fails if the server keeps it open past the deadline.
+async fn read_until_closed(stream: &mut TcpStream) -> String {
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(DEADLINE, stream.read_to_end(&mut answer))
+        .await
+        .expect("the server closed the connection within the deadline");
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+/// A keep-alive `GET /health` (no `Connection: close`).
+const GET_HEALTH_KEEP_ALIVE: &str = "GET /health HTTP/1.1\r\nHost: gateway\r\n\r\n";
+
+#[tokio::test]
+async fn a_plain_health_connection_is_closed_after_its_answer() {
+    let gw = Gateway::default().await;
+    let answer = raw_http(gw.addr, GET_HEALTH_KEEP_ALIVE).await;
+    let (head, body) = answer.split_once("\r\n\r\n").expect("an HTTP answer");
+    assert!(head.starts_with("HTTP/1.1 200 "), "{answer}");
+    assert!(
+        head.lines()
+            .any(|l| l.eq_ignore_ascii_case("connection: close")),
+        "{answer}"
+    );
+    assert_eq!(
+        serde_json::from_str::<Value>(body).expect("JSON"),
+        json!({ "status": "ok" })
+    );
+}
+
+#[tokio::test]
+async fn keep_alive_health_connections_from_one_address_cannot_lock_out_a_client_with_its_token() {
+    const SOCKETS: usize = 200;
+    let gw = Gateway::start(
+        GatewaySettings {
+            max_connections: 150,
+            max_preauth_per_ip: 8,
+            ..settings()
+        },
+        true,
+    )
+    .await;
+    // The attack of the review: many keep-alive `GET /health` connections from 127.0.0.1,
+    // all open at once and kept open on the client's side.
+    let mut attack = Vec::new();
+    for _ in 0..SOCKETS {
+        attack.push(TcpStream::connect(gw.addr).await.expect("connect"));
+    }
+    // The address may hold 4 × 8 unauthenticated connections: the rest are refused at
+    // accept, before they send anything.
+    let (held, past) = attack.split_at_mut(32);
+    let mut reset = 0;
+    for stream in past.iter_mut() {
+        let answer = read_until_closed(stream).await;
+        if answer.is_empty() {
+            reset += 1;
+            continue;
+        }
+        assert!(answer.starts_with("HTTP/1.1 503 "), "{answer}");
+        assert!(answer.contains("\r\nRetry-After: 1\r\n"), "{answer}");
+        assert!(
+            answer.contains("\"too_many_connections_from_address\""),
+            "{answer}"
+        );
+        assert!(answer.contains("maximum of 32 unauthenticated"), "{answer}");
+    }
+    // The held ones send their keep-alive request; each is answered and closed.
+    for stream in held.iter_mut() {
+        stream
+            .write_all(GET_HEALTH_KEEP_ALIVE.as_bytes())
+            .await
+            .expect("write");
+    }
+    for stream in held.iter_mut() {
+        let answer = read_until_closed(stream).await;
+        assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
+        assert!(
+            answer
+                .to_ascii_lowercase()
+                .contains("\r\nconnection: close\r\n"),
+            "{answer}"
+        );
+    }
+    eprintln!(
+        "{SOCKETS} keep-alive /health connections: 32 held, answered and closed; {} refused \
+         at accept with 503 ({reset} of them reset)",
+        SOCKETS - 32
+    );
+
+    // With the attacker's sockets still open on its side, the operator gets in.
+    let deadline = Instant::now() + DEADLINE;
+    let mut client = loop {
+        match GatewayClient::connect(&gw.url(), operator_options(TOKEN)).await {
+            Ok((client, _)) => break client,
+            // The last closes may still be under way.
+            Err(e @ ConnectError::Busy { .. }) if Instant::now() < deadline => {
+                eprintln!("retrying after {e}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Err(e) => panic!("no hello-ok within {DEADLINE:?}: {e}"),
+        }
+    };
+    let health = client.call("health", json!({})).await.expect("health");
+    assert_eq!(health, json!({ "status": "ok" }));
+    drop(attack);
+}
+
+/// Binds a client socket to `ip` (any loopback address works on Linux) and connects.
+async fn connect_from(ip: [u8; 4], addr: SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind(SocketAddr::from((ip, 0)))
+        .expect("bind a loopback address");
+    socket.connect(addr).await.expect("connect")
+}
+
+#[tokio::test]
+async fn every_loopback_address_counts_as_one_for_unauthenticated_connections() {
+    let gw = Gateway::start(
+        GatewaySettings {
+            max_preauth_per_ip: 2,
+            ..settings()
+        },
+        true,
+    )
+    .await;
+    // 4 × 2 silent connections: 127.0.0.1's whole allowance.
+    let mut silent = Vec::new();
+    for _ in 0..8 {
+        silent.push(connect_from([127, 0, 0, 1], gw.addr).await);
+    }
+    // Accepted in order: the next one, from 127.0.0.2, is past the cap and refused unread.
+    let mut other = connect_from([127, 0, 0, 2], gw.addr).await;
+    let answer = read_until_closed(&mut other).await;
+    let (head, body) = answer.split_once("\r\n\r\n").expect("an HTTP answer");
+    assert!(head.starts_with("HTTP/1.1 503 "), "{answer}");
+    assert!(
+        head.lines()
+            .any(|l| l.eq_ignore_ascii_case("retry-after: 1")),
+        "{answer}"
+    );
+    let body: Value = serde_json::from_str(body).expect("JSON body");
+    assert_eq!(body["error"]["code"], "too_many_connections_from_address");
+    let message = body["error"]["message"].as_str().expect("message");
+    assert!(
+        message.contains("maximum of 8 unauthenticated"),
+        "{message}"
+    );
+
+    // One closes; another loopback address gets its place.
+    drop(silent.pop());
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let mut stream = connect_from([127, 0, 0, 3], gw.addr).await;
+        let _ = stream.write_all(GET_HEALTH.as_bytes()).await;
+        let answer = read_until_closed(&mut stream).await;
+        if answer.starts_with("HTTP/1.1 200 ") {
+            break;
+        }
+        assert!(
+            answer.contains("too_many_connections_from_address"),
+            "{answer}"
+        );
         assert!(Instant::now() < deadline, "still refused: {answer}");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }

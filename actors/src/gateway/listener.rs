@@ -1,16 +1,36 @@
 //! The gateway listener: `GET /health` and the WebSocket endpoint `GET /ws`.
 //!
 //! It is a [`ServeActor`]: HTTP/1.1 only, every connection closed unless it sends a whole
-//! request head within `header_read_timeout_ms` (from accept, and again between requests
-//! of a kept-alive connection), and at most `max_connections` connections open, counted
-//! from accept to close (a WebSocket until the socket closes); the next one is answered
-//! `503` with `Retry-After: 1` and `too_many_connections`, and closed.
+//! request head within `header_read_timeout_ms` of accept, **no keep-alive** (a connection
+//! that does not upgrade is closed after its one answer), and at most `max_connections`
+//! connections open, counted from accept to close (a WebSocket until the socket closes);
+//! the next one is answered `503` with `Retry-After: 1` and `too_many_connections`, and
+//! closed.
+//!
+//! ## Unauthenticated connections per address
+//! Every accepted connection counts against its address until it authenticates (a known
+//! bearer on the upgrade, or `hello-ok`) or closes; every loopback address (127.0.0.0/8,
+//! `::1`) is one address here. An address may have `4 × max_preauth_per_ip` (default 128)
+//! such connections open; past that a new connection is answered, before anything is read,
+//! the same fixed `503` with `Retry-After: 1` as past `max_connections`, with the error
+//! `too_many_connections_from_address` naming the limit (counted in
+//! `warden_gateway_address_cap_refusals_total`). So one address cannot fill
+//! `max_connections` and lock authenticated clients out.
+//!
+//! The trade-off: a client behind the same address as an attacker (the same NAT, or any
+//! local process when the attacker is local) is refused while the attacker holds the
+//! address's 128 unauthenticated connections. Each of them lives at most one header read
+//! timeout plus one request without keep-alive (an upgrade without a credential: the
+//! handshake timeout, within the smaller pre-auth budget below), so the attacker must keep
+//! reopening them, and clients from other addresses are unaffected. The check happens at
+//! accept, before the `Authorization` header can be read: a bearer on the upgrade spares a
+//! connection the handshake budget below, not this cap.
 //!
 //! ## Pre-auth accounting: what counts when
 //! Each IP has `max_preauth_per_ip` pre-auth slots; the `handshaking` count (and its gauge
 //! and peak) is the number of slots held.
-//! * **Accept.** Every admitted connection takes a slot of its IP, if one is free, before
-//!   it has sent a byte. A connection that found none holds nothing (it still counts
+//! * **Accept.** Every admitted connection (one under its address's cap above) takes a
+//!   slot of its IP, if one is free, before it has sent a byte. A connection that found none holds nothing (it still counts
 //!   against `max_connections`, and the header read timeout still closes it).
 //! * **`/ws` with `Authorization: Bearer <token>`, `token` a credential the gateway knows**
 //!   (any operator's, node's or approval handler's): the upgrade is authenticated at the
@@ -76,8 +96,8 @@ use tracing::{debug, info, warn};
 
 use super::protocol::{MAX_PREAUTH_FRAME_BYTES, close, code, try_again_reason};
 use super::session::{self, SessionStart};
-use super::{GatewayState, PreauthSlot, SESSIONS_PATH, metrics};
-use crate::serve::{AcceptHook, ServeActor, ServeArgs, ServeLimits, ServeMetrics};
+use super::{AddressShare, GatewayState, PreauthSlot, SESSIONS_PATH, metrics};
+use crate::serve::{AcceptHook, Refusal, ServeActor, ServeArgs, ServeLimits, ServeMetrics};
 use crate::supervision::{ChildContext, ChildSpec, Policy, Restart};
 
 /// The kind of the listener child, for policies and metrics.
@@ -121,6 +141,7 @@ pub fn spec(
             limits: ServeLimits {
                 header_read_timeout: Duration::from_millis(settings.header_read_timeout_ms),
                 max_connections: Some(settings.max_connections as usize),
+                keep_alive: false,
                 metrics: Some(ServeMetrics {
                     open: metrics::CONNECTIONS,
                     refused: metrics::CONNECTION_CAP_REFUSALS_TOTAL,
@@ -133,25 +154,53 @@ pub fn spec(
     .with_policy(policy)
 }
 
-/// The pre-auth slot a connection took when it was accepted, if it got one. Shared by the
-/// connection, which drops it when it closes, and its requests: an upgrade moves it into
-/// the session.
+/// What a connection took when it was accepted: its place under its address's cap on
+/// unauthenticated connections, and the pre-auth slot, if it got one. Shared by the
+/// connection, which drops them when it closes, and its requests: an upgrade moves them
+/// into the session (or drops the place, when it proves a credential).
 #[derive(Clone)]
-struct AcceptedSlot(Arc<Mutex<Option<PreauthSlot>>>);
+struct AcceptedSlot(Arc<Mutex<Accepted>>);
+
+struct Accepted {
+    address: Option<AddressShare>,
+    slot: Option<PreauthSlot>,
+}
 
 impl AcceptedSlot {
-    fn take(&self) -> Option<PreauthSlot> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).take()
+    fn take_slot(&self) -> Option<PreauthSlot> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).slot.take()
+    }
+
+    fn take_address(&self) -> Option<AddressShare> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .address
+            .take()
     }
 }
 
-/// Takes a pre-auth slot for every accepted connection, before it has sent anything.
+/// Counts every accepted connection against its address, refusing it past the cap, and
+/// takes a pre-auth slot for it — before it has sent anything.
 fn preauth_at_accept(state: GatewayState) -> AcceptHook {
     Arc::new(move |peer: SocketAddr| {
+        let Some(address) = state.try_address_share(peer.ip()) else {
+            ::metrics::counter!(metrics::ADDRESS_CAP_REFUSALS_TOTAL).increment(1);
+            let max = state.max_unauthenticated_per_address();
+            return Err(Refusal {
+                code: "too_many_connections_from_address",
+                message: format!(
+                    "this address has its maximum of {max} unauthenticated connections to the gateway open; retry later"
+                ),
+            });
+        };
         let slot = state.try_preauth(peer.ip());
         let mut values = Extensions::new();
-        values.insert(AcceptedSlot(Arc::new(Mutex::new(slot))));
-        values
+        values.insert(AcceptedSlot(Arc::new(Mutex::new(Accepted {
+            address: Some(address),
+            slot,
+        }))));
+        Ok(values)
     })
 }
 
@@ -175,17 +224,22 @@ async fn upgrade(
             ),
         );
     }
-    let held = accepted.and_then(|Extension(accepted)| accepted.take());
+    let accepted = accepted.map(|Extension(accepted)| accepted);
+    let held = accepted.as_ref().and_then(AcceptedSlot::take_slot);
     let shown = bearer(&state, &headers);
     let credentialed = matches!(shown, Bearer::Known);
     let slot = match shown {
-        Bearer::Known => Some(match held {
-            Some(mut slot) => {
-                slot.exempt();
-                slot
-            }
-            None => state.exempt_preauth(),
-        }),
+        Bearer::Known => {
+            // Authenticated: no longer counted against the address.
+            drop(accepted.as_ref().and_then(AcceptedSlot::take_address));
+            Some(match held {
+                Some(mut slot) => {
+                    slot.exempt();
+                    slot
+                }
+                None => state.exempt_preauth(),
+            })
+        }
         Bearer::Unknown => {
             ::metrics::counter!(metrics::UPGRADE_REFUSALS_TOTAL, "reason" => "unauthorized")
                 .increment(1);
@@ -202,7 +256,7 @@ async fn upgrade(
         }
         Bearer::Absent => held.or_else(|| state.try_preauth(peer.ip())),
     };
-    let Some(slot) = slot else {
+    let Some(mut slot) = slot else {
         state.count_preauth_rejection();
         ::metrics::counter!(metrics::PREAUTH_REJECTIONS_TOTAL).increment(1);
         let max = state.settings().max_preauth_per_ip;
@@ -217,6 +271,10 @@ async fn upgrade(
             .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         return response;
     };
+    // Until `hello-ok` the upgraded socket still counts against its address.
+    if let Some(accepted) = &accepted {
+        slot.hold(accepted.take_address());
+    }
     // The WebSocket layer's limit is fixed here, before `connect`: a socket that did not
     // show its credential is held to the pre-auth limit (64 KiB) for its whole life, so a
     // stranger cannot make the gateway buffer 1 MiB frames before it is refused.

@@ -99,7 +99,9 @@ pub struct GatewaySettings {
     pub max_pending_invocations: usize,
     /// A socket that has not completed `connect` by then is closed (4408). Default 10000.
     pub handshake_timeout_ms: u64,
-    /// Handshaking sockets allowed per client IP; more get HTTP 503. Default 32.
+    /// Handshaking sockets allowed per client IP; more get HTTP 503. Default 32. Four
+    /// times as many connections that have not authenticated may be open per address
+    /// (every loopback address counting as one); more are answered 503 at accept.
     pub max_preauth_per_ip: u32,
     /// Interval of `tick` events. Default 30000.
     pub tick_interval_ms: u64,
@@ -271,6 +273,9 @@ pub mod metrics {
     pub const HANDSHAKING: &str = "warden_gateway_handshaking";
     /// Counter: upgrades refused with 503 because an IP had too many handshaking sockets.
     pub const PREAUTH_REJECTIONS_TOTAL: &str = "warden_gateway_preauth_rejections_total";
+    /// Counter: connections answered 503 at accept because their address had
+    /// `4 × max_preauth_per_ip` unauthenticated connections open.
+    pub const ADDRESS_CAP_REFUSALS_TOTAL: &str = "warden_gateway_address_cap_refusals_total";
     /// Gauge: open connections to the listener, from accept to close (WebSockets included).
     pub const CONNECTIONS: &str = "warden_gateway_connections";
     /// Counter: connections answered 503 because `max_connections` were open.
@@ -304,6 +309,10 @@ pub mod metrics {
         describe_counter!(
             PREAUTH_REJECTIONS_TOTAL,
             "Upgrades answered 503 because their address had too many handshaking connections."
+        );
+        describe_counter!(
+            ADDRESS_CAP_REFUSALS_TOTAL,
+            "Connections answered 503 because their address had too many unauthenticated connections open."
         );
         describe_gauge!(CONNECTIONS, "Open connections to the gateway listener.");
         describe_counter!(
@@ -358,6 +367,9 @@ struct Shared {
     broker: ApprovalsClient,
     /// Pre-auth slots held per client IP (see [`PreauthSlot`]).
     preauth: Mutex<HashMap<IpAddr, u32>>,
+    /// Open unauthenticated connections per address, loopback as one (see
+    /// [`AddressShare`]).
+    unauthenticated: Mutex<HashMap<IpAddr, u32>>,
     /// Pre-auth slots held in all, exempt ones included.
     handshaking: AtomicU64,
     /// The most pre-auth slots ever held at once.
@@ -394,6 +406,7 @@ impl GatewayState {
             tree: OnceLock::new(),
             tree_set: tokio::sync::Notify::new(),
             preauth: Mutex::new(HashMap::new()),
+            unauthenticated: Mutex::new(HashMap::new()),
             handshaking: AtomicU64::new(0),
             handshaking_peak: AtomicU64::new(0),
             preauth_rejections: AtomicU64::new(0),
@@ -593,6 +606,37 @@ impl GatewayState {
         Some(self.count_handshaking(Some(ip)))
     }
 
+    /// Unauthenticated connections one address may have open:
+    /// `4 × max_preauth_per_ip`.
+    pub(crate) fn max_unauthenticated_per_address(&self) -> u32 {
+        self.0.settings.max_preauth_per_ip.saturating_mul(4)
+    }
+
+    /// Counts one more open unauthenticated connection from `ip`'s address (every loopback
+    /// address is one), unless it already has
+    /// [`max_unauthenticated_per_address`](Self::max_unauthenticated_per_address) open.
+    pub(crate) fn try_address_share(&self, ip: IpAddr) -> Option<AddressShare> {
+        let address = address_of(ip);
+        let max = self.max_unauthenticated_per_address();
+        let mut map = self
+            .0
+            .unauthenticated
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let open = map.entry(address).or_insert(0);
+        if *open >= max {
+            if *open == 0 {
+                map.remove(&address);
+            }
+            return None;
+        }
+        *open += 1;
+        Some(AddressShare {
+            state: self.clone(),
+            address,
+        })
+    }
+
     /// A pre-auth slot outside every IP's budget, for a connection that authenticated with
     /// a known credential before it got one: counted as handshaking until `hello-ok`.
     pub(crate) fn exempt_preauth(&self) -> PreauthSlot {
@@ -611,6 +655,7 @@ impl GatewayState {
         PreauthSlot {
             state: self.clone(),
             ip,
+            address: None,
         }
     }
 
@@ -681,6 +726,42 @@ fn role_index(role: Role) -> usize {
     }
 }
 
+/// The address a client counts under for the per-address cap on unauthenticated
+/// connections: its IP, except that every loopback address (127.0.0.0/8, `::1`, and
+/// 127.0.0.0/8 mapped into IPv6) is one, so a local client cannot spread over 127.x.y.z.
+fn address_of(ip: IpAddr) -> IpAddr {
+    let ip = ip.to_canonical();
+    if ip.is_loopback() {
+        IpAddr::from([127, 0, 0, 1])
+    } else {
+        ip
+    }
+}
+
+/// One open connection that has not authenticated, counted against its address from accept
+/// until it proves a credential (a known bearer on the upgrade, or `hello-ok`) or closes.
+pub(crate) struct AddressShare {
+    state: GatewayState,
+    address: IpAddr,
+}
+
+impl Drop for AddressShare {
+    fn drop(&mut self) {
+        let mut map = self
+            .state
+            .0
+            .unauthenticated
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(open) = map.get_mut(&self.address) {
+            *open = open.saturating_sub(1);
+            if *open == 0 {
+                map.remove(&self.address);
+            }
+        }
+    }
+}
+
 /// One unauthenticated connection's share of its IP's pre-auth allowance, taken when the
 /// listener accepts it; released on drop (at `hello-ok`, or when the connection ends
 /// however it ends). A slot counts as handshaking for its whole life; an exempt one (the
@@ -689,6 +770,10 @@ pub struct PreauthSlot {
     state: GatewayState,
     /// The IP whose allowance it holds; `None` once exempt.
     ip: Option<IpAddr>,
+    /// The connection's place under its address's cap on unauthenticated connections,
+    /// once an upgrade without a credential has moved it here; given back with the IP's
+    /// share.
+    address: Option<AddressShare>,
 }
 
 impl PreauthSlot {
@@ -698,6 +783,13 @@ impl PreauthSlot {
         if let Some(ip) = self.ip.take() {
             self.state.release_preauth(ip);
         }
+        self.address = None;
+    }
+
+    /// Keeps the connection's place under its address's cap until the slot is given back
+    /// (`hello-ok`, or the socket ends).
+    pub(crate) fn hold(&mut self, address: Option<AddressShare>) {
+        self.address = address;
     }
 }
 
