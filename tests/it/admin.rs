@@ -747,7 +747,7 @@ async fn keep_alive_healthz_sockets_do_not_lock_out_warden_health() -> anyhow::R
     for _ in 0..SOCKETS {
         let mut stream = tokio::net::TcpStream::connect(&addr).await?;
         let _ = stream
-            .write_all(b"GET /healthz HTTP/1.1\r\nHost: admin\r\n\r\n")
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
             .await;
         attack.push(stream);
     }
