@@ -17,8 +17,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use warden_protocol::{
-    APPROVAL_TIMEOUT_S, ApprovalRequestParams, ApprovalResolveParams, ConnectParams, Frame,
-    InvokeParams, NodeInvokeParams, SubscribeParams, parse_approvals_list,
+    APPROVAL_TIMEOUT_S, APPROVALS_LIST_LIMIT, ApprovalRequestParams, ApprovalResolveParams,
+    ConnectParams, Frame, InvokeParams, NodeInvokeParams, SubscribeParams, parse_approvals_list,
 };
 
 fuzz_target!(|data: &[u8]| {
@@ -72,7 +72,10 @@ fn params_parsers(value: Value) {
     }
     let empty = matches!(&value, Value::Null) || value.as_object().is_some_and(|m| m.is_empty());
     match parse_approvals_list(value) {
-        Ok(()) => assert!(empty, "approvals.list takes no params"),
+        Ok(p) => assert!(
+            APPROVALS_LIST_LIMIT.contains(&p.limit),
+            "limit out of range: {p:?}"
+        ),
         Err(message) => {
             assert!(!empty, "approvals.list refused empty params: {message}");
             names_its_fault(&message);
