@@ -1252,16 +1252,7 @@ async fn past_max_connections_a_new_connection_gets_503_with_retry_after() {
     let _idle = TcpStream::connect(gw.addr).await.expect("connect");
 
     let answer = raw_http(gw.addr, GET_HEALTH).await;
-    let (head, body) = answer.split_once("\r\n\r\n").expect("an HTTP answer");
-    assert!(head.starts_with("HTTP/1.1 503 "), "{answer}");
-    assert!(
-        head.lines()
-            .any(|l| l.eq_ignore_ascii_case("retry-after: 1")),
-        "{answer}"
-    );
-    let body: Value = serde_json::from_str(body).expect("JSON body");
-    assert_eq!(body["error"]["code"], "too_many_connections");
-    let message = body["error"]["message"].as_str().expect("message");
+    let message = answered_503(&answer, "too_many_connections");
     assert!(message.contains("maximum of 2 connections"), "{message}");
 
     // The WebSocket held its place until it closed; then a new connection is served.
@@ -1412,16 +1403,7 @@ async fn every_loopback_address_counts_as_one_for_unauthenticated_connections() 
     // Accepted in order: the next one, from 127.0.0.2, is past the cap and refused unread.
     let mut other = connect_from([127, 0, 0, 2], gw.addr).await;
     let answer = read_until_closed(&mut other).await;
-    let (head, body) = answer.split_once("\r\n\r\n").expect("an HTTP answer");
-    assert!(head.starts_with("HTTP/1.1 503 "), "{answer}");
-    assert!(
-        head.lines()
-            .any(|l| l.eq_ignore_ascii_case("retry-after: 1")),
-        "{answer}"
-    );
-    let body: Value = serde_json::from_str(body).expect("JSON body");
-    assert_eq!(body["error"]["code"], "too_many_connections_from_address");
-    let message = body["error"]["message"].as_str().expect("message");
+    let message = answered_503(&answer, "too_many_connections_from_address");
     assert!(
         message.contains("maximum of 8 unauthenticated"),
         "{message}"
@@ -1500,4 +1482,22 @@ async fn an_unlisted_node_name_cannot_be_squatted_while_its_node_is_away() {
     // Its own operator's credential gets it back.
     let (_back, _) = gw.hello_as("node", OPS, laptop).await;
     assert_eq!(gw.state.counts().1, 1);
+}
+
+/// Checks that a raw HTTP `answer` is a 503 with `Retry-After: 1` and the JSON error
+/// `code`; returns its message.
+fn answered_503(answer: &str, code: &str) -> String {
+    let (head, body) = answer.split_once("\r\n\r\n").expect("an HTTP answer");
+    assert!(head.starts_with("HTTP/1.1 503 "), "{answer}");
+    assert!(
+        head.lines()
+            .any(|l| l.eq_ignore_ascii_case("retry-after: 1")),
+        "{answer}"
+    );
+    let body: Value = serde_json::from_str(body).expect("JSON body");
+    assert_eq!(body["error"]["code"], code, "{answer}");
+    body["error"]["message"]
+        .as_str()
+        .expect("message")
+        .to_string()
 }

@@ -1515,6 +1515,29 @@ mod tests {
         }
     }
 
+    /// A [`Catcher`] session registered as node `box` with command `disk`: what is sent to
+    /// it arrives on the receiver; the registration keeps the node online.
+    async fn catcher_node(
+        gateway: &GatewayState,
+    ) -> (
+        ActorRef<SessionMsg>,
+        tokio::sync::mpsc::UnboundedReceiver<Caught>,
+        super::super::registry::Registration,
+    ) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let (session, _) = Actor::spawn(None, Catcher, tx).await.expect("catcher");
+        let (node, _) = super::super::registry::Registration::register(
+            gateway,
+            "box",
+            "node:box",
+            vec!["disk".into()],
+            1,
+            session.clone(),
+        )
+        .expect("registered");
+        (session, rx, node)
+    }
+
     async fn spawn_broker(gateway: &GatewayState) -> ActorRef<ApprovalsMsg> {
         let args = ApprovalsArgs {
             gateway: gateway.clone(),
@@ -1536,17 +1559,7 @@ mod tests {
             .insert("nova".into(), vec!["@Owner:x".into()]);
         assert!(gateway.set_approvals(settings).is_ok());
         let broker = spawn_broker(&gateway).await;
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let (session, _) = Actor::spawn(None, Catcher, tx).await.expect("catcher");
-        let (_node, _) = super::super::registry::Registration::register(
-            &gateway,
-            "box",
-            "node:box",
-            vec!["disk".into()],
-            1,
-            session.clone(),
-        )
-        .expect("registered");
+        let (session, mut rx, _node) = catcher_node(&gateway).await;
         let mut hub = gateway.hub().subscribe();
         let client = gateway.approvals().expect("configured").clone();
         let request = |req: &str, timeout_s: Option<u64>| ApprovalsMsg::Request {
@@ -1751,17 +1764,7 @@ mod tests {
         settings.max_open_per_requester = 1;
         assert!(gateway.set_approvals(settings).is_ok());
         let _broker = spawn_broker(&gateway).await;
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let (session, _) = Actor::spawn(None, Catcher, tx).await.expect("catcher");
-        let (_node, _) = super::super::registry::Registration::register(
-            &gateway,
-            "box",
-            "node:box",
-            vec!["disk".into()],
-            1,
-            session.clone(),
-        )
-        .expect("registered");
+        let (session, mut rx, _node) = catcher_node(&gateway).await;
         let mut hub = gateway.hub().subscribe();
         let client = gateway.approvals().expect("configured").clone();
         let request = |req: &str, requester: &str| ApprovalsMsg::Request {
@@ -1793,17 +1796,7 @@ mod tests {
         settings.max_open = 2;
         assert!(gateway.set_approvals(settings).is_ok());
         let _broker = spawn_broker(&gateway).await;
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let (session, _) = Actor::spawn(None, Catcher, tx).await.expect("catcher");
-        let (_node, _) = super::super::registry::Registration::register(
-            &gateway,
-            "box",
-            "node:box",
-            vec!["disk".into()],
-            1,
-            session.clone(),
-        )
-        .expect("registered");
+        let (session, mut rx, _node) = catcher_node(&gateway).await;
         let mut hub = gateway.hub().subscribe();
         let client = gateway.approvals().expect("configured").clone();
         let request = |req: &str, reason: String, args: Value| ApprovalsMsg::Request {
