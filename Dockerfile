@@ -3,11 +3,15 @@
 # warden: a supervision daemon for a multi-account chat gateway.
 #
 #   docker build -t warden .
-#   docker run -d --name warden \
-#     -p 18789:18789 -p 18790:18790 \
+#   docker run -d --name warden --read-only --tmpfs /tmp \
+#     -p 127.0.0.1:18789:18789 -p 127.0.0.1:18790:18790 \
 #     -v warden-state:/var/lib/warden \
 #     -e WARDEN_GATEWAY__TOKEN=… -e WARDEN_ADMIN__TOKEN=… \
 #     warden
+#   docker stop -t 30 warden
+#
+# scripts/container-test.sh builds and runs exactly this (with podman) and checks each
+# claim below against the running container.
 #
 # Tokens are required. The image binds the gateway and the admin endpoint on 0.0.0.0, and
 # warden refuses a non-loopback bind without a token, so a container started without them
@@ -24,45 +28,40 @@
 #
 # Exit codes the container runtime sees: 0 after a clean stop (SIGTERM), 64 bad config,
 # 75 a restart budget ran out, 78 a fatal failure (e.g. bad credentials) chose to exit.
-# Run it with a restart policy (`--restart unless-stopped`, or a Kubernetes Deployment).
+# Run it with a restart policy (`--restart unless-stopped`, or deploy/kubernetes/).
 
+# The toolchain is the builder image's: its tag pins the same Rust as rust-toolchain.toml
+# (scripts/container-test.sh checks that they agree). rust-toolchain.toml itself stays out
+# of the build context (.dockerignore), so rustup never downloads clippy and rustfmt here.
 ARG RUST_IMAGE=rust:1.95.0-slim-bookworm
 ARG RUNTIME_IMAGE=debian:bookworm-slim
 
 # ---------------------------------------------------------------------------------------
-FROM ${RUST_IMAGE} AS builder
-
+# cargo-chef turns the workspace's manifests into a recipe and builds the dependencies from
+# it, so the dependency layer is derived from Cargo.toml, */Cargo.toml and Cargo.lock and
+# cannot drift from them: it is rebuilt exactly when they change, and a new bench, test or
+# member needs nothing here.
+FROM ${RUST_IMAGE} AS chef
+ARG CARGO_CHEF_VERSION=0.1.78
 # The slim image has gcc and libc6-dev, which is all the C the dependency tree needs
 # (bundled SQLite, aws-lc for rustls). A dependency on OpenSSL would need libssl-dev and
 # pkg-config here and libssl3 in the runtime stage.
+RUN cargo install cargo-chef --locked --version "${CARGO_CHEF_VERSION}" \
+    && rm -rf "${CARGO_HOME:-/usr/local/cargo}/registry"
 WORKDIR /build
 
-# The toolchain first: rust-toolchain.toml pins the version and components, which rustup
-# installs here once (a cached layer) rather than at the first cargo call.
-COPY rust-toolchain.toml ./
-RUN rustup toolchain install && cargo --version
+FROM chef AS planner
+COPY . .
+RUN cargo chef prepare --recipe-path recipe.json
 
-# Dependencies next, built against stub sources so this layer is reused until
-# Cargo.toml, actors/Cargo.toml or Cargo.lock change.
-COPY Cargo.toml Cargo.lock ./
-COPY actors/Cargo.toml actors/
-COPY protocol/Cargo.toml protocol/
-RUN mkdir -p src actors/src actors/benches tests/it protocol/src \
-    && echo 'fn main() {}' > src/main.rs \
-    && touch src/lib.rs actors/src/lib.rs protocol/src/lib.rs tests/it/main.rs \
-    && echo 'fn main() {}' > actors/benches/kernel.rs \
-    && cargo build --release --locked --bin warden \
-    && rm -rf src actors/src actors/benches protocol/src tests
-
-# The real sources. Touch them so cargo never mistakes the stub build for a fresh one
-# (COPY keeps the files' modification times, which may be older than the stub build).
-COPY src src
-COPY actors actors
-COPY protocol protocol
-COPY config config
-RUN find src actors/src protocol/src -name '*.rs' -exec touch {} + \
-    && cargo build --release --locked --bin warden \
-    && install -m 0755 target/release/warden /usr/local/bin/warden
+FROM chef AS builder
+COPY --from=planner /build/recipe.json recipe.json
+# The `dist` profile (Cargo.toml): release, stripped.
+RUN cargo chef cook --profile dist --locked --recipe-path recipe.json --bin warden
+COPY . .
+RUN cargo build --profile dist --locked --bin warden \
+    && install -m 0755 target/dist/warden /usr/local/bin/warden \
+    && warden --version
 
 # ---------------------------------------------------------------------------------------
 FROM ${RUNTIME_IMAGE} AS runtime
@@ -71,6 +70,7 @@ FROM ${RUNTIME_IMAGE} AS runtime
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends ca-certificates \
+    && apt-get clean \
     && rm -rf /var/lib/apt/lists/*
 
 RUN groupadd --system --gid 10001 warden \
@@ -105,8 +105,10 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
     CMD ["warden", "health", "--admin", "http://127.0.0.1:18790"]
 
 # warden shuts down gracefully on SIGTERM: it tells connected clients, stops the tree's
-# children in reverse start order and flushes telemetry. Allow it the runtime's default
-# 10 s grace period or more.
+# children in reverse start order and flushes telemetry, all within shutdown.deadline_ms
+# (10 s). Give it a grace period above that (`docker stop -t 30`; Kubernetes'
+# terminationGracePeriodSeconds: 30 in deploy/kubernetes/): at the runtime's default of
+# 10 s a slow stop would be SIGKILLed just as its deadline runs out.
 STOPSIGNAL SIGTERM
 
 ENTRYPOINT ["warden"]
