@@ -126,6 +126,11 @@ impl FaultProxy {
         self.addr
     }
 
+    /// `http://` and where clients connect: the homeserver URL of a proxied Synapse.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
     /// Switches what happens to new connections.
     pub fn set_mode(&self, mode: Mode) {
         self.mode.send_replace(mode);

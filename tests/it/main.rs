@@ -9,5 +9,6 @@ mod gateway;
 mod matrix;
 mod node;
 mod process;
+mod support;
 mod synapse;
 mod tls;
