@@ -69,7 +69,7 @@ async fn reset_the_held(proxy: &FaultProxy) -> usize {
     let connected = async || proxy.accepted() > 0;
     let what = "warden connects to the proxy";
     eventually(Duration::from_secs(20), what, connected).await;
-    proxy.set_mode(Mode::Forward);
+    proxy.set_mode(Mode::Forward).await;
     proxy.reset_all().await
 }
 
@@ -92,7 +92,7 @@ async fn reset_during_startup_login_is_retried_and_the_account_comes_up() {
     };
     let bot = hs.register("s1bot").await;
     let proxy = FaultProxy::start(hs.addr()).await.expect("proxy");
-    proxy.set_mode(Mode::Stall);
+    proxy.set_mode(Mode::Stall).await;
     let rig = scenario("s1")
         .account(Account::password("nova", &proxy.url(), &bot))
         .start()
@@ -116,7 +116,7 @@ async fn reset_during_startup_whoami_is_retried_and_the_account_comes_up() {
     let bot = hs.register("s1who").await;
     let (token, _device) = bot.login_fresh().await;
     let proxy = FaultProxy::start(hs.addr()).await.expect("proxy");
-    proxy.set_mode(Mode::Stall);
+    proxy.set_mode(Mode::Stall).await;
     let rig = scenario("s1who")
         .account(Account::token("nova", &proxy.url(), &token))
         .start()
@@ -408,10 +408,10 @@ async fn lost_or_corrupted_session_is_recovered_by_a_fresh_login() {
     // 0. A plain restart restores the session (no login) and resumes sync from the stored
     //    token: a message sent while warden was down is forwarded after it.
     owner.send_text(&room, "while stopped").await;
-    proxy.set_mode(Mode::Refuse);
+    proxy.set_mode(Mode::Refuse).await;
     let mut rig = scenario.start().await;
     let mut op = rig.operator().await;
-    proxy.set_mode(Mode::Forward);
+    proxy.set_mode(Mode::Forward).await;
     rig.wait_ready("nova", Duration::from_secs(30)).await;
     let restored = rig
         .warden
