@@ -11,4 +11,5 @@ mod node;
 mod process;
 mod support;
 mod synapse;
+mod tidy;
 mod tls;
