@@ -23,14 +23,18 @@
 //! * [`install_metrics`] — the process's Prometheus recorder.
 //!
 //! ## Messages
-//! The admin actor gets a `Tick` every [`UPKEEP_INTERVAL`] (metrics upkeep, heartbeat, a
-//! check that the server task still runs) and `ServeEnded` when its server task ends on its
-//! own (an error, a panic). It answers no requests: HTTP is served by a task it owns.
+//! The admin actor is a [`ServeActor`] (`warden_actors::serve`) running this module's
+//! router. It gets `ServeMsg::Tick` every `serve::TICK` (5 s: metrics upkeep, the hook
+//! [`spec`] gives it; a heartbeat; a check that the server task still runs) and
+//! `ServeMsg::Ended` when its server task ends on its own (an error, a panic). It answers no
+//! requests: HTTP is served by a task it owns.
 //!
 //! ## Supervision
 //! Its parent is the root supervisor (kind `admin`, id `admin`). It has no child actors; it
-//! owns two tasks, the axum server (drained on stop within [`DRAIN_TIMEOUT`], then aborted)
-//! and the tick timer, and aborts both when it stops or is killed.
+//! owns the server task, which owns one task per connection, and the tick timer. A stop
+//! ends the timer, stops accepting, lets the requests in flight finish within
+//! `serve::DRAIN` (2 s) and aborts what is left; a kill drops its state, which aborts the
+//! timer and the server task at once.
 //!
 //! ## Restart policy
 //! Permanent. A bind error fails the start as `transient` (the port may be free on the next

@@ -5,6 +5,8 @@
 //! ├── start_slots     permanent   FIFO start-slot pools
 //! ├── gateway         rest_for_one
 //! │   ├── listener    permanent   WS /ws, GET /health
+//! │   ├── approvals   permanent   the approvals broker, one file per approval under
+//! │   │                           `<state.dir>/approvals/`
 //! │   └── sessions    one_for_one one temporary child per socket
 //! ├── channels        one_for_one (only with `[matrix.accounts.*]`)
 //! │   └── matrix      one_for_one

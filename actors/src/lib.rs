@@ -4,8 +4,9 @@
 //!   slots, liveness and the live tree snapshot. It knows nothing about any domain.
 //!
 //! * [`serve`] — an HTTP server as a supervised actor (used by the gateway and admin).
-//! * [`node`] — the node host's command runner (the connection actor: issue 4).
-//! * [`gateway`] — the gateway listener (protocol and sessions: issue 4).
+//! * [`node`] — the node host: its connection to the gateway and the command runner.
+//! * [`gateway`] — the gateway: the protocol, the listener, one session per socket, the
+//!   approvals broker, the node registry, and the one client of the protocol.
 //! * [`matrix`] — Matrix accounts (the only module that imports `matrix_sdk`).
 //!
 //! Domain actors (gateway, node, Matrix, approvals) live in their own modules beside it,

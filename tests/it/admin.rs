@@ -1,6 +1,7 @@
 //! Integration tests: admin. A real tree with small test actors and the admin actor bound
 //! to `127.0.0.1:0`, driven over real sockets with reqwest.
 
+use std::net::SocketAddr;
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -9,12 +10,13 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use tokio::time::Instant;
 use warden::admin::{self, AdminSettings, AdminState, ClientError};
 use warden_actors::supervision::{
     ChildContext, ChildSpec, ControlAction, NodeSnapshot, NodeState, Policy, Restart, Strategy,
     Tree, TreeOptions,
 };
+
+use crate::support::eventually;
 
 /// How long a condition may take before a test fails.
 const DEADLINE: Duration = Duration::from_secs(5);
@@ -182,40 +184,35 @@ impl Fixture {
         what: &str,
         done: impl Fn(&NodeSnapshot) -> bool,
     ) -> anyhow::Result<NodeSnapshot> {
-        let deadline = Instant::now() + DEADLINE;
-        loop {
-            let (status, body) = self.get("/admin/tree", token).await?;
-            ensure!(
-                status == StatusCode::OK,
-                "GET /admin/tree answered {status}: {body}"
-            );
-            let snapshot: NodeSnapshot = serde_json::from_str(&body)?;
+        let snapshot = eventually(DEADLINE, what, async || {
+            let (status, body) = self
+                .get("/admin/tree", token)
+                .await
+                .expect("GET /admin/tree");
+            assert_eq!(status, StatusCode::OK, "GET /admin/tree: {body}");
+            let snapshot: NodeSnapshot = serde_json::from_str(&body).expect("a tree");
             if done(&snapshot) {
-                return Ok(snapshot);
+                Ok(snapshot)
+            } else {
+                Err(format!("the tree\n{}", snapshot.render_text()))
             }
-            if Instant::now() >= deadline {
-                bail!(
-                    "{what}: not within {DEADLINE:?}; last tree:\n{}",
-                    snapshot.render_text()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        })
+        .await;
+        Ok(snapshot)
     }
 
     /// Polls `path` until it answers `want`, or fails with the last answer.
     async fn wait_status(&self, path: &str, want: StatusCode) -> anyhow::Result<Value> {
-        let deadline = Instant::now() + DEADLINE;
-        loop {
-            let (status, body) = self.get_json(path, None).await?;
+        let body = eventually(DEADLINE, format!("GET {path} answers {want}"), async || {
+            let (status, body) = self.get_json(path, None).await.expect("an answer");
             if status == want {
-                return Ok(body);
+                Ok(body)
+            } else {
+                Err(format!("{status} {body}"))
             }
-            if Instant::now() >= deadline {
-                bail!("GET {path}: wanted {want} within {DEADLINE:?}, last answer {status} {body}");
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        })
+        .await;
+        Ok(body)
     }
 
     async fn shutdown(self) -> anyhow::Result<()> {
@@ -573,9 +570,13 @@ async fn metrics_count_restarts() -> anyhow::Result<()> {
     let (status, body) = fx.post("/admin/actors/root/group/beta/kill", None).await?;
     assert_eq!(status, StatusCode::OK, "{body}");
 
-    let deadline = Instant::now() + DEADLINE;
-    let text = loop {
-        let response = fx.http.get(fx.url("/metrics")).send().await?;
+    let text = eventually(DEADLINE, "warden_restarts_total", async || {
+        let response = fx
+            .http
+            .get(fx.url("/metrics"))
+            .send()
+            .await
+            .expect("GET /metrics");
         assert_eq!(response.status(), StatusCode::OK);
         let content_type = response
             .headers()
@@ -586,18 +587,17 @@ async fn metrics_count_restarts() -> anyhow::Result<()> {
             content_type.starts_with("text/plain; version=0.0.4"),
             "{content_type}"
         );
-        let text = response.text().await?;
+        let text = response.text().await.expect("the metrics");
         if text
             .lines()
             .any(|l| l.starts_with("warden_restarts_total{"))
         {
-            break text;
+            Ok(text)
+        } else {
+            Err(text)
         }
-        if Instant::now() >= deadline {
-            bail!("no warden_restarts_total within {DEADLINE:?}:\n{text}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    })
+    .await;
     assert!(
         text.contains("# TYPE warden_restarts_total counter"),
         "{text}"
@@ -674,12 +674,11 @@ async fn before_the_tree_is_handed_over() -> anyhow::Result<()> {
     fx.shutdown().await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_taken_port_is_retried_until_free() -> anyhow::Result<()> {
-    let blocker = std::net::TcpListener::bind("127.0.0.1:0")?;
-    let taken = blocker.local_addr()?;
+/// A tree `root → { alpha, admin }` with the admin endpoint on `bind` (no token, no
+/// metrics, the tree not handed over); returns it with the endpoint's state.
+async fn alpha_and_admin_on(bind: SocketAddr) -> anyhow::Result<(Tree, AdminState)> {
     let settings = AdminSettings {
-        bind: taken,
+        bind,
         ..AdminSettings::default()
     };
     let state = AdminState::new(json!({}), None, None);
@@ -687,24 +686,25 @@ async fn a_taken_port_is_retried_until_free() -> anyhow::Result<()> {
         worker("alpha"),
         admin::spec(&settings, state.clone(), fast_policy()),
     ];
-    let tree = Tree::start(children, TreeOptions::default()).await?;
+    Ok((Tree::start(children, TreeOptions::default()).await?, state))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_taken_port_is_retried_until_free() -> anyhow::Result<()> {
+    let blocker = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let taken = blocker.local_addr()?;
+    let (tree, state) = alpha_and_admin_on(taken).await?;
     let handle = tree.handle();
 
-    let deadline = Instant::now() + DEADLINE;
-    loop {
+    let failure = eventually(DEADLINE, "a bind failure recorded", async || {
         let snapshot = handle.snapshot();
         let failure = child(&snapshot, "root/admin").and_then(|a| a.last_failure.clone());
-        if let Some(failure) = failure {
-            assert_eq!(failure.class, "transient");
-            let want = format!("cannot bind the admin endpoint on {taken}: ");
-            assert!(failure.reason.starts_with(&want), "{}", failure.reason);
-            break;
-        }
-        if Instant::now() >= deadline {
-            bail!("no bind failure recorded:\n{}", snapshot.render_text());
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        failure.ok_or_else(|| snapshot.render_text())
+    })
+    .await;
+    assert_eq!(failure.class, "transient");
+    let want = format!("cannot bind the admin endpoint on {taken}: ");
+    assert!(failure.reason.starts_with(&want), "{}", failure.reason);
     assert_eq!(state.bound_addr(), None);
 
     drop(blocker);
@@ -721,16 +721,9 @@ async fn a_taken_port_is_retried_until_free() -> anyhow::Result<()> {
 
 /// Polls `check_health` until it succeeds, or fails with the last error.
 async fn wait_healthy(base: &str) -> anyhow::Result<()> {
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        match admin::check_health(base).await {
-            Ok(()) => return Ok(()),
-            Err(err) if Instant::now() >= deadline => {
-                bail!("not healthy within {DEADLINE:?}: {err}")
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
-        }
-    }
+    let healthy = format!("{base} healthy");
+    eventually(DEADLINE, healthy, async || admin::check_health(base).await).await;
+    Ok(())
 }
 
 /// The attack of the review on the admin endpoint: more keep-alive `GET /healthz`
@@ -791,16 +784,7 @@ async fn the_admin_actor_comes_back_on_its_port_after_a_restart_and_a_kill() -> 
     // A fixed port: a restart must free it (graceful stop), and so must a kill (no
     // `post_stop`; the actor's state aborts its server task when dropped).
     let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
-    let settings = AdminSettings {
-        bind: port,
-        ..AdminSettings::default()
-    };
-    let state = AdminState::new(json!({}), None, None);
-    let children = vec![
-        worker("alpha"),
-        admin::spec(&settings, state.clone(), fast_policy()),
-    ];
-    let tree = Tree::start(children, TreeOptions::default()).await?;
+    let (tree, state) = alpha_and_admin_on(port).await?;
     let handle = tree.handle();
     let _ = state.set_tree(handle.clone());
     let base = format!("http://{port}");
@@ -813,21 +797,16 @@ async fn the_admin_actor_comes_back_on_its_port_after_a_restart_and_a_kill() -> 
     handle.control("root/admin", ControlAction::Restart).await?;
     wait_healthy(&base).await?;
     handle.control("root/admin", ControlAction::Kill).await?;
-    let deadline = Instant::now() + DEADLINE;
-    loop {
+    eventually(DEADLINE, "the admin actor comes back", async || {
         let snapshot = handle.snapshot();
-        let admin = child(&snapshot, "root/admin").context("no admin node")?;
+        let admin = child(&snapshot, "root/admin").expect("an admin node");
         if admin.state == NodeState::Running && admin.restarts_total >= 1 && admin.generation >= 3 {
-            break;
+            Ok(())
+        } else {
+            Err(snapshot.render_text())
         }
-        if Instant::now() >= deadline {
-            bail!(
-                "the admin actor did not come back:\n{}",
-                snapshot.render_text()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await;
     wait_healthy(&base).await?;
     assert_eq!(state.bound_addr(), Some(port));
 
@@ -850,32 +829,24 @@ async fn a_non_loopback_bind_without_token_is_fatal() -> anyhow::Result<()> {
     )
     .await?;
     let handle = tree.handle();
-    let deadline = Instant::now() + DEADLINE;
-    loop {
+    let admin = eventually(DEADLINE, "the admin child is parked", async || {
         let snapshot = handle.snapshot();
-        if let Some(admin) = child(&snapshot, "root/admin")
-            && admin.state == NodeState::Parked
-        {
-            let failure = admin
-                .last_failure
-                .clone()
-                .context("parked without a failure")?;
-            assert_eq!(failure.class, "fatal");
-            assert!(
-                failure.reason.contains("without admin.token"),
-                "{}",
-                failure.reason
-            );
-            break;
+        match child(&snapshot, "root/admin") {
+            Some(admin) if admin.state == NodeState::Parked => Ok(admin.clone()),
+            _ => Err(snapshot.render_text()),
         }
-        if Instant::now() >= deadline {
-            bail!(
-                "the admin child was not parked:\n{}",
-                snapshot.render_text()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await;
+    let failure = admin
+        .last_failure
+        .clone()
+        .context("parked without a failure")?;
+    assert_eq!(failure.class, "fatal");
+    assert!(
+        failure.reason.contains("without admin.token"),
+        "{}",
+        failure.reason
+    );
     assert_eq!(state.bound_addr(), None);
     let report = tree.shutdown(DEADLINE).await;
     ensure!(report.graceful, "{report:?}");

@@ -10,11 +10,9 @@
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use warden_actors::gateway::client::{
@@ -22,11 +20,14 @@ use warden_actors::gateway::client::{
 };
 use warden_actors::gateway::protocol::auth::Secret;
 use warden_actors::gateway::protocol::grant::Grant;
-use warden_actors::gateway::protocol::{ClientInfo, CommandInfo, ErrorBody, NodeInfo, Role};
-use warden_actors::gateway::{self, ApprovalsSettings, GatewaySettings, GatewayState};
-use warden_actors::supervision::{Jitter, Policy, Tree, TreeOptions};
+use warden_actors::gateway::protocol::{CommandInfo, ErrorBody, NodeInfo, Role};
+use warden_actors::gateway::{ApprovalsSettings, GatewaySettings, GatewayState};
+use warden_actors::supervision::Tree;
 
-use crate::process::{TempDir, Warden};
+use crate::support::{
+    Launch, Scenario, TempDir, Warden, client_info, gateway_tree, next_event, node_config, now_ms,
+    wait_node,
+};
 
 const TOKEN: &str = "approvals-test-token";
 
@@ -61,58 +62,13 @@ async fn start(state: &Path) -> Rig {
         ("ops", gateway.add_approver("ops")),
         ("quiet", gateway.add_approver("quiet")),
     ];
-    let bound = Arc::new(watch::Sender::new(None));
-    let spec = gateway::spec(&gateway, Policy::default(), bound.clone());
-    let options = TreeOptions {
-        jitter: Jitter::fixed(0.0),
-        ..TreeOptions::default()
-    };
-    let tree = Tree::start(vec![spec], options).await.expect("tree");
+    let (tree, addr) = gateway_tree(&gateway).await;
     assert!(gateway.set_tree(tree.handle()).is_ok());
-    let addr = bound.borrow().expect("bound");
     Rig {
         tree,
         url: format!("ws://{addr}/ws"),
         handlers,
     }
-}
-
-/// A `warden run` process (no Matrix account) and its gateway and admin URLs.
-struct ProcessRig {
-    warden: Warden,
-    url: String,
-    admin: String,
-}
-
-/// Starts `warden run` with its state in `state`, `TOKEN` as operator `default`, unlisted
-/// nodes admitted.
-async fn start_process(name: &str, state: &Path) -> ProcessRig {
-    let args = [
-        "run",
-        "--gateway-bind",
-        "127.0.0.1:0",
-        "--admin-bind",
-        "127.0.0.1:0",
-        "--log-format",
-        "json",
-    ];
-    let state = state.to_str().expect("utf-8 path");
-    let warden = Warden::spawn(
-        TempDir::new(name),
-        &args,
-        &[
-            ("WARDEN_GATEWAY__TOKEN", TOKEN),
-            ("WARDEN_GATEWAY__ALLOW_UNLISTED_NODES", "true"),
-            ("WARDEN_STATE__DIR", state),
-        ],
-    );
-    let admin = warden.admin().await;
-    let line = warden
-        .wait_for_log("Gateway endpoint listening.", STEP)
-        .await;
-    let url = format!("ws://{}/ws", line["addr"].as_str().expect("addr"));
-    warden.wait_for_log("warden started.", STEP).await;
-    ProcessRig { warden, url, admin }
 }
 
 impl Rig {
@@ -138,13 +94,6 @@ impl Rig {
     }
 }
 
-fn client_info() -> ClientInfo {
-    ClientInfo {
-        name: "it".into(),
-        version: "0".into(),
-    }
-}
-
 async fn connect(url: &str, options: ConnectOptions) -> GatewayClient {
     GatewayClient::connect(url, options)
         .await
@@ -153,11 +102,7 @@ async fn connect(url: &str, options: ConnectOptions) -> GatewayClient {
 }
 
 async fn operator(url: &str) -> GatewayClient {
-    connect(
-        url,
-        ConnectOptions::new(Role::Operator, TOKEN, client_info()),
-    )
-    .await
+    crate::support::operator(url, TOKEN).await.expect("connect")
 }
 
 /// A node played by a gateway client. Its one command, `disk`, needs an approval: it
@@ -197,54 +142,17 @@ async fn fake_node(url: &str, name: &str) -> JoinHandle<()> {
             }
         }
     });
-    until_connected(url, name).await;
+    wait_node(url, TOKEN, name, STEP).await;
     task
 }
 
 /// Starts `warden node` named `name` against `url`, with a command `hello`.
 fn real_node(name: &str, url: &str) -> Warden {
-    let dir = TempDir::new(name);
     let config = format!(
-        r#"[node]
-gateway_url = "{url}"
-token = "{TOKEN}"
-name = "{name}"
-[node.commands.hello]
-argv = ["echo", "hello from {name}"]
-"#
+        "{}[node.commands.hello]\nargv = [\"echo\", \"hello from {name}\"]\n",
+        node_config(url, TOKEN, name)
     );
-    std::fs::write(dir.0.join("node.toml"), config).expect("config");
-    let args = [
-        "--config",
-        "node.toml",
-        "node",
-        "--admin-bind",
-        "127.0.0.1:0",
-        "--log-format",
-        "json",
-    ];
-    Warden::spawn(dir, &args, &[])
-}
-
-/// Waits until node `name` is connected.
-async fn until_connected(url: &str, name: &str) {
-    let deadline = Instant::now() + STEP;
-    let mut op = operator(url).await;
-    loop {
-        let nodes = op.call("nodes.list", json!({})).await.expect("nodes.list");
-        let up = nodes.as_array().is_some_and(|l| {
-            l.iter()
-                .any(|n| n["name"] == name && n["connected"] == true)
-        });
-        if up {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "node {name} never connected: {nodes}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    Launch::node(name, &config).spawn()
 }
 
 /// Sends `approvals.request` on its own connection; the task ends with the answer.
@@ -254,17 +162,10 @@ async fn request(url: &str, params: Value) -> JoinHandle<Result<Value, CallError
 }
 
 /// The next event named `name`, skipping others (ticks).
-async fn next_event(client: &mut GatewayClient, name: &str) -> Value {
-    let deadline = Instant::now() + STEP;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match tokio::time::timeout(left, client.next_event()).await {
-            Ok(Ok(Incoming::Event { event, payload })) if event == name => return payload,
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => panic!("waiting for {name}: {e}"),
-            Err(_) => panic!("no {name} event within {STEP:?}"),
-        }
-    }
+async fn next(client: &mut GatewayClient, name: &str) -> Value {
+    next_event(client, name, STEP)
+        .await
+        .unwrap_or_else(|| panic!("no {name} event within {STEP:?}"))
 }
 
 /// The answer of a requester's call.
@@ -296,16 +197,16 @@ fn failed(result: Result<Value, CallError>) -> (String, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_approved_request_runs_on_the_node_and_answers_the_requester() {
     let state = TempDir::new("approvals-state-approve");
-    let rig = start(&state.0).await;
+    let rig = start(state.path()).await;
     let mut node = real_node("approvals-box", &rig.url);
-    until_connected(&rig.url, "approvals-box").await;
+    wait_node(&rig.url, TOKEN, "approvals-box", STEP).await;
     let mut approver = rig.approver("ops").await;
 
     let params = json!({
         "node": "approvals-box", "command": "hello", "reason": "smoke test"
     });
     let requester = request(&rig.url, params).await;
-    let requested = next_event(&mut approver, "approval.requested").await;
+    let requested = next(&mut approver, "approval.requested").await;
     let id = requested["id"].as_str().expect("id").to_string();
     assert!(
         id.len() == 8
@@ -334,7 +235,7 @@ async fn an_approved_request_runs_on_the_node_and_answers_the_requester() {
         expires > now + 290_000 && expires <= now + 300_000,
         "default timeout: {expires} vs {now}"
     );
-    let file = state.0.join("approvals").join(format!("{id}.json"));
+    let file = state.join("approvals").join(format!("{id}.json"));
     let mode = std::fs::metadata(&file)
         .expect("stored")
         .permissions()
@@ -403,7 +304,7 @@ async fn an_approved_request_runs_on_the_node_and_answers_the_requester() {
         (Some(0), Some("hello from approvals-box\n")),
         "{out}"
     );
-    let resolved = next_event(&mut approver, "approval.resolved").await;
+    let resolved = next(&mut approver, "approval.resolved").await;
     assert_eq!(resolved, out);
     let listed = approver
         .call("approvals.list", json!({}))
@@ -425,7 +326,7 @@ async fn an_approved_request_runs_on_the_node_and_answers_the_requester() {
         "node": "approvals-box", "command": "hello", "args": ["x"], "reason": "with args"
     });
     let requester = request(&rig.url, with_args).await;
-    let id2 = next_event(&mut approver, "approval.requested").await["id"].clone();
+    let id2 = next(&mut approver, "approval.requested").await["id"].clone();
     let approve = json!({"id": id2, "decision": "approve", "by": "@second:localhost"});
     approver
         .call("approvals.resolve", approve)
@@ -437,7 +338,7 @@ async fn an_approved_request_runs_on_the_node_and_answers_the_requester() {
         out.get("result").is_none() && out["error"]["code"].is_string(),
         "{out}"
     );
-    assert_eq!(next_event(&mut approver, "approval.resolved").await, out);
+    assert_eq!(next(&mut approver, "approval.resolved").await, out);
 
     // Unknown ids, bad params, an approver without an account.
     let unknown = json!({"id": "zzzzzzzz", "decision": "deny", "by": "@owner:localhost"});
@@ -507,7 +408,7 @@ async fn an_approved_request_runs_on_the_node_and_answers_the_requester() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn denied_timed_out_and_orphaned_requests() {
     let state = TempDir::new("approvals-state-deny");
-    let rig = start(&state.0).await;
+    let rig = start(state.path()).await;
     let node = fake_node(&rig.url, "deny-box").await;
     let mut approver = rig.approver("ops").await;
     let params = |timeout_s: Option<u64>| {
@@ -520,7 +421,7 @@ async fn denied_timed_out_and_orphaned_requests() {
 
     // Denied by an approver: the requester learns who, and nothing runs.
     let requester = request(&rig.url, params(None)).await;
-    let id = next_event(&mut approver, "approval.requested").await["id"].clone();
+    let id = next(&mut approver, "approval.requested").await["id"].clone();
     let deny = json!({"id": id, "decision": "deny", "by": "@second:localhost"});
     let decided = approver
         .call("approvals.resolve", deny)
@@ -532,12 +433,12 @@ async fn denied_timed_out_and_orphaned_requests() {
         out,
         json!({"id": id, "decision": "denied", "by": "@second:localhost"})
     );
-    assert_eq!(next_event(&mut approver, "approval.resolved").await, out);
+    assert_eq!(next(&mut approver, "approval.resolved").await, out);
 
     // No decision within timeout_s: denied by "timeout".
     let asked = Instant::now();
     let requester = request(&rig.url, params(Some(1))).await;
-    let id = next_event(&mut approver, "approval.requested").await["id"].clone();
+    let id = next(&mut approver, "approval.requested").await["id"].clone();
     let out = answer(requester, STEP).await.expect("answered");
     let waited = asked.elapsed();
     assert_eq!(
@@ -554,12 +455,12 @@ async fn denied_timed_out_and_orphaned_requests() {
         "already_resolved"
     );
 
-    assert_eq!(next_event(&mut approver, "approval.resolved").await, out);
+    assert_eq!(next(&mut approver, "approval.resolved").await, out);
 
     // The requester goes away (its connection dropped with the task); the approval is
     // still decided, run and announced.
     let gone = request(&rig.url, params(None)).await;
-    let id = next_event(&mut approver, "approval.requested").await["id"].clone();
+    let id = next(&mut approver, "approval.requested").await["id"].clone();
     gone.abort();
     assert!(
         gone.await.is_err_and(|e| e.is_cancelled()),
@@ -570,7 +471,7 @@ async fn denied_timed_out_and_orphaned_requests() {
         .call("approvals.resolve", approve)
         .await
         .expect("approve");
-    let resolved = next_event(&mut approver, "approval.resolved").await;
+    let resolved = next(&mut approver, "approval.resolved").await;
     assert_eq!(resolved["id"], id);
     assert_eq!(resolved["result"]["ran"]["command"], "disk", "{resolved}");
     assert_eq!(resolved["result"]["granted"], true, "{resolved}");
@@ -590,17 +491,17 @@ async fn denied_timed_out_and_orphaned_requests() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pending_approval_survives_a_restart_and_is_still_resolvable() {
     let state = TempDir::new("approvals-state-restart");
-    let rig = start(&state.0).await;
+    let rig = start(state.path()).await;
     let node = fake_node(&rig.url, "restart-box").await;
     let mut approver = rig.approver("ops").await;
     let params = json!({"node": "restart-box", "command": "disk", "args": ["-h"], "reason": "r"});
     let survivor_requester = request(&rig.url, params.clone()).await;
-    let survivor = next_event(&mut approver, "approval.requested").await["id"]
+    let survivor = next(&mut approver, "approval.requested").await["id"]
         .as_str()
         .expect("id")
         .to_string();
     let doomed_requester = request(&rig.url, params).await;
-    let doomed = next_event(&mut approver, "approval.requested").await["id"]
+    let doomed = next(&mut approver, "approval.requested").await["id"]
         .as_str()
         .expect("id")
         .to_string();
@@ -614,13 +515,13 @@ async fn a_pending_approval_survives_a_restart_and_is_still_resolvable() {
     node.abort();
 
     // While warden is down, `doomed` expires: its stored expiry moves into the past.
-    let file = state.0.join("approvals").join(format!("{doomed}.json"));
+    let file = state.join("approvals").join(format!("{doomed}.json"));
     let mut stored: Value =
         serde_json::from_slice(&std::fs::read(&file).expect("stored")).expect("json");
     stored["expires_at_ms"] = json!(1);
     std::fs::write(&file, serde_json::to_vec(&stored).expect("json")).expect("rewrite");
 
-    let rig = start(&state.0).await;
+    let rig = start(state.path()).await;
     let mut op = operator(&rig.url).await;
     let listed = op.call("approvals.list", json!({})).await.expect("list");
     let find = |id: &str| {
@@ -653,7 +554,7 @@ async fn a_pending_approval_survives_a_restart_and_is_still_resolvable() {
         .await
         .expect("resolve");
     assert_eq!(decided["decision"], "approved");
-    let resolved = next_event(&mut approver, "approval.resolved").await;
+    let resolved = next(&mut approver, "approval.resolved").await;
     assert_eq!(
         (
             &resolved["id"],
@@ -676,13 +577,13 @@ async fn a_pending_approval_survives_a_restart_and_is_still_resolvable() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn limits_refuse_oversized_requests_pages_list_and_skip_oversized_files() {
     // A stored file over 1 MiB, there before the start: skipped with a WARN, left in place.
-    let state = TempDir::new("approvals-state-limits");
-    let dir = state.0.join("approvals");
+    let scenario = Scenario::new("approvals-limits", TOKEN);
+    let dir = scenario.state().join("approvals");
     std::fs::create_dir_all(&dir).expect("approvals dir");
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).expect("mode");
     let big = dir.join("bigfile1.json");
     std::fs::write(&big, vec![b' '; 1024 * 1024 + 1]).expect("big file");
-    let rig = start_process("approvals-limits", &state.0).await;
+    let rig = scenario.start().await;
     let warned = rig
         .warden
         .wait_for_log(
@@ -695,12 +596,12 @@ async fn limits_refuse_oversized_requests_pages_list_and_skip_oversized_files() 
     assert_eq!(warned["bytes"], 1024 * 1024 + 1, "{warned}");
     assert!(big.exists());
 
-    let node = fake_node(&rig.url, "limits-box").await;
+    let node = fake_node(&rig.gateway, "limits-box").await;
     // Operators may watch approvals too.
-    let mut approver = operator(&rig.url).await;
+    let mut approver = operator(&rig.gateway).await;
     let events = json!({ "events": ["approval.requested"] });
     approver.call("subscribe", events).await.expect("subscribe");
-    let mut op = operator(&rig.url).await;
+    let mut op = operator(&rig.gateway).await;
 
     // Over a size limit: `too_large`, naming the field and the limit; nothing is stored.
     let reason = json!({"node": "limits-box", "command": "disk", "reason": "r".repeat(5 * 1024)});
@@ -727,8 +628,8 @@ async fn limits_refuse_oversized_requests_pages_list_and_skip_oversized_files() 
     let mut requested = std::collections::HashSet::new();
     for i in 0..120 {
         let params = json!({"node": "limits-box", "command": "disk", "reason": format!("r{i}")});
-        requesters.push(request(&rig.url, params).await);
-        let id = next_event(&mut approver, "approval.requested").await["id"]
+        requesters.push(request(&rig.gateway, params).await);
+        let id = next(&mut approver, "approval.requested").await["id"]
             .as_str()
             .expect("id")
             .to_string();
@@ -791,12 +692,7 @@ async fn limits_refuse_oversized_requests_pages_list_and_skip_oversized_files() 
     }
 
     // The gateway's metrics carry their descriptions.
-    let metrics = reqwest::get(format!("{}/metrics", rig.admin))
-        .await
-        .expect("GET /metrics")
-        .text()
-        .await
-        .expect("metrics text");
+    let metrics = rig.metrics().await;
     assert!(
         metrics.contains("# HELP warden_approvals_pending Approvals waiting for a decision."),
         "{metrics}"
@@ -809,10 +705,4 @@ async fn limits_refuse_oversized_requests_pages_list_and_skip_oversized_files() 
         requester.abort();
     }
     node.abort();
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }

@@ -5,15 +5,12 @@
 //! Waits are conditions with deadlines; the only fixed offset is the scenario's own "start
 //! the gateway ~400 ms after the call".
 
-use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::process::{Child, Command};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 use tokio_tungstenite::WebSocketStream;
@@ -22,131 +19,14 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use warden_actors::gateway::protocol::{Frame, close, code, try_again_reason};
 
-const BIN: &str = env!("CARGO_BIN_EXE_warden");
+use crate::support::{Launch, TempDir, Warden, free_port};
 
-/// A scratch directory removed on drop (so no `config/warden.toml` is picked up).
-struct TempDir(std::path::PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("warden-call-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        Self(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A running `warden` process whose stdout and stderr lines are collected.
-struct Proc {
-    child: Child,
-    stdout: Arc<Mutex<Vec<String>>>,
-    stderr: Arc<Mutex<Vec<String>>>,
-    readers: Vec<JoinHandle<()>>,
-    _dir: Arc<TempDir>,
-}
-
-fn collect(
-    pipe: impl AsyncRead + Unpin + Send + 'static,
-) -> (Arc<Mutex<Vec<String>>>, JoinHandle<()>) {
-    let lines = Arc::new(Mutex::new(Vec::new()));
-    let sink = lines.clone();
-    let task = tokio::spawn(async move {
-        let mut reader = BufReader::new(pipe).lines();
-        while let Ok(Some(line)) = reader.next_line().await {
-            sink.lock().expect("lines").push(line);
-        }
-    });
-    (lines, task)
-}
-
-impl Proc {
-    /// Starts `warden ARGS` in a fresh directory with no inherited `WARDEN_*` variables.
-    fn start(name: &str, args: &[&str]) -> Self {
-        Self::start_in(Arc::new(TempDir::new(name)), args, &[])
-    }
-
-    /// Starts `warden ARGS` in `dir` with `envs` and no inherited `WARDEN_*` variables.
-    fn start_in(dir: Arc<TempDir>, args: &[&str], envs: &[(&str, &str)]) -> Self {
-        let mut cmd = Command::new(BIN);
-        cmd.args(args).current_dir(&dir.0).kill_on_drop(true);
-        for (key, _) in std::env::vars() {
-            if key.starts_with("WARDEN_") || key == "RUST_LOG" {
-                cmd.env_remove(key);
-            }
-        }
-        cmd.envs(envs.iter().copied());
-        let mut child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn warden");
-        let (stdout, out_task) = collect(child.stdout.take().expect("stdout"));
-        let (stderr, err_task) = collect(child.stderr.take().expect("stderr"));
-        Self {
-            child,
-            stdout,
-            stderr,
-            readers: vec![out_task, err_task],
-            _dir: dir,
-        }
-    }
-
-    /// `warden call METHOD --gateway URL EXTRA…`
-    fn call(name: &str, method: &str, url: &str, extra: &[&str]) -> Self {
-        let mut args = vec!["call", method, "--gateway", url];
-        args.extend_from_slice(extra);
-        Self::start(name, &args)
-    }
-
-    fn stderr(&self) -> Vec<String> {
-        self.stderr.lock().expect("lines").clone()
-    }
-
-    /// Waits for a stderr line containing `needle`.
-    async fn wait_for_stderr(&self, needle: &str, within: Duration) {
-        let deadline = Instant::now() + within;
-        while !self.stderr().iter().any(|l| l.contains(needle)) {
-            assert!(
-                Instant::now() < deadline,
-                "no stderr line with {needle:?} within {within:?}:\n{}",
-                self.stderr().join("\n")
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    }
-
-    /// Waits for the exit; returns (code, stdout, stderr lines).
-    async fn finish(mut self, within: Duration) -> (i32, String, Vec<String>) {
-        let status = match tokio::time::timeout(within, self.child.wait()).await {
-            Ok(status) => status.expect("wait"),
-            Err(_) => panic!(
-                "still running after {within:?}; stderr:\n{}",
-                self.stderr().join("\n")
-            ),
-        };
-        for reader in self.readers.drain(..) {
-            reader.await.expect("reader");
-        }
-        let stdout = self.stdout.lock().expect("lines").join("\n");
-        (
-            status.code().expect("exited, not signalled"),
-            stdout,
-            self.stderr(),
-        )
-    }
-}
-
-/// A port nothing listens on (bound once, then released).
-fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    listener.local_addr().expect("addr").port()
+/// `warden call METHOD --gateway URL EXTRA…` in a fresh directory (so no
+/// `config/warden.toml` is picked up).
+fn call(name: &str, method: &str, url: &str, extra: &[&str]) -> Warden {
+    let mut args = vec!["call", method, "--gateway", url];
+    args.extend_from_slice(extra);
+    Launch::new(name, &args).spawn()
 }
 
 /// What the fake gateway does with one connection.
@@ -305,7 +185,7 @@ fn gap(accepted: &[Instant], i: usize) -> Duration {
 async fn call_retries_through_refusal_1013_and_1012_then_prints_the_answer() {
     let port = free_port();
     let url = format!("ws://127.0.0.1:{port}/ws");
-    let call = Proc::call("retries", "health", &url, &["--token", "t"]);
+    let call = call("retries", "health", &url, &["--token", "t"]);
     // The first attempt finds nobody listening; then the gateway "starts".
     call.wait_for_stderr(
         "attempt 1 of 5 failed: connection refused",
@@ -367,7 +247,7 @@ async fn call_gives_up_after_five_attempts_naming_the_cause_and_url() {
     let port = free_port();
     let url = format!("ws://127.0.0.1:{port}/ws");
     let started = Instant::now();
-    let (code, stdout, stderr) = Proc::call("unreachable", "status", &url, &[])
+    let (code, stdout, stderr) = call("unreachable", "status", &url, &[])
         .finish(Duration::from_secs(15))
         .await;
     assert_eq!(code, 1);
@@ -398,7 +278,7 @@ async fn a_delivered_nodes_invoke_is_never_sent_again() {
     let url = format!("ws://127.0.0.1:{port}/ws");
     let fake = FakeGateway::start(port, vec![Play::DropAfterRequest, Play::Answer]).await;
     let params = r#"{"node":"build-box","command":"uptime"}"#;
-    let (code, stdout, stderr) = Proc::call("invoke", "nodes.invoke", &url, &["--params", params])
+    let (code, stdout, stderr) = call("invoke", "nodes.invoke", &url, &["--params", params])
         .finish(Duration::from_secs(15))
         .await;
     assert_eq!(code, 1, "stdout: {stdout}");
@@ -423,7 +303,7 @@ async fn a_read_only_call_is_retried_after_a_lost_connection() {
     let port = free_port();
     let url = format!("ws://127.0.0.1:{port}/ws");
     let fake = FakeGateway::start(port, vec![Play::DropAfterRequest, Play::Answer]).await;
-    let (code, stdout, stderr) = Proc::call("read-only", "nodes.list", &url, &[])
+    let (code, stdout, stderr) = call("read-only", "nodes.list", &url, &[])
         .finish(Duration::from_secs(15))
         .await;
     assert_eq!(code, 0, "{stderr:#?}");
@@ -440,7 +320,7 @@ async fn a_wrong_token_fails_at_once() {
     let port = free_port();
     let url = format!("ws://127.0.0.1:{port}/ws");
     let fake = FakeGateway::start(port, vec![Play::Unauthorized]).await;
-    let (code, _, stderr) = Proc::call("token", "health", &url, &["--token", "nope"])
+    let (code, _, stderr) = call("token", "health", &url, &["--token", "nope"])
         .finish(Duration::from_secs(15))
         .await;
     assert_eq!(code, 1);
@@ -457,7 +337,7 @@ async fn a_wrong_token_fails_at_once() {
 async fn params_that_are_not_a_json_object_exit_64() {
     let url = format!("ws://127.0.0.1:{}/ws", free_port());
     for params in ["[1,2]", "{not json"] {
-        let (code, _, stderr) = Proc::call("params", "nodes.invoke", &url, &["--params", params])
+        let (code, _, stderr) = call("params", "nodes.invoke", &url, &["--params", params])
             .finish(Duration::from_secs(10))
             .await;
         assert_eq!(code, 64, "{stderr:#?}");
@@ -473,7 +353,7 @@ async fn a_call_made_while_the_gateway_is_down_succeeds_once_it_is_up() {
     let port = free_port();
     let url = format!("ws://127.0.0.1:{port}/ws");
     let started = Instant::now();
-    let call = Proc::call("race", "health", &url, &["--token", "race-token"]);
+    let call = call("race", "health", &url, &["--token", "race-token"]);
     call.wait_for_stderr(
         "attempt 1 of 5 failed: connection refused",
         Duration::from_secs(10),
@@ -482,19 +362,10 @@ async fn a_call_made_while_the_gateway_is_down_succeeds_once_it_is_up() {
     // The scenario's offset: the gateway comes up ~400 ms after the call started.
     tokio::time::sleep_until(started + Duration::from_millis(400)).await;
     let bind = format!("127.0.0.1:{port}");
-    let run = Proc::start_in(
-        Arc::new(TempDir::new("race-run")),
-        &[
-            "run",
-            "--gateway-bind",
-            &bind,
-            "--admin-bind",
-            "127.0.0.1:0",
-            "--log-format",
-            "json",
-        ],
-        &[("WARDEN_GATEWAY__TOKEN", "race-token")],
-    );
+    let run = Launch::run("race-run")
+        .gateway_bind(&bind)
+        .env("WARDEN_GATEWAY__TOKEN", "race-token")
+        .spawn();
 
     let (code, stdout, stderr) = call.finish(Duration::from_secs(15)).await;
     assert_eq!(
@@ -523,8 +394,8 @@ async fn the_tokenless_default_refuses_strangers_and_warden_call_finds_the_token
     let url = format!("ws://127.0.0.1:{port}/ws");
     let bind = format!("127.0.0.1:{port}");
     let dir = Arc::new(TempDir::new("tokenless"));
-    let run = Proc::start_in(
-        dir.clone(),
+    let run = Launch::in_dir(
+        &dir,
         &[
             "run",
             "--gateway-bind",
@@ -532,11 +403,11 @@ async fn the_tokenless_default_refuses_strangers_and_warden_call_finds_the_token
             "--admin-bind",
             "127.0.0.1:0",
         ],
-        &[],
-    );
+    )
+    .spawn();
     run.wait_for_stderr("generated an operator token", Duration::from_secs(10))
         .await;
-    let file = dir.0.join(".warden/gateway.token");
+    let file = dir.join(".warden/gateway.token");
     let token = std::fs::read_to_string(&file).expect("token file");
     let token = token.trim();
     assert_eq!(token.len(), 64, "{token:?}");
@@ -546,7 +417,7 @@ async fn the_tokenless_default_refuses_strangers_and_warden_call_finds_the_token
 
     // A stranger: no token, or a wrong one.
     for extra in [&[][..], &["--token", "guess"][..]] {
-        let (code, _, stderr) = Proc::call("stranger", "health", &url, extra)
+        let (code, _, stderr) = call("stranger", "health", &url, extra)
             .finish(Duration::from_secs(15))
             .await;
         assert_eq!(code, 1, "{stderr:#?}");
@@ -556,7 +427,7 @@ async fn the_tokenless_default_refuses_strangers_and_warden_call_finds_the_token
         );
     }
     // `warden call` in the same directory reads the generated token.
-    let same_dir = Proc::start_in(dir.clone(), &["call", "health", "--gateway", &url], &[]);
+    let same_dir = Launch::in_dir(&dir, &["call", "health", "--gateway", &url]).spawn();
     let (code, stdout, stderr) = same_dir.finish(Duration::from_secs(15)).await;
     assert_eq!(code, 0, "{stderr:#?}");
     assert!(stdout.contains("\"ok\""), "{stdout}");

@@ -18,6 +18,8 @@ use warden::config::{
 };
 use warden_actors::supervision::{Action, PoolSettings};
 
+use crate::support::Launch;
+
 type JailResult<T> = Result<T, figment::Error>;
 
 /// Loads with `sources`, turning a config error into a Jail failure.
@@ -509,17 +511,17 @@ fn layers_that_only_agree_together_are_valid() {
 /// Runs `warden config check` as a real process in a fresh directory holding `file` as
 /// `warden.toml` (when given), with `envs`; returns (exit code, stdout, stderr).
 fn config_check(name: &str, file: Option<&str>, envs: &[(&str, &str)]) -> (i32, String, String) {
-    let dir = crate::process::TempDir::new(name);
-    let mut args = vec!["config", "check"];
+    let mut launch = Launch::new(name, &["config", "check"]).envs(envs);
     if let Some(text) = file {
-        std::fs::write(dir.0.join("warden.toml"), text).expect("write config");
-        args = vec!["--config", "warden.toml", "config", "check"];
+        launch = launch.config(text);
     }
-    let out = crate::process::command(&dir, &args, envs)
+    let out = launch
+        .command()
         .as_std_mut()
         .output()
         .expect("run warden config check");
-    let text = |b: &[u8]| String::from_utf8_lossy(b).replace(&dir.0.display().to_string(), "DIR");
+    let dir = launch.dir().display().to_string();
+    let text = |b: &[u8]| String::from_utf8_lossy(b).replace(&dir, "DIR");
     (
         out.status.code().expect("exited, not signalled"),
         text(&out.stdout),

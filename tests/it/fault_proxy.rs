@@ -7,6 +7,10 @@
 //! the registries this project can reach, so it is written here. It also records the
 //! request line of every HTTP request it forwards, so a test can count e.g. `whoami` calls,
 //! and when each was in flight, so a test can bound how many `login`s ran at once.
+//!
+//! Commands are acknowledged: [`FaultProxy::set_mode`] returns once the proxy's task has
+//! applied the mode (the listener closed or bound again), and [`FaultProxy::reset_all`]
+//! once every connection it reset is gone, so a test never sleeps to let them take effect.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -15,9 +19,10 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{broadcast, watch};
-use tokio::task::JoinHandle;
-use tokio::time::Instant;
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::task::{JoinHandle, JoinSet};
+
+use crate::support::eventually;
 
 /// What the proxy does with connections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,10 +38,24 @@ pub enum Mode {
 /// A running proxy; stops when dropped.
 pub struct FaultProxy {
     addr: SocketAddr,
-    mode: watch::Sender<Mode>,
+    /// The mode last set: whether the task has a listener.
+    mode: Mutex<Mode>,
+    /// Commands to the proxy's task, each acknowledged once done.
+    commands: mpsc::Sender<Command>,
     reset: broadcast::Sender<()>,
     shared: Arc<Shared>,
+    /// The accept loop, which owns the connections' tasks; aborted on drop.
     task: JoinHandle<()>,
+}
+
+/// What the proxy's task is asked to do.
+enum Command {
+    /// Switch to a mode, listening again on the listener given (bound by the caller, when
+    /// the task has none); acknowledged once new connections meet the mode.
+    Mode(Mode, Option<TcpListener>, oneshot::Sender<()>),
+    /// Reset every open connection; acknowledged, with how many there were, once they
+    /// are gone.
+    Reset(oneshot::Sender<usize>),
 }
 
 #[derive(Default)]
@@ -101,20 +120,20 @@ impl FaultProxy {
     pub async fn start(upstream: SocketAddr) -> std::io::Result<FaultProxy> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
-        let (mode, mode_rx) = watch::channel(Mode::Forward);
+        let (commands, commands_rx) = mpsc::channel(4);
         let (reset, _) = broadcast::channel(16);
         let shared = Arc::new(Shared::default());
         let task = tokio::spawn(accept_loop(
             listener,
-            addr,
             upstream,
-            mode_rx,
+            commands_rx,
             reset.clone(),
             shared.clone(),
         ));
         Ok(FaultProxy {
             addr,
-            mode,
+            mode: Mutex::new(Mode::Forward),
+            commands,
             reset,
             shared,
             task,
@@ -126,21 +145,41 @@ impl FaultProxy {
         self.addr
     }
 
-    /// Switches what happens to new connections.
-    pub fn set_mode(&self, mode: Mode) {
-        self.mode.send_replace(mode);
+    /// `http://` and where clients connect: the homeserver URL of a proxied Synapse.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Switches what happens to new connections; returns once every connection accepted
+    /// from now on meets `mode` (for [`Mode::Refuse`], once the listener is closed).
+    pub async fn set_mode(&self, mode: Mode) {
+        let previous = std::mem::replace(&mut *self.mode.lock().expect("mode"), mode);
+        let listener = if previous == Mode::Refuse && mode != Mode::Refuse {
+            // The port may be busy for a moment after the listener closed.
+            let what = format!("{} free to listen on again", self.addr);
+            let bind = async || TcpListener::bind(self.addr).await;
+            Some(eventually(Duration::from_secs(5), what, bind).await)
+        } else {
+            None
+        };
+        let (done, applied) = oneshot::channel();
+        self.command(Command::Mode(mode, listener, done)).await;
+        applied.await.expect("the proxy applies the mode");
     }
 
     /// Resets every open connection (both sides see a reset); returns how many there were,
-    /// once they are gone.
+    /// once they are gone. Connections made meanwhile are not reset.
     pub async fn reset_all(&self) -> usize {
-        let open = self.shared.active.load(Ordering::SeqCst);
-        let _ = self.reset.send(());
-        let deadline = Instant::now() + Duration::from_secs(2);
-        while self.shared.active.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        open
+        let (done, gone) = oneshot::channel();
+        self.command(Command::Reset(done)).await;
+        gone.await.expect("the proxy resets its connections")
+    }
+
+    async fn command(&self, command: Command) {
+        self.commands
+            .send(command)
+            .await
+            .unwrap_or_else(|_| panic!("the proxy's task has ended"));
     }
 
     /// Connections accepted so far.
@@ -213,30 +252,19 @@ impl Drop for FaultProxy {
     }
 }
 
+/// Accepts connections as the mode says and forwards each in a task of its own, until the
+/// proxy is dropped; carries out the commands in between.
 async fn accept_loop(
     listener: TcpListener,
-    addr: SocketAddr,
     upstream: SocketAddr,
-    mut mode: watch::Receiver<Mode>,
+    mut commands: mpsc::Receiver<Command>,
     reset: broadcast::Sender<()>,
     shared: Arc<Shared>,
 ) {
     let mut listener = Some(listener);
-    let mut connections = tokio::task::JoinSet::new();
+    let mut mode = Mode::Forward;
+    let mut connections = JoinSet::new();
     loop {
-        let current = *mode.borrow_and_update();
-        match (current, &listener) {
-            (Mode::Refuse, Some(_)) => listener = None,
-            (Mode::Forward | Mode::Stall, None) => match TcpListener::bind(addr).await {
-                Ok(l) => listener = Some(l),
-                Err(_) => {
-                    // The port is briefly busy after a close; try again.
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    continue;
-                }
-            },
-            _ => {}
-        }
         let accepted = async {
             match &listener {
                 Some(l) => l.accept().await.ok(),
@@ -244,14 +272,32 @@ async fn accept_loop(
             }
         };
         tokio::select! {
-            changed = mode.changed() => if changed.is_err() { return },
+            command = commands.recv() => match command {
+                Some(Command::Mode(next, bound, done)) => {
+                    mode = next;
+                    if mode == Mode::Refuse {
+                        listener = None;
+                    } else if bound.is_some() {
+                        listener = bound;
+                    }
+                    let _ = done.send(());
+                }
+                Some(Command::Reset(done)) => {
+                    let open = shared.active.load(Ordering::SeqCst);
+                    let _ = reset.send(());
+                    // Each connection ends at the reset: wait for all of them.
+                    while connections.join_next().await.is_some() {}
+                    let _ = done.send(open);
+                }
+                None => return,
+            },
             accepted = accepted => {
                 let Some((client, _)) = accepted else { continue };
                 let id = shared.accepted.fetch_add(1, Ordering::SeqCst);
                 shared.active.fetch_add(1, Ordering::SeqCst);
                 let (shared, reset) = (shared.clone(), reset.subscribe());
+                let stall = mode == Mode::Stall;
                 connections.spawn(async move {
-                    let stall = current == Mode::Stall;
                     connection(client, upstream, stall, reset, id, &shared).await;
                     shared.flights.lock().expect("flights").closed(id);
                     shared.active.fetch_sub(1, Ordering::SeqCst);
@@ -343,6 +389,8 @@ fn record_requests(chunk: &[u8], id: usize, shared: &Shared) {
 
 #[cfg(test)]
 mod tests {
+    use tokio::sync::watch;
+
     use super::*;
 
     /// An echo server that answers each line, counting its connections.
@@ -391,29 +439,19 @@ mod tests {
         assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
 
         // Refuse: connects fail with ECONNREFUSED until forwarding resumes.
-        proxy.set_mode(Mode::Refuse);
-        let deadline = Instant::now() + Duration::from_secs(2);
-        loop {
-            match TcpStream::connect(proxy.addr()).await {
-                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => break,
-                _ => assert!(Instant::now() < deadline, "still accepting"),
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        proxy.set_mode(Mode::Forward);
-        let deadline = Instant::now() + Duration::from_secs(2);
-        let mut b = loop {
-            if let Ok(s) = TcpStream::connect(proxy.addr()).await {
-                break s;
-            }
-            assert!(Instant::now() < deadline, "never accepting again");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        };
+        proxy.set_mode(Mode::Refuse).await;
+        let refused = TcpStream::connect(proxy.addr())
+            .await
+            .expect_err("still accepting");
+        assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
+        proxy.set_mode(Mode::Forward).await;
+        let mut b = TcpStream::connect(proxy.addr())
+            .await
+            .expect("accepting again");
         assert_eq!(round_trip(&mut b, b"ping").await.expect("echo"), b"ping");
 
         // Stall: accepted, but nothing comes back.
-        proxy.set_mode(Mode::Stall);
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        proxy.set_mode(Mode::Stall).await;
         let mut c = TcpStream::connect(proxy.addr()).await.expect("accepted");
         let stalled =
             tokio::time::timeout(Duration::from_millis(300), round_trip(&mut c, b"ping")).await;
@@ -441,14 +479,7 @@ mod tests {
         addr
     }
 
-    /// Polls `f` until it holds, for at most 5 s.
-    async fn eventually(what: &str, f: impl Fn() -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while !f() {
-            assert!(Instant::now() < deadline, "never: {what}");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    }
+    const WITHIN: Duration = Duration::from_secs(5);
 
     #[tokio::test]
     async fn counts_requests_in_flight() {
@@ -477,7 +508,10 @@ mod tests {
 
         // Three at once, held by the server: three in flight until they are answered.
         let slow: Vec<_> = (0..3).map(|_| tokio::spawn(get("/slow"))).collect();
-        eventually("3 /slow in flight", || proxy.in_flight("/slow") == 3).await;
+        eventually(WITHIN, "3 /slow in flight", async || {
+            proxy.in_flight("/slow") == 3
+        })
+        .await;
         // Another path in between counts apart.
         assert_eq!(get("/fast").await.expect("fast"), "fast");
         assert_eq!(proxy.in_flight("/fast"), 0);
@@ -504,7 +538,10 @@ mod tests {
         // A request whose connection is reset is no longer in flight.
         release.send_replace(false);
         let held = tokio::spawn(get("/slow"));
-        eventually("1 /slow in flight", || proxy.in_flight("/slow") == 1).await;
+        eventually(WITHIN, "1 /slow in flight", async || {
+            proxy.in_flight("/slow") == 1
+        })
+        .await;
         proxy.reset_all().await;
         assert_eq!(proxy.in_flight("/slow"), 0);
         assert!(held.await.expect("join").is_err(), "a reset request failed");

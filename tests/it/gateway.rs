@@ -13,7 +13,6 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -22,9 +21,11 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use warden_actors::gateway::client::{ConnectError, ConnectOptions, GatewayClient};
-use warden_actors::gateway::protocol::{ClientInfo, Role, close, parse_retry_after};
+use warden_actors::gateway::protocol::{Role, close, parse_retry_after};
 use warden_actors::gateway::{self, GatewaySettings, GatewayState};
-use warden_actors::supervision::{Jitter, Policy, Tree, TreeOptions};
+use warden_actors::supervision::Tree;
+
+use crate::support::{client_info, eventually, gateway_tree};
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
@@ -44,19 +45,10 @@ impl Gateway {
     /// Starts the subtree; hands it its tree handle unless `starting` is wanted.
     async fn start(settings: GatewaySettings, set_tree: bool) -> Self {
         let state = GatewayState::new(settings);
-        let bound = Arc::new(watch::Sender::new(None));
-        let spec = gateway::spec(&state, Policy::default(), bound.clone());
-        let options = TreeOptions {
-            jitter: Jitter::fixed(0.0),
-            ..TreeOptions::default()
-        };
-        let tree = Tree::start(vec![spec], options).await.expect("tree");
+        let (tree, addr) = gateway_tree(&state).await;
         if set_tree {
             assert!(state.set_tree(tree.handle()).is_ok());
         }
-        let addr = bound
-            .borrow()
-            .expect("the listener is bound once the tree has started");
         Self { tree, state, addr }
     }
 
@@ -231,15 +223,6 @@ fn error_code(res: &Value) -> &str {
     res["error"]["code"].as_str().expect("error code")
 }
 
-/// Polls `check` until it holds, or fails at the deadline.
-async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + DEADLINE;
-    while !check() {
-        assert!(Instant::now() < deadline, "not within {DEADLINE:?}: {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 #[tokio::test]
 async fn handshake_for_each_role() {
     let gw = Gateway::default().await;
@@ -347,7 +330,10 @@ async fn slow_handshake_is_closed_with_4408_at_the_timeout() {
     );
     assert!(waited >= Duration::from_millis(300), "{waited:?}");
     assert!(waited < Duration::from_secs(3), "{waited:?}");
-    eventually("the pre-auth slot is released", || gw.state.counts().3 == 0).await;
+    eventually(DEADLINE, "the pre-auth slot is released", async || {
+        gw.state.counts().3 == 0
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -382,7 +368,7 @@ async fn handshake_storm_from_one_ip_gets_503_beyond_the_limit() {
     assert_eq!(status["payload"]["sessions"]["handshaking"], 32);
     // Slots come back when the sockets go.
     drop(open);
-    eventually("every pre-auth slot is released", || {
+    eventually(DEADLINE, "every pre-auth slot is released", async || {
         gw.state.counts().3 == 0
     })
     .await;
@@ -467,7 +453,10 @@ async fn before_the_tree_is_set_sockets_get_1013_with_retry_after() {
         parse_retry_after(&reason).is_some_and(|ms| ms > 0),
         "{reason}"
     );
-    eventually("the pre-auth slot is released", || gw.state.counts().3 == 0).await;
+    eventually(DEADLINE, "the pre-auth slot is released", async || {
+        gw.state.counts().3 == 0
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -477,9 +466,11 @@ async fn a_socket_that_arrives_just_before_the_tree_is_set_waits_for_it() {
         .await
         .expect("upgrade");
     // Set while the socket waits (the wait is STARTING_WAIT, 2 s): it gets a session.
-    eventually("the socket waits, holding a pre-auth slot", || {
-        gw.state.counts().3 == 1
-    })
+    eventually(
+        DEADLINE,
+        "the socket waits, holding a pre-auth slot",
+        async || gw.state.counts().3 == 1,
+    )
     .await;
     assert!(gw.state.set_tree(gw.tree.handle()).is_ok());
     let challenge = next_event(&mut ws).await;
@@ -530,7 +521,7 @@ async fn an_announced_final_stop_closes_every_socket_with_1001_at_once() {
         json!({ "restart": false, "expected_back_ms": 0 })
     );
     assert_eq!(closed(&mut handshaking).await.0.0, close::GOING_AWAY);
-    eventually("the sessions are gone", || {
+    eventually(DEADLINE, "the sessions are gone", async || {
         gw.state.counts() == (0, 0, 0, 0)
     })
     .await;
@@ -551,7 +542,10 @@ async fn a_silent_client_is_closed_with_4000_after_two_ticks() {
     let mut ws = gw.operator().await;
     // Not reading means not answering pings: the client sends nothing.
     let t0 = Instant::now();
-    eventually("the silent session ends", || gw.state.counts().0 == 0).await;
+    eventually(DEADLINE, "the silent session ends", async || {
+        gw.state.counts().0 == 0
+    })
+    .await;
     assert!(
         t0.elapsed() >= Duration::from_millis(400),
         "{:?}",
@@ -715,7 +709,10 @@ async fn a_node_reconnecting_under_its_name_replaces_the_old_session() {
         (close::POLICY, "replaced by a new connection")
     );
     drop(old);
-    eventually("one node session is left", || gw.state.counts().1 == 1).await;
+    eventually(DEADLINE, "one node session is left", async || {
+        gw.state.counts().1 == 1
+    })
+    .await;
     let list = call(&mut op, "l", "nodes.list", json!({})).await;
     let entries = list["payload"].as_array().expect("list");
     assert_eq!(entries.len(), 1, "{list}");
@@ -803,7 +800,7 @@ async fn a_credential_admits_only_its_own_principal() {
             "{role} with {token} {extra}"
         );
     }
-    eventually("every refused socket is gone", || {
+    eventually(DEADLINE, "every refused socket is gone", async || {
         gw.state.counts() == (0, 0, 0, 0)
     })
     .await;
@@ -983,11 +980,7 @@ async fn session_caps_answer_named_errors() {
 // ---------------------------------------------------------------------------------------
 
 fn operator_options(token: &str) -> ConnectOptions {
-    let client = ClientInfo {
-        name: "it".into(),
-        version: "0".into(),
-    };
-    ConnectOptions::new(Role::Operator, token, client)
+    ConnectOptions::new(Role::Operator, token, client_info())
 }
 
 /// A raw WebSocket upgrade of `/ws` carrying `headers`.
@@ -1088,9 +1081,11 @@ async fn trickling_sockets_are_closed_at_the_header_read_timeout_while_a_client_
             (lasted, sent)
         });
     }
-    eventually("every trickling socket is connected", || {
-        connected.load(Ordering::SeqCst) == SOCKETS
-    })
+    eventually(
+        DEADLINE,
+        "every trickling socket is connected",
+        async || connected.load(Ordering::SeqCst) == SOCKETS,
+    )
     .await;
 
     // Meanwhile a real client connects and is served (its credential spares it the
@@ -1126,9 +1121,11 @@ async fn trickling_sockets_are_closed_at_the_header_read_timeout_while_a_client_
     );
     assert!(first >= timeout - Duration::from_millis(100), "{first:?}");
     assert!(last < timeout + Duration::from_millis(1500), "{last:?}");
-    eventually("the tricklers' pre-auth slots are released", || {
-        gw.state.counts().3 == 0
-    })
+    eventually(
+        DEADLINE,
+        "the tricklers' pre-auth slots are released",
+        async || gw.state.counts().3 == 0,
+    )
     .await;
     let health = client
         .call("health", json!({}))
@@ -1146,9 +1143,11 @@ async fn silent_sockets_do_not_lock_out_a_client_that_sends_its_credential() {
     for _ in 0..16 {
         bare.push(TcpStream::connect(gw.addr).await.expect("connect"));
     }
-    eventually("silent connections hold slots from accept", || {
-        gw.state.counts().3 == 16
-    })
+    eventually(
+        DEADLINE,
+        "silent connections hold slots from accept",
+        async || gw.state.counts().3 == 16,
+    )
     .await;
     let mut silent = Vec::new();
     for _ in 0..16 {
@@ -1191,9 +1190,11 @@ async fn silent_sockets_do_not_lock_out_a_client_that_sends_its_credential() {
 
     // The bare connections give their slots back when they close.
     drop(bare);
-    eventually("the bare connections' slots are released", || {
-        gw.state.counts().3 == 16
-    })
+    eventually(
+        DEADLINE,
+        "the bare connections' slots are released",
+        async || gw.state.counts().3 == 16,
+    )
     .await;
     drop(silent);
 }
@@ -1257,16 +1258,15 @@ async fn past_max_connections_a_new_connection_gets_503_with_retry_after() {
 
     // The WebSocket held its place until it closed; then a new connection is served.
     client.close().await;
-    let deadline = Instant::now() + DEADLINE;
-    loop {
+    eventually(DEADLINE, "a new connection is served", async || {
         let answer = raw_http(gw.addr, GET_HEALTH).await;
         if answer.starts_with("HTTP/1.1 200 ") {
-            break;
+            return Ok(());
         }
         assert!(answer.starts_with("HTTP/1.1 503 "), "{answer}");
-        assert!(Instant::now() < deadline, "still refused: {answer}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+        Err(format!("still refused: {answer}"))
+    })
+    .await;
 }
 
 /// Reads what the server sends until it closes the connection; a reset ends it too (a
@@ -1359,18 +1359,18 @@ async fn keep_alive_health_connections_from_one_address_cannot_lock_out_a_client
     );
 
     // With the attacker's sockets still open on its side, the operator gets in.
-    let deadline = Instant::now() + DEADLINE;
-    let mut client = loop {
+    let mut client = eventually(DEADLINE, "hello-ok", async || {
         match GatewayClient::connect(&gw.url(), operator_options(TOKEN)).await {
-            Ok((client, _)) => break client,
+            Ok((client, _)) => Ok(client),
             // The last closes may still be under way.
-            Err(e @ ConnectError::Busy { .. }) if Instant::now() < deadline => {
+            Err(e @ ConnectError::Busy { .. }) => {
                 eprintln!("retrying after {e}");
-                tokio::time::sleep(Duration::from_millis(10)).await;
+                Err(e)
             }
-            Err(e) => panic!("no hello-ok within {DEADLINE:?}: {e}"),
+            Err(e) => panic!("no hello-ok: {e}"),
         }
-    };
+    })
+    .await;
     let health = client.call("health", json!({})).await.expect("health");
     assert_eq!(health, json!({ "status": "ok" }));
     drop(attack);
@@ -1411,21 +1411,20 @@ async fn every_loopback_address_counts_as_one_for_unauthenticated_connections() 
 
     // One closes; another loopback address gets its place.
     drop(silent.pop());
-    let deadline = Instant::now() + DEADLINE;
-    loop {
+    eventually(DEADLINE, "127.0.0.3 is served", async || {
         let mut stream = connect_from([127, 0, 0, 3], gw.addr).await;
         let _ = stream.write_all(GET_HEALTH.as_bytes()).await;
         let answer = read_until_closed(&mut stream).await;
         if answer.starts_with("HTTP/1.1 200 ") {
-            break;
+            return Ok(());
         }
         assert!(
             answer.contains("too_many_connections_from_address"),
             "{answer}"
         );
-        assert!(Instant::now() < deadline, "still refused: {answer}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+        Err(format!("still refused: {answer}"))
+    })
+    .await;
 }
 
 /// A node gone for `node_forget_after_ms` is forgotten: `nodes.list` no longer shows it and
@@ -1440,19 +1439,22 @@ async fn a_node_gone_long_enough_is_forgotten() {
     let mut op = gw.operator().await;
     let node = gw.node("box", &["uptime"]).await;
     drop(node);
-    eventually("the node is disconnected", || gw.state.counts().1 == 0).await;
+    eventually(DEADLINE, "the node is disconnected", async || {
+        gw.state.counts().1 == 0
+    })
+    .await;
     let invoke = json!({ "node": "box", "command": "uptime" });
     let res = call(&mut op, "1", "nodes.invoke", invoke.clone()).await;
     assert_eq!(error_code(&res), "node_offline", "{res}");
-    let deadline = Instant::now() + DEADLINE;
-    loop {
+    eventually(DEADLINE, "the node is forgotten", async || {
         let list = call(&mut op, "l", "nodes.list", json!({})).await;
         if list["payload"] == json!([]) {
-            break;
+            Ok(())
+        } else {
+            Err(format!("still listed: {list}"))
         }
-        assert!(Instant::now() < deadline, "still listed: {list}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await;
     let res = call(&mut op, "2", "nodes.invoke", invoke).await;
     assert_eq!(error_code(&res), "unknown_node", "{res}");
 }
@@ -1474,7 +1476,10 @@ async fn an_unlisted_node_name_cannot_be_squatted_while_its_node_is_away() {
     let laptop = json!({ "node": { "name": "laptop", "commands": ["uptime"] } });
     let (node, _) = gw.hello_as("node", OPS, laptop.clone()).await;
     drop(node);
-    eventually("the node is away", || gw.state.counts().1 == 0).await;
+    eventually(DEADLINE, "the node is away", async || {
+        gw.state.counts().1 == 0
+    })
+    .await;
     assert_eq!(
         refused(&gw, "node", "eve-token", laptop.clone()).await,
         "unauthorized"

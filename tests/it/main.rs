@@ -9,5 +9,7 @@ mod gateway;
 mod matrix;
 mod node;
 mod process;
+mod support;
 mod synapse;
+mod tidy;
 mod tls;

@@ -4,251 +4,31 @@
 //! Each test registers its own users and rooms, so they run in parallel on one Synapse.
 //! Operators are real gateway clients subscribed to `chat.message`.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::{Value, json};
 use tokio::time::Instant;
-use warden_actors::gateway::client::{ConnectOptions, GatewayClient, Incoming};
-use warden_actors::gateway::protocol::{ClientInfo, Role};
+use warden_actors::gateway::client::GatewayClient;
 
 use crate::fault_proxy::{FaultProxy, Mode};
-use crate::process::{TempDir, Warden, poll_json};
+use crate::support::{
+    Account, Launch, Rig, Scenario, Warden, eventually, free_port, next_event, node_config,
+    poll_json,
+};
 use crate::synapse::{self, EncryptedPeer, Synapse, User};
 
 const TOKEN: &str = "matrix-test-token";
 
-/// One `[matrix.accounts.<alias>]` table.
-struct Account<'a> {
-    alias: &'a str,
-    homeserver: String,
-    user: &'a User,
-    auth: Auth,
-    extra: &'a str,
-}
-
-enum Auth {
-    Password,
-    WrongPassword,
-    /// Token and user ID, with the device when given.
-    Token {
-        token: String,
-        device_id: Option<String>,
-        user_id: bool,
-    },
-}
-
-impl<'a> Account<'a> {
-    /// A password account.
-    fn password(alias: &'a str, homeserver: String, user: &'a User, extra: &'a str) -> Self {
-        Account {
-            alias,
-            homeserver,
-            user,
-            auth: Auth::Password,
-            extra,
-        }
-    }
-
-    fn toml(&self) -> String {
-        let mut t = format!(
-            "[matrix.accounts.{}]\nhomeserver = \"{}\"\n",
-            self.alias, self.homeserver
-        );
-        match &self.auth {
-            Auth::Password => t.push_str(&format!(
-                "user_id = \"{}\"\npassword = \"{}\"\n",
-                self.user.user_id, self.user.password
-            )),
-            Auth::WrongPassword => t.push_str(&format!(
-                "user_id = \"{}\"\npassword = \"not-{}\"\n",
-                self.user.user_id, self.user.password
-            )),
-            Auth::Token {
-                token,
-                device_id,
-                user_id,
-            } => {
-                t.push_str(&format!("access_token = \"{token}\"\n"));
-                if *user_id {
-                    t.push_str(&format!("user_id = \"{}\"\n", self.user.user_id));
-                }
-                if let Some(device) = device_id {
-                    t.push_str(&format!("device_id = \"{device}\"\n"));
-                }
-            }
-        }
-        t + self.extra + "\n"
-    }
-}
-
-/// A running `warden run` with Matrix accounts.
-struct Rig {
-    warden: Warden,
-    admin: String,
-    gateway: String,
-}
-
-/// Starts warden with `accounts`, its state in `state` (which outlives the process).
-async fn start(name: &str, state: &Path, accounts: &[Account<'_>]) -> Rig {
-    start_with(name, state, "", "127.0.0.1:0", accounts).await
-}
-
-/// [`start`] with more config (`prelude`, TOML before the accounts) and a gateway address.
-async fn start_with(
-    name: &str,
-    state: &Path,
-    prelude: &str,
-    gateway: &str,
-    accounts: &[Account<'_>],
-) -> Rig {
-    let dir = TempDir::new(name);
-    let config: String = std::iter::once(format!("{prelude}\n"))
-        .chain(accounts.iter().map(Account::toml))
-        .collect();
-    std::fs::write(dir.0.join("warden.toml"), config).expect("config");
-    let args = [
-        "--config",
-        "warden.toml",
-        "run",
-        "--gateway-bind",
-        gateway,
-        "--admin-bind",
-        "127.0.0.1:0",
-        "--log-format",
-        "json",
-    ];
-    let state = state.to_str().expect("utf-8 path");
-    let warden = Warden::spawn(
-        dir,
-        &args,
-        &[
-            ("WARDEN_GATEWAY__TOKEN", TOKEN),
-            ("WARDEN_GATEWAY__ALLOW_UNLISTED_NODES", "true"),
-            ("WARDEN_STATE__DIR", state),
-            // Make the SDK's part visible in a failing test's output.
-            ("RUST_LOG", "info"),
-        ],
-    );
-    let admin = warden.admin().await;
-    let line = warden
-        .wait_for_log("Gateway endpoint listening.", Duration::from_secs(10))
-        .await;
-    let gateway = format!("ws://{}/ws", line["addr"].as_str().expect("addr"));
-    Rig {
-        warden,
-        admin,
-        gateway,
-    }
-}
-
-impl Rig {
-    /// The tree node of `<alias>`'s client.
-    async fn client_node(&self, alias: &str) -> Value {
-        let tree: Value = reqwest::get(format!("{}/admin/tree", self.admin))
-            .await
-            .expect("GET /admin/tree")
-            .json()
-            .await
-            .expect("tree JSON");
-        find(&tree, &format!("root/channels/matrix/{alias}/client"))
-            .cloned()
-            .unwrap_or(Value::Null)
-    }
-
-    /// Waits until `<alias>`'s client satisfies `check`; returns its node.
-    async fn wait_client(
-        &self,
-        alias: &str,
-        within: Duration,
-        check: impl Fn(&Value) -> bool,
-    ) -> Value {
-        let deadline = Instant::now() + within;
-        loop {
-            let node = self.client_node(alias).await;
-            if check(&node) {
-                return node;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{alias}: condition not met within {within:?}; node: {node:#}\nlogs:\n{}",
-                self.warden.logs()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// Waits until `<alias>` is ready (its first sync done).
-    async fn wait_ready(&self, alias: &str, within: Duration) -> Value {
-        self.wait_client(alias, within, |n| n["ready"] == true)
-            .await
-    }
-
-    /// An operator subscribed to `chat.message`.
-    async fn operator(&self) -> GatewayClient {
-        self.subscribed(&["chat.message"]).await
-    }
-
-    /// An operator subscribed to `events`.
-    async fn subscribed(&self, events: &[&str]) -> GatewayClient {
-        let mut op = connect_operator(&self.gateway)
-            .await
-            .expect("operator connects");
-        op.call("subscribe", json!({ "events": events }))
-            .await
-            .expect("subscribe");
-        op
-    }
-
-    /// `chat.send` as a one-off operator.
-    async fn chat_send(&self, params: Value) -> Result<Value, String> {
-        let mut op = self.operator().await;
-        let result = op
-            .call("chat.send", params)
-            .await
-            .map_err(|e| e.to_string());
-        op.close().await;
-        result
-    }
-}
-
-/// An operator connection to `gateway`.
-async fn connect_operator(gateway: &str) -> Result<GatewayClient, String> {
-    let client = ClientInfo {
-        name: "it-matrix".into(),
-        version: "0".into(),
-    };
-    let options = ConnectOptions::new(Role::Operator, TOKEN, client);
-    let (op, _) = GatewayClient::connect(gateway, options)
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok(op)
-}
-
-fn find<'a>(node: &'a Value, path: &str) -> Option<&'a Value> {
-    if node["path"] == path {
-        return Some(node);
-    }
-    node["children"]
-        .as_array()?
-        .iter()
-        .find_map(|c| find(c, path))
+/// The `warden run` of test `name`, its operators authenticated with [`TOKEN`].
+fn scenario(name: &str) -> Scenario {
+    Scenario::new(&format!("matrix-{name}"), TOKEN)
 }
 
 /// The next `chat.message` payload, or None at the deadline.
 async fn next_message(op: &mut GatewayClient, deadline: Instant) -> Option<Value> {
-    loop {
-        let left = deadline.checked_duration_since(Instant::now())?;
-        match tokio::time::timeout(left, op.next_event()).await {
-            Ok(Ok(Incoming::Event { event, payload })) if event == "chat.message" => {
-                return Some(payload);
-            }
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => panic!("operator connection failed: {e}"),
-            Err(_) => return None,
-        }
-    }
+    let left = deadline.saturating_duration_since(Instant::now());
+    next_event(op, "chat.message", left).await
 }
 
 /// Collects `chat.message` payloads until `done` says so, or panics at the deadline.
@@ -283,16 +63,21 @@ async fn room_with(owner: &User, bot: &User, encrypted: bool) -> String {
     room
 }
 
-fn allow(owner: &User) -> String {
-    format!("allowed_senders = [\"{}\"]", owner.user_id)
+/// Once warden has connected to `proxy` (stalling), forwards again and resets the held
+/// connections; returns how many there were.
+async fn reset_the_held(proxy: &FaultProxy) -> usize {
+    let connected = async || proxy.accepted() > 0;
+    let what = "warden connects to the proxy";
+    eventually(Duration::from_secs(20), what, connected).await;
+    proxy.set_mode(Mode::Forward).await;
+    proxy.reset_all().await
 }
 
-fn synapse_addr(hs: &Synapse) -> SocketAddr {
-    hs.addr()
-}
-
-fn state_dir(name: &str) -> TempDir {
-    TempDir::new(&format!("state-{name}"))
+/// Waits until `nova` is ready and has said it wiped its local state; returns that log line.
+async fn ready_after_a_wipe(rig: &Rig) -> Value {
+    rig.wait_ready("nova", Duration::from_secs(30)).await;
+    let wiped = "The local Matrix state is unusable; wiping it and logging in fresh.";
+    rig.warden.wait_for_log(wiped, Duration::from_secs(5)).await
 }
 
 fn session_file(state: &Path, alias: &str) -> PathBuf {
@@ -306,31 +91,14 @@ async fn reset_during_startup_login_is_retried_and_the_account_comes_up() {
         return;
     };
     let bot = hs.register("s1bot").await;
-    let proxy = FaultProxy::start(synapse_addr(hs)).await.expect("proxy");
-    proxy.set_mode(Mode::Stall);
-    let state = state_dir("s1");
-    let rig = start(
-        "matrix-s1",
-        &state.0,
-        &[Account::password(
-            "nova",
-            format!("http://{}", proxy.addr()),
-            &bot,
-            "",
-        )],
-    )
-    .await;
+    let proxy = FaultProxy::start(hs.addr()).await.expect("proxy");
+    proxy.set_mode(Mode::Stall).await;
+    let rig = scenario("s1")
+        .account(Account::password("nova", &proxy.url(), &bot))
+        .start()
+        .await;
     // The login's connection is held; then reset, and let the retry through.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while proxy.accepted() == 0 {
-        assert!(
-            Instant::now() < deadline,
-            "warden never connected to the proxy"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    proxy.set_mode(Mode::Forward);
-    assert!(proxy.reset_all().await >= 1, "a connection was reset");
+    assert!(reset_the_held(&proxy).await >= 1, "a connection was reset");
     let node = rig.wait_ready("nova", Duration::from_secs(30)).await;
     assert!(node["restarts_total"].as_u64() >= Some(1), "{node:#}");
     let reason = node["last_failure"]["reason"].as_str().unwrap_or_default();
@@ -347,35 +115,13 @@ async fn reset_during_startup_whoami_is_retried_and_the_account_comes_up() {
     };
     let bot = hs.register("s1who").await;
     let (token, _device) = bot.login_fresh().await;
-    let proxy = FaultProxy::start(synapse_addr(hs)).await.expect("proxy");
-    proxy.set_mode(Mode::Stall);
-    let state = state_dir("s1who");
-    let rig = start(
-        "matrix-s1who",
-        &state.0,
-        &[Account {
-            alias: "nova",
-            homeserver: format!("http://{}", proxy.addr()),
-            user: &bot,
-            auth: Auth::Token {
-                token,
-                device_id: None,
-                user_id: false,
-            },
-            extra: "",
-        }],
-    )
-    .await;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while proxy.accepted() == 0 {
-        assert!(
-            Instant::now() < deadline,
-            "warden never connected to the proxy"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    proxy.set_mode(Mode::Forward);
-    assert!(proxy.reset_all().await >= 1);
+    let proxy = FaultProxy::start(hs.addr()).await.expect("proxy");
+    proxy.set_mode(Mode::Stall).await;
+    let rig = scenario("s1who")
+        .account(Account::token("nova", &proxy.url(), &token))
+        .start()
+        .await;
+    assert!(reset_the_held(&proxy).await >= 1);
     let node = rig.wait_ready("nova", Duration::from_secs(30)).await;
     assert!(node["restarts_total"].as_u64() >= Some(1), "{node:#}");
     assert!(proxy.count("/whoami") >= 1, "{:?}", proxy.requests());
@@ -390,19 +136,11 @@ async fn resets_every_two_seconds_lose_and_repeat_no_message() {
     };
     let bot = hs.register("s2bot").await;
     let owner = hs.register("s2owner").await;
-    let proxy = FaultProxy::start(synapse_addr(hs)).await.expect("proxy");
-    let state = state_dir("s2");
-    let rig = start(
-        "matrix-s2",
-        &state.0,
-        &[Account::password(
-            "nova",
-            format!("http://{}", proxy.addr()),
-            &bot,
-            &allow(&owner),
-        )],
-    )
-    .await;
+    let proxy = FaultProxy::start(hs.addr()).await.expect("proxy");
+    let rig = scenario("s2")
+        .account(Account::password("nova", &proxy.url(), &bot).allow(&owner))
+        .start()
+        .await;
     rig.wait_ready("nova", Duration::from_secs(30)).await;
     let room = room_with(&owner, &bot, false).await;
     let mut op = rig.operator().await;
@@ -476,18 +214,10 @@ async fn synapse_down_for_a_minute_backs_off_then_recovers_without_loss() {
     let hs = Synapse::start_private("s3").await;
     let bot = hs.register("s3bot").await;
     let owner = hs.register("s3owner").await;
-    let state = state_dir("s3");
-    let rig = start(
-        "matrix-s3",
-        &state.0,
-        &[Account::password(
-            "nova",
-            hs.url().to_string(),
-            &bot,
-            &allow(&owner),
-        )],
-    )
-    .await;
+    let rig = scenario("s3")
+        .account(Account::password("nova", hs.url(), &bot).allow(&owner))
+        .start()
+        .await;
     rig.wait_ready("nova", Duration::from_secs(30)).await;
     let room = room_with(&owner, &bot, false).await;
     let mut op = rig.operator().await;
@@ -559,24 +289,12 @@ async fn wrong_password_parks_one_account_and_the_others_keep_syncing() {
     let good1 = hs.register("s4good").await;
     let good2 = hs.register("s4good").await;
     let owner = hs.register("s4owner").await;
-    let state = state_dir("s4");
-    let extra = allow(&owner);
-    let rig = start(
-        "matrix-s4",
-        &state.0,
-        &[
-            Account {
-                alias: "bad",
-                homeserver: hs.url().to_string(),
-                user: &bad,
-                auth: Auth::WrongPassword,
-                extra: "",
-            },
-            Account::password("good1", hs.url().to_string(), &good1, &extra),
-            Account::password("good2", hs.url().to_string(), &good2, &extra),
-        ],
-    )
-    .await;
+    let rig = scenario("s4")
+        .account(Account::wrong_password("bad", hs.url(), &bad))
+        .account(Account::password("good1", hs.url(), &good1).allow(&owner))
+        .account(Account::password("good2", hs.url(), &good2).allow(&owner))
+        .start()
+        .await;
     let node = rig
         .wait_client("bad", Duration::from_secs(30), |n| n["state"] == "parked")
         .await;
@@ -628,38 +346,16 @@ async fn token_auth_with_user_id_makes_no_whoami() {
     let other = hs.register("s5oth").await;
     let (token, device) = bot.login_fresh().await;
     let (token2, _) = other.login_fresh().await;
-    let proxy = FaultProxy::start(synapse_addr(hs)).await.expect("proxy");
-    let proxy2 = FaultProxy::start(synapse_addr(hs)).await.expect("proxy");
-    let state = state_dir("s5");
-    let rig = start(
-        "matrix-s5",
-        &state.0,
-        &[
-            Account {
-                alias: "nova",
-                homeserver: format!("http://{}", proxy.addr()),
-                user: &bot,
-                auth: Auth::Token {
-                    token,
-                    device_id: Some(device.clone()),
-                    user_id: true,
-                },
-                extra: "",
-            },
-            Account {
-                alias: "nouser",
-                homeserver: format!("http://{}", proxy2.addr()),
-                user: &other,
-                auth: Auth::Token {
-                    token: token2,
-                    device_id: None,
-                    user_id: false,
-                },
-                extra: "",
-            },
-        ],
-    )
-    .await;
+    let proxy = FaultProxy::start(hs.addr()).await.expect("proxy");
+    let proxy2 = FaultProxy::start(hs.addr()).await.expect("proxy");
+    let scenario = scenario("s5")
+        .account(
+            Account::token("nova", &proxy.url(), &token)
+                .user_id(&bot)
+                .device_id(&device),
+        )
+        .account(Account::token("nouser", &proxy2.url(), &token2));
+    let rig = scenario.start().await;
     rig.wait_ready("nova", Duration::from_secs(30)).await;
     rig.wait_ready("nouser", Duration::from_secs(30)).await;
     let requests = proxy.requests();
@@ -675,7 +371,7 @@ async fn token_auth_with_user_id_makes_no_whoami() {
     assert_eq!(proxy.count("/login"), 0, "{requests:#?}");
     assert_eq!(proxy2.count("/whoami"), 1, "{:#?}", proxy2.requests());
     let saved: Value = serde_json::from_slice(
-        &std::fs::read(session_file(&state.0, "nova")).expect("session.json"),
+        &std::fs::read(session_file(scenario.state(), "nova")).expect("session.json"),
     )
     .expect("json");
     assert_eq!(saved["device_id"], device.as_str());
@@ -690,33 +386,32 @@ async fn lost_or_corrupted_session_is_recovered_by_a_fresh_login() {
     };
     let bot = hs.register("s6bot").await;
     let owner = hs.register("s6owner").await;
-    let state = state_dir("s6");
-    let extra = allow(&owner);
     // Through a proxy, so a restart can be held back until the operator listens.
-    let proxy = FaultProxy::start(synapse_addr(hs)).await.expect("proxy");
-    let account = || Account::password("nova", format!("http://{}", proxy.addr()), &bot, &extra);
+    let proxy = FaultProxy::start(hs.addr()).await.expect("proxy");
+    let scenario =
+        scenario("s6").account(Account::password("nova", &proxy.url(), &bot).allow(&owner));
     let device = |path: &Path| -> String {
         let saved: Value =
             serde_json::from_slice(&std::fs::read(path).expect("session.json")).expect("json");
         saved["device_id"].as_str().expect("device_id").to_string()
     };
-    let session = session_file(&state.0, "nova");
+    let session = session_file(scenario.state(), "nova");
 
-    let mut rig = start("matrix-s6a", &state.0, &[account()]).await;
+    let mut rig = scenario.start().await;
     rig.wait_ready("nova", Duration::from_secs(30)).await;
     let room = room_with(&owner, &bot, false).await;
     let first = device(&session);
     rig.warden.signal("-TERM");
     rig.warden.wait_exit(Duration::from_secs(20)).await;
-    assert!(state.0.join("matrix/nova/store").is_dir());
+    assert!(scenario.state().join("matrix/nova/store").is_dir());
 
     // 0. A plain restart restores the session (no login) and resumes sync from the stored
     //    token: a message sent while warden was down is forwarded after it.
     owner.send_text(&room, "while stopped").await;
-    proxy.set_mode(Mode::Refuse);
-    let mut rig = start("matrix-s6r", &state.0, &[account()]).await;
+    proxy.set_mode(Mode::Refuse).await;
+    let mut rig = scenario.start().await;
     let mut op = rig.operator().await;
-    proxy.set_mode(Mode::Forward);
+    proxy.set_mode(Mode::Forward).await;
     rig.wait_ready("nova", Duration::from_secs(30)).await;
     let restored = rig
         .warden
@@ -732,15 +427,8 @@ async fn lost_or_corrupted_session_is_recovered_by_a_fresh_login() {
 
     // 1. session.json gone, store kept.
     std::fs::remove_file(&session).expect("remove session.json");
-    let mut rig = start("matrix-s6b", &state.0, &[account()]).await;
-    rig.wait_ready("nova", Duration::from_secs(30)).await;
-    let wiped = rig
-        .warden
-        .wait_for_log(
-            "The local Matrix state is unusable; wiping it and logging in fresh.",
-            Duration::from_secs(5),
-        )
-        .await;
+    let mut rig = scenario.start().await;
+    let wiped = ready_after_a_wipe(&rig).await;
     assert!(
         wiped["reason"]
             .as_str()
@@ -755,15 +443,8 @@ async fn lost_or_corrupted_session_is_recovered_by_a_fresh_login() {
 
     // 2. session.json corrupted.
     std::fs::write(&session, b"{\"user_id\": 42").expect("corrupt session.json");
-    let rig = start("matrix-s6c", &state.0, &[account()]).await;
-    rig.wait_ready("nova", Duration::from_secs(30)).await;
-    let wiped = rig
-        .warden
-        .wait_for_log(
-            "The local Matrix state is unusable; wiping it and logging in fresh.",
-            Duration::from_secs(5),
-        )
-        .await;
+    let rig = scenario.start().await;
+    let wiped = ready_after_a_wipe(&rig).await;
     assert!(
         wiped["reason"]
             .as_str()
@@ -791,22 +472,15 @@ async fn eleven_accounts_start_with_at_most_two_logins_in_flight() {
     for _ in 0..11 {
         users.push(hs.register("s7bot").await);
     }
-    let proxy = FaultProxy::start(synapse_addr(hs)).await.expect("proxy");
+    let proxy = FaultProxy::start(hs.addr()).await.expect("proxy");
     let aliases: Vec<String> = (0..11).map(|i| format!("acct{i:02}")).collect();
-    let accounts: Vec<Account> = users
+    let accounts = users
         .iter()
         .zip(&aliases)
-        .map(|(user, alias)| Account {
-            alias,
-            homeserver: format!("http://{}", proxy.addr()),
-            user,
-            auth: Auth::Password,
-            extra: "",
-        })
-        .collect();
-    let state = state_dir("s7");
+        .map(|(user, alias)| Account::password(alias, &proxy.url(), user));
+    let scenario = scenario("s7").accounts(accounts);
     let started = Instant::now();
-    let rig = start("matrix-s7", &state.0, &accounts).await;
+    let rig = scenario.start().await;
     for alias in &aliases {
         rig.wait_ready(alias, Duration::from_secs(60)).await;
     }
@@ -832,18 +506,10 @@ async fn chat_send_round_trips_in_plain_and_encrypted_rooms_and_filters_senders(
     let bot = hs.register("s8bot").await;
     let owner = hs.register("s8owner").await;
     let mallory = hs.register("s8mal").await;
-    let state = state_dir("s8");
-    let rig = start(
-        "matrix-s8",
-        &state.0,
-        &[Account::password(
-            "nova",
-            hs.url().to_string(),
-            &bot,
-            &allow(&owner),
-        )],
-    )
-    .await;
+    let rig = scenario("s8")
+        .account(Account::password("nova", hs.url(), &bot).allow(&owner))
+        .start()
+        .await;
     rig.wait_ready("nova", Duration::from_secs(30)).await;
 
     // Plain room: out and in, and a sender who is not allowed.
@@ -965,16 +631,11 @@ async fn a_recovery_key_is_applied_after_a_fresh_login() {
         .expect("enable recovery");
     let good = format!("recovery_key = \"{key}\"");
     let bad = "recovery_key = \"EsTc not the key at all\"".to_string();
-    let state = state_dir("rk");
-    let rig = start(
-        "matrix-rk",
-        &state.0,
-        &[
-            Account::password("good", hs.url().to_string(), &bot, &good),
-            Account::password("bad", hs.url().to_string(), &other, &bad),
-        ],
-    )
-    .await;
+    let rig = scenario("rk")
+        .account(Account::password("good", hs.url(), &bot).line(&good))
+        .account(Account::password("bad", hs.url(), &other).line(&bad))
+        .start()
+        .await;
     rig.wait_ready("good", Duration::from_secs(30)).await;
     rig.wait_ready("bad", Duration::from_secs(30)).await;
     let ok = rig
@@ -1012,29 +673,12 @@ mod approvals {
     /// run, connected to `gateway`: every run below passed the broker's grant, which the
     /// node checked itself.
     fn node(name: &str, gateway: &str) -> Warden {
-        let dir = TempDir::new(name);
         let config = format!(
-            "[node]\ngateway_url = \"{gateway}\"\ntoken = \"{TOKEN}\"\nname = \"{name}\"\n\
-             [node.commands.hello]\nargv = [\"echo\", \"hello from {name}\"]\napproval = true\n"
+            "{}[node.commands.hello]\nargv = [\"echo\", \"hello from {name}\"]\n\
+             approval = true\n",
+            node_config(gateway, TOKEN, name)
         );
-        std::fs::write(dir.0.join("node.toml"), config).expect("node config");
-        let args = [
-            "--config",
-            "node.toml",
-            "node",
-            "--admin-bind",
-            "127.0.0.1:0",
-            "--log-format",
-            "json",
-        ];
-        Warden::spawn(dir, &args, &[])
-    }
-
-    fn approvals_for(approver: &User) -> String {
-        format!(
-            "allowed_senders = [\"{0}\"]\napprovals = {{ enabled = true, approvers = [\"{0}\"] }}",
-            approver.user_id
-        )
+        Launch::node(name, &config).spawn()
     }
 
     /// A pending `approvals.request` of its own operator connection.
@@ -1046,7 +690,9 @@ mod approvals {
         let gateway = rig.gateway.clone();
         let node = node.to_string();
         tokio::spawn(async move {
-            let mut op = connect_operator(&gateway).await?;
+            let mut op = crate::support::operator(&gateway, TOKEN)
+                .await
+                .map_err(|e| e.to_string())?;
             let params = json!({"node": node, "command": "hello", "args": [],
                 "reason": "integration test", "timeout_s": timeout_s});
             op.call("approvals.request", params)
@@ -1063,85 +709,23 @@ mod approvals {
 
     /// The next event named `name`.
     async fn next(op: &mut GatewayClient, name: &str, within: Duration) -> Value {
-        let deadline = Instant::now() + within;
-        loop {
-            let left = deadline
-                .checked_duration_since(Instant::now())
-                .unwrap_or_else(|| panic!("no {name} within {within:?}"));
-            match tokio::time::timeout(left, op.next_event()).await {
-                Ok(Ok(Incoming::Event { event, payload })) if event == name => return payload,
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => panic!("watcher connection failed: {e}"),
-                Err(_) => panic!("no {name} within {within:?}"),
-            }
-        }
+        next_event(op, name, within)
+            .await
+            .unwrap_or_else(|| panic!("no {name} within {within:?}"))
     }
 
     /// The approver's DM with the bot: accepts the invite when there is one.
     async fn dm_with(peer: &EncryptedPeer, within: Duration) -> String {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(room) = peer
-                .client
-                .joined_rooms()
-                .into_iter()
-                .find(|r| r.direct_targets_length() > 0)
-            {
-                return room.room_id().to_string();
+        eventually(within, "a DM from the bot", async || {
+            let joined = peer.client.joined_rooms();
+            if let Some(room) = joined.iter().find(|r| r.direct_targets_length() > 0) {
+                return Some(room.room_id().to_string());
             }
-            if let Some(invite) = peer.client.invited_rooms().into_iter().next() {
-                peer.join(invite.room_id().as_str()).await;
-                return invite.room_id().to_string();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no DM from the bot within {within:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    async fn handler_ready(rig: &Rig, alias: &str, within: Duration) -> Value {
-        let deadline = Instant::now() + within;
-        let path = format!("root/channels/matrix/{alias}/approvals");
-        loop {
-            let tree: Value = reqwest::get(format!("{}/admin/tree", rig.admin))
-                .await
-                .expect("tree")
-                .json()
-                .await
-                .expect("json");
-            if let Some(node) = find(&tree, &path).filter(|n| n["ready"] == true) {
-                return node.clone();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{path} not ready; logs:\n{}",
-                rig.warden.logs()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    async fn node_connected(rig: &Rig, name: &str) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let mut op = rig.operator().await;
-            let nodes = op.call("nodes.list", json!({})).await.expect("nodes.list");
-            op.close().await;
-            let up = nodes.as_array().is_some_and(|n| {
-                n.iter()
-                    .any(|n| n["name"] == name && n["connected"] == true)
-            });
-            if up {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "node {name} did not connect: {nodes}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+            let invite = peer.client.invited_rooms().into_iter().next()?;
+            peer.join(invite.room_id().as_str()).await;
+            Some(invite.room_id().to_string())
+        })
+        .await
     }
 
     /// Tests 1 and 2: approve by reply (with the timeline), approve by ✅ reaction, deny,
@@ -1155,23 +739,14 @@ mod approvals {
         let owner = hs.register("a1owner").await;
         let mallory = hs.register("a1mal").await;
         let peer = EncryptedPeer::login(&owner).await;
-        let state = state_dir("a1");
-        let extra = approvals_for(&owner);
-        let rig = start(
-            "matrix-a1",
-            &state.0,
-            &[Account::password(
-                "nova",
-                hs.url().to_string(),
-                &bot,
-                &extra,
-            )],
-        )
-        .await;
+        let rig = scenario("a1")
+            .account(Account::password("nova", hs.url(), &bot).approvals(&owner))
+            .start()
+            .await;
         rig.wait_ready("nova", Duration::from_secs(30)).await;
-        handler_ready(&rig, "nova", Duration::from_secs(30)).await;
+        rig.wait_handler("nova", Duration::from_secs(30)).await;
         let _node = node("a1node", &rig.gateway);
-        node_connected(&rig, "a1node").await;
+        rig.wait_node("a1node", Duration::from_secs(20)).await;
         let mut watch = watcher(&rig).await;
 
         // 1. Approve by reply, timed.
@@ -1278,19 +853,14 @@ mod approvals {
         let bot = hs.register("a3bot").await;
         let owner = hs.register("a3owner").await;
         let peer = EncryptedPeer::login(&owner).await;
-        let state = state_dir("a3");
-        let extra = approvals_for(&owner);
-        let port = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-            l.local_addr().expect("addr").port()
-        };
-        let gateway = format!("127.0.0.1:{port}");
-        let account = || Account::password("nova", hs.url().to_string(), &bot, &extra);
-        let mut rig = start_with("matrix-a3a", &state.0, "", &gateway, &[account()]).await;
+        let scenario = scenario("a3")
+            .gateway_bind(&format!("127.0.0.1:{}", free_port()))
+            .account(Account::password("nova", hs.url(), &bot).approvals(&owner));
+        let mut rig = scenario.start().await;
         rig.wait_ready("nova", Duration::from_secs(30)).await;
-        handler_ready(&rig, "nova", Duration::from_secs(30)).await;
+        rig.wait_handler("nova", Duration::from_secs(30)).await;
         let _node = node("a3node", &rig.gateway);
-        node_connected(&rig, "a3node").await;
+        rig.wait_node("a3node", Duration::from_secs(20)).await;
         let mut watch = watcher(&rig).await;
         let pending = request(&rig, "a3node", 300);
         let requested = next(&mut watch, "approval.requested", Duration::from_secs(10)).await;
@@ -1307,10 +877,10 @@ mod approvals {
             "the requester's call ended with the gateway: {lost:?}"
         );
 
-        let rig = start_with("matrix-a3b", &state.0, "", &gateway, &[account()]).await;
+        let rig = scenario.start().await;
         rig.wait_ready("nova", Duration::from_secs(30)).await;
-        handler_ready(&rig, "nova", Duration::from_secs(30)).await;
-        node_connected(&rig, "a3node").await;
+        rig.wait_handler("nova", Duration::from_secs(30)).await;
+        rig.wait_node("a3node", Duration::from_secs(20)).await;
         let mut watch = watcher(&rig).await;
         peer.send_text(&dm, &format!("approve {id}")).await;
         let resolved = next(&mut watch, "approval.resolved", Duration::from_secs(30)).await;
@@ -1331,27 +901,14 @@ mod approvals {
         };
         let bot = hs.register("a4bot").await;
         let owner = hs.register("a4owner").await;
-        let state = state_dir("a4");
         let extra = format!("approvals = {{ approvers = [\"{}\"] }}", owner.user_id);
-        let rig = start(
-            "matrix-a4",
-            &state.0,
-            &[Account::password(
-                "nova",
-                hs.url().to_string(),
-                &bot,
-                &extra,
-            )],
-        )
-        .await;
+        let rig = scenario("a4")
+            .account(Account::password("nova", hs.url(), &bot).line(&extra))
+            .start()
+            .await;
         rig.wait_ready("nova", Duration::from_secs(30)).await;
-        let tree: Value = reqwest::get(format!("{}/admin/tree", rig.admin))
-            .await
-            .expect("tree")
-            .json()
-            .await
-            .expect("json");
-        let account = find(&tree, "root/channels/matrix/nova").expect("account subtree");
+        let account = rig.tree_node("root/channels/matrix/nova").await;
+        assert!(account.is_object(), "no account subtree");
         let children: Vec<&str> = account["children"]
             .as_array()
             .map(|c| c.iter().filter_map(|c| c["id"].as_str()).collect())
@@ -1376,25 +933,18 @@ mod approvals {
             users.push(hs.register("a5bot").await);
         }
         let aliases: Vec<String> = (0..30).map(|i| format!("acct{i:02}")).collect();
-        let extra = approvals_for(&owner);
-        let accounts: Vec<Account> = users
+        let accounts = users
             .iter()
             .zip(&aliases)
-            .map(|(user, alias)| Account {
-                alias,
-                homeserver: hs.url().to_string(),
-                user,
-                auth: Auth::Password,
-                extra: &extra,
-            })
-            .collect();
-        let state = state_dir("a5");
-        let prelude = "[gateway]\nhandshake_timeout_ms = 2000\nmax_preauth_per_ip = 8\n";
+            .map(|(user, alias)| Account::password(alias, hs.url(), user).approvals(&owner));
+        let scenario = scenario("a5")
+            .config("[gateway]\nhandshake_timeout_ms = 2000\nmax_preauth_per_ip = 8\n")
+            .accounts(accounts);
         let started = Instant::now();
-        let rig = start_with("matrix-a5", &state.0, prelude, "127.0.0.1:0", &accounts).await;
+        let rig = scenario.start().await;
         let mut handlers = Vec::new();
         for alias in &aliases {
-            handlers.push(handler_ready(&rig, alias, Duration::from_secs(60)).await);
+            handlers.push(rig.wait_handler(alias, Duration::from_secs(60)).await);
         }
         let took = started.elapsed();
         // A handshake that timed out or met a 503 would have failed its handler: every
@@ -1403,12 +953,7 @@ mod approvals {
             assert_eq!(handler["generation"], 1, "{handler:#}");
             assert_eq!(handler["restarts_total"], 0, "{handler:#}");
         }
-        let metrics = reqwest::get(format!("{}/metrics", rig.admin))
-            .await
-            .expect("metrics")
-            .text()
-            .await
-            .expect("text");
+        let metrics = rig.metrics().await;
         let value = |name: &str, label: &str| -> f64 {
             metrics
                 .lines()

@@ -4,7 +4,8 @@
 //! replayed grants, more invocations than the node runs at once).
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
+use std::sync::Arc;
+use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
@@ -12,119 +13,67 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
-use warden_actors::gateway::client::{ConnectOptions, GatewayClient};
 use warden_actors::gateway::protocol::auth::Secret;
 use warden_actors::gateway::protocol::grant::Grant;
-use warden_actors::gateway::protocol::{
-    ClientInfo, CommandInfo, ConnectParams, ErrorBody, Frame, Role,
-};
+use warden_actors::gateway::protocol::{CommandInfo, ConnectParams, ErrorBody, Frame};
 
-use crate::process::{TempDir, Warden, command, poll_json};
+use crate::support::{
+    Launch, TempDir, Warden, connected_nodes, eventually, free_port, node_config, now_ms, operator,
+    poll_json,
+};
 
 const TOKEN: &str = "node-test-token";
 
-/// A loopback port that was free a moment ago (the gateway must come back on the same one).
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").port()
-}
-
 fn gateway(name: &str, addr: &str) -> Warden {
-    Warden::start(
-        name,
-        addr,
-        &[
-            ("WARDEN_GATEWAY__TOKEN", TOKEN),
-            ("WARDEN_GATEWAY__ALLOW_UNLISTED_NODES", "true"),
-        ],
-    )
+    Launch::run(name)
+        .gateway_bind(addr)
+        .env("WARDEN_GATEWAY__TOKEN", TOKEN)
+        .env("WARDEN_GATEWAY__ALLOW_UNLISTED_NODES", "true")
+        .spawn()
 }
 
 /// Starts `warden node` named `name` against `url`, with extra `[node]` lines.
 fn node(name: &str, url: &str, token: &str, extra: &str) -> Warden {
-    let dir = TempDir::new(name);
     let config = format!(
-        r#"[node]
-gateway_url = "{url}"
-token = "{token}"
-name = "{name}"
-{extra}
+        r#"{}{extra}
 [node.commands.hello]
 argv = ["echo", "hello from {name}"]
 [node.commands.slow]
 argv = ["sleep", "5"]
-"#
+"#,
+        node_config(url, token, name)
     );
-    std::fs::write(dir.0.join("node.toml"), config).expect("config");
-    let args = [
-        "--config",
-        "node.toml",
-        "node",
-        "--admin-bind",
-        "127.0.0.1:0",
-        "--log-format",
-        "json",
-    ];
-    Warden::spawn(dir, &args, &[])
+    Launch::node(name, &config).spawn()
 }
 
 /// Calls `method` as an operator.
 async fn call(url: &str, method: &str, params: Value) -> Result<Value, String> {
-    let options = ConnectOptions::new(
-        Role::Operator,
-        TOKEN,
-        ClientInfo {
-            name: "it".into(),
-            version: "0".into(),
-        },
-    );
-    let (mut client, _) = GatewayClient::connect(url, options)
-        .await
-        .map_err(|e| e.to_string())?;
+    let mut client = operator(url, TOKEN).await.map_err(|e| e.to_string())?;
     let result = client.call(method, params).await.map_err(|e| e.to_string());
     client.close().await;
     result
 }
 
-/// Names of the connected nodes, or none while the gateway is unreachable.
-async fn connected(url: &str) -> Vec<String> {
-    match call(url, "nodes.list", json!({})).await {
-        Ok(Value::Array(nodes)) => nodes
-            .iter()
-            .filter(|n| n["connected"] == true)
-            .filter_map(|n| n["name"].as_str().map(str::to_string))
-            .collect(),
-        _ => Vec::new(),
-    }
-}
-
 /// Waits until `n` nodes are connected; returns when that was seen.
 async fn until_connected(url: &str, n: usize, within: Duration) -> Instant {
-    let deadline = Instant::now() + within;
-    loop {
-        let now = connected(url).await;
+    eventually(within, format!("{n} nodes connected"), async || {
+        let now = connected_nodes(url, TOKEN).await;
         if now.len() == n {
-            return Instant::now();
+            Ok(Instant::now())
+        } else {
+            Err(format!(
+                "only {} of {n} nodes connected: {now:?}",
+                now.len()
+            ))
         }
-        assert!(
-            Instant::now() < deadline,
-            "only {} of {n} nodes connected: {now:?}",
-            now.len()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await
 }
 
 /// Starts a gateway on `addr` and returns it with the instant its /readyz answered 200.
 async fn gateway_ready(name: &str, addr: &str) -> (Warden, Instant) {
     let gw = gateway(name, addr);
-    let admin = gw.admin().await;
-    poll_json(
-        &format!("{admin}/readyz"),
-        Duration::from_secs(10),
-        |s, _| s == 200,
-    )
-    .await;
+    gw.ready().await;
     (gw, Instant::now())
 }
 
@@ -145,7 +94,8 @@ async fn twenty_nodes_come_back_within_a_second_of_readyz_after_sigterm_and_kill
         if how == "-TERM" {
             assert_eq!(status.code(), Some(0), "graceful stop");
         }
-        // The scenario: the gateway is down for 2 s.
+        // The scenario: the gateway stays down for 2 s. The outage is what the test is
+        // about, not a wait for a condition.
         tokio::time::sleep(Duration::from_secs(2)).await;
         let (next, ready) = gateway_ready(&format!("nodes-gw{round}"), &addr).await;
         gw = next;
@@ -225,8 +175,7 @@ async fn invoke_through_a_real_node_timeout_and_offline() {
 
     box1.signal("-TERM");
     assert_eq!(box1.exit_code(Duration::from_secs(10)).await, 0);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
+    eventually(Duration::from_secs(5), "box1 is offline", async || {
         let err = call(
             &url,
             "nodes.invoke",
@@ -235,11 +184,12 @@ async fn invoke_through_a_real_node_timeout_and_offline() {
         .await
         .expect_err("offline");
         if err.contains("node_offline") {
-            break;
+            Ok(())
+        } else {
+            Err(err)
         }
-        assert!(Instant::now() < deadline, "never offline: {err}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -402,35 +352,9 @@ impl NodeSocket {
 /// Starts `warden node` with `config` (TOML) and `envs` in a fresh directory named after
 /// `dir_name`; returns it with that directory, where its commands run too.
 fn node_with(dir_name: &str, config: &str, envs: &[(&str, &str)]) -> (Warden, PathBuf) {
-    let dir = TempDir::new(dir_name);
-    let path = dir.0.clone();
-    std::fs::write(path.join("node.toml"), config).expect("config");
-    let args = [
-        "--config",
-        "node.toml",
-        "node",
-        "--admin-bind",
-        "127.0.0.1:0",
-        "--log-format",
-        "json",
-    ];
-    (Warden::spawn(dir, &args, envs), path)
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .expect("after 1970")
-        .as_millis() as u64
-}
-
-/// Waits until `check` holds, or fails naming `what`.
-async fn until(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + STEP;
-    while !check() {
-        assert!(Instant::now() < deadline, "not within {STEP:?}: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let node = Launch::node(dir_name, config).envs(envs).spawn();
+    let dir = node.dir().to_path_buf();
+    (node, dir)
 }
 
 /// The live (not zombie) processes of process group `pgid`.
@@ -567,7 +491,7 @@ args = true
     for n in 1..=4 {
         ids.push(socket.send_invoke(hold(n)).await);
     }
-    until("four runs started", || {
+    eventually(STEP, "four runs started", async || {
         (1..=4).all(|n| exists(&dir, &format!("started.{n}")))
     })
     .await;
@@ -587,9 +511,11 @@ args = true
     let (id, result) = socket.answer().await;
     assert_eq!(id, ids[1]);
     assert_eq!(result.expect("2 ran")["stdout"], "2\n");
-    until("the fifth started once the second ended", || {
-        exists(&dir, "started.5")
-    })
+    eventually(
+        STEP,
+        "the fifth started once the second ended",
+        async || exists(&dir, "started.5"),
+    )
     .await;
 
     for n in [1, 3, 4, 5] {
@@ -630,14 +556,16 @@ argv = ["sh", "-c", "sleep 60 & echo $$ > pgid.tmp && mv pgid.tmp pgid; wait"]
             .ok()
             .and_then(|s| s.trim().parse::<i32>().ok())
     };
-    until("the run and its background sleep are up", || {
-        pgid().is_some_and(|g| live_in_group(g) >= 2)
-    })
+    eventually(
+        STEP,
+        "the run and its background sleep are up",
+        async || pgid().is_some_and(|g| live_in_group(g) >= 2),
+    )
     .await;
     let pgid = pgid().expect("pgid");
 
     drop(socket);
-    until("the run's process group is gone", || {
+    eventually(STEP, "the run's process group is gone", async || {
         live_in_group(pgid) == 0
     })
     .await;
@@ -648,15 +576,11 @@ argv = ["sh", "-c", "sleep 60 & echo $$ > pgid.tmp && mv pgid.tmp pgid; wait"]
 
 #[tokio::test]
 async fn a_node_without_a_token_exits_64_naming_node_token() {
-    let dir = TempDir::new("trust-no-token");
+    let dir = Arc::new(TempDir::new("trust-no-token"));
     let config = "[node]\ngateway_url = \"ws://127.0.0.1:9/ws\"\n\
                   [node.commands.up]\nargv = [\"uptime\"]\n";
-    std::fs::write(dir.0.join("node.toml"), config).expect("config");
-    for args in [
-        &["--config", "node.toml", "node"][..],
-        &["--config", "node.toml", "config", "check"][..],
-    ] {
-        let out = command(&dir, args, &[]).output().await.expect("runs");
+    for args in [&["node"][..], &["config", "check"][..]] {
+        let out = Launch::in_dir(&dir, args).config(config).output(STEP).await;
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(64), "{args:?}: {err}");
         assert_eq!(err.lines().count(), 1, "{err}");

@@ -3,204 +3,21 @@
 //! Each test starts the binary with JSON logs, learns its bound ports from the log lines,
 //! and waits on conditions with deadlines — never on fixed sleeps.
 
-use std::process::Stdio;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
 use tokio::time::Instant;
 
-pub(crate) const BIN: &str = env!("CARGO_BIN_EXE_warden");
+use crate::support::{BIN, Launch, Warden, poll_json, tree_node};
 
-/// A running `warden` process and its log lines.
-pub(crate) struct Warden {
-    child: Child,
-    lines: Arc<Mutex<Vec<String>>>,
-    _dir: TempDir,
-}
-
-/// A scratch directory removed on drop.
-pub(crate) struct TempDir(pub(crate) std::path::PathBuf);
-
-impl TempDir {
-    pub(crate) fn new(name: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("warden-it-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        Self(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A `warden` command with a clean environment (no inherited `WARDEN_*`) in `dir`.
-pub(crate) fn command(dir: &TempDir, args: &[&str], envs: &[(&str, &str)]) -> Command {
-    let mut cmd = Command::new(BIN);
-    cmd.args(args).current_dir(&dir.0).kill_on_drop(true);
-    for (key, _) in std::env::vars() {
-        if key.starts_with("WARDEN_") || key == "RUST_LOG" {
-            cmd.env_remove(key);
-        }
-    }
-    cmd.envs(envs.iter().copied());
-    cmd
-}
-
-impl Warden {
-    /// Starts `warden run` with the gateway on `gateway` and the admin on a free port.
-    pub(crate) fn start(name: &str, gateway: &str, envs: &[(&str, &str)]) -> Self {
-        let args = [
-            "run",
-            "--gateway-bind",
-            gateway,
-            "--admin-bind",
-            "127.0.0.1:0",
-            "--log-format",
-            "json",
-        ];
-        Self::spawn(TempDir::new(name), &args, envs)
-    }
-
-    /// Starts `warden` with `args` in `dir` (files for `--config` can be written there
-    /// first), logging JSON lines to stderr.
-    pub(crate) fn spawn(dir: TempDir, args: &[&str], envs: &[(&str, &str)]) -> Self {
-        let mut child = command(&dir, args, envs)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn warden");
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let stderr = child.stderr.take().expect("stderr");
-        let sink = lines.clone();
-        tokio::spawn(async move {
-            let mut reader = BufReader::new(stderr).lines();
-            while let Ok(Some(line)) = reader.next_line().await {
-                sink.lock().expect("lines").push(line);
-            }
-        });
-        Self {
-            child,
-            lines,
-            _dir: dir,
-        }
-    }
-
-    pub(crate) fn logs(&self) -> String {
-        self.lines.lock().expect("lines").join("\n")
-    }
-
-    /// Waits for a JSON log line whose message is `message`; returns it.
-    pub(crate) async fn wait_for_log(&self, message: &str, within: Duration) -> Value {
-        let deadline = Instant::now() + within;
-        loop {
-            let found = self
-                .lines
-                .lock()
-                .expect("lines")
-                .iter()
-                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-                .find(|v| v["message"] == message);
-            if let Some(v) = found {
-                return v;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no log {message:?} within {within:?}; logs:\n{}",
-                self.logs()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    pub(crate) async fn admin(&self) -> String {
-        let line = self
-            .wait_for_log("Admin endpoint listening.", Duration::from_secs(10))
-            .await;
-        format!("http://{}", line["addr"].as_str().expect("addr"))
-    }
-
-    pub(crate) fn signal(&self, sig: &str) {
-        let pid = self.child.id().expect("running").to_string();
-        let status = std::process::Command::new("kill")
-            .args([sig, &pid])
-            .status()
-            .expect("kill");
-        assert!(status.success());
-    }
-
-    /// Waits for the process to end however it ends (a signal too).
-    pub(crate) async fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
-        match tokio::time::timeout(within, self.child.wait()).await {
-            Ok(status) => status.expect("wait"),
-            Err(_) => panic!("still running after {within:?}; logs:\n{}", self.logs()),
-        }
-    }
-
-    /// Whether the process still runs.
-    pub(crate) fn is_running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-
-    pub(crate) async fn exit_code(&mut self, within: Duration) -> i32 {
-        match tokio::time::timeout(within, self.child.wait()).await {
-            Ok(status) => status.expect("wait").code().expect("exited, not signalled"),
-            Err(_) => panic!("still running after {within:?}; logs:\n{}", self.logs()),
-        }
-    }
-}
-
-/// Polls `GET url` until `check` accepts the JSON body, or fails at the deadline.
-pub(crate) async fn poll_json(
-    url: &str,
-    within: Duration,
-    check: impl Fn(u16, &Value) -> bool,
-) -> Value {
-    let deadline = Instant::now() + within;
-    let http = reqwest::Client::new();
-    loop {
-        let mut last = (0, Value::Null);
-        if let Ok(resp) = http.get(url).send().await {
-            let status = resp.status().as_u16();
-            let body: Value = resp.json().await.unwrap_or(Value::Null);
-            if check(status, &body) {
-                return body;
-            }
-            last = (status, body);
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{url}: condition not met within {within:?}; last: {last:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-fn node<'a>(tree: &'a Value, path: &str) -> Option<&'a Value> {
-    if tree["path"] == path {
-        return Some(tree);
-    }
-    tree["children"]
-        .as_array()?
-        .iter()
-        .find_map(|c| node(c, path))
+/// `warden run` with its gateway on `gateway` and the admin on a free port, with `envs`.
+fn start(name: &str, gateway: &str, envs: &[(&str, &str)]) -> Warden {
+    Launch::run(name).gateway_bind(gateway).envs(envs).spawn()
 }
 
 #[tokio::test]
 async fn run_kill_restart_and_sigterm() {
-    let mut warden = Warden::start("run", "127.0.0.1:0", &[]);
-    let admin = warden.admin().await;
-    poll_json(
-        &format!("{admin}/readyz"),
-        Duration::from_secs(10),
-        |s, _| s == 200,
-    )
-    .await;
+    let mut warden = start("run", "127.0.0.1:0", &[]);
+    let admin = warden.ready().await;
 
     let http = reqwest::Client::new();
     let resp = http
@@ -214,12 +31,12 @@ async fn run_kill_restart_and_sigterm() {
         &format!("{admin}/admin/tree"),
         Duration::from_secs(10),
         |_, t| {
-            node(t, "root/gateway/listener")
+            tree_node(t, "root/gateway/listener")
                 .is_some_and(|n| n["state"] == "running" && n["restarts_total"] == 1)
         },
     )
     .await;
-    let listener = node(&tree, "root/gateway/listener").expect("listener");
+    let listener = tree_node(&tree, "root/gateway/listener").expect("listener");
     assert_eq!(listener["generation"], 2);
     assert_eq!(listener["last_failure"]["class"], "transient");
     assert_eq!(listener["last_failure"]["reason"], "killed by operator");
@@ -265,7 +82,7 @@ async fn run_kill_restart_and_sigterm() {
 async fn listener_that_cannot_bind_exhausts_its_budget_and_exits_75() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = taken.local_addr().expect("addr").to_string();
-    let mut warden = Warden::start(
+    let mut warden = start(
         "exit75",
         &addr,
         &[
@@ -303,15 +120,10 @@ async fn listener_that_cannot_bind_exhausts_its_budget_and_exits_75() {
 
 #[tokio::test]
 async fn bad_config_exits_64_before_binding_with_the_key_and_source() {
-    let dir = TempDir::new("bad-env");
-    let out = command(
-        &dir,
-        &["run"],
-        &[("WARDEN_SUPERVISION__DEFAULTS__BACKOFF__MAX_MS", "\"5s\"")],
-    )
-    .output()
-    .await
-    .expect("run");
+    let out = Launch::new("bad-env", &["run"])
+        .env("WARDEN_SUPERVISION__DEFAULTS__BACKOFF__MAX_MS", "\"5s\"")
+        .output(Duration::from_secs(30))
+        .await;
     assert_eq!(out.status.code(), Some(64));
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.lines().count(), 1, "{err}");
@@ -321,14 +133,10 @@ async fn bad_config_exits_64_before_binding_with_the_key_and_source() {
         "{err}"
     );
 
-    let out = command(
-        &dir,
-        &["config", "check"],
-        &[("WARDEN_ADMIN__BIND", "0.0.0.0:18790")],
-    )
-    .output()
-    .await
-    .expect("check");
+    let out = Launch::new("bad-env-check", &["config", "check"])
+        .env("WARDEN_ADMIN__BIND", "0.0.0.0:18790")
+        .output(Duration::from_secs(30))
+        .await;
     assert_eq!(out.status.code(), Some(64));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -339,18 +147,13 @@ async fn bad_config_exits_64_before_binding_with_the_key_and_source() {
 
 #[tokio::test]
 async fn config_show_names_each_source_and_masks_secrets() {
-    let dir = TempDir::new("show");
-    let out = command(
-        &dir,
-        &["config", "show"],
-        &[
+    let out = Launch::new("show", &["config", "show"])
+        .envs(&[
             ("WARDEN_SUPERVISION__DEFAULTS__BACKOFF__MAX_MS", "5000"),
             ("WARDEN_ADMIN__TOKEN", "s3cret-token"),
-        ],
-    )
-    .output()
-    .await
-    .expect("show");
+        ])
+        .output(Duration::from_secs(30))
+        .await;
     assert!(
         out.status.success(),
         "{}",

@@ -37,15 +37,12 @@ use serde_json::{Value, json};
 use sha1::Sha1;
 use tokio::time::Instant;
 
-use crate::process::TempDir;
+use crate::support::{TempDir, eventually};
 
 /// The message of a test that needs Synapse under CI and has none.
 const REQUIRED: &str = "Synapse is required under CI=true: run the tests through scripts/test.sh \
      (it starts one and exports SYNAPSE_TEST_URL, SYNAPSE_TEST_SHARED_SECRET, SYNAPSE_TEST_DIR, \
      SYNAPSE_TEST_SCRIPT)";
-
-/// How often waits poll.
-const POLL: Duration = Duration::from_millis(50);
 
 /// The shared Synapse, or skips the calling test: `let Some(hs) = synapse::require!() else {
 /// return };`. Panics under `CI=true` when there is none (see [`Synapse::shared`]).
@@ -120,7 +117,7 @@ impl Synapse {
         let mut synapse = Synapse {
             url: String::new(),
             shared_secret: String::new(),
-            dir: dir.0.clone(),
+            dir: dir.path().to_path_buf(),
             script,
             private: Some(dir),
         };
@@ -574,19 +571,15 @@ impl User {
         matches: impl Fn(&Message) -> bool,
         within: Duration,
     ) -> Message {
-        let deadline = Instant::now() + within;
-        loop {
+        let what = format!("{}: a matching message in {room_id}", self.user_id);
+        eventually(within, what, async || {
             let messages = self.messages(room_id, 100).await;
-            if let Some(found) = messages.iter().find(|m| matches(m)) {
-                return found.clone();
+            match messages.iter().find(|m| matches(m)) {
+                Some(found) => Ok(found.clone()),
+                None => Err(format!("there are:\n{messages:#?}")),
             }
-            assert!(
-                Instant::now() < deadline,
-                "{}: no matching message in {room_id} within {within:?}; there are:\n{messages:#?}",
-                self.user_id
-            );
-            tokio::time::sleep(POLL).await;
-        }
+        })
+        .await
     }
 
     /// The users joined to a room, sorted.
@@ -612,18 +605,15 @@ impl User {
     /// Waits until `user_id` is joined to a room (this user must be in it). Panics after
     /// `within`.
     pub(crate) async fn wait_joined(&self, room_id: &str, user_id: &str, within: Duration) {
-        let deadline = Instant::now() + within;
-        loop {
+        eventually(within, format!("{user_id} joins {room_id}"), async || {
             let members = self.joined_members(room_id).await;
             if members.iter().any(|m| m == user_id) {
-                return;
+                Ok(())
+            } else {
+                Err(format!("joined: {members:?}"))
             }
-            assert!(
-                Instant::now() < deadline,
-                "{user_id} did not join {room_id} within {within:?}; joined: {members:?}"
-            );
-            tokio::time::sleep(POLL).await;
-        }
+        })
+        .await
     }
 
     /// Logs in with the password: a new device. Returns its access token and device id.
@@ -720,7 +710,7 @@ impl EncryptedPeer {
         let store = TempDir::new(&format!("peer-{}-{}", user.localpart, next()));
         let client = Client::builder()
             .homeserver_url(&user.homeserver_url)
-            .sqlite_store(&store.0, None)
+            .sqlite_store(store.path(), None)
             // The SDK retries transient errors for up to 15 minutes by default: a test
             // should fail long before that.
             .request_config(RequestConfig::short_retry())
@@ -848,18 +838,9 @@ impl EncryptedPeer {
     /// A room this client knows (it has synced it), waiting up to 10 s for it.
     async fn room(&self, room_id: &str) -> Room {
         let id = RoomId::parse(room_id).expect("a room id");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(room) = self.client.get_room(&id) {
-                return room;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{}: {room_id} never appeared in sync",
-                self.user_id()
-            );
-            tokio::time::sleep(POLL).await;
-        }
+        let what = format!("{}: {room_id} appears in sync", self.user_id());
+        let room = async || self.client.get_room(&id);
+        eventually(Duration::from_secs(10), what, room).await
     }
 
     /// Sends an `m.text` message, encrypted for every device of every joined member when
@@ -902,29 +883,27 @@ impl EncryptedPeer {
         matches: impl Fn(&Received) -> bool,
         within: Duration,
     ) -> Received {
-        let deadline = Instant::now() + within;
-        let mut next_history = Instant::now() + Duration::from_secs(1);
-        loop {
-            let found = self
-                .received()
+        let found = |peer: &Self| {
+            peer.received()
                 .into_iter()
-                .find(|m| m.room_id == room_id && matches(m));
-            if let Some(found) = found {
-                return found;
+                .find(|m| m.room_id == room_id && matches(m))
+        };
+        let mut next_history = Instant::now() + Duration::from_secs(1);
+        let what = format!("{}: a matching message in {room_id}", self.user_id());
+        eventually(within, what, async || {
+            if let Some(message) = found(self) {
+                return Ok(message);
             }
             if Instant::now() >= next_history {
                 self.read_history(room_id).await;
                 next_history = Instant::now() + Duration::from_secs(1);
-                continue;
+                if let Some(message) = found(self) {
+                    return Ok(message);
+                }
             }
-            assert!(
-                Instant::now() < deadline,
-                "{}: no matching message in {room_id} within {within:?}; received: {:#?}",
-                self.user_id(),
-                self.received()
-            );
-            tokio::time::sleep(POLL).await;
-        }
+            Err(format!("received: {:#?}", self.received()))
+        })
+        .await
     }
 
     /// Adds the decryptable `m.room.message`s of the last 50 events of a room to what was
@@ -968,21 +947,15 @@ impl EncryptedPeer {
     pub(crate) async fn wait_joined(&self, room_id: &str, user_id: &str, within: Duration) {
         let id = RoomId::parse(room_id).expect("a room id");
         let user = UserId::parse(user_id).expect("a user id");
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(room) = self.client.get_room(&id)
-                && let Ok(Some(member)) = room.get_member_no_sync(&user).await
-                && *member.membership() == MembershipState::Join
-            {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{}: did not see {user_id} join {room_id} within {within:?}",
-                self.user_id()
-            );
-            tokio::time::sleep(POLL).await;
-        }
+        let what = format!("{}: sees {user_id} join {room_id}", self.user_id());
+        eventually(within, what, async || {
+            let Some(room) = self.client.get_room(&id) else {
+                return false;
+            };
+            let member = room.get_member_no_sync(&user).await;
+            matches!(member, Ok(Some(m)) if *m.membership() == MembershipState::Join)
+        })
+        .await
     }
 }
 

@@ -14,15 +14,12 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
-use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls::ServerConfig;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use warden_actors::gateway::client::{ConnectOptions, GatewayClient};
-use warden_actors::gateway::protocol::{ClientInfo, Role};
 
-use crate::process::{TempDir, Warden, command, poll_json};
+use crate::support::{Launch, TempDir, connected_nodes, eventually, free_port, node_config};
 
 const TOKEN: &str = "tls-test-token";
 
@@ -152,12 +149,6 @@ impl Terminator {
     }
 }
 
-/// A loopback port that was free a moment ago.
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").port()
-}
-
 /// `warden call METHOD --gateway URL` with `envs`, the outer `SSL_CERT_*` removed;
 /// returns (exit code, stdout, stderr).
 async fn warden_call(
@@ -167,15 +158,14 @@ async fn warden_call(
     params: &str,
     envs: &[(&str, &str)],
 ) -> (i32, String, String) {
-    let dir = TempDir::new(name);
     let args = ["call", method, "--gateway", url, "--params", params];
-    let mut cmd = command(&dir, &args, &[("WARDEN_GATEWAY__TOKEN", TOKEN)]);
-    cmd.env_remove("SSL_CERT_FILE").env_remove("SSL_CERT_DIR");
-    cmd.envs(envs.iter().copied());
-    let out = tokio::time::timeout(Duration::from_secs(30), cmd.output())
-        .await
-        .expect("warden call finished within 30 s")
-        .expect("run warden call");
+    let out = Launch::new(name, &args)
+        .env("WARDEN_GATEWAY__TOKEN", TOKEN)
+        .env_remove("SSL_CERT_FILE")
+        .env_remove("SSL_CERT_DIR")
+        .envs(envs)
+        .output(Duration::from_secs(30))
+        .await;
     (
         out.status.code().expect("exited, not signalled"),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -183,55 +173,21 @@ async fn warden_call(
     )
 }
 
-/// Names of the nodes connected to the gateway at `url` (plain ws://).
-async fn connected_nodes(url: &str) -> Vec<String> {
-    let options = ConnectOptions::new(
-        Role::Operator,
-        TOKEN,
-        ClientInfo {
-            name: "it".into(),
-            version: "0".into(),
-        },
-    );
-    let Ok((mut client, _)) = GatewayClient::connect(url, options).await else {
-        return Vec::new();
-    };
-    let nodes = client.call("nodes.list", json!({})).await;
-    client.close().await;
-    match nodes {
-        Ok(Value::Array(nodes)) => nodes
-            .iter()
-            .filter(|n| n["connected"] == true)
-            .filter_map(|n| n["name"].as_str().map(str::to_string))
-            .collect(),
-        _ => Vec::new(),
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wss_call_and_node_through_a_tls_terminator_trust_only_ssl_cert_file() {
     let certs = TempDir::new("tls-certs");
-    let ca = make_certificates(&certs.0);
+    let ca = make_certificates(certs.path());
     let ca = ca.to_str().expect("UTF-8 path");
 
     let gateway = format!("127.0.0.1:{}", free_port());
     let plain_url = format!("ws://{gateway}/ws");
-    let gw = Warden::start(
-        "tls-gw",
-        &gateway,
-        &[
-            ("WARDEN_GATEWAY__TOKEN", TOKEN),
-            ("WARDEN_GATEWAY__ALLOW_UNLISTED_NODES", "true"),
-        ],
-    );
-    let admin = gw.admin().await;
-    poll_json(
-        &format!("{admin}/readyz"),
-        Duration::from_secs(10),
-        |s, _| s == 200,
-    )
-    .await;
-    let tls = Terminator::start(&certs.0, gateway.clone()).await;
+    let gw = Launch::run("tls-gw")
+        .gateway_bind(&gateway)
+        .env("WARDEN_GATEWAY__TOKEN", TOKEN)
+        .env("WARDEN_GATEWAY__ALLOW_UNLISTED_NODES", "true")
+        .spawn();
+    gw.ready().await;
+    let tls = Terminator::start(certs.path(), gateway.clone()).await;
     let url = format!("wss://{}/ws", tls.addr);
 
     // Trusted through SSL_CERT_FILE: the call succeeds, over a completed handshake.
@@ -268,7 +224,7 @@ async fn wss_call_and_node_through_a_tls_terminator_trust_only_ssl_cert_file() {
     );
 
     // Roots that cannot be read: said so, and nothing is sent.
-    let missing = certs.0.join("missing.pem");
+    let missing = certs.join("missing.pem");
     let missing = missing.to_str().expect("UTF-8 path");
     let (code, _, stderr) = warden_call(
         "tls-call-noroots",
@@ -297,31 +253,23 @@ async fn wss_call_and_node_through_a_tls_terminator_trust_only_ssl_cert_file() {
     );
 
     // `warden node` with gateway_url = "wss://…" connects and runs a command.
-    let dir = TempDir::new("tls-node");
     let config = format!(
-        "[node]\ngateway_url = \"{url}\"\ntoken = \"{TOKEN}\"\nname = \"tls-box\"\n\
-         [node.commands.hello]\nargv = [\"echo\", \"hello over tls\"]\n"
+        "{}[node.commands.hello]\nargv = [\"echo\", \"hello over tls\"]\n",
+        node_config(&url, TOKEN, "tls-box")
     );
-    std::fs::write(dir.0.join("node.toml"), config).expect("node.toml");
-    let args = [
-        "--config",
-        "node.toml",
-        "node",
-        "--admin-bind",
-        "127.0.0.1:0",
-        "--log-format",
-        "json",
-    ];
-    let node = Warden::spawn(dir, &args, &[("SSL_CERT_FILE", ca)]);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while connected_nodes(&plain_url).await != ["tls-box"] {
-        assert!(
-            Instant::now() < deadline,
-            "node not connected; node logs:\n{}",
-            node.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let node = Launch::node("tls-node", &config)
+        .env("SSL_CERT_FILE", ca)
+        .spawn();
+    let what = node.with_logs("node tls-box connected");
+    eventually(Duration::from_secs(20), what, async || {
+        let nodes = connected_nodes(&plain_url, TOKEN).await;
+        if nodes == ["tls-box"] {
+            Ok(())
+        } else {
+            Err(format!("{nodes:?}"))
+        }
+    })
+    .await;
     let params = r#"{"node":"tls-box","command":"hello"}"#;
     let (code, stdout, stderr) = warden_call(
         "tls-call-invoke",

@@ -14,10 +14,21 @@
 //! `Lost` — the connection ended (the pump saw it).
 //!
 //! ## Supervision
-//! Kind `approval_handler`: 1 s → 60 s, unlimited, a named WARN after 5 failures in a row.
-//! There is no reconnect loop here: a lost connection or a failed handshake fails the
-//! incarnation and the supervisor's restart is the retry. A token the gateway refuses is
-//! fatal (parked). The handler is ready once subscribed.
+//! `root/channels/matrix/<alias>/approvals`, the second child of its account's
+//! `rest_for_one` supervisor (mod.rs), after the account's client: a restart of the client
+//! restarts the handler too. It has no child actors. Its state owns the pump task (aborted
+//! when the state is dropped, on a stop or a kill), which holds the gateway client, hands
+//! each approval request to the [`ApprovalChannel`] (again every few seconds until it is
+//! delivered), sends the approvers' decisions as `approvals.resolve`, and reports the end
+//! of the connection as `Lost`. The handler is ready once subscribed.
+//!
+//! ## Restart policy
+//! Kind `approval_handler`: 1 s → 60 s, ×2, jitter 20 %, unlimited, a named WARN after 5
+//! failures in a row. There is no reconnect loop here: a lost connection, a failed
+//! handshake, no start slot, or a failed `subscribe` / `approvals.list` fails the
+//! incarnation as transient (a gateway's retry hint raises the delay), and the
+//! supervisor's restart is the retry. A token the gateway refuses (`unauthorized`, close
+//! 1008) is fatal: the handler is parked.
 //!
 //! ## The Matrix side
 //! An [`ApprovalChannel`] carries requests out to the approvers and their decisions back.

@@ -16,8 +16,19 @@
 //!    response. The account is ready after its first successful sync.
 //!
 //! ## Messages
-//! `Send` — `chat.send` through this account (answered from a task, off the actor);
-//! `Synced` — the first sync succeeded; `SyncFailed` — the sync task ended with an error.
+//! `Send` — `chat.send` through this account; `Notify` — tell the approvers about an
+//! approval request (from the account's approval handler). Both are answered from a task of
+//! their own, off the actor, or at once with "not ready" before the first sync. `Synced` —
+//! the first sync succeeded; `SyncFailed` — the sync task ended with an error.
+//!
+//! ## Supervision
+//! `root/channels/matrix/<alias>/client`, the first child of its account's `rest_for_one`
+//! supervisor (mod.rs): when the client restarts, the account's approval handler after it
+//! restarts too. It has no child actors. Its state owns the sync task (aborted when the
+//! state is dropped, on a stop or a kill), which beats the liveness probe on every response
+//! and reports its end as `SyncFailed`. The account itself (`Account`) outlives
+//! incarnations: `chat.send` and the approval handler reach whichever incarnation synced
+//! last.
 //!
 //! ## Restart policy
 //! Kind `matrix_account`: 1 s → 60 s, ×2, jitter 20 %, unlimited, reset after 60 s

@@ -762,6 +762,7 @@ impl Slots {
 mod tests {
     use super::*;
     use crate::gateway::protocol::grant::Grant;
+    use crate::supervision::{Decision, Exit, FailureClass, History, decide};
 
     const TOKEN: &str = "node-token";
 
@@ -984,5 +985,232 @@ mod tests {
             refusal.message
         );
         assert_eq!(slots.running, 0);
+    }
+
+    // ---- the retry-within window, on the paused clock ----
+
+    /// The jitter draw of these tests: with `node_connection`'s jitter of 0.2, every
+    /// jittered delay is 90 % of its cap, and the restart hint is stretched by 10 %.
+    const UNIT: f64 = 0.5;
+
+    /// `node_connection`'s built-in policy: 500 ms → 30 s, ×2, jitter 0.2, reset after a
+    /// 30 s connection, unlimited.
+    fn node_connection_policy() -> Policy {
+        let base = Policy::default();
+        Policy {
+            backoff: crate::supervision::Backoff {
+                initial: Duration::from_millis(500),
+                max: Duration::from_secs(30),
+                reset_after: Duration::from_secs(30),
+                ..base.backoff
+            },
+            max_restarts: 0,
+            on_fatal: crate::supervision::Action::Exit,
+            ..base
+        }
+    }
+
+    /// The connection's arguments: the default `reconnect_window_ms` (10 s) and
+    /// `reconnect_within_ms` (500 ms), a gateway that is never dialled here.
+    fn connection_args(status: &Arc<NodeStatus>, jitter: &Jitter) -> ConnectionArgs {
+        ConnectionArgs {
+            config: ConnectionConfig {
+                gateway_url: "ws://127.0.0.1:9/ws".to_string(),
+                token: TOKEN.to_string(),
+                name: "box".to_string(),
+                commands: Arc::default(),
+                handshake_timeout: Duration::from_secs(10),
+                reconnect_window: Duration::from_secs(10),
+                reconnect_within: Duration::from_millis(500),
+            },
+            status: status.clone(),
+            admission: Arc::default(),
+            probe: Probe::new(Instant::now()),
+            jitter: jitter.clone(),
+            span: tracing::Span::none(),
+        }
+    }
+
+    /// Stands in for the connection actor where its handlers want their own reference.
+    struct StandIn;
+
+    impl Actor for StandIn {
+        type Msg = ConnectionMsg;
+        type State = ();
+        type Arguments = ();
+
+        async fn pre_start(
+            &self,
+            _: ActorRef<ConnectionMsg>,
+            _: (),
+        ) -> Result<(), ActorProcessingErr> {
+            Ok(())
+        }
+    }
+
+    /// A connection that is up, as `post_start` leaves it, with the reference its
+    /// handlers get.
+    async fn connected(
+        status: &Arc<NodeStatus>,
+        jitter: &Jitter,
+    ) -> (ConnectionState, ActorRef<ConnectionMsg>) {
+        let (myself, _) = Actor::spawn(None, StandIn, ()).await.expect("a stand-in");
+        let state = ConnectionActor
+            .pre_start(myself.clone(), connection_args(status, jitter))
+            .await
+            .expect("the connection's state");
+        status.up();
+        (state, myself)
+    }
+
+    /// The supervisor's delay before the next attempt after `failure`, decided now for an
+    /// incarnation that ran for `ran_for`.
+    fn next_delay(failure: &Failure, ran_for: Duration, history: &mut History) -> Duration {
+        let exit = Exit::Failed(failure.clone());
+        let policy = node_connection_policy();
+        let now = Instant::now();
+        match decide(
+            &exit,
+            Restart::Permanent,
+            &policy,
+            history,
+            ran_for,
+            now,
+            UNIT,
+        ) {
+            Decision::Restart { delay, .. } => delay,
+            other => panic!("expected a restart, got {other:?}"),
+        }
+    }
+
+    /// A reconnect that finds nobody listening.
+    fn refused() -> ConnectError {
+        ConnectError::Refused(std::io::ErrorKind::ConnectionRefused)
+    }
+
+    /// The gateway announces a restart (`shutdown {restart, expected_back_ms: 2000}`) and
+    /// stays away longer than it said. The first attempt waits for the hint; every failure
+    /// for `reconnect_window` (10 s) plus the hint after the loss asks for a retry within
+    /// `reconnect_within` (500 ms), so the node keeps knocking every 450 ms whatever the
+    /// attempt count; the first failure after that window waits out the grown backoff.
+    #[tokio::test(start_paused = true)]
+    async fn after_a_restart_notice_reconnects_retry_within_the_window_plus_the_hint() {
+        let status = Arc::new(NodeStatus::new());
+        let jitter = Jitter::fixed(UNIT);
+        let (mut state, myself) = connected(&status, &jitter).await;
+        let config = connection_args(&status, &jitter).config;
+        let mut history = History::default();
+
+        // Connected for a minute (a healthy run: the backoff starts over), then the notice.
+        tokio::time::advance(Duration::from_secs(60)).await;
+        let lost_at = Instant::now();
+        let lost = ConnectionMsg::Lost {
+            cause: "gateway closed the connection (1012): service restart".to_string(),
+            expected_back_ms: Some(2000),
+        };
+        let err = ConnectionActor
+            .handle(myself.clone(), lost, &mut state)
+            .await
+            .expect_err("a lost connection fails the incarnation");
+        let failure = Failure::classify(&err);
+        assert_eq!(failure.class, FailureClass::Transient);
+        assert_eq!(failure.retry_within, Some(Duration::from_millis(500)));
+        assert_eq!(
+            failure.retry_after,
+            Some(Duration::from_millis(2200)),
+            "the hint, spread over a fifth of it more"
+        );
+        assert!(!status.connected());
+        let mut delay = next_delay(&failure, Duration::from_secs(60), &mut history);
+
+        // The gateway is not back: every attempt is refused.
+        let mut attempts = Vec::new();
+        let mut within = Vec::new();
+        loop {
+            tokio::time::advance(delay).await;
+            attempts.push(Instant::now() - lost_at);
+            let failure = classify(&refused(), &config, &status, &jitter);
+            status.down(&failure.reason, None);
+            within.push(failure.retry_within);
+            delay = next_delay(&failure, Duration::ZERO, &mut history);
+            if failure.retry_within.is_none() {
+                break;
+            }
+        }
+        let ms = |ms: u64| Duration::from_millis(ms);
+        // 2.2 s, then every 450 ms while the window (until 12 s) lasts.
+        let mut expected: Vec<Duration> = (0..=21).map(|k| ms(2200 + 450 * k)).collect();
+        // 12.1 s: the window is over.
+        expected.push(ms(12_100));
+        assert_eq!(attempts, expected);
+        assert!(
+            within[..22].iter().all(|w| *w == Some(ms(500))),
+            "{within:?}"
+        );
+        assert_eq!(within[22], None);
+        assert_eq!(
+            delay,
+            Duration::from_secs(27),
+            "the 24th failure in a row: 30 s, jittered"
+        );
+        assert_eq!(status.to_json()["consecutive_failures"], 24);
+    }
+
+    /// Without a restart notice the window is `reconnect_window` alone, and the first
+    /// attempt does not wait for a hint. A 503 inside the window is retried at a random
+    /// point of the fast interval instead of after its `Retry-After`; outside it, after
+    /// its `Retry-After`.
+    #[tokio::test(start_paused = true)]
+    async fn a_lost_connection_without_notice_retries_within_reconnect_window_alone() {
+        let status = Arc::new(NodeStatus::new());
+        let jitter = Jitter::fixed(UNIT);
+        let (mut state, myself) = connected(&status, &jitter).await;
+        let config = connection_args(&status, &jitter).config;
+        let mut history = History::default();
+
+        tokio::time::advance(Duration::from_secs(60)).await;
+        let lost_at = Instant::now();
+        let lost = ConnectionMsg::Lost {
+            cause: "connection reset by peer".to_string(),
+            expected_back_ms: None,
+        };
+        let err = ConnectionActor
+            .handle(myself, lost, &mut state)
+            .await
+            .expect_err("a lost connection fails the incarnation");
+        let failure = Failure::classify(&err);
+        assert_eq!(failure.retry_after, None);
+        assert_eq!(
+            next_delay(&failure, Duration::from_secs(60), &mut history),
+            Duration::from_millis(450),
+            "the first backoff step, 500 ms jittered"
+        );
+
+        let busy = ConnectError::Busy {
+            retry_after_ms: Some(1000),
+        };
+        tokio::time::advance(Duration::from_millis(9999)).await;
+        let inside = classify(&busy, &config, &status, &jitter);
+        assert_eq!(
+            (inside.retry_within, inside.retry_after),
+            (Some(Duration::from_millis(300)), None),
+            "500 ms × (0.2 + 0.8 × 0.5)"
+        );
+        assert_eq!(
+            classify(&refused(), &config, &status, &jitter).retry_within,
+            Some(Duration::from_millis(500))
+        );
+
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert_eq!(Instant::now() - lost_at, Duration::from_secs(10));
+        let outside = classify(&busy, &config, &status, &jitter);
+        assert_eq!(
+            (outside.retry_within, outside.retry_after),
+            (None, Some(Duration::from_secs(1)))
+        );
+        assert_eq!(
+            classify(&refused(), &config, &status, &jitter).retry_within,
+            None
+        );
     }
 }

@@ -14,7 +14,14 @@
 //! ## Supervision
 //! A permanent child of the root. Its clients hold a [`SlotClient`], which follows the actor
 //! across restarts. A restart loses the queue: waiting callers get [`SlotError::Unavailable`]
-//! and, being in a start, fail transiently and come back through their own backoff.
+//! and, being in a start, fail transiently and come back through their own backoff. It has
+//! no child actors; its timers (first-start jitter, hold deadlines) are `send_after`
+//! messages to itself, aborted in `post_stop`.
+//!
+//! ## Restart policy
+//! Kind `start_slots`, with the policy its spec is given (`Policy::default()` unless the
+//! program configures one: 1 s → 60 s, ×2, jitter 20 %, unlimited, park). No handler
+//! fails: only a panic or a kill ends it, and that is transient.
 //!
 //! ## Semantics
 //! * Jitter (uniform in `[0, jitter)`) delays only a child's *first* start; restarts already
