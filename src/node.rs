@@ -71,7 +71,7 @@ pub async fn run(loaded: Loaded) -> i32 {
         admin::spec(
             &config.admin,
             admin_state.clone(),
-            config.policy_for("admin", None),
+            config.policy_for(admin::KIND, None),
         ),
     ];
     let (program, tree) = match program.start_tree(children, &admin_state).await {

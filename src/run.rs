@@ -24,10 +24,12 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 use tracing::info;
-use warden_actors::gateway::{self, GatewayState, ShutdownIntent, listener};
+use warden_actors::gateway::{
+    self, GatewayPolicies, GatewayState, ShutdownIntent, listener, session,
+};
 use warden_actors::matrix::approvals::{self, GatewayAddr, HandlerConfig};
 use warden_actors::matrix::{self, AccountConfig, AccountSpec};
-use warden_actors::supervision::SlotClient;
+use warden_actors::supervision::{SlotClient, slots, supervisor};
 
 use crate::admin;
 use crate::config::{Config, Loaded};
@@ -77,27 +79,31 @@ pub async fn run(loaded: Loaded) -> i32 {
     let slots = SlotClient::new();
     // Approval handlers reach the gateway wherever its listener bound.
     let bound = gateway_bound.subscribe();
+    let supervisor_policy = config.policy_for(supervisor::KIND, None);
+    let gateway_policies = GatewayPolicies {
+        listener: config.policy_for(listener::KIND, None),
+        approvals: config.policy_for(gateway::approvals::KIND, None),
+        session: config.policy_for(session::KIND, None),
+        supervisor: supervisor_policy.clone(),
+    };
     let mut children = vec![
         slots
             .spec("start_slots", config.pools())
-            .with_policy(config.policy_for("start_slots", None)),
-        gateway::spec(
-            &gateway_state,
-            config.policy_for(listener::KIND, None),
-            gateway_bound,
-        ),
+            .with_policy(config.policy_for(slots::KIND, None)),
+        gateway::spec_with(&gateway_state, gateway_policies, gateway_bound),
     ];
     if !config.matrix.accounts.is_empty() {
         children.push(matrix::channels_spec(
             matrix_accounts(config, &gateway_state, GatewayAddr::Bound(bound)),
             gateway_state.chat(),
             &slots,
+            &supervisor_policy,
         ));
     }
     children.push(admin::spec(
         &config.admin,
         admin_state.clone(),
-        config.policy_for("admin", None),
+        config.policy_for(admin::KIND, None),
     ));
     let (program, tree) = match program.start_tree(children, &admin_state).await {
         Ok(started) => started,

@@ -101,7 +101,8 @@ impl Default for Config {
 
 impl Config {
     /// The policy of one child: built-in kind default ← `supervision.defaults` ←
-    /// `supervision.kinds.<kind>` ← `child` (e.g. an account's `supervision` table).
+    /// `supervision.kinds.<kind>` ← `child` (e.g. an account's `supervision` table); no
+    /// liveness timeout for a kind whose actors report no heartbeat.
     ///
     /// `warden config check` validates exactly this composition for every kind in
     /// [`KINDS`] and every Matrix account, so a policy returned here for a valid config
@@ -109,9 +110,13 @@ impl Config {
     pub fn policy_for(&self, kind: &str, child: Option<&PolicySettings>) -> Policy {
         let layers = self.kind_layers(kind);
         let shared = layers.iter().map(|(_, layer)| *layer);
-        shared
+        let mut policy = shared
             .chain(child)
-            .fold(builtin_policy(kind), |policy, layer| layer.apply(&policy))
+            .fold(builtin_policy(kind), |policy, layer| layer.apply(&policy));
+        if !kinds::reports_heartbeat(kind) {
+            policy.liveness_timeout = None;
+        }
+        policy
     }
 
     /// The configured policy layers of `kind` below a child's own, bottom first, each with

@@ -19,7 +19,9 @@
 //!   program sets before it shuts the tree down. For benchmarks and tests it also keeps
 //!   plain handshake totals ([`GatewayState::handshake_stats`]) and can make every
 //!   handshake burn CPU ([`GatewayState::set_handshake_cost`]).
-//! * [`spec`] — the `gateway` subtree, built the same way by `warden run` and the tests.
+//! * [`spec_with`] — the `gateway` subtree, each kind with its policy from
+//!   [`GatewayPolicies`]: `warden run` gives the configured ones; [`spec`], which the tests
+//!   and benchmarks start, the built-in ones (and the listener's as given).
 //! * [`approvals`] — the approvals broker: `approvals.request`, `approvals.resolve`,
 //!   `approvals.list`.
 //! * [`chat`] — the chat accounts `chat.send` reaches and whose messages become
@@ -47,7 +49,7 @@ use serde::Deserialize;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::supervision::{ChildSpec, Policy, Strategy, TreeHandle};
+use crate::supervision::{ChildSpec, Policy, Strategy, TreeHandle, supervisor};
 use approvals::ApprovalsClient;
 pub use approvals::ApprovalsSettings;
 use chat::Chat;
@@ -814,24 +816,70 @@ impl Drop for RoleCount {
     }
 }
 
-/// The `gateway` subtree: `listener` (its policy is `listener_policy`; `bound` receives its
-/// address on each start), then `approvals` if [`GatewayState::set_approvals`] was called,
-/// then `sessions`, a one-for-one supervisor of per-socket children added at run time.
+/// The restart policies of the `gateway` subtree, one per kind. [`Default`] gives each
+/// kind's built-in policy; `warden run` gives the configured ones.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GatewayPolicies {
+    /// `gateway_listener`: the listener.
+    pub listener: Policy,
+    /// `approvals_broker`: the approvals broker.
+    pub approvals: Policy,
+    /// `gateway_session`: every per-socket session (temporary: only its stop limit and
+    /// liveness apply, and its liveness is never below the session's own backstop).
+    pub session: Policy,
+    /// `supervisor`: `gateway` and `sessions`.
+    pub supervisor: Policy,
+}
+
+impl Default for GatewayPolicies {
+    fn default() -> Self {
+        Self {
+            listener: listener::DEFAULT_POLICY,
+            approvals: approvals::DEFAULT_POLICY,
+            session: session::DEFAULT_POLICY,
+            supervisor: supervisor::DEFAULT_POLICY,
+        }
+    }
+}
+
+/// [`spec_with`] `listener_policy` for the listener and the built-in policy of every other
+/// kind: what the tests and benchmarks start.
 pub fn spec(
     state: &GatewayState,
     listener_policy: Policy,
     bound: Arc<watch::Sender<Option<SocketAddr>>>,
 ) -> ChildSpec {
-    let mut children = vec![listener::spec(state, listener_policy, bound)];
+    let policies = GatewayPolicies {
+        listener: listener_policy,
+        ..GatewayPolicies::default()
+    };
+    spec_with(state, policies, bound)
+}
+
+/// The `gateway` subtree: `listener` (`bound` receives its address on each start), then
+/// `approvals` if [`GatewayState::set_approvals`] was called, then `sessions`, a one-for-one
+/// supervisor of per-socket children added at run time; each child with its kind's policy
+/// from `policies`.
+pub fn spec_with(
+    state: &GatewayState,
+    policies: GatewayPolicies,
+    bound: Arc<watch::Sender<Option<SocketAddr>>>,
+) -> ChildSpec {
+    let mut children = vec![listener::spec(
+        state,
+        policies.listener,
+        policies.session,
+        bound,
+    )];
     if state.approvals_settings().is_some() {
-        children.push(approvals::spec(state));
+        children.push(approvals::spec(state, policies.approvals));
     }
-    children.push(ChildSpec::supervisor(
-        "sessions",
-        Strategy::OneForOne,
-        Vec::new(),
-    ));
+    children.push(
+        ChildSpec::supervisor("sessions", Strategy::OneForOne, Vec::new())
+            .with_policy(policies.supervisor.clone()),
+    );
     ChildSpec::supervisor("gateway", Strategy::RestForOne, children)
+        .with_policy(policies.supervisor)
 }
 
 /// Milliseconds since the Unix epoch.

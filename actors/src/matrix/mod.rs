@@ -30,7 +30,7 @@ use std::sync::Arc;
 use crate::gateway::chat::Chat;
 use crate::supervision::{ChildSpec, Policy, SlotClient, Strategy};
 
-pub use client::KIND;
+pub use client::{DEFAULT_POLICY, KIND};
 
 /// The start-slot pool every password login passes.
 pub const LOGIN_POOL: &str = "matrix_login";
@@ -97,26 +97,32 @@ pub struct AccountSpec {
     pub handler: Option<(approvals::HandlerConfig, Policy)>,
 }
 
-/// The `channels` subtree with one `matrix/<alias>` subtree per account.
-pub fn channels_spec(accounts: Vec<AccountSpec>, chat: &Chat, slots: &SlotClient) -> ChildSpec {
+/// The `channels` subtree with one `matrix/<alias>` subtree per account; `supervisor` is
+/// the policy of every supervisor in it (kind `supervisor`).
+pub fn channels_spec(
+    accounts: Vec<AccountSpec>,
+    chat: &Chat,
+    slots: &SlotClient,
+    supervisor: &Policy,
+) -> ChildSpec {
     let accounts = accounts
         .into_iter()
-        .map(|account| account_spec(account, chat, slots))
+        .map(|account| account_spec(account, chat, slots, supervisor))
         .collect();
-    ChildSpec::supervisor(
-        "channels",
-        Strategy::OneForOne,
-        vec![ChildSpec::supervisor(
-            "matrix",
-            Strategy::OneForOne,
-            accounts,
-        )],
-    )
+    let matrix = ChildSpec::supervisor("matrix", Strategy::OneForOne, accounts)
+        .with_policy(supervisor.clone());
+    ChildSpec::supervisor("channels", Strategy::OneForOne, vec![matrix])
+        .with_policy(supervisor.clone())
 }
 
 /// The `<alias>` subtree of one account — `client`, then `approvals` when enabled;
-/// registers the account with `chat`.
-pub fn account_spec(spec: AccountSpec, chat: &Chat, slots: &SlotClient) -> ChildSpec {
+/// registers the account with `chat`. The `<alias>` supervisor gets `supervisor`.
+pub fn account_spec(
+    spec: AccountSpec,
+    chat: &Chat,
+    slots: &SlotClient,
+    supervisor: &Policy,
+) -> ChildSpec {
     let AccountSpec {
         config,
         policy,
@@ -130,5 +136,5 @@ pub fn account_spec(spec: AccountSpec, chat: &Chat, slots: &SlotClient) -> Child
     if let Some((handler, policy)) = handler {
         children.push(approvals::spec(handler, account, slots.clone(), policy));
     }
-    ChildSpec::supervisor(alias, Strategy::RestForOne, children)
+    ChildSpec::supervisor(alias, Strategy::RestForOne, children).with_policy(supervisor.clone())
 }
