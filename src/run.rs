@@ -28,7 +28,7 @@ use warden_actors::gateway::{
     self, GatewayPolicies, GatewayState, ShutdownIntent, listener, session,
 };
 use warden_actors::matrix::approvals::{self, GatewayAddr, HandlerConfig};
-use warden_actors::matrix::{self, AccountConfig, AccountSpec};
+use warden_actors::matrix::{self, AccountSpec};
 use warden_actors::supervision::{SlotClient, slots, supervisor};
 
 use crate::admin;
@@ -134,28 +134,12 @@ fn matrix_accounts(
     state: &GatewayState,
     gateway: GatewayAddr,
 ) -> Vec<AccountSpec> {
-    let root = config.state.dir.join("matrix");
     config
         .matrix
         .accounts
         .iter()
         .map(|(alias, acc)| {
-            let account = AccountConfig {
-                alias: alias.clone(),
-                homeserver: acc.homeserver.clone(),
-                user_id: acc.user_id.clone(),
-                password: acc.password.clone(),
-                access_token: acc.access_token.clone(),
-                device_id: acc.device_id.clone(),
-                recovery_key: acc.recovery_key.clone(),
-                allowed_rooms: acc.allowed_rooms.clone(),
-                allowed_senders: acc.allowed_senders.clone(),
-                auto_join: acc.auto_join,
-                approvers: acc.approvals.approvers.clone(),
-                dir: root.join(alias),
-            };
-            let enabled = acc.approvals.enabled && !acc.approvals.approvers.is_empty();
-            let handler = enabled.then(|| {
+            let handler = acc.approvals.runs_handler().then(|| {
                 // The handler's credential lives in memory only: no client outside this
                 // process can hold role approver.
                 let credential = state.add_approver(alias);
@@ -168,7 +152,7 @@ fn matrix_accounts(
                 (handler, config.policy_for(approvals::KIND, None))
             });
             AccountSpec {
-                config: account,
+                config: acc.resolve(alias, &config.state.dir),
                 policy: config.policy_for(matrix::KIND, Some(&acc.supervision)),
                 handler,
             }

@@ -17,8 +17,11 @@
 //! with [`EXIT_CONFIG`] and one line naming the key and its source ([`ConfigError`]).
 //!
 //! Code map: `settings` holds the sections owned here (the others belong to their
-//! subsystems), `kinds` the built-in restart policies, `layers` the figment layers and
-//! provenance, `check` secrets and validation, `show` the flat listing for `config show`.
+//! subsystems: `[gateway]` to `warden_actors::gateway`, `[matrix]` to
+//! `warden_actors::matrix::settings`, `[node]` to `warden_actors::node::settings`, `[admin]`
+//! to `crate::admin`, `[telemetry]` to `crate::telemetry`), `kinds` every kind of child and
+//! its built-in restart policy, `layers` the figment layers and provenance, `check` secrets
+//! and validation, `show` the flat listing for `config show`.
 
 mod check;
 mod kinds;
@@ -41,11 +44,10 @@ use crate::telemetry::TelemetrySettings;
 
 pub use kinds::{KINDS, builtin_policy};
 pub use layers::DEFAULTS_TOML;
-pub use settings::{
-    AccountSettings, ApprovalSettings, MatrixSettings, NodeCommand, NodeSettings, ShutdownSettings,
-    StateSettings, SupervisionSettings,
-};
+pub use settings::{ShutdownSettings, StateSettings, SupervisionSettings};
 pub use show::ConfigEntry;
+pub use warden_actors::matrix::settings::{AccountSettings, ApprovalSettings, MatrixSettings};
+pub use warden_actors::node::settings::{NodeCommand, NodeSettings};
 
 /// Process exit code for bad configuration (EX_USAGE).
 pub const EXIT_CONFIG: i32 = 64;

@@ -8,7 +8,9 @@
 //!         └── approvals      permanent     only with approvals enabled (approvals.rs)
 //! ```
 //!
-//! * [`AccountConfig`] — one account's settings, already validated by the program.
+//! * [`settings`] — `[matrix]` as configured ([`MatrixSettings`]); an account's
+//!   [`AccountSettings::resolve`] makes its [`AccountConfig`], the settings its actors run
+//!   with, once the program has validated them.
 //! * `client.rs` — the client actor: opens the local state (store.rs), restores the session
 //!   or logs in through the `matrix_login` start-slot pool, then syncs; every error ends the
 //!   incarnation and the supervisor restarts it (errors.rs says how).
@@ -21,6 +23,7 @@ pub mod approvals;
 mod client;
 mod errors;
 mod inbound;
+pub mod settings;
 mod store;
 
 use std::fmt;
@@ -31,6 +34,7 @@ use crate::gateway::chat::Chat;
 use crate::supervision::{ChildSpec, Policy, SlotClient, Strategy};
 
 pub use client::{DEFAULT_POLICY, KIND};
+pub use settings::{AccountSettings, ApprovalSettings, MatrixSettings};
 
 /// The start-slot pool every password login passes.
 pub const LOGIN_POOL: &str = "matrix_login";
