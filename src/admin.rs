@@ -752,8 +752,7 @@ pub struct MetricsError(#[from] BuildError);
 /// upkeep every [`UPKEEP_INTERVAL`].
 pub fn install_metrics() -> Result<PrometheusHandle, MetricsError> {
     let handle = PrometheusBuilder::new().install_recorder()?;
-    warden_actors::supervision::metrics::describe();
-    warden_actors::gateway::metrics::describe();
+    warden_actors::describe_metrics();
     Ok(handle)
 }
 

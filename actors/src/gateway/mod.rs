@@ -34,6 +34,7 @@ pub mod chat;
 pub mod client;
 pub mod hub;
 pub mod listener;
+pub mod metrics;
 pub mod protocol;
 pub mod registry;
 pub mod session;
@@ -263,84 +264,6 @@ impl ShutdownIntent {
                 expected_back_ms: 0,
             },
         }
-    }
-}
-
-/// Metric names the gateway records.
-pub mod metrics {
-    /// Gauge: authenticated sessions, by `role`.
-    pub const SESSIONS: &str = "warden_gateway_sessions";
-    /// Gauge: connections holding a pre-auth slot, from accept (or from the upgrade request
-    /// for one authenticated by its `Authorization` header) to `hello-ok` or close.
-    pub const HANDSHAKING: &str = "warden_gateway_handshaking";
-    /// Counter: upgrades refused with 503 because an IP had too many handshaking sockets.
-    pub const PREAUTH_REJECTIONS_TOTAL: &str = "warden_gateway_preauth_rejections_total";
-    /// Counter: connections answered 503 at accept because their address had
-    /// `4 × max_preauth_per_ip` unauthenticated connections open.
-    pub const ADDRESS_CAP_REFUSALS_TOTAL: &str = "warden_gateway_address_cap_refusals_total";
-    /// Gauge: open connections to the listener, from accept to close (WebSockets included).
-    pub const CONNECTIONS: &str = "warden_gateway_connections";
-    /// Counter: connections answered 503 because `max_connections` were open.
-    pub const CONNECTION_CAP_REFUSALS_TOTAL: &str = "warden_gateway_connection_cap_refusals_total";
-    /// Counter: upgrades refused before the WebSocket opened, by `reason` (`origin`: 403
-    /// for an `Origin` not allowed; `unauthorized`: 401 for an unknown credential).
-    pub const UPGRADE_REFUSALS_TOTAL: &str = "warden_gateway_upgrade_refusals_total";
-    /// Counter: sockets the server closed, by `code`.
-    pub const CLOSES_TOTAL: &str = "warden_gateway_closes_total";
-    /// Counter: sessions closed with 4000 after two ticks without a client frame.
-    pub const IDLE_CLOSES_TOTAL: &str = "warden_gateway_idle_closes_total";
-    /// Counter: sessions closed with 4001 because they fell behind the event stream.
-    pub const SLOW_CONSUMER_CLOSES_TOTAL: &str = "warden_gateway_slow_consumer_closes_total";
-    /// Counter: sockets closed with 4408 because the handshake took too long.
-    pub const HANDSHAKE_TIMEOUTS_TOTAL: &str = "warden_gateway_handshake_timeouts_total";
-    /// Counter: `connect` requests refused, by `reason` (`unauthorized`, `bad_request`).
-    pub const CONNECT_REFUSALS_TOTAL: &str = "warden_gateway_connect_refusals_total";
-    /// Counter: approvals decided, by `decision` (`approved`, `denied`, `timeout`).
-    pub const APPROVALS_TOTAL: &str = "warden_approvals_total";
-    /// Gauge: approvals waiting for a decision.
-    pub const APPROVALS_PENDING: &str = "warden_approvals_pending";
-
-    /// Registers descriptions with the installed recorder (call once after installing it).
-    pub fn describe() {
-        use metrics::{describe_counter, describe_gauge};
-        describe_gauge!(SESSIONS, "Authenticated gateway sessions.");
-        describe_gauge!(
-            HANDSHAKING,
-            "Gateway connections holding a pre-auth slot (not yet past hello-ok)."
-        );
-        describe_counter!(
-            PREAUTH_REJECTIONS_TOTAL,
-            "Upgrades answered 503 because their address had too many handshaking connections."
-        );
-        describe_counter!(
-            ADDRESS_CAP_REFUSALS_TOTAL,
-            "Connections answered 503 because their address had too many unauthenticated connections open."
-        );
-        describe_gauge!(CONNECTIONS, "Open connections to the gateway listener.");
-        describe_counter!(
-            CONNECTION_CAP_REFUSALS_TOTAL,
-            "Connections answered 503 because gateway.max_connections were open."
-        );
-        describe_counter!(
-            UPGRADE_REFUSALS_TOTAL,
-            "WebSocket upgrades refused for their Origin or their credential."
-        );
-        describe_counter!(CLOSES_TOTAL, "Gateway sockets the server closed.");
-        describe_counter!(
-            IDLE_CLOSES_TOTAL,
-            "Gateway sessions closed after two ticks without a client frame."
-        );
-        describe_counter!(
-            SLOW_CONSUMER_CLOSES_TOTAL,
-            "Gateway sessions closed because they fell behind the event stream."
-        );
-        describe_counter!(
-            HANDSHAKE_TIMEOUTS_TOTAL,
-            "Gateway sockets closed because the handshake took too long."
-        );
-        describe_counter!(CONNECT_REFUSALS_TOTAL, "Gateway connect requests refused.");
-        describe_counter!(APPROVALS_TOTAL, "Approvals decided.");
-        describe_gauge!(APPROVALS_PENDING, "Approvals waiting for a decision.");
     }
 }
 
