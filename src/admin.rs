@@ -64,8 +64,26 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 use warden_actors::serve::{ServeActor, ServeArgs, ServeLimits, TickHook};
 use warden_actors::supervision::{
-    ChildContext, ChildSpec, ControlAction, Failure, NodeState, Policy, ROOT, Restart,
-    SupervisorError, TreeHandle,
+    Action, Backoff, ChildContext, ChildSpec, ControlAction, Failure, NodeState, Policy, ROOT,
+    Restart, SupervisorError, TreeHandle,
+};
+
+/// The kind of the admin child, for policies and metrics.
+pub const KIND: &str = "admin";
+
+/// The admin actor's built-in policy: 200 ms → 5 s, at most 5 failures in 60 s, then
+/// `exit` (75), also on a fatal failure (78); otherwise [`Policy::DEFAULT`].
+pub const DEFAULT_POLICY: Policy = Policy {
+    backoff: Backoff {
+        initial: Duration::from_millis(200),
+        max: Duration::from_secs(5),
+        ..Policy::DEFAULT.backoff
+    },
+    max_restarts: 5,
+    window: Duration::from_secs(60),
+    on_exhausted: Action::Exit,
+    on_fatal: Action::Exit,
+    ..Policy::DEFAULT
 };
 
 /// `[admin]` settings.
@@ -688,7 +706,7 @@ impl IntoResponse for ApiError {
 /// gives the address. A non-loopback address without a token fails the start as fatal.
 pub fn spec(settings: &AdminSettings, state: AdminState, policy: Policy) -> ChildSpec {
     let bind = settings.bind;
-    ChildSpec::new("admin", "admin", Restart::Permanent, move |ctx: ChildContext| {
+    ChildSpec::new("admin", KIND, Restart::Permanent, move |ctx: ChildContext| {
         let state = state.clone();
         async move {
             if !bind.ip().is_loopback() && state.token.is_none() {
@@ -738,8 +756,7 @@ pub struct MetricsError(#[from] BuildError);
 /// upkeep every [`UPKEEP_INTERVAL`].
 pub fn install_metrics() -> Result<PrometheusHandle, MetricsError> {
     let handle = PrometheusBuilder::new().install_recorder()?;
-    warden_actors::supervision::metrics::describe();
-    warden_actors::gateway::metrics::describe();
+    warden_actors::describe_metrics();
     Ok(handle)
 }
 

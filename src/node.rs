@@ -15,24 +15,19 @@
 //! approval grants of commands that need approval with it; config validation refuses a
 //! `[node]` without one (exit 64). This is where the node's own environment is read for its
 //! commands: each gets only `PATH`, `LANG` and `HOME` from it, plus its own `env` table.
-//! The [`Admission`] — the limits on running and queued commands and the grants already
-//! used — is made once here and outlives every reconnect.
+//! The [`Admission`](connection::Admission) — the limits on running and queued commands
+//! and the grants already used — is made once here and outlives every reconnect.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tracing::{error, info};
-use warden_actors::node::commands::{self, CommandSpec};
-use warden_actors::node::connection::{self, Admission, ConnectionConfig, NodeStatus};
+use warden_actors::node::connection::{self, NodeStatus};
 use warden_actors::supervision::EXIT_BUDGET_EXHAUSTED;
 
 use crate::admin;
-use crate::config::{EXIT_CONFIG, Loaded, NodeSettings};
+use crate::config::{EXIT_CONFIG, Loaded};
 use crate::program::{Program, Stop};
-
-/// How long a node handshake may take.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Runs the node host until a signal, an exit request or too long a disconnection.
 pub async fn run(loaded: Loaded) -> i32 {
@@ -49,13 +44,12 @@ pub async fn run(loaded: Loaded) -> i32 {
         program.abort().await;
         return EXIT_CONFIG;
     };
-    let connection_config = connection_config(&node);
+    // The one place the node's own environment is read: its commands get PATH, LANG and
+    // HOME from it.
+    let connection_config = node.resolve(|key| std::env::var(key).ok(), host_name);
     let name = connection_config.name.clone();
     let status = Arc::new(NodeStatus::new());
-    let admission = Arc::new(Admission::new(
-        node.max_concurrent_commands,
-        node.max_queued_commands,
-    ));
+    let admission = Arc::new(node.admission());
 
     let probe_status = status.clone();
     let admin_state = program
@@ -71,7 +65,7 @@ pub async fn run(loaded: Loaded) -> i32 {
         admin::spec(
             &config.admin,
             admin_state.clone(),
-            config.policy_for("admin", None),
+            config.policy_for(admin::KIND, None),
         ),
     ];
     let (program, tree) = match program.start_tree(children, &admin_state).await {
@@ -104,36 +98,6 @@ pub async fn run(loaded: Loaded) -> i32 {
     };
     let deadline = Duration::from_millis(config.shutdown.deadline_ms);
     program.serve(tree, deadline, too_long, || {}).await
-}
-
-fn connection_config(node: &NodeSettings) -> ConnectionConfig {
-    let commands: BTreeMap<String, CommandSpec> = node
-        .commands
-        .iter()
-        .map(|(name, c)| {
-            let spec = CommandSpec {
-                argv: c.argv.clone(),
-                args: c.args,
-                approval: c.approval,
-                timeout: Duration::from_millis(c.timeout_ms),
-                max_output_bytes: c.max_output_bytes,
-                env: commands::environment(|key| std::env::var(key).ok(), &c.env),
-                args_after_separator: c.args_after_separator,
-                allow_option_args: c.allow_option_args,
-            };
-            (name.clone(), spec)
-        })
-        .collect();
-    ConnectionConfig {
-        gateway_url: node.gateway_url.clone(),
-        // Config validation refuses a [node] without a token.
-        token: node.token.clone().unwrap_or_default(),
-        name: node.name.clone().unwrap_or_else(host_name),
-        commands: Arc::new(commands),
-        handshake_timeout: HANDSHAKE_TIMEOUT,
-        reconnect_window: Duration::from_millis(node.reconnect_window_ms),
-        reconnect_within: Duration::from_millis(node.reconnect_within_ms),
-    }
 }
 
 /// The host name, for a node without `node.name`.

@@ -26,10 +26,12 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 use tracing::info;
-use warden_actors::gateway::{self, GatewayState, ShutdownIntent, listener};
+use warden_actors::gateway::{
+    self, GatewayPolicies, GatewayState, ShutdownIntent, listener, session,
+};
 use warden_actors::matrix::approvals::{self, GatewayAddr, HandlerConfig};
-use warden_actors::matrix::{self, AccountConfig, AccountSpec};
-use warden_actors::supervision::SlotClient;
+use warden_actors::matrix::{self, AccountSpec};
+use warden_actors::supervision::{SlotClient, slots, supervisor};
 
 use crate::admin;
 use crate::config::{Config, Loaded};
@@ -79,27 +81,31 @@ pub async fn run(loaded: Loaded) -> i32 {
     let slots = SlotClient::new();
     // Approval handlers reach the gateway wherever its listener bound.
     let bound = gateway_bound.subscribe();
+    let supervisor_policy = config.policy_for(supervisor::KIND, None);
+    let gateway_policies = GatewayPolicies {
+        listener: config.policy_for(listener::KIND, None),
+        approvals: config.policy_for(gateway::approvals::KIND, None),
+        session: config.policy_for(session::KIND, None),
+        supervisor: supervisor_policy.clone(),
+    };
     let mut children = vec![
         slots
             .spec("start_slots", config.pools())
-            .with_policy(config.policy_for("start_slots", None)),
-        gateway::spec(
-            &gateway_state,
-            config.policy_for(listener::KIND, None),
-            gateway_bound,
-        ),
+            .with_policy(config.policy_for(slots::KIND, None)),
+        gateway::spec_with(&gateway_state, gateway_policies, gateway_bound),
     ];
     if !config.matrix.accounts.is_empty() {
         children.push(matrix::channels_spec(
             matrix_accounts(config, &gateway_state, GatewayAddr::Bound(bound)),
             gateway_state.chat(),
             &slots,
+            &supervisor_policy,
         ));
     }
     children.push(admin::spec(
         &config.admin,
         admin_state.clone(),
-        config.policy_for("admin", None),
+        config.policy_for(admin::KIND, None),
     ));
     let (program, tree) = match program.start_tree(children, &admin_state).await {
         Ok(started) => started,
@@ -130,28 +136,12 @@ fn matrix_accounts(
     state: &GatewayState,
     gateway: GatewayAddr,
 ) -> Vec<AccountSpec> {
-    let root = config.state.dir.join("matrix");
     config
         .matrix
         .accounts
         .iter()
         .map(|(alias, acc)| {
-            let account = AccountConfig {
-                alias: alias.clone(),
-                homeserver: acc.homeserver.clone(),
-                user_id: acc.user_id.clone(),
-                password: acc.password.clone(),
-                access_token: acc.access_token.clone(),
-                device_id: acc.device_id.clone(),
-                recovery_key: acc.recovery_key.clone(),
-                allowed_rooms: acc.allowed_rooms.clone(),
-                allowed_senders: acc.allowed_senders.clone(),
-                auto_join: acc.auto_join,
-                approvers: acc.approvals.approvers.clone(),
-                dir: root.join(alias),
-            };
-            let enabled = acc.approvals.enabled && !acc.approvals.approvers.is_empty();
-            let handler = enabled.then(|| {
+            let handler = acc.approvals.runs_handler().then(|| {
                 // The handler's credential lives in memory only: no client outside this
                 // process can hold role approver.
                 let credential = state.add_approver(alias);
@@ -164,7 +154,7 @@ fn matrix_accounts(
                 (handler, config.policy_for(approvals::KIND, None))
             });
             AccountSpec {
-                config: account,
+                config: acc.resolve(alias, &config.state.dir),
                 policy: config.policy_for(matrix::KIND, Some(&acc.supervision)),
                 handler,
             }

@@ -46,9 +46,7 @@ use warden_actors::gateway::client::{ConnectError, ConnectOptions, GatewayClient
 use warden_actors::gateway::protocol::{ClientInfo, NodeInfo, Role};
 use warden_actors::gateway::{self, GatewaySettings, GatewayState};
 use warden_actors::node::connection::{self, ConnectionConfig, NodeStatus};
-use warden_actors::supervision::{
-    Action, Backoff, ChildSpec, Jitter, Policy, Strategy, Tree, TreeOptions,
-};
+use warden_actors::supervision::{ChildSpec, Jitter, Policy, Strategy, Tree, TreeOptions};
 
 const TOKEN: &str = "bench-token";
 
@@ -875,23 +873,6 @@ fn bench_idle(report: &mut Report, size: Size, client_rt: &Runtime, role: Role) 
 // 3. Reconnect convergence
 // ---------------------------------------------------------------------------------------
 
-/// The built-in policy of kind `node_connection` (`src/config/kinds.rs`, which this crate
-/// cannot see): 500 ms → 30 s, ×2, 20 % jitter, reset after 30 s, unlimited, exit on fatal.
-fn node_policy() -> Policy {
-    let base = Policy::default();
-    Policy {
-        backoff: Backoff {
-            initial: Duration::from_millis(500),
-            max: Duration::from_secs(30),
-            reset_after: Duration::from_secs(30),
-            ..base.backoff
-        },
-        max_restarts: 0,
-        on_fatal: Action::Exit,
-        ..base
-    }
-}
-
 /// Nodes the gateway lists as connected, asked through one operator session.
 fn nodes_online(client_rt: &Runtime, url: &str) -> usize {
     client_rt.block_on(async {
@@ -980,7 +961,7 @@ fn bench_reconnect(report: &mut Report, size: Size, client_rt: &Runtime, budget:
                 reconnect_window: Duration::from_secs(10),
                 reconnect_within: Duration::from_millis(500),
             };
-            let connection = connection::spec(config, status.clone(), node_policy());
+            let connection = connection::spec(config, status.clone(), connection::DEFAULT_POLICY);
             ChildSpec::supervisor(format!("n-{i}"), Strategy::OneForOne, vec![connection])
         })
         .collect();

@@ -62,50 +62,19 @@ use tracing::level_filters::LevelFilter;
 use tracing::subscriber::Interest;
 use tracing::{Event, Level, Metadata, span};
 use warden_actors::gateway::{
-    self, ApprovalsSettings, GatewaySettings, GatewayState, HandshakeStats,
+    self, ApprovalsSettings, GatewaySettings, GatewayState, HandshakeStats, listener,
 };
 use warden_actors::matrix::approvals::{
     self, ApprovalChannel, GatewayAddr, HandlerConfig, NoChannel,
 };
 use warden_actors::supervision::{
-    Action, Backoff, ChildSpec, NodeSnapshot, NodeState, Policy, PoolSettings, SlotClient,
-    Strategy, Tree, TreeOptions,
+    ChildSpec, NodeSnapshot, NodeState, PoolSettings, SlotClient, Strategy, Tree, TreeOptions,
 };
 
 const TOKEN: &str = "storm-token";
 
 /// How often the gateway's counts are sampled.
 const SAMPLE: Duration = Duration::from_millis(2);
-
-// ---------------------------------------------------------------------------------------
-// Policies: copies of the built-in ones (`src/config/kinds.rs`), which this crate cannot see
-// ---------------------------------------------------------------------------------------
-
-/// `approval_handler`: 1 s → 60 s ×2, jitter 0.2, reset after 60 s, unlimited, park / park,
-/// a named warning after 5 failures in a row.
-fn handler_policy() -> Policy {
-    Policy {
-        warn_after: 5,
-        ..Policy::default()
-    }
-}
-
-/// `gateway_listener`: 200 ms → 5 s, 5 failures in 60 s, then exit.
-fn listener_policy() -> Policy {
-    let base = Policy::default();
-    Policy {
-        backoff: Backoff {
-            initial: Duration::from_millis(200),
-            max: Duration::from_secs(5),
-            ..base.backoff
-        },
-        max_restarts: 5,
-        window: Duration::from_secs(60),
-        on_exhausted: Action::Exit,
-        on_fatal: Action::Exit,
-        ..base
-    }
-}
 
 // ---------------------------------------------------------------------------------------
 // Restart causes, from the kernel's WARN
@@ -439,13 +408,18 @@ fn run(rt: &Runtime, p: &Params, causes: &Causes) -> Outcome {
                 token: state.add_approver(&alias).expose().to_string(),
                 handshake_timeout,
             };
-            let handler = approvals::spec(config, channel.clone(), slots.clone(), handler_policy());
+            let handler = approvals::spec(
+                config,
+                channel.clone(),
+                slots.clone(),
+                approvals::DEFAULT_POLICY,
+            );
             ChildSpec::supervisor(alias, Strategy::RestForOne, vec![handler])
         })
         .collect();
     let children = vec![
         slots.spec("start_slots", vec![(approvals::POOL.to_string(), p.pool)]),
-        gateway::spec(&state, listener_policy(), bound),
+        gateway::spec(&state, listener::DEFAULT_POLICY, bound),
         ChildSpec::supervisor(
             "channels",
             Strategy::OneForOne,

@@ -18,3 +18,23 @@ pub mod matrix;
 pub mod node;
 pub mod serve;
 pub mod supervision;
+
+/// Registers the description of every metric this crate records (the kernel's and the
+/// gateway's) with the installed recorder: call once, after installing it.
+pub fn describe_metrics() {
+    supervision::metrics::describe();
+    gateway::metrics::describe();
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn metric_names_are_unique_across_the_crate() {
+        let all: Vec<_> = [
+            super::supervision::metrics::ALL,
+            super::gateway::metrics::ALL,
+        ]
+        .concat();
+        super::supervision::metrics::check_declared(&all);
+    }
+}

@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 
 use figment::Figment;
+use warden_actors::matrix;
 use warden_actors::node::commands;
 use warden_actors::supervision::settings::{PolicyProblem, PolicySettings, validate_effective};
 
@@ -333,7 +334,7 @@ fn check_supervision(
         check_effective(config, kind, None, err)?;
     }
     for (key, layer) in accounts {
-        check_effective(config, "matrix_account", Some((key, layer)), err)?;
+        check_effective(config, matrix::KIND, Some((key, layer)), err)?;
     }
     Ok(())
 }

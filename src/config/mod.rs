@@ -17,8 +17,11 @@
 //! with [`EXIT_CONFIG`] and one line naming the key and its source ([`ConfigError`]).
 //!
 //! Code map: `settings` holds the sections owned here (the others belong to their
-//! subsystems), `kinds` the built-in restart policies, `layers` the figment layers and
-//! provenance, `check` secrets and validation, `show` the flat listing for `config show`.
+//! subsystems: `[gateway]` to `warden_actors::gateway`, `[matrix]` to
+//! `warden_actors::matrix::settings`, `[node]` to `warden_actors::node::settings`, `[admin]`
+//! to `crate::admin`, `[telemetry]` to `crate::telemetry`), `kinds` every kind of child and
+//! its built-in restart policy, `layers` the figment layers and provenance, `check` secrets
+//! and validation, `show` the flat listing for `config show`.
 
 mod check;
 mod kinds;
@@ -41,11 +44,10 @@ use crate::telemetry::TelemetrySettings;
 
 pub use kinds::{KINDS, builtin_policy};
 pub use layers::DEFAULTS_TOML;
-pub use settings::{
-    AccountSettings, ApprovalSettings, MatrixSettings, NodeCommand, NodeSettings, ShutdownSettings,
-    StateSettings, SupervisionSettings,
-};
+pub use settings::{ShutdownSettings, StateSettings, SupervisionSettings};
 pub use show::ConfigEntry;
+pub use warden_actors::matrix::settings::{AccountSettings, ApprovalSettings, MatrixSettings};
+pub use warden_actors::node::settings::{NodeCommand, NodeSettings};
 
 /// Process exit code for bad configuration (EX_USAGE).
 pub const EXIT_CONFIG: i32 = 64;
@@ -101,7 +103,8 @@ impl Default for Config {
 
 impl Config {
     /// The policy of one child: built-in kind default ← `supervision.defaults` ←
-    /// `supervision.kinds.<kind>` ← `child` (e.g. an account's `supervision` table).
+    /// `supervision.kinds.<kind>` ← `child` (e.g. an account's `supervision` table); no
+    /// liveness timeout for a kind whose actors report no heartbeat.
     ///
     /// `warden config check` validates exactly this composition for every kind in
     /// [`KINDS`] and every Matrix account, so a policy returned here for a valid config
@@ -109,9 +112,13 @@ impl Config {
     pub fn policy_for(&self, kind: &str, child: Option<&PolicySettings>) -> Policy {
         let layers = self.kind_layers(kind);
         let shared = layers.iter().map(|(_, layer)| *layer);
-        shared
+        let mut policy = shared
             .chain(child)
-            .fold(builtin_policy(kind), |policy, layer| layer.apply(&policy))
+            .fold(builtin_policy(kind), |policy, layer| layer.apply(&policy));
+        if !kinds::reports_heartbeat(kind) {
+            policy.liveness_timeout = None;
+        }
+        policy
     }
 
     /// The configured policy layers of `kind` below a child's own, bottom first, each with

@@ -276,7 +276,7 @@ fn built_in_kind_policies() {
         c.policy_for("something_else", None),
         warden_actors::supervision::Policy::default()
     );
-    assert!(KINDS.contains(&"start_slots") && KINDS.len() == 6);
+    assert!(KINDS.contains(&"start_slots") && KINDS.len() == 9);
 }
 
 #[test]
@@ -1054,7 +1054,8 @@ fn unknown_supervision_kind() {
         expect_error(
             "invalid config: supervision.kinds.matrix_acount: unknown kind `matrix_acount`, \
              expected one of `matrix_account`, `approval_handler`, `gateway_listener`, \
-             `node_connection`, `admin`, `start_slots` (from environment variable \
+             `node_connection`, `admin`, `start_slots`, `supervisor`, `approvals_broker`, \
+             `gateway_session` (from environment variable \
              WARDEN_SUPERVISION__KINDS__MATRIX_ACOUNT__MAX_RESTARTS)",
         )
     });

@@ -7,6 +7,7 @@ mod config;
 mod fault_proxy;
 mod gateway;
 mod matrix;
+mod metrics_live;
 mod node;
 mod process;
 mod support;

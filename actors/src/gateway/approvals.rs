@@ -110,8 +110,18 @@ use super::session::{Aborting, InvokeReply, SessionMsg, dispatch_invoke};
 use super::{GatewayState, metrics, now_ms};
 use crate::supervision::{Backoff, ChildContext, ChildSpec, Policy, Restart};
 
-/// The kind of the broker, for metrics.
+/// The kind of the broker, for policies and metrics.
 pub const KIND: &str = "approvals_broker";
+
+/// The broker's built-in policy: 200 ms → 10 s, otherwise [`Policy::DEFAULT`].
+pub const DEFAULT_POLICY: Policy = Policy {
+    backoff: Backoff {
+        initial: Duration::from_millis(200),
+        max: Duration::from_secs(10),
+        ..Policy::DEFAULT.backoff
+    },
+    ..Policy::DEFAULT
+};
 
 /// The broker's id under `gateway`.
 pub const ID: &str = "approvals";
@@ -330,16 +340,8 @@ pub enum ApprovalsMsg {
 }
 
 /// The spec of the broker: permanent, under `gateway`, over `state`'s approvals settings.
-pub fn spec(state: &GatewayState) -> ChildSpec {
+pub fn spec(state: &GatewayState, policy: Policy) -> ChildSpec {
     let state = state.clone();
-    let policy = Policy {
-        backoff: Backoff {
-            initial: Duration::from_millis(200),
-            max: Duration::from_secs(10),
-            ..Policy::default().backoff
-        },
-        ..Policy::default()
-    };
     ChildSpec::new(ID, KIND, Restart::Permanent, move |ctx: ChildContext| {
         let args = ApprovalsArgs {
             gateway: state.clone(),

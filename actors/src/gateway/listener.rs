@@ -98,10 +98,25 @@ use super::protocol::{MAX_PREAUTH_FRAME_BYTES, close, code, try_again_reason};
 use super::session::{self, SessionStart};
 use super::{AddressShare, GatewayState, PreauthSlot, SESSIONS_PATH, metrics};
 use crate::serve::{AcceptHook, Refusal, ServeActor, ServeArgs, ServeLimits, ServeMetrics};
-use crate::supervision::{ChildContext, ChildSpec, Policy, Restart};
+use crate::supervision::{Action, Backoff, ChildContext, ChildSpec, Policy, Restart};
 
 /// The kind of the listener child, for policies and metrics.
 pub const KIND: &str = "gateway_listener";
+
+/// The listener's built-in policy: 200 ms → 5 s, at most 5 failures in 60 s, then `exit`
+/// (75), also on a fatal failure (78); otherwise [`Policy::DEFAULT`].
+pub const DEFAULT_POLICY: Policy = Policy {
+    backoff: Backoff {
+        initial: Duration::from_millis(200),
+        max: Duration::from_secs(5),
+        ..Policy::DEFAULT.backoff
+    },
+    max_restarts: 5,
+    window: Duration::from_secs(60),
+    on_exhausted: Action::Exit,
+    on_fatal: Action::Exit,
+    ..Policy::DEFAULT
+};
 
 /// The listener's id under `gateway`.
 pub const ID: &str = "listener";
@@ -115,18 +130,22 @@ pub const STARTING_WAIT: Duration = Duration::from_secs(2);
 /// How long a socket the listener closes itself may take to answer the close frame.
 const CLOSE_LINGER: Duration = Duration::from_secs(1);
 
-/// The gateway's routes over `state`.
-pub fn router(state: GatewayState) -> Router {
+/// The gateway's routes over `state`; the sessions they start get `session_policy` (see
+/// [`session_child_policy`]).
+pub fn router(state: GatewayState, session_policy: Policy) -> Router {
     Router::new()
         .route("/health", get(|| async { Json(json!({ "status": "ok" })) }))
         .route("/ws", get(upgrade))
+        .layer(Extension(SessionChildPolicy(Arc::new(session_policy))))
         .with_state(state)
 }
 
-/// The listener's child spec; `bound` receives its address on each start.
+/// The listener's child spec, with `policy`; its sessions get `session_policy`. `bound`
+/// receives its address on each start.
 pub fn spec(
     state: &GatewayState,
     policy: Policy,
+    session_policy: Policy,
     bound: Arc<watch::Sender<Option<SocketAddr>>>,
 ) -> ChildSpec {
     let state = state.clone();
@@ -135,7 +154,7 @@ pub fn spec(
         let args = ServeArgs {
             name: "gateway",
             bind: settings.bind,
-            router: router(state.clone()),
+            router: router(state.clone(), session_policy.clone()),
             bound: bound.clone(),
             on_tick: None,
             limits: ServeLimits {
@@ -152,6 +171,22 @@ pub fn spec(
         ServeActor::start(ctx, args)
     })
     .with_policy(policy)
+}
+
+/// The configured `gateway_session` policy, for the sessions the routes start.
+#[derive(Clone)]
+struct SessionChildPolicy(Arc<Policy>);
+
+/// The policy of a session whose spec is `spec`: `configured`, with a liveness timeout no
+/// shorter than the one `spec` sets (what the session enforces itself, plus a margin), so
+/// no configuration can have the kernel kill a session that is still working.
+fn session_child_policy(configured: &Policy, spec: &ChildSpec) -> Policy {
+    Policy {
+        liveness_timeout: configured
+            .liveness_timeout
+            .max(spec.policy.liveness_timeout),
+        ..configured.clone()
+    }
 }
 
 /// What a connection took when it was accepted: its place under its address's cap on
@@ -208,6 +243,7 @@ fn preauth_at_accept(state: GatewayState) -> AcceptHook {
 async fn upgrade(
     State(state): State<GatewayState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Extension(SessionChildPolicy(session_policy)): Extension<SessionChildPolicy>,
     accepted: Option<Extension<AcceptedSlot>>,
     headers: HeaderMap,
     ws: WebSocketUpgrade,
@@ -289,7 +325,7 @@ async fn upgrade(
         .max_message_size(max)
         .max_frame_size(max)
         .on_failed_upgrade(move |e| debug!(peer = %peer, error = %e, "WebSocket upgrade failed."))
-        .on_upgrade(move |socket| accept(state, socket, peer, slot, max))
+        .on_upgrade(move |socket| accept(state, socket, peer, slot, max, session_policy))
 }
 
 /// An error answer: `{"error":{"code","message"}}`.
@@ -354,6 +390,7 @@ async fn accept(
     peer: SocketAddr,
     slot: PreauthSlot,
     max_frame_bytes: usize,
+    session_policy: Arc<Policy>,
 ) {
     // The program hands the tree over right after it has started, and children of that
     // tree (approval handlers) may connect just before: wait a moment rather than turn
@@ -384,6 +421,8 @@ async fn accept(
         max_frame_bytes,
     })));
     let spec = session::spec(&id, &state, start.clone());
+    let policy = session_child_policy(&session_policy, &spec);
+    let spec = spec.with_policy(policy);
     if let Err(e) = sessions.add(spec).await {
         // Still ours if the start function never ran (the supervisor refused the child).
         let start = start.lock().unwrap_or_else(|e| e.into_inner()).take();
@@ -409,4 +448,38 @@ async fn close_socket(mut socket: WebSocket, code: u16, reason: String) {
         }
     })
     .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::GatewaySettings;
+    use super::*;
+
+    #[test]
+    fn a_session_keeps_its_liveness_backstop_under_any_configured_policy() {
+        let state = GatewayState::new(GatewaySettings::default());
+        let spec = session::spec("conn-1", &state, Arc::new(Mutex::new(None)));
+        let backstop = spec.policy.liveness_timeout.expect("a backstop");
+
+        // The built-in policy: exactly what the session's spec sets.
+        assert_eq!(
+            session_child_policy(&session::DEFAULT_POLICY, &spec),
+            spec.policy
+        );
+        // A configured policy applies, but its liveness never goes below the backstop.
+        let shorter = Policy {
+            liveness_timeout: Some(Duration::from_secs(1)),
+            shutdown_timeout: Duration::from_secs(7),
+            ..Policy::DEFAULT
+        };
+        let policy = session_child_policy(&shorter, &spec);
+        assert_eq!(policy.liveness_timeout, Some(backstop));
+        assert_eq!(policy.shutdown_timeout, Duration::from_secs(7));
+        let longer = Policy {
+            liveness_timeout: Some(backstop * 2),
+            ..Policy::DEFAULT
+        };
+        let policy = session_child_policy(&longer, &spec);
+        assert_eq!(policy.liveness_timeout, Some(backstop * 2));
+    }
 }

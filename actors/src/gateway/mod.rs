@@ -19,7 +19,9 @@
 //!   program sets before it shuts the tree down. For benchmarks and tests it also keeps
 //!   plain handshake totals ([`GatewayState::handshake_stats`]) and can make every
 //!   handshake burn CPU ([`GatewayState::set_handshake_cost`]).
-//! * [`spec`] — the `gateway` subtree, built the same way by `warden run` and the tests.
+//! * [`spec_with`] — the `gateway` subtree, each kind with its policy from
+//!   [`GatewayPolicies`]: `warden run` gives the configured ones; [`spec`], which the tests
+//!   and benchmarks start, the built-in ones (and the listener's as given).
 //! * [`approvals`] — the approvals broker: `approvals.request`, `approvals.resolve`,
 //!   `approvals.list`.
 //! * [`chat`] — the chat accounts `chat.send` reaches and whose messages become
@@ -32,6 +34,7 @@ pub mod chat;
 pub mod client;
 pub mod hub;
 pub mod listener;
+pub mod metrics;
 pub mod protocol;
 pub mod registry;
 pub mod session;
@@ -47,7 +50,7 @@ use serde::Deserialize;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::supervision::{ChildSpec, Policy, Strategy, TreeHandle};
+use crate::supervision::{ChildSpec, Policy, Strategy, TreeHandle, supervisor};
 use approvals::ApprovalsClient;
 pub use approvals::ApprovalsSettings;
 use chat::Chat;
@@ -261,84 +264,6 @@ impl ShutdownIntent {
                 expected_back_ms: 0,
             },
         }
-    }
-}
-
-/// Metric names the gateway records.
-pub mod metrics {
-    /// Gauge: authenticated sessions, by `role`.
-    pub const SESSIONS: &str = "warden_gateway_sessions";
-    /// Gauge: connections holding a pre-auth slot, from accept (or from the upgrade request
-    /// for one authenticated by its `Authorization` header) to `hello-ok` or close.
-    pub const HANDSHAKING: &str = "warden_gateway_handshaking";
-    /// Counter: upgrades refused with 503 because an IP had too many handshaking sockets.
-    pub const PREAUTH_REJECTIONS_TOTAL: &str = "warden_gateway_preauth_rejections_total";
-    /// Counter: connections answered 503 at accept because their address had
-    /// `4 × max_preauth_per_ip` unauthenticated connections open.
-    pub const ADDRESS_CAP_REFUSALS_TOTAL: &str = "warden_gateway_address_cap_refusals_total";
-    /// Gauge: open connections to the listener, from accept to close (WebSockets included).
-    pub const CONNECTIONS: &str = "warden_gateway_connections";
-    /// Counter: connections answered 503 because `max_connections` were open.
-    pub const CONNECTION_CAP_REFUSALS_TOTAL: &str = "warden_gateway_connection_cap_refusals_total";
-    /// Counter: upgrades refused before the WebSocket opened, by `reason` (`origin`: 403
-    /// for an `Origin` not allowed; `unauthorized`: 401 for an unknown credential).
-    pub const UPGRADE_REFUSALS_TOTAL: &str = "warden_gateway_upgrade_refusals_total";
-    /// Counter: sockets the server closed, by `code`.
-    pub const CLOSES_TOTAL: &str = "warden_gateway_closes_total";
-    /// Counter: sessions closed with 4000 after two ticks without a client frame.
-    pub const IDLE_CLOSES_TOTAL: &str = "warden_gateway_idle_closes_total";
-    /// Counter: sessions closed with 4001 because they fell behind the event stream.
-    pub const SLOW_CONSUMER_CLOSES_TOTAL: &str = "warden_gateway_slow_consumer_closes_total";
-    /// Counter: sockets closed with 4408 because the handshake took too long.
-    pub const HANDSHAKE_TIMEOUTS_TOTAL: &str = "warden_gateway_handshake_timeouts_total";
-    /// Counter: `connect` requests refused, by `reason` (`unauthorized`, `bad_request`).
-    pub const CONNECT_REFUSALS_TOTAL: &str = "warden_gateway_connect_refusals_total";
-    /// Counter: approvals decided, by `decision` (`approved`, `denied`, `timeout`).
-    pub const APPROVALS_TOTAL: &str = "warden_approvals_total";
-    /// Gauge: approvals waiting for a decision.
-    pub const APPROVALS_PENDING: &str = "warden_approvals_pending";
-
-    /// Registers descriptions with the installed recorder (call once after installing it).
-    pub fn describe() {
-        use metrics::{describe_counter, describe_gauge};
-        describe_gauge!(SESSIONS, "Authenticated gateway sessions.");
-        describe_gauge!(
-            HANDSHAKING,
-            "Gateway connections holding a pre-auth slot (not yet past hello-ok)."
-        );
-        describe_counter!(
-            PREAUTH_REJECTIONS_TOTAL,
-            "Upgrades answered 503 because their address had too many handshaking connections."
-        );
-        describe_counter!(
-            ADDRESS_CAP_REFUSALS_TOTAL,
-            "Connections answered 503 because their address had too many unauthenticated connections open."
-        );
-        describe_gauge!(CONNECTIONS, "Open connections to the gateway listener.");
-        describe_counter!(
-            CONNECTION_CAP_REFUSALS_TOTAL,
-            "Connections answered 503 because gateway.max_connections were open."
-        );
-        describe_counter!(
-            UPGRADE_REFUSALS_TOTAL,
-            "WebSocket upgrades refused for their Origin or their credential."
-        );
-        describe_counter!(CLOSES_TOTAL, "Gateway sockets the server closed.");
-        describe_counter!(
-            IDLE_CLOSES_TOTAL,
-            "Gateway sessions closed after two ticks without a client frame."
-        );
-        describe_counter!(
-            SLOW_CONSUMER_CLOSES_TOTAL,
-            "Gateway sessions closed because they fell behind the event stream."
-        );
-        describe_counter!(
-            HANDSHAKE_TIMEOUTS_TOTAL,
-            "Gateway sockets closed because the handshake took too long."
-        );
-        describe_counter!(CONNECT_REFUSALS_TOTAL, "Gateway connect requests refused.");
-        describe_counter!(APPROVALS_TOTAL, "Approvals decided.");
-        describe_gauge!(APPROVALS_PENDING, "Approvals waiting for a decision.");
     }
 }
 
@@ -814,24 +739,70 @@ impl Drop for RoleCount {
     }
 }
 
-/// The `gateway` subtree: `listener` (its policy is `listener_policy`; `bound` receives its
-/// address on each start), then `approvals` if [`GatewayState::set_approvals`] was called,
-/// then `sessions`, a one-for-one supervisor of per-socket children added at run time.
+/// The restart policies of the `gateway` subtree, one per kind. [`Default`] gives each
+/// kind's built-in policy; `warden run` gives the configured ones.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GatewayPolicies {
+    /// `gateway_listener`: the listener.
+    pub listener: Policy,
+    /// `approvals_broker`: the approvals broker.
+    pub approvals: Policy,
+    /// `gateway_session`: every per-socket session (temporary: only its stop limit and
+    /// liveness apply, and its liveness is never below the session's own backstop).
+    pub session: Policy,
+    /// `supervisor`: `gateway` and `sessions`.
+    pub supervisor: Policy,
+}
+
+impl Default for GatewayPolicies {
+    fn default() -> Self {
+        Self {
+            listener: listener::DEFAULT_POLICY,
+            approvals: approvals::DEFAULT_POLICY,
+            session: session::DEFAULT_POLICY,
+            supervisor: supervisor::DEFAULT_POLICY,
+        }
+    }
+}
+
+/// [`spec_with`] `listener_policy` for the listener and the built-in policy of every other
+/// kind: what the tests and benchmarks start.
 pub fn spec(
     state: &GatewayState,
     listener_policy: Policy,
     bound: Arc<watch::Sender<Option<SocketAddr>>>,
 ) -> ChildSpec {
-    let mut children = vec![listener::spec(state, listener_policy, bound)];
+    let policies = GatewayPolicies {
+        listener: listener_policy,
+        ..GatewayPolicies::default()
+    };
+    spec_with(state, policies, bound)
+}
+
+/// The `gateway` subtree: `listener` (`bound` receives its address on each start), then
+/// `approvals` if [`GatewayState::set_approvals`] was called, then `sessions`, a one-for-one
+/// supervisor of per-socket children added at run time; each child with its kind's policy
+/// from `policies`.
+pub fn spec_with(
+    state: &GatewayState,
+    policies: GatewayPolicies,
+    bound: Arc<watch::Sender<Option<SocketAddr>>>,
+) -> ChildSpec {
+    let mut children = vec![listener::spec(
+        state,
+        policies.listener,
+        policies.session,
+        bound,
+    )];
     if state.approvals_settings().is_some() {
-        children.push(approvals::spec(state));
+        children.push(approvals::spec(state, policies.approvals));
     }
-    children.push(ChildSpec::supervisor(
-        "sessions",
-        Strategy::OneForOne,
-        Vec::new(),
-    ));
+    children.push(
+        ChildSpec::supervisor("sessions", Strategy::OneForOne, Vec::new())
+            .with_policy(policies.supervisor.clone()),
+    );
     ChildSpec::supervisor("gateway", Strategy::RestForOne, children)
+        .with_policy(policies.supervisor)
 }
 
 /// Milliseconds since the Unix epoch.

@@ -95,8 +95,16 @@ use super::registry::{Lookup, Registration};
 use super::{GatewayState, PreauthSlot, RoleCount, ShutdownIntent, metrics, now_ms};
 use crate::supervision::{ChildContext, ChildSpec, Policy, Probe, Restart};
 
-/// The kind of session children, for metrics.
+/// The kind of session children, for policies and metrics.
 pub const KIND: &str = "gateway_session";
+
+/// A session's built-in policy: it is temporary, so only its stop limit and liveness
+/// matter; 2 s to stop, otherwise [`Policy::DEFAULT`]. The listener keeps the liveness
+/// backstop of [`spec`] under whatever policy is configured.
+pub const DEFAULT_POLICY: Policy = Policy {
+    shutdown_timeout: SHUTDOWN_TIMEOUT,
+    ..Policy::DEFAULT
+};
 
 /// Added to the kernel's liveness timeout of a session, over what the session enforces
 /// itself, so that the kernel only ever catches a session that stopped processing.

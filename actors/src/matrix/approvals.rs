@@ -56,6 +56,13 @@ use crate::supervision::{ChildContext, ChildSpec, Failure, Policy, Probe, Restar
 
 /// The kind of the handler child, for policies and metrics.
 pub const KIND: &str = "approval_handler";
+
+/// The handler's built-in policy: a named warning after 5 failures in a row, otherwise
+/// [`Policy::DEFAULT`].
+pub const DEFAULT_POLICY: Policy = Policy {
+    warn_after: 5,
+    ..Policy::DEFAULT
+};
 /// The start-slot pool every handler start passes.
 pub const POOL: &str = "approvals";
 

@@ -68,10 +68,17 @@ use super::inbound::{Filter, Seen};
 use super::store::{self, Local, Paths, SavedSession};
 use super::{AccountConfig, LOGIN_POOL};
 use crate::gateway::chat::{Chat, ChatAccount, ChatError, ChatMessage, SendFuture, SendParams};
-use crate::supervision::{ChildContext, ChildSpec, Failure, Probe, Restart, SlotClient};
+use crate::supervision::{ChildContext, ChildSpec, Failure, Policy, Probe, Restart, SlotClient};
 
 /// The kind of the client child, for policies and metrics.
 pub const KIND: &str = "matrix_account";
+
+/// The client's built-in policy: killed as hung after 120 s without a heartbeat, otherwise
+/// [`Policy::DEFAULT`].
+pub const DEFAULT_POLICY: Policy = Policy {
+    liveness_timeout: Some(Duration::from_secs(120)),
+    ..Policy::DEFAULT
+};
 
 /// How long the homeserver may hold a `/sync` open.
 const SYNC_TIMEOUT: Duration = Duration::from_secs(30);
@@ -192,11 +199,7 @@ impl ApprovalChannel for Account {
 }
 
 /// The client child's spec.
-pub(crate) fn spec(
-    account: Arc<Account>,
-    policy: crate::supervision::Policy,
-    slots: SlotClient,
-) -> ChildSpec {
+pub(crate) fn spec(account: Arc<Account>, policy: Policy, slots: SlotClient) -> ChildSpec {
     let label = format!("Matrix account {}", account.config.alias);
     ChildSpec::new(
         "client",

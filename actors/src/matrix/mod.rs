@@ -8,7 +8,9 @@
 //!         └── approvals      permanent     only with approvals enabled (approvals.rs)
 //! ```
 //!
-//! * [`AccountConfig`] — one account's settings, already validated by the program.
+//! * [`settings`] — `[matrix]` as configured ([`MatrixSettings`]); an account's
+//!   [`AccountSettings::resolve`] makes its [`AccountConfig`], the settings its actors run
+//!   with, once the program has validated them.
 //! * `client.rs` — the client actor: opens the local state (store.rs), restores the session
 //!   or logs in through the `matrix_login` start-slot pool, then syncs; every error ends the
 //!   incarnation and the supervisor restarts it (errors.rs says how).
@@ -21,6 +23,7 @@ pub mod approvals;
 mod client;
 mod errors;
 mod inbound;
+pub mod settings;
 mod store;
 
 use std::fmt;
@@ -30,7 +33,8 @@ use std::sync::Arc;
 use crate::gateway::chat::Chat;
 use crate::supervision::{ChildSpec, Policy, SlotClient, Strategy};
 
-pub use client::KIND;
+pub use client::{DEFAULT_POLICY, KIND};
+pub use settings::{AccountSettings, ApprovalSettings, MatrixSettings};
 
 /// The start-slot pool every password login passes.
 pub const LOGIN_POOL: &str = "matrix_login";
@@ -97,26 +101,32 @@ pub struct AccountSpec {
     pub handler: Option<(approvals::HandlerConfig, Policy)>,
 }
 
-/// The `channels` subtree with one `matrix/<alias>` subtree per account.
-pub fn channels_spec(accounts: Vec<AccountSpec>, chat: &Chat, slots: &SlotClient) -> ChildSpec {
+/// The `channels` subtree with one `matrix/<alias>` subtree per account; `supervisor` is
+/// the policy of every supervisor in it (kind `supervisor`).
+pub fn channels_spec(
+    accounts: Vec<AccountSpec>,
+    chat: &Chat,
+    slots: &SlotClient,
+    supervisor: &Policy,
+) -> ChildSpec {
     let accounts = accounts
         .into_iter()
-        .map(|account| account_spec(account, chat, slots))
+        .map(|account| account_spec(account, chat, slots, supervisor))
         .collect();
-    ChildSpec::supervisor(
-        "channels",
-        Strategy::OneForOne,
-        vec![ChildSpec::supervisor(
-            "matrix",
-            Strategy::OneForOne,
-            accounts,
-        )],
-    )
+    let matrix = ChildSpec::supervisor("matrix", Strategy::OneForOne, accounts)
+        .with_policy(supervisor.clone());
+    ChildSpec::supervisor("channels", Strategy::OneForOne, vec![matrix])
+        .with_policy(supervisor.clone())
 }
 
 /// The `<alias>` subtree of one account — `client`, then `approvals` when enabled;
-/// registers the account with `chat`.
-pub fn account_spec(spec: AccountSpec, chat: &Chat, slots: &SlotClient) -> ChildSpec {
+/// registers the account with `chat`. The `<alias>` supervisor gets `supervisor`.
+pub fn account_spec(
+    spec: AccountSpec,
+    chat: &Chat,
+    slots: &SlotClient,
+    supervisor: &Policy,
+) -> ChildSpec {
     let AccountSpec {
         config,
         policy,
@@ -130,5 +140,5 @@ pub fn account_spec(spec: AccountSpec, chat: &Chat, slots: &SlotClient) -> Child
     if let Some((handler, policy)) = handler {
         children.push(approvals::spec(handler, account, slots.clone(), policy));
     }
-    ChildSpec::supervisor(alias, Strategy::RestForOne, children)
+    ChildSpec::supervisor(alias, Strategy::RestForOne, children).with_policy(supervisor.clone())
 }

@@ -59,10 +59,26 @@ use crate::gateway::protocol::grant::{GrantError, UsedGrants};
 use crate::gateway::protocol::{
     ClientInfo, CommandInfo, ErrorBody, NodeInfo, NodeInvokeParams, Role, close, code,
 };
-use crate::supervision::{ChildContext, ChildSpec, Failure, Jitter, Policy, Probe, Restart};
+use crate::supervision::{
+    Action, Backoff, ChildContext, ChildSpec, Failure, Jitter, Policy, Probe, Restart,
+};
 
 /// The kind of the connection child, for policies and metrics.
 pub const KIND: &str = "node_connection";
+
+/// The connection's built-in policy: 500 ms → 30 s, reset after 30 s connected, unlimited,
+/// `exit` (78) on a fatal failure (a rejected token); otherwise [`Policy::DEFAULT`].
+pub const DEFAULT_POLICY: Policy = Policy {
+    backoff: Backoff {
+        initial: Duration::from_millis(500),
+        max: Duration::from_secs(30),
+        reset_after: Duration::from_secs(30),
+        ..Policy::DEFAULT.backoff
+    },
+    max_restarts: 0,
+    on_fatal: Action::Exit,
+    ..Policy::DEFAULT
+};
 
 /// How a node connects and what it runs.
 #[derive(Debug, Clone)]

@@ -227,25 +227,32 @@ pub struct Policy {
     pub warn_after: u32,
 }
 
+impl Policy {
+    /// 1 s → 60 s, ×2, 20 % jitter, reset after 60 s, unlimited restarts, park on both, no
+    /// liveness check, 5 s to stop. Kinds declare their own policy as changes to this one
+    /// (`Policy { warn_after: 5, ..Policy::DEFAULT }`).
+    pub const DEFAULT: Policy = Policy {
+        backoff: Backoff {
+            initial: Duration::from_secs(1),
+            max: Duration::from_secs(60),
+            multiplier: 2.0,
+            jitter: 0.2,
+            reset_after: Duration::from_secs(60),
+        },
+        max_restarts: 0,
+        window: Duration::from_secs(60),
+        on_exhausted: Action::Park,
+        on_fatal: Action::Park,
+        liveness_timeout: None,
+        shutdown_timeout: Duration::from_secs(5),
+        warn_after: 0,
+    };
+}
+
 impl Default for Policy {
-    /// 1 s → 60 s, ×2, 20 % jitter, reset after 60 s, unlimited restarts, park on both.
+    /// [`Policy::DEFAULT`].
     fn default() -> Self {
-        Self {
-            backoff: Backoff {
-                initial: Duration::from_secs(1),
-                max: Duration::from_secs(60),
-                multiplier: 2.0,
-                jitter: 0.2,
-                reset_after: Duration::from_secs(60),
-            },
-            max_restarts: 0,
-            window: Duration::from_secs(60),
-            on_exhausted: Action::Park,
-            on_fatal: Action::Park,
-            liveness_timeout: None,
-            shutdown_timeout: Duration::from_secs(5),
-            warn_after: 0,
-        }
+        Self::DEFAULT
     }
 }
 

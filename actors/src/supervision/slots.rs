@@ -47,8 +47,14 @@ use tracing::warn;
 use super::backoff::Jitter;
 use super::child::{ChildContext, ChildSpec};
 use super::metrics as m;
-use super::policy::Restart;
+use super::policy::{Policy, Restart};
 use super::view::{Inner, PoolView};
+
+/// The kind of the start-slot child, for policies and metrics.
+pub const KIND: &str = "start_slots";
+
+/// The start-slot actor's built-in policy: [`Policy::DEFAULT`].
+pub const DEFAULT_POLICY: Policy = Policy::DEFAULT;
 
 /// A pending timer message.
 type Timer = JoinHandle<Result<(), ractor::MessagingErr<SlotMsg>>>;
@@ -196,24 +202,19 @@ impl SlotClient {
     pub fn spec(&self, id: impl Into<String>, pools: Vec<(String, PoolSettings)>) -> ChildSpec {
         let client = self.clone();
         let pools = Arc::new(pools);
-        ChildSpec::new(
-            id,
-            "start_slots",
-            Restart::Permanent,
-            move |ctx: ChildContext| {
-                let args = StartSlotsArgs {
-                    pools: pools.as_ref().clone(),
-                    jitter: ctx.jitter.clone(),
-                    inner: ctx.inner.clone(),
-                    client: client.clone(),
-                };
-                async move {
-                    let (actor, _) =
-                        Actor::spawn_linked(None, StartSlots, args, ctx.supervisor.clone()).await?;
-                    Ok(actor.get_cell())
-                }
-            },
-        )
+        ChildSpec::new(id, KIND, Restart::Permanent, move |ctx: ChildContext| {
+            let args = StartSlotsArgs {
+                pools: pools.as_ref().clone(),
+                jitter: ctx.jitter.clone(),
+                inner: ctx.inner.clone(),
+                client: client.clone(),
+            };
+            async move {
+                let (actor, _) =
+                    Actor::spawn_linked(None, StartSlots, args, ctx.supervisor.clone()).await?;
+                Ok(actor.get_cell())
+            }
+        })
     }
 
     /// Starts a start-slot actor outside any tree (tests, benchmarks).

@@ -218,7 +218,7 @@ impl NodeSnapshot {
         if let Some(strategy) = &self.strategy {
             let _ = write!(out, "  {strategy}");
         }
-        if &*self.kind != "supervisor" {
+        if &*self.kind != super::supervisor::KIND {
             let _ = write!(out, "  [{}]", self.kind);
         }
         let _ = write!(out, "  gen {}", self.generation);

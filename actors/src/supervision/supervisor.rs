@@ -34,7 +34,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{Instrument, debug, error, info, warn};
 
-use super::backoff::Jitter;
+use super::backoff::{Backoff, Jitter};
 use super::child::{ChildContext, ChildSpec, Probe};
 use super::exit::{ExitHandle, ExitRequest};
 use super::metrics as m;
@@ -49,6 +49,21 @@ type Timer = JoinHandle<Result<(), ractor::MessagingErr<SupervisorMsg>>>;
 
 /// How long to wait for a killed child to be gone.
 const KILL_WAIT: Duration = Duration::from_secs(2);
+
+/// The kind of every supervisor, for policies and metrics.
+pub const KIND: &str = "supervisor";
+
+/// A supervisor's built-in policy: 100 ms → 10 s, and 30 s to stop, which must cover the
+/// graceful stop of everything below it; otherwise [`Policy::DEFAULT`].
+pub const DEFAULT_POLICY: Policy = Policy {
+    backoff: Backoff {
+        initial: Duration::from_millis(100),
+        max: Duration::from_secs(10),
+        ..Policy::DEFAULT.backoff
+    },
+    shutdown_timeout: Duration::from_secs(30),
+    ..Policy::DEFAULT
+};
 
 /// Which children restart together when one fails.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -376,40 +391,27 @@ fn state_gauge(kind: &str, state: NodeState, delta: f64) {
 }
 
 impl ChildSpec {
-    /// A child that is itself a supervisor of `children`.
-    ///
-    /// Its own policy defaults to a short backoff (100 ms → 10 s) and a 30 s shutdown
-    /// timeout, which must cover the graceful stop of everything below it.
+    /// A child that is itself a supervisor of `children`, with [`DEFAULT_POLICY`] (replace
+    /// it with [`ChildSpec::with_policy`]).
     pub fn supervisor(id: impl Into<String>, strategy: Strategy, children: Vec<ChildSpec>) -> Self {
         let children = Arc::new(children);
-        let mut policy = Policy {
-            shutdown_timeout: Duration::from_secs(30),
-            ..Policy::default()
-        };
-        policy.backoff.initial = Duration::from_millis(100);
-        policy.backoff.max = Duration::from_secs(10);
-        ChildSpec::new(
-            id,
-            "supervisor",
-            Restart::Permanent,
-            move |ctx: ChildContext| {
-                let children = children.clone();
-                async move {
-                    let args = SupervisorArgs {
-                        path: ctx.path.clone(),
-                        strategy,
-                        children: children.as_ref().clone(),
-                        exit: ctx.exit.clone(),
-                        jitter: ctx.jitter.clone(),
-                        inner: ctx.inner.clone(),
-                    };
-                    let (actor, _) =
-                        Actor::spawn_linked(None, Supervisor, args, ctx.supervisor.clone()).await?;
-                    Ok(actor.get_cell())
-                }
-            },
-        )
-        .with_policy(policy)
+        ChildSpec::new(id, KIND, Restart::Permanent, move |ctx: ChildContext| {
+            let children = children.clone();
+            async move {
+                let args = SupervisorArgs {
+                    path: ctx.path.clone(),
+                    strategy,
+                    children: children.as_ref().clone(),
+                    exit: ctx.exit.clone(),
+                    jitter: ctx.jitter.clone(),
+                    inner: ctx.inner.clone(),
+                };
+                let (actor, _) =
+                    Actor::spawn_linked(None, Supervisor, args, ctx.supervisor.clone()).await?;
+                Ok(actor.get_cell())
+            }
+        })
+        .with_policy(DEFAULT_POLICY)
     }
 }
 
@@ -423,7 +425,7 @@ impl Actor for Supervisor {
         myself: ActorRef<Self::Msg>,
         args: SupervisorArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
-        let span = tracing::info_span!("actor", actor.kind = "supervisor", actor.path = %args.path);
+        let span = tracing::info_span!("actor", actor.kind = KIND, actor.path = %args.path);
         let mut state = SupervisorState {
             span,
             path: args.path,

@@ -164,7 +164,7 @@ impl TreeHandle {
         NodeSnapshot {
             path: ROOT.into(),
             id: ROOT.into(),
-            kind: "supervisor".into(),
+            kind: super::supervisor::KIND.into(),
             state: if alive {
                 NodeState::Running
             } else {
