@@ -9,14 +9,13 @@
 
 use std::time::Duration;
 
-use anyhow::{Context, bail, ensure};
+use anyhow::{Context, ensure};
 use serde_json::Value;
-use tokio::time::Instant;
 use warden::config::KINDS;
 use warden_actors::gateway::client::{ConnectOptions, GatewayClient};
 use warden_actors::gateway::protocol::{ClientInfo, Role};
 
-use crate::process::{TempDir, Warden};
+use crate::support::{Launch, TempDir, eventually};
 use crate::synapse;
 
 const TOKEN: &str = "metrics-live-token";
@@ -40,7 +39,6 @@ async fn promtool_accepts_the_metrics_of_a_live_gateway_and_node() -> anyhow::Re
 
     // The gateway, with one Matrix account that hosts an approval handler.
     let state = TempDir::new("metrics-live-state");
-    let dir = TempDir::new("metrics-live-gw");
     let config = format!(
         "[matrix.accounts.nova]\nhomeserver = \"{url}\"\nuser_id = \"{bot}\"\npassword = \"{pw}\"\n\
          allowed_senders = [\"{owner}\"]\napprovals = {{ enabled = true, approvers = [\"{owner}\"] }}\n",
@@ -49,51 +47,24 @@ async fn promtool_accepts_the_metrics_of_a_live_gateway_and_node() -> anyhow::Re
         pw = bot.password,
         owner = owner.user_id
     );
-    std::fs::write(dir.0.join("warden.toml"), config)?;
-    let state_dir = state.0.to_str().context("utf-8 path")?.to_string();
-    let args = [
-        "--config",
-        "warden.toml",
-        "run",
-        "--gateway-bind",
-        "127.0.0.1:0",
-        "--admin-bind",
-        "127.0.0.1:0",
-        "--log-format",
-        "json",
-    ];
-    let gateway = Warden::spawn(
-        dir,
-        &args,
-        &[
+    let state_dir = state.path().to_str().context("utf-8 path")?.to_string();
+    let gateway = Launch::run("metrics-live-gw")
+        .config(&config)
+        .envs(&[
             ("WARDEN_GATEWAY__TOKEN", TOKEN),
             ("WARDEN_GATEWAY__ALLOW_UNLISTED_NODES", "true"),
             ("WARDEN_STATE__DIR", &state_dir),
-        ],
-    );
+        ])
+        .spawn();
     let admin = gateway.admin().await;
-    let line = gateway
-        .wait_for_log("Gateway endpoint listening.", Duration::from_secs(10))
-        .await;
-    let url = format!("ws://{}/ws", line["addr"].as_str().context("addr")?);
+    let url = gateway.gateway().await;
 
     // A node host, and an operator session.
-    let node_dir = TempDir::new("metrics-live-node");
     let node_config = format!(
         "[node]\ngateway_url = \"{url}\"\ntoken = \"{TOKEN}\"\nname = \"metrics-node\"\n\
          [node.commands.hello]\nargv = [\"echo\", \"hello\"]\n"
     );
-    std::fs::write(node_dir.0.join("node.toml"), node_config)?;
-    let node_args = [
-        "--config",
-        "node.toml",
-        "node",
-        "--admin-bind",
-        "127.0.0.1:0",
-        "--log-format",
-        "json",
-    ];
-    let node = Warden::spawn(node_dir, &node_args, &[]);
+    let node = Launch::node("metrics-live-node", &node_config).spawn();
     let node_admin = node.admin().await;
     let http = reqwest::Client::new();
     let client = ClientInfo {
@@ -115,20 +86,25 @@ async fn promtool_accepts_the_metrics_of_a_live_gateway_and_node() -> anyhow::Re
     ensure!(killed.status().is_success(), "kill: {}", killed.status());
 
     // Everything connected: a session of each role, the account synced, the restart done.
-    let deadline = Instant::now() + WITHIN;
-    let text = loop {
+    let what =
+        gateway.with_logs("a session of each role, the account ready, start_slots restarted");
+    let text = eventually(WITHIN, what, async || {
         let text = http
             .get(format!("{admin}/metrics"))
             .send()
-            .await?
+            .await
+            .ok()?
             .text()
-            .await?;
+            .await
+            .ok()?;
         let tree: Value = http
             .get(format!("{admin}/admin/tree"))
             .send()
-            .await?
+            .await
+            .ok()?
             .json()
-            .await?;
+            .await
+            .ok()?;
         let ready = find(&tree, "root/channels/matrix/nova/client")
             .is_some_and(|client| client["ready"] == true);
         let roles = ["operator", "node", "approver"];
@@ -137,18 +113,9 @@ async fn promtool_accepts_the_metrics_of_a_live_gateway_and_node() -> anyhow::Re
             .all(|role| text.contains(&format!("warden_gateway_sessions{{role=\"{role}\"}} 1")));
         let restarted = text.contains("warden_restarts_total{kind=\"start_slots\"")
             && text.contains("warden_children{kind=\"start_slots\",state=\"running\"} 1");
-        if ready && sessions && restarted {
-            break text;
-        }
-        if Instant::now() >= deadline {
-            bail!(
-                "not all connected within {WITHIN:?} (account ready: {ready}, restarted: \
-                 {restarted}):\n{text}\nlogs:\n{}",
-                gateway.logs()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+        (ready && sessions && restarted).then_some(text)
+    })
+    .await;
     check_metrics(&promtool, "warden run", &text).await?;
 
     let node_text = http
