@@ -7,6 +7,7 @@
 //! * [`node`] — the node host's command runner (the connection actor: issue 4).
 //! * [`gateway`] — the gateway listener (protocol and sessions: issue 4).
 //! * [`matrix`] — Matrix accounts (the only module that imports `matrix_sdk`).
+//! * [`task`] — owned tasks: `AbortOnDrop`, and a spawn that reports a task's end to its owner.
 //!
 //! Domain actors (gateway, node, Matrix, approvals) live in their own modules beside it,
 //! each classifying its errors into [`supervision::Failure`]s and leaving every retry to
@@ -17,3 +18,4 @@ pub mod matrix;
 pub mod node;
 pub mod serve;
 pub mod supervision;
+pub mod task;
