@@ -48,7 +48,7 @@ use std::time::{Duration, SystemTime};
 
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, SpawnErr};
 use serde_json::{Value, json};
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tracing::{Instrument, info, info_span, warn};
 
@@ -60,6 +60,7 @@ use crate::gateway::protocol::{
     ClientInfo, CommandInfo, ErrorBody, NodeInfo, NodeInvokeParams, Role, close, code,
 };
 use crate::supervision::{ChildContext, ChildSpec, Failure, Jitter, Policy, Probe, Restart};
+use crate::task::{self, AbortOnDrop};
 
 /// The kind of the connection child, for policies and metrics.
 pub const KIND: &str = "node_connection";
@@ -276,15 +277,8 @@ pub struct ConnectionArgs {
 /// A connected node.
 pub struct ConnectionState {
     args: ConnectionArgs,
-    pump: Option<JoinHandle<()>>,
-}
-
-impl Drop for ConnectionState {
-    fn drop(&mut self) {
-        if let Some(pump) = self.pump.take() {
-            pump.abort();
-        }
-    }
+    /// Reads the connection and runs commands; ends with the state (a kill included).
+    pump: Option<AbortOnDrop>,
 }
 
 impl Actor for ConnectionActor {
@@ -351,8 +345,18 @@ impl Actor for ConnectionActor {
             key: Secret::new(config.token.clone()),
             admission: args.admission.clone(),
         };
+        let actor = myself.clone();
+        // A pump that returns has reported `Lost` itself; one that panics has not.
+        let report = move |ended: task::Ended| {
+            if ended.panicked() {
+                let _ = actor.send_message(ConnectionMsg::Lost {
+                    cause: ended.to_string(),
+                    expected_back_ms: None,
+                });
+            }
+        };
         let pump = pump(client, myself, invoker);
-        state.pump = Some(tokio::spawn(pump.instrument(args.span.clone())));
+        state.pump = Some(task::spawn("pump", args.span.clone(), pump, report));
         Ok(())
     }
 
