@@ -97,7 +97,7 @@ use rand::Rng;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::oneshot;
-use tracing::{Instrument, debug, error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::hub::event;
 use super::protocol::{
@@ -106,9 +106,10 @@ use super::protocol::{
     DEFAULT_INVOKE_TIMEOUT_MS, Decision, ErrorBody, Frame, ListSection, Verdict, code,
 };
 use super::registry::Lookup;
-use super::session::{Aborting, InvokeReply, SessionMsg, dispatch_invoke};
+use super::session::{InvokeReply, SessionMsg, dispatch_invoke};
 use super::{GatewayState, metrics, now_ms};
 use crate::supervision::{Backoff, ChildContext, ChildSpec, Policy, Restart};
+use crate::task::{self, AbortOnDrop, Timer};
 
 /// The kind of the broker, for metrics.
 pub const KIND: &str = "approvals_broker";
@@ -822,9 +823,9 @@ pub struct ApprovalsState {
     /// Requesters waiting for the outcome, by approval id.
     waiters: HashMap<String, Waiter>,
     /// Expiry timers of pending approvals, by id.
-    timers: HashMap<String, Aborting>,
+    timers: HashMap<String, Timer<ApprovalsMsg>>,
     /// Tasks awaiting a node's answer, by approval id.
-    running: HashMap<String, Aborting>,
+    running: HashMap<String, AbortOnDrop>,
     span: tracing::Span,
 }
 
@@ -1161,21 +1162,30 @@ impl ApprovalsState {
         }
         let me = myself.clone();
         let id = a.id.clone();
-        let task = tokio::spawn(
-            async move {
-                let result = match tokio::time::timeout(timeout, rx).await {
-                    Ok(Ok(result)) => result,
-                    // The node's session forgot the call (its own timeout), or time is up.
-                    Ok(Err(_)) | Err(_) => Err(ErrorBody {
-                        code: code::TIMEOUT.to_string(),
-                        message: "the node did not answer in time".to_string(),
-                    }),
-                };
+        let wait = async move {
+            let result = match tokio::time::timeout(timeout, rx).await {
+                Ok(Ok(result)) => result,
+                // The node's session forgot the call (its own timeout), or time is up.
+                Ok(Err(_)) | Err(_) => Err(ErrorBody {
+                    code: code::TIMEOUT.to_string(),
+                    message: "the node did not answer in time".to_string(),
+                }),
+            };
+            let _ = me.send_message(ApprovalsMsg::InvokeDone { id, result });
+        };
+        let (me, id) = (myself.clone(), a.id.clone());
+        // A task that returns has sent `InvokeDone`; one that panics has not.
+        let report = move |ended: task::Ended| {
+            if ended.panicked() {
+                let result = Err(ErrorBody {
+                    code: code::INTERNAL.to_string(),
+                    message: ended.to_string(),
+                });
                 let _ = me.send_message(ApprovalsMsg::InvokeDone { id, result });
             }
-            .instrument(self.span.clone()),
-        );
-        self.running.insert(a.id, task.into());
+        };
+        let task = task::spawn("invoke", self.span.clone(), wait, report);
+        self.running.insert(a.id, task);
     }
 
     /// Approval `id` is over: keep it among the resolved, answer the requester, tell the

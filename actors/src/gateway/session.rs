@@ -75,7 +75,6 @@ use futures_util::{SinkExt, StreamExt};
 use ractor::{Actor, ActorProcessingErr, ActorRef, SpawnErr};
 use serde_json::{Value, json};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast, oneshot, watch};
-use tokio::task::{AbortHandle, JoinHandle};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite;
 use tracing::{Instrument, debug, info, warn};
@@ -94,6 +93,7 @@ use super::protocol::{
 use super::registry::{Lookup, Registration};
 use super::{GatewayState, PreauthSlot, RoleCount, ShutdownIntent, metrics, now_ms};
 use crate::supervision::{ChildContext, ChildSpec, Policy, Probe, Restart};
+use crate::task::{self, AbortOnDrop, Timer};
 
 /// The kind of session children, for metrics.
 pub const KIND: &str = "gateway_session";
@@ -405,25 +405,10 @@ struct Authed {
     node: Option<Registration>,
 }
 
-/// A timer or task aborted when dropped.
-pub(crate) struct Aborting(AbortHandle);
-
-impl Drop for Aborting {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-impl<T> From<JoinHandle<T>> for Aborting {
-    fn from(handle: JoinHandle<T>) -> Self {
-        Self(handle.abort_handle())
-    }
-}
-
 /// An invocation sent to this node, waiting for its `res`.
 struct PendingInvoke {
     reply: InvokeReply,
-    _expiry: Aborting,
+    _expiry: Timer<SessionMsg>,
 }
 
 /// What a session knows while it runs.
@@ -440,7 +425,7 @@ pub struct SessionState {
     /// The socket's write half; only the actor writes.
     sink: SplitSink<WebSocket, Message>,
     /// Reads the socket and the hub; joined (briefly) in `post_stop`, aborted on drop.
-    pump: JoinHandle<()>,
+    pump: AbortOnDrop,
     phase: Phase,
     /// A close frame was sent or received: no more frames go out.
     closing: bool,
@@ -452,13 +437,13 @@ pub struct SessionState {
     subscriptions: HashSet<String>,
     /// Hands the pump a hub receiver at the first `subscribe`; `None` after that.
     hub_handoff: Option<oneshot::Sender<broadcast::Receiver<Arc<HubEvent>>>>,
-    handshake_timer: Option<Aborting>,
-    ticker: Option<Aborting>,
-    idle_timer: Option<Aborting>,
-    linger_timer: Option<Aborting>,
+    handshake_timer: Option<Timer<SessionMsg>>,
+    ticker: Option<AbortOnDrop>,
+    idle_timer: Option<Timer<SessionMsg>>,
+    linger_timer: Option<Timer<SessionMsg>>,
     /// (Operator side.) Invocations waiting for a node, by the operator's request id; each
     /// holds its timeout timer.
-    invokes_out: HashMap<String, Aborting>,
+    invokes_out: HashMap<String, Timer<SessionMsg>>,
     /// (Node side.) Invocations sent to this node, by the gateway's request id.
     invokes_in: HashMap<String, PendingInvoke>,
     /// `chat.send` calls waiting on the homeserver; aborted when the session ends.
@@ -468,7 +453,6 @@ pub struct SessionState {
 
 impl Drop for SessionState {
     fn drop(&mut self) {
-        self.pump.abort();
         // A node that goes away leaves no operator waiting for its timeout.
         for (_, pending) in self.invokes_in.drain() {
             pending.reply.send(Err(ErrorBody {
@@ -499,15 +483,21 @@ impl Actor for SessionActor {
         // The hub receiver is handed to the pump only when the client subscribes: a
         // session that never subscribes (every node) is never woken by the hub.
         let (hub_handoff, hub_receiver) = oneshot::channel();
-        let pump = tokio::spawn(
-            pump(
-                stream,
-                hub_receiver,
-                gateway.watch_shutdown(),
-                myself.clone(),
-            )
-            .instrument(span.clone()),
+        let session = myself.clone();
+        // A pump that returns has reported `ReadEnded` itself; one that panics has not.
+        let report = move |ended: task::Ended| {
+            if ended.panicked() {
+                let failure = ReadFailure::Broken(ended.to_string());
+                let _ = session.send_message(SessionMsg::ReadFailed(failure));
+            }
+        };
+        let pump = pump(
+            stream,
+            hub_receiver,
+            gateway.watch_shutdown(),
+            myself.clone(),
         );
+        let pump = task::spawn("pump", span.clone(), pump, report);
         let timeout = Duration::from_millis(gateway.settings().handshake_timeout_ms);
         let handshake_timer = myself.send_after(timeout, || SessionMsg::HandshakeTimeout);
         Ok(SessionState {
