@@ -100,13 +100,14 @@ use tokio::sync::oneshot;
 use tracing::{debug, error, info, warn};
 
 use super::hub::event;
+use super::invoke::{InvokeReply, dispatch_invoke};
 use super::protocol::{
     ApprovalCursor, ApprovalListing, ApprovalOutcome, ApprovalPage, ApprovalRequestParams,
     ApprovalRequested, ApprovalResolveParams, ApprovalResolved, ApprovalsListParams,
     DEFAULT_INVOKE_TIMEOUT_MS, Decision, ErrorBody, Frame, ListSection, Verdict, code,
 };
 use super::registry::Lookup;
-use super::session::{InvokeReply, SessionMsg, dispatch_invoke};
+use super::session::SessionMsg;
 use super::{GatewayState, metrics, now_ms};
 use crate::supervision::{Backoff, ChildContext, ChildSpec, Policy, Restart};
 use crate::task::{self, AbortOnDrop, Timer};
@@ -1464,7 +1465,7 @@ mod tests {
 
     enum Caught {
         Frame(Frame),
-        Invoke(super::super::session::Invoke),
+        Invoke(super::super::invoke::Invoke),
     }
 
     impl Actor for Catcher {

@@ -22,6 +22,8 @@
 //! * [`spec`] — the `gateway` subtree, built the same way by `warden run` and the tests.
 //! * [`approvals`] — the approvals broker: `approvals.request`, `approvals.resolve`,
 //!   `approvals.list`.
+//! * [`invoke`] — invocation routing: `nodes.invoke` and approved commands to the node's
+//!   session, with the approval grant a command may need.
 //! * [`chat`] — the chat accounts `chat.send` reaches and whose messages become
 //!   `chat.message` events.
 //! * [`protocol`] — the wire format; [`client`] — the client side of it; [`metrics`] — every
@@ -31,6 +33,7 @@ pub mod approvals;
 pub mod chat;
 pub mod client;
 pub mod hub;
+pub mod invoke;
 pub mod listener;
 pub mod protocol;
 pub mod registry;
