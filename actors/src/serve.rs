@@ -253,7 +253,12 @@ impl Actor for ServeActor {
         let (drain, drained) = oneshot::channel::<()>();
         let server = Server::new(name, args.router, args.limits, args.on_accept);
         let report = end_report(myself.clone(), name);
-        let task = task::spawn("server", span.clone(), server.run(listener, drained), report);
+        let task = task::spawn(
+            "server",
+            span.clone(),
+            server.run(listener, drained),
+            report,
+        );
         let ticker = myself.send_interval(TICK, || ServeMsg::Tick).into();
         span.in_scope(|| info!(addr = %addr, "{} endpoint listening.", capitalise(name)));
         args.bound.send_replace(Some(addr));

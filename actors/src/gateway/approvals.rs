@@ -66,7 +66,7 @@
 //! ## Messages
 //! From sessions, through the [`ApprovalsClient`] in [`GatewayState`]: `Request`, `Resolve`
 //! (with the session's account), `List` (with its page params), each with the [`ReplyTo`]
-//! that answers the session as a `SessionMsg::Reply`. Timers: `Expire` (a pending approval's timeout). From
+//! whose reply port the asking session waits on. Timers: `Expire` (a pending approval's timeout). From
 //! the task awaiting a node's answer: `InvokeDone`.
 //!
 //! ## Supervision
@@ -92,7 +92,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use ractor::{Actor, ActorProcessingErr, ActorRef};
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -107,7 +107,6 @@ use super::protocol::{
     DEFAULT_INVOKE_TIMEOUT_MS, Decision, ErrorBody, Frame, ListSection, Verdict, code,
 };
 use super::registry::Lookup;
-use super::session::SessionMsg;
 use super::{GatewayState, metrics, now_ms};
 use crate::supervision::{Backoff, ChildContext, ChildSpec, Policy, Restart};
 use crate::task::{self, AbortOnDrop, Timer};
@@ -260,17 +259,18 @@ impl ApprovalsClient {
     }
 }
 
-/// Where the answer to one session request goes: the session, as a `Reply` frame.
+/// Where the answer to one session request goes: the reply port the asking session waits
+/// on, and the request's id, which the answer's frame carries.
 pub struct ReplyTo {
-    session: ActorRef<SessionMsg>,
+    port: RpcReplyPort<Frame>,
     req_id: String,
 }
 
 impl ReplyTo {
-    /// The answer to request `req_id` of `session`.
-    pub fn new(session: ActorRef<SessionMsg>, req_id: impl Into<String>) -> Self {
+    /// The answer to request `req_id`, through `port`.
+    pub fn new(port: RpcReplyPort<Frame>, req_id: impl Into<String>) -> Self {
         Self {
-            session,
+            port,
             req_id: req_id.into(),
         }
     }
@@ -278,7 +278,7 @@ impl ReplyTo {
     /// Sends the frame; a session that is gone is not an error.
     fn frame(self, make: impl FnOnce(String) -> Frame) {
         let frame = make(self.req_id);
-        let _ = self.session.send_message(SessionMsg::Reply(frame));
+        let _ = self.port.send(frame);
     }
 
     fn ok(self, payload: Value) {
@@ -1261,6 +1261,8 @@ mod tests {
 
     use serde_json::json;
 
+    use super::super::invoke::{Invoke, NodeMsg};
+
     use super::*;
 
     /// A scratch directory removed on drop.
@@ -1460,22 +1462,17 @@ mod tests {
         assert_eq!(store.load().expect("load").len(), 1);
     }
 
-    /// Plays a session: catches the broker's replies and the invocations sent to a node.
+    /// Plays a node's session: catches the invocations sent to the node.
     struct Catcher;
 
-    enum Caught {
-        Frame(Frame),
-        Invoke(super::super::invoke::Invoke),
-    }
-
     impl Actor for Catcher {
-        type Msg = SessionMsg;
-        type State = tokio::sync::mpsc::UnboundedSender<Caught>;
-        type Arguments = tokio::sync::mpsc::UnboundedSender<Caught>;
+        type Msg = NodeMsg;
+        type State = tokio::sync::mpsc::UnboundedSender<Invoke>;
+        type Arguments = tokio::sync::mpsc::UnboundedSender<Invoke>;
 
         async fn pre_start(
             &self,
-            _myself: ActorRef<SessionMsg>,
+            _myself: ActorRef<NodeMsg>,
             tx: Self::Arguments,
         ) -> Result<Self::State, ActorProcessingErr> {
             Ok(tx)
@@ -1483,34 +1480,47 @@ mod tests {
 
         async fn handle(
             &self,
-            _myself: ActorRef<SessionMsg>,
-            msg: SessionMsg,
+            _myself: ActorRef<NodeMsg>,
+            msg: NodeMsg,
             tx: &mut Self::State,
         ) -> Result<(), ActorProcessingErr> {
-            let _ = match msg {
-                SessionMsg::Reply(frame) => tx.send(Caught::Frame(frame)),
-                SessionMsg::Invoke(invoke) => tx.send(Caught::Invoke(invoke)),
-                _ => Ok(()),
-            };
+            if let NodeMsg::Invoke(invoke) = msg {
+                let _ = tx.send(invoke);
+            }
             Ok(())
         }
     }
 
-    /// The payload (or error) of the next reply, which must answer `req`.
-    async fn reply(rx: &mut tokio::sync::mpsc::UnboundedReceiver<Caught>, req: &str) -> Value {
-        let caught = tokio::time::timeout(Duration::from_secs(3600), rx.recv())
+    /// Plays the asking sessions: a reply port per request id, and what came back on it.
+    #[derive(Clone, Default)]
+    struct Replies(Arc<std::sync::Mutex<HashMap<String, oneshot::Receiver<Frame>>>>);
+
+    impl Replies {
+        /// The reply port of request `req`.
+        fn to(&self, req: &str) -> ReplyTo {
+            let (port, answer) = oneshot::channel();
+            let mut waiting = self.0.lock().expect("lock");
+            waiting.insert(req.to_string(), answer);
+            ReplyTo::new(port.into(), req)
+        }
+    }
+
+    /// The payload (or error) of the reply to `req`, which must answer `req`.
+    async fn reply(replies: &Replies, req: &str) -> Value {
+        let answer = replies.0.lock().expect("lock").remove(req);
+        let answer = answer.expect("a reply port for the request");
+        let frame = tokio::time::timeout(Duration::from_secs(3600), answer)
             .await
             .expect("a reply within the hour")
-            .expect("catcher alive");
-        match caught {
-            Caught::Frame(Frame::Res {
+            .expect("answered");
+        match frame {
+            Frame::Res {
                 id, payload, error, ..
-            }) => {
+            } => {
                 assert_eq!(id, req);
                 payload.unwrap_or_else(|| json!({ "error": to_value(&error) }))
             }
-            Caught::Frame(other) => panic!("not a res: {}", other.to_text()),
-            Caught::Invoke(_) => panic!("an invoke instead of the reply to {req}"),
+            other => panic!("not a res: {}", other.to_text()),
         }
     }
 
@@ -1526,13 +1536,14 @@ mod tests {
         }
     }
 
-    /// A [`Catcher`] session registered as node `box` with command `disk`: what is sent to
-    /// it arrives on the receiver; the registration keeps the node online.
+    /// A [`Catcher`] session registered as node `box` with command `disk`: the invocations
+    /// sent to it arrive on the receiver; the registration keeps the node online. With the
+    /// [`Replies`] of the sessions that ask the broker.
     async fn catcher_node(
         gateway: &GatewayState,
     ) -> (
-        ActorRef<SessionMsg>,
-        tokio::sync::mpsc::UnboundedReceiver<Caught>,
+        Replies,
+        tokio::sync::mpsc::UnboundedReceiver<Invoke>,
         super::super::registry::Registration,
     ) {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
@@ -1543,10 +1554,10 @@ mod tests {
             "node:box",
             vec!["disk".into()],
             1,
-            session.clone(),
+            session.get_derived(),
         )
         .expect("registered");
-        (session, rx, node)
+        (Replies::default(), rx, node)
     }
 
     async fn spawn_broker(gateway: &GatewayState) -> ActorRef<ApprovalsMsg> {
@@ -1570,7 +1581,7 @@ mod tests {
             .insert("nova".into(), vec!["@Owner:x".into()]);
         assert!(gateway.set_approvals(settings).is_ok());
         let broker = spawn_broker(&gateway).await;
-        let (session, mut rx, _node) = catcher_node(&gateway).await;
+        let (replies, mut rx, _node) = catcher_node(&gateway).await;
         let mut hub = gateway.hub().subscribe();
         let client = gateway.approvals().expect("configured").clone();
         let request = |req: &str, timeout_s: Option<u64>| ApprovalsMsg::Request {
@@ -1582,7 +1593,7 @@ mod tests {
                 timeout_s,
             },
             requester: "operator:default".into(),
-            reply: ReplyTo::new(session.clone(), req),
+            reply: replies.to(req),
         };
         let resolve =
             |req: &str, id: &str, decision, by: &str, account: &str| ApprovalsMsg::Resolve {
@@ -1592,7 +1603,7 @@ mod tests {
                     by: by.into(),
                 },
                 account: Some(account.into()),
-                reply: ReplyTo::new(session.clone(), req),
+                reply: replies.to(req),
             };
 
         // No decision within timeout_s: denied by timeout, exactly then.
@@ -1601,7 +1612,7 @@ mod tests {
         let requested = next_requested(&mut hub).await;
         let id1 = requested["id"].as_str().expect("id").to_string();
         assert!(is_valid_id(&id1));
-        let out = reply(&mut rx, "r1").await;
+        let out = reply(&replies, "r1").await;
         assert_eq!(start.elapsed(), Duration::from_secs(1));
         assert_eq!(
             out,
@@ -1618,15 +1629,15 @@ mod tests {
         client
             .send(resolve("r3", &id2, Verdict::Approve, "@other:x", "nova"))
             .expect("send");
-        assert_eq!(reply(&mut rx, "r3").await["error"]["code"], "forbidden");
+        assert_eq!(reply(&replies, "r3").await["error"]["code"], "forbidden");
         client
             .send(resolve("r4", &id2, Verdict::Approve, "@owner:X", "nova"))
             .expect("send");
         assert_eq!(
-            reply(&mut rx, "r4").await,
+            reply(&replies, "r4").await,
             json!({"id": id2, "decision": "approved"})
         );
-        let Some(Caught::Invoke(invoke)) = rx.recv().await else {
+        let Some(invoke) = rx.recv().await else {
             panic!("the node got no invocation");
         };
         assert_eq!(
@@ -1637,19 +1648,19 @@ mod tests {
             .send(resolve("r5", &id2, Verdict::Deny, "@owner:x", "nova"))
             .expect("send");
         assert_eq!(
-            reply(&mut rx, "r5").await["error"]["code"],
+            reply(&replies, "r5").await["error"]["code"],
             "already_resolved"
         );
         client
             .send(resolve("r6", "nope0000", Verdict::Deny, "@owner:x", "nova"))
             .expect("send");
         assert_eq!(
-            reply(&mut rx, "r6").await["error"]["code"],
+            reply(&replies, "r6").await["error"]["code"],
             "unknown_approval"
         );
         invoke.reply.send(Ok(json!({"exit_code": 0})));
         assert_eq!(
-            reply(&mut rx, "r2").await,
+            reply(&replies, "r2").await,
             json!({"id": id2, "decision": "approved", "by": "@owner:X", "result": {"exit_code": 0}})
         );
 
@@ -1660,12 +1671,12 @@ mod tests {
             .expect("id")
             .to_string();
         broker.stop_and_wait(None, None).await.expect("stop");
-        assert_eq!(reply(&mut rx, "r7").await["error"]["code"], "internal");
+        assert_eq!(reply(&replies, "r7").await["error"]["code"], "internal");
         assert!(
             client
                 .send(ApprovalsMsg::List {
                     params: ApprovalsListParams::default(),
-                    reply: ReplyTo::new(session.clone(), "x"),
+                    reply: replies.to("x"),
                 })
                 .is_err()
         );
@@ -1673,10 +1684,10 @@ mod tests {
         client
             .send(ApprovalsMsg::List {
                 params: ApprovalsListParams::default(),
-                reply: ReplyTo::new(session.clone(), "r8"),
+                reply: replies.to("r8"),
             })
             .expect("send");
-        let list = reply(&mut rx, "r8").await;
+        let list = reply(&replies, "r8").await;
         assert!(list.get("next").is_none(), "{list}");
         let summary: Vec<(String, bool)> = list["approvals"]
             .as_array()
@@ -1694,7 +1705,7 @@ mod tests {
             .send(resolve("r9", &id3, Verdict::Deny, "@owner:x", "nova"))
             .expect("send");
         assert_eq!(
-            reply(&mut rx, "r9").await,
+            reply(&replies, "r9").await,
             json!({"id": id3, "decision": "denied"})
         );
     }
@@ -1775,18 +1786,18 @@ mod tests {
         settings.max_open_per_requester = 1;
         assert!(gateway.set_approvals(settings).is_ok());
         let _broker = spawn_broker(&gateway).await;
-        let (session, mut rx, _node) = catcher_node(&gateway).await;
+        let (replies, _rx, _node) = catcher_node(&gateway).await;
         let mut hub = gateway.hub().subscribe();
         let client = gateway.approvals().expect("configured").clone();
         let request = |req: &str, requester: &str| ApprovalsMsg::Request {
             params: params("why".into(), Value::Null),
             requester: requester.into(),
-            reply: ReplyTo::new(session.clone(), req),
+            reply: replies.to(req),
         };
         client.send(request("a1", "operator:a")).expect("send");
         next_requested(&mut hub).await;
         client.send(request("a2", "operator:a")).expect("send");
-        let out = reply(&mut rx, "a2").await;
+        let out = reply(&replies, "a2").await;
         assert_eq!(out["error"]["code"], "busy", "{out}");
         let message = out["error"]["message"].as_str().unwrap_or_default();
         assert!(message.contains("per requester"), "{message}");
@@ -1807,13 +1818,13 @@ mod tests {
         settings.max_open = 2;
         assert!(gateway.set_approvals(settings).is_ok());
         let _broker = spawn_broker(&gateway).await;
-        let (session, mut rx, _node) = catcher_node(&gateway).await;
+        let (replies, _rx, _node) = catcher_node(&gateway).await;
         let mut hub = gateway.hub().subscribe();
         let client = gateway.approvals().expect("configured").clone();
         let request = |req: &str, reason: String, args: Value| ApprovalsMsg::Request {
             params: params(reason, args),
             requester: "operator:a".into(),
-            reply: ReplyTo::new(session.clone(), req),
+            reply: replies.to(req),
         };
         let files = || {
             fs::read_dir(scratch.0.join("approvals"))
@@ -1825,12 +1836,12 @@ mod tests {
         client
             .send(request("big-reason", "r".repeat(5 * 1024), Value::Null))
             .expect("send");
-        let out = reply(&mut rx, "big-reason").await;
+        let out = reply(&replies, "big-reason").await;
         assert_eq!(out["error"]["code"], "too_large", "{out}");
         client
             .send(request("big-args", "r".into(), args_of(16_385)))
             .expect("send");
-        let out = reply(&mut rx, "big-args").await;
+        let out = reply(&replies, "big-args").await;
         assert_eq!(out["error"]["code"], "too_large", "{out}");
         assert_eq!(files(), 0);
 
@@ -1849,7 +1860,7 @@ mod tests {
         client
             .send(request("r3", "three".into(), Value::Null))
             .expect("send");
-        let out = reply(&mut rx, "r3").await;
+        let out = reply(&replies, "r3").await;
         assert_eq!(out["error"]["code"], "busy", "{out}");
         let message = out["error"]["message"].as_str().unwrap_or_default();
         assert!(message.contains("2 open approvals"), "{message}");
@@ -1864,11 +1875,11 @@ mod tests {
                     by: "@owner:x".into(),
                 },
                 account: Some("nova".into()),
-                reply: ReplyTo::new(session.clone(), "d1"),
+                reply: replies.to("d1"),
             })
             .expect("send");
-        assert_eq!(reply(&mut rx, "d1").await["decision"], "denied");
-        assert_eq!(reply(&mut rx, "r1").await["decision"], "denied");
+        assert_eq!(reply(&replies, "d1").await["decision"], "denied");
+        assert_eq!(reply(&replies, "r1").await["decision"], "denied");
         client
             .send(request("r4", "four".into(), Value::Null))
             .expect("send");

@@ -5,10 +5,14 @@
 //! and for a command the node marked `approval` issues the single-use grant of an approved
 //! approval (only the broker passes an approval id). The node's session then sends
 //! `node.invoke` and answers the [`InvokeReply`] exactly once, whatever happens to the node.
+//!
+//! Sessions reach each other through the two narrow views of a session defined here,
+//! [`NodeSession`] (what the registry holds for a node) and the `InvokeDone` recipient of an
+//! operator's session, so neither the registry nor the broker names the session's messages.
 
 use std::time::Duration;
 
-use ractor::ActorRef;
+use ractor::DerivedActorRef;
 use serde_json::Value;
 use tokio::sync::oneshot;
 
@@ -16,8 +20,26 @@ use super::protocol::auth::Principal;
 use super::protocol::grant::{self, Grant};
 use super::protocol::{ErrorBody, code};
 use super::registry::Lookup;
-use super::session::SessionMsg;
 use super::{GatewayState, now_ms};
+
+/// What the rest of the gateway sends a node's session.
+pub enum NodeMsg {
+    /// Forward `node.invoke` to the node.
+    Invoke(Invoke),
+    /// A newer session registered this node's name: close this one.
+    Replaced,
+}
+
+/// A node's session as the registry holds it: it takes [`NodeMsg`]s only.
+pub type NodeSession = DerivedActorRef<NodeMsg>;
+
+/// (To an operator's session.) The node's answer to its request `id`.
+pub struct InvokeDone {
+    /// The operator's request id.
+    pub id: String,
+    /// The node's payload, or its error.
+    pub result: Result<Value, ErrorBody>,
+}
 
 /// A `nodes.invoke` on its way to a node's session.
 pub struct Invoke {
@@ -38,7 +60,7 @@ pub enum InvokeReply {
     /// An operator's session, as `InvokeDone` for its request `req_id`.
     Session {
         /// The operator's session.
-        session: ActorRef<SessionMsg>,
+        session: DerivedActorRef<InvokeDone>,
         /// The operator's request id.
         req_id: String,
     },
@@ -52,7 +74,7 @@ impl InvokeReply {
     pub fn send(self, result: Result<Value, ErrorBody>) {
         match self {
             InvokeReply::Session { session, req_id } => {
-                let _ = session.send_message(SessionMsg::InvokeDone { id: req_id, result });
+                let _ = session.send_message(InvokeDone { id: req_id, result });
             }
             InvokeReply::Oneshot(tx) => {
                 let _ = tx.send(result);
@@ -135,6 +157,6 @@ pub(crate) fn dispatch_invoke(
         reply,
     };
     session
-        .send_message(SessionMsg::Invoke(invoke))
+        .send_message(NodeMsg::Invoke(invoke))
         .map_err(|_| offline())
 }

@@ -80,9 +80,9 @@ use tokio_tungstenite::tungstenite;
 use tracing::{Instrument, debug, info, warn};
 
 use super::hub::{HubEvent, event};
-use super::invoke::Invoke;
+use super::invoke::{InvokeDone, NodeMsg};
 use super::protocol::auth::Principal;
-use super::protocol::{ErrorBody, Frame, MAX_PREAUTH_FRAME_BYTES, close, code};
+use super::protocol::{Frame, MAX_PREAUTH_FRAME_BYTES, close, code};
 use super::registry::Registration;
 use super::{GatewayState, PreauthSlot, RoleCount, ShutdownIntent, metrics, now_ms};
 use crate::supervision::{ChildContext, ChildSpec, Policy, Probe, Restart};
@@ -182,19 +182,13 @@ pub enum SessionMsg {
     IdleCheck,
     /// The client did not answer the close frame in time.
     LingerOver,
-    /// A newer session registered this node's name.
-    Replaced,
     /// The program announced a shutdown: tell the client and close now.
     Shutdown(ShutdownIntent),
-    /// (To a node's session.) Forward `node.invoke` to the node.
-    Invoke(Invoke),
-    /// (To an operator's session.) The node's answer to its request `id`.
-    InvokeDone {
-        /// The operator's request id.
-        id: String,
-        /// The node's payload, or its error.
-        result: Result<Value, ErrorBody>,
-    },
+    /// (To a node's session.) From another session or the broker, through the registry:
+    /// an invocation to forward (`Invoke`), or a newer session took the name (`Replaced`).
+    Node(NodeMsg),
+    /// (To an operator's session.) The node's answer to one of its requests.
+    InvokeDone(InvokeDone),
     /// (Operator side.) The node did not answer request `id` in time.
     InvokeTimedOut {
         /// The operator's request id.
@@ -208,6 +202,40 @@ pub enum SessionMsg {
     /// A reply worked out off the actor (`chat.send`) or by the approvals broker, to send as
     /// it is.
     Reply(Frame),
+}
+
+impl From<NodeMsg> for SessionMsg {
+    fn from(msg: NodeMsg) -> Self {
+        SessionMsg::Node(msg)
+    }
+}
+
+impl TryFrom<SessionMsg> for NodeMsg {
+    type Error = SessionMsg;
+
+    fn try_from(msg: SessionMsg) -> Result<Self, SessionMsg> {
+        match msg {
+            SessionMsg::Node(msg) => Ok(msg),
+            other => Err(other),
+        }
+    }
+}
+
+impl From<InvokeDone> for SessionMsg {
+    fn from(done: InvokeDone) -> Self {
+        SessionMsg::InvokeDone(done)
+    }
+}
+
+impl TryFrom<SessionMsg> for InvokeDone {
+    type Error = SessionMsg;
+
+    fn try_from(msg: SessionMsg) -> Result<Self, SessionMsg> {
+        match msg {
+            SessionMsg::InvokeDone(done) => Ok(done),
+            other => Err(other),
+        }
+    }
 }
 
 /// Why reading a socket failed.
@@ -321,6 +349,9 @@ pub struct SessionState {
     to_node: NodeCalls,
     /// `chat.send` calls waiting on the homeserver; aborted when the session ends.
     chat_sends: tokio::task::JoinSet<()>,
+    /// Waits for the approvals broker's answers (an `approvals.request` until its approval
+    /// is over); aborted when the session ends.
+    broker_answers: tokio::task::JoinSet<()>,
 }
 
 impl Actor for SessionActor {
@@ -384,6 +415,7 @@ impl Actor for SessionActor {
             invokes_out: HashMap::new(),
             to_node: NodeCalls::new(),
             chat_sends: tokio::task::JoinSet::new(),
+            broker_answers: tokio::task::JoinSet::new(),
         })
     }
 
@@ -579,7 +611,7 @@ impl SessionState {
                 debug!(peer = %self.peer, "The client did not answer the close frame in time.");
                 myself.stop(None);
             }
-            SessionMsg::Replaced => {
+            SessionMsg::Node(NodeMsg::Replaced) => {
                 info!(peer = %self.peer, node = %self.node_name().unwrap_or_default(),
                     "A newer connection took this node's name; closing this one with 1008.");
                 self.close(myself, close::POLICY, "replaced by a new connection")
@@ -593,8 +625,8 @@ impl SessionState {
                 let (code, reason) = intent.close();
                 self.close(myself, code, reason).await;
             }
-            SessionMsg::Invoke(invoke) => self.forward_invoke(myself, invoke).await,
-            SessionMsg::InvokeDone { id, result } => {
+            SessionMsg::Node(NodeMsg::Invoke(invoke)) => self.forward_invoke(myself, invoke).await,
+            SessionMsg::InvokeDone(InvokeDone { id, result }) => {
                 if self.invokes_out.remove(&id).is_some() {
                     let frame = match result {
                         Ok(payload) => Frame::ok(id, payload),

@@ -14,6 +14,7 @@ use ractor::ActorRef;
 use tracing::{debug, info, warn};
 
 use super::super::hub::event;
+use super::super::invoke::NodeMsg;
 use super::super::metrics;
 use super::super::now_ms;
 use super::super::protocol::auth::Principal;
@@ -82,7 +83,7 @@ impl SessionState {
                     holder,
                     node.commands,
                     self.conn,
-                    myself.clone(),
+                    myself.get_derived(),
                 ) {
                     Ok(registered) => Some(registered),
                     Err(held_by) => {
@@ -125,7 +126,7 @@ impl SessionState {
             node: registration,
         });
         if let Some(old) = replaced {
-            let _ = old.send_message(SessionMsg::Replaced);
+            let _ = old.send_message(NodeMsg::Replaced);
         }
         if !self.send(myself, &Frame::ok(id, to_value(&hello))).await {
             return;

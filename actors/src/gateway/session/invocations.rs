@@ -91,7 +91,7 @@ impl SessionState {
         }
         let timeout = Duration::from_millis(timeout_ms);
         let reply = InvokeReply::Session {
-            session: myself.clone(),
+            session: myself.get_derived(),
             req_id: id.to_string(),
         };
         dispatch_invoke(

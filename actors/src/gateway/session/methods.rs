@@ -15,6 +15,8 @@
 
 use ractor::ActorRef;
 use serde_json::{Value, json};
+use tokio::sync::oneshot;
+use tracing::Instrument;
 
 use super::super::approvals::{ApprovalsMsg, ReplyTo};
 use super::super::chat::SendParams;
@@ -174,7 +176,7 @@ impl SessionState {
     /// The approvals methods: checks the role and the params and hands the request to the
     /// broker, which answers it (`approvals.request` once the approval is decided).
     fn approvals(
-        &self,
+        &mut self,
         myself: &ActorRef<SessionMsg>,
         id: &str,
         method: &str,
@@ -196,7 +198,8 @@ impl SessionState {
             return Err((code::NOT_IMPLEMENTED, message));
         };
         let bad = |e: String| (code::BAD_REQUEST, format!("bad {method} params: {e}"));
-        let reply = ReplyTo::new(myself.clone(), id);
+        let (port, answer) = oneshot::channel();
+        let reply = ReplyTo::new(port.into(), id);
         let msg = match method {
             "approvals.request" => ApprovalsMsg::Request {
                 requester: match &self.phase {
@@ -218,6 +221,22 @@ impl SessionState {
         };
         broker
             .send(msg)
-            .map_err(|e| (code::INTERNAL, e.to_string()))
+            .map_err(|e| (code::INTERNAL, e.to_string()))?;
+        self.await_broker(myself, answer);
+        Ok(())
+    }
+
+    /// Waits off the actor for the broker's answer and hands it to the session as `Reply`.
+    /// The wait is the session's: it ends with it, and a broker that stops first answers.
+    fn await_broker(&mut self, myself: &ActorRef<SessionMsg>, answer: oneshot::Receiver<Frame>) {
+        while self.broker_answers.try_join_next().is_some() {}
+        let me = myself.clone();
+        let wait = async move {
+            if let Ok(frame) = answer.await {
+                let _ = me.send_message(SessionMsg::Reply(frame));
+            }
+        };
+        self.broker_answers
+            .spawn(wait.instrument(self.span.clone()));
     }
 }
