@@ -82,7 +82,7 @@ use tracing::{Instrument, debug, info, warn};
 use super::hub::{HubEvent, event};
 use super::invoke::{InvokeDone, NodeMsg};
 use super::protocol::auth::Principal;
-use super::protocol::{Frame, MAX_PREAUTH_FRAME_BYTES, close, code};
+use super::protocol::{Frame, MAX_PREAUTH_FRAME_BYTES, close};
 use super::registry::Registration;
 use super::{GatewayState, PreauthSlot, RoleCount, ShutdownIntent, metrics, now_ms};
 use crate::supervision::{ChildContext, ChildSpec, Policy, Probe, Restart};
@@ -545,112 +545,120 @@ async fn pump(
 }
 
 impl SessionState {
+    /// Every message, by where it comes from: the socket and the hub (through the pump),
+    /// timers, the program, other sessions and the broker.
     async fn on_message(&mut self, myself: &ActorRef<SessionMsg>, msg: SessionMsg) {
         match msg {
             SessionMsg::Inbound(frame, _in_flight) => self.on_frame(myself, frame).await,
-            SessionMsg::ReadFailed(failure) => {
-                self.read_failed = true;
-                match failure {
-                    ReadFailure::TooBig => {
-                        let limit = self.frame_limit();
-                        debug!(peer = %self.peer, limit, "Frame too big; closing with 1009.");
-                        self.close(
-                            myself,
-                            close::TOO_BIG,
-                            &format!("frame larger than {limit} bytes"),
-                        )
-                        .await;
-                    }
-                    ReadFailure::BadUtf8 => {
-                        self.close(myself, close::INVALID_FRAME, "text frame is not UTF-8")
-                            .await;
-                    }
-                    ReadFailure::Broken(error) => {
-                        debug!(peer = %self.peer, error = %error, "Socket broke.");
-                        self.closing = true;
-                        myself.stop(Some("socket broke".to_string()));
-                    }
-                }
-            }
-            SessionMsg::ReadEnded => {
-                if !self.closing {
-                    debug!(peer = %self.peer, "The client dropped the connection without a close frame.");
-                    self.closing = true;
-                    myself.stop(Some("connection dropped".to_string()));
-                } else if !self.read_failed {
-                    // The close handshake is complete.
-                    myself.stop(None);
-                }
-                // Else: unread bytes may remain; keep the socket until the linger is over,
-                // so the client reads the close frame before the connection resets.
-            }
-            SessionMsg::Event(ev, _in_flight) => {
-                if self.is_ready() && self.subscriptions.contains(&ev.name) {
-                    let text = ev.text.to_string();
-                    self.write(myself, Message::Text(text.into())).await;
-                }
-            }
-            SessionMsg::Lagged(n) => {
-                if !self.subscriptions.is_empty() {
-                    warn!(peer = %self.peer, dropped = n, capacity = super::hub::CAPACITY,
-                        "Session fell behind the event stream; closing with 4001.");
-                    ::metrics::counter!(metrics::SLOW_CONSUMER_CLOSES_TOTAL).increment(1);
-                    self.close(myself, close::SLOW_CONSUMER, SLOW_CONSUMER_REASON)
-                        .await;
-                }
-            }
+            SessionMsg::ReadFailed(failure) => self.on_read_failed(myself, failure).await,
+            SessionMsg::ReadEnded => self.on_read_ended(myself),
+            SessionMsg::Event(ev, _in_flight) => self.on_event(myself, &ev).await,
+            SessionMsg::Lagged(n) => self.on_lagged(myself, n).await,
             SessionMsg::HandshakeTimeout => self.handshake_timeout(myself).await,
-            SessionMsg::Tick => {
-                let frame = Frame::event(event::TICK, json!({ "ts": now_ms() }));
-                if self.send(myself, &frame).await {
-                    self.write(myself, Message::Ping(Default::default())).await;
-                }
-            }
+            SessionMsg::Tick => self.tick(myself).await,
             SessionMsg::IdleCheck => self.idle_check(myself).await,
             SessionMsg::LingerOver => {
                 debug!(peer = %self.peer, "The client did not answer the close frame in time.");
                 myself.stop(None);
             }
-            SessionMsg::Node(NodeMsg::Replaced) => {
-                info!(peer = %self.peer, node = %self.node_name().unwrap_or_default(),
-                    "A newer connection took this node's name; closing this one with 1008.");
-                self.close(myself, close::POLICY, "replaced by a new connection")
-                    .await;
-            }
-            SessionMsg::Shutdown(intent) => {
-                if self.is_ready() {
-                    let notice = Frame::event(event::SHUTDOWN, to_value(&intent.notice()));
-                    self.send(myself, &notice).await;
-                }
-                let (code, reason) = intent.close();
-                self.close(myself, code, reason).await;
-            }
+            SessionMsg::Shutdown(intent) => self.on_shutdown(myself, intent).await,
+            SessionMsg::Node(NodeMsg::Replaced) => self.on_replaced(myself).await,
             SessionMsg::Node(NodeMsg::Invoke(invoke)) => self.forward_invoke(myself, invoke).await,
-            SessionMsg::InvokeDone(InvokeDone { id, result }) => {
-                if self.invokes_out.remove(&id).is_some() {
-                    let frame = match result {
-                        Ok(payload) => Frame::ok(id, payload),
-                        Err(error) => Frame::Res {
-                            id,
-                            ok: false,
-                            payload: None,
-                            error: Some(error),
-                        },
-                    };
-                    self.send(myself, &frame).await;
-                }
-            }
-            SessionMsg::InvokeTimedOut { id } => {
-                if self.invokes_out.remove(&id).is_some() {
-                    let frame = Frame::err(id, code::TIMEOUT, "the node did not answer in time");
-                    self.send(myself, &frame).await;
-                }
-            }
+            SessionMsg::InvokeDone(done) => self.invoke_done(myself, done).await,
+            SessionMsg::InvokeTimedOut { id } => self.invoke_timed_out(myself, id).await,
             SessionMsg::InvokeExpired { id } => self.invoke_expired(&id),
             SessionMsg::Reply(frame) => {
                 self.send(myself, &frame).await;
             }
         }
+    }
+
+    /// Reading the socket failed: close with 1009 (too big) or 1007 (bad UTF-8), or stop
+    /// at once (the connection broke).
+    async fn on_read_failed(&mut self, myself: &ActorRef<SessionMsg>, failure: ReadFailure) {
+        self.read_failed = true;
+        match failure {
+            ReadFailure::TooBig => {
+                let limit = self.frame_limit();
+                debug!(peer = %self.peer, limit, "Frame too big; closing with 1009.");
+                self.close(
+                    myself,
+                    close::TOO_BIG,
+                    &format!("frame larger than {limit} bytes"),
+                )
+                .await;
+            }
+            ReadFailure::BadUtf8 => {
+                self.close(myself, close::INVALID_FRAME, "text frame is not UTF-8")
+                    .await;
+            }
+            ReadFailure::Broken(error) => {
+                debug!(peer = %self.peer, error = %error, "Socket broke.");
+                self.closing = true;
+                myself.stop(Some("socket broke".to_string()));
+            }
+        }
+    }
+
+    /// The read half ended: the client dropped the connection, or the close handshake is
+    /// complete.
+    fn on_read_ended(&mut self, myself: &ActorRef<SessionMsg>) {
+        if !self.closing {
+            debug!(peer = %self.peer, "The client dropped the connection without a close frame.");
+            self.closing = true;
+            myself.stop(Some("connection dropped".to_string()));
+        } else if !self.read_failed {
+            // The close handshake is complete.
+            myself.stop(None);
+        }
+        // Else: unread bytes may remain; keep the socket until the linger is over,
+        // so the client reads the close frame before the connection resets.
+    }
+
+    /// A hub event: sent on if the client subscribed to it.
+    async fn on_event(&mut self, myself: &ActorRef<SessionMsg>, ev: &HubEvent) {
+        if self.is_ready() && self.subscriptions.contains(&ev.name) {
+            let text = ev.text.to_string();
+            self.write(myself, Message::Text(text.into())).await;
+        }
+    }
+
+    /// The session lost `dropped` events in the hub: a subscriber is closed with 4001.
+    async fn on_lagged(&mut self, myself: &ActorRef<SessionMsg>, dropped: u64) {
+        if !self.subscriptions.is_empty() {
+            warn!(peer = %self.peer, dropped, capacity = super::hub::CAPACITY,
+                "Session fell behind the event stream; closing with 4001.");
+            ::metrics::counter!(metrics::SLOW_CONSUMER_CLOSES_TOTAL).increment(1);
+            self.close(myself, close::SLOW_CONSUMER, SLOW_CONSUMER_REASON)
+                .await;
+        }
+    }
+
+    /// `tick {ts}` and a ping.
+    async fn tick(&mut self, myself: &ActorRef<SessionMsg>) {
+        let frame = Frame::event(event::TICK, json!({ "ts": now_ms() }));
+        if self.send(myself, &frame).await {
+            self.write(myself, Message::Ping(Default::default())).await;
+        }
+    }
+
+    /// The program announced a shutdown: the notice (to an authenticated client), then
+    /// 1012 or 1001.
+    async fn on_shutdown(&mut self, myself: &ActorRef<SessionMsg>, intent: ShutdownIntent) {
+        if self.is_ready() {
+            let notice = Frame::event(event::SHUTDOWN, to_value(&intent.notice()));
+            self.send(myself, &notice).await;
+        }
+        let (code, reason) = intent.close();
+        self.close(myself, code, reason).await;
+    }
+
+    /// A newer connection took this node's name: close with 1008.
+    async fn on_replaced(&mut self, myself: &ActorRef<SessionMsg>) {
+        info!(peer = %self.peer, node = %self.node_name().unwrap_or_default(),
+            "A newer connection took this node's name; closing this one with 1008.");
+        self.close(myself, close::POLICY, "replaced by a new connection")
+            .await;
     }
 
     /// One frame from the client.

@@ -16,7 +16,7 @@ use ractor::ActorRef;
 use serde_json::Value;
 use tracing::debug;
 
-use super::super::invoke::{Invoke, InvokeReply, dispatch_invoke};
+use super::super::invoke::{Invoke, InvokeDone, InvokeReply, dispatch_invoke};
 use super::super::protocol::{
     DEFAULT_INVOKE_TIMEOUT_MS, ErrorBody, Frame, InvokeParams, NodeInvokeParams, code,
 };
@@ -109,6 +109,32 @@ impl SessionState {
         });
         self.invokes_out.insert(id.to_string(), timer.into());
         Ok(())
+    }
+
+    /// (Operator side.) The node answered request `id`: relayed to the client, unless the
+    /// call timed out first.
+    pub(super) async fn invoke_done(&mut self, myself: &ActorRef<SessionMsg>, done: InvokeDone) {
+        let InvokeDone { id, result } = done;
+        if self.invokes_out.remove(&id).is_some() {
+            let frame = match result {
+                Ok(payload) => Frame::ok(id, payload),
+                Err(error) => Frame::Res {
+                    id,
+                    ok: false,
+                    payload: None,
+                    error: Some(error),
+                },
+            };
+            self.send(myself, &frame).await;
+        }
+    }
+
+    /// (Operator side.) No answer to request `id` in time: error `timeout`.
+    pub(super) async fn invoke_timed_out(&mut self, myself: &ActorRef<SessionMsg>, id: String) {
+        if self.invokes_out.remove(&id).is_some() {
+            let frame = Frame::err(id, code::TIMEOUT, "the node did not answer in time");
+            self.send(myself, &frame).await;
+        }
     }
 
     /// (Node side.) Sends `node.invoke` to the node and remembers who asked.
