@@ -28,7 +28,7 @@ use super::super::protocol::{
 use super::{MAX_EVENT_NAME, Phase, SessionMsg, SessionState, to_value};
 
 impl SessionState {
-    /// A request after `hello-ok`.
+    /// A request after `hello-ok`: answered now, or handed on (then answered later).
     pub(super) async fn request(
         &mut self,
         myself: &ActorRef<SessionMsg>,
@@ -55,110 +55,123 @@ impl SessionState {
             return;
         }
         let reply = match method {
-            "connect" => Frame::err(id, code::BAD_REQUEST, "already connected"),
-            "health" => Frame::ok(id, json!({ "status": "ok" })),
-            "status" => {
-                let (operator, node, approver, handshaking) = self.gateway.counts();
-                Frame::ok(
-                    id,
-                    json!({
-                        "version": env!("CARGO_PKG_VERSION"),
-                        "uptime_ms": self.gateway.uptime().as_millis() as u64,
-                        "sessions": {
-                            "operator": operator,
-                            "node": node,
-                            "approver": approver,
-                            "handshaking": handshaking,
-                        },
-                    }),
-                )
+            "connect" => Some(Frame::err(id, code::BAD_REQUEST, "already connected")),
+            "health" => Some(Frame::ok(id, json!({ "status": "ok" }))),
+            "status" => Some(self.status(id)),
+            "tree" => Some(self.tree(id).await),
+            "subscribe" => Some(self.subscribe(id, role, params)),
+            "nodes.list" => Some(Frame::ok(id, to_value(&self.gateway.registry().list()))),
+            "nodes.invoke" => {
+                let handed = self.invoke(myself, &id, params);
+                refusal(id, handed)
             }
-            "tree" => self.tree(id).await,
-            "subscribe" => {
-                if role == Role::Node {
-                    Frame::err(id, code::FORBIDDEN, "nodes cannot subscribe")
-                } else {
-                    match serde_json::from_value::<SubscribeParams>(params) {
-                        Ok(p) => {
-                            let max = self.gateway.settings().max_subscriptions;
-                            if let Some(long) = p
-                                .events
-                                .iter()
-                                .find(|e| e.is_empty() || e.len() > MAX_EVENT_NAME)
-                            {
-                                let shown: String = long.chars().take(32).collect();
-                                let message = format!(
-                                    "event names are 1 to {MAX_EVENT_NAME} bytes; {shown:?}… is not"
-                                );
-                                self.send(myself, &Frame::err(id, code::TOO_LARGE, message))
-                                    .await;
-                                return;
-                            }
-                            let mut all = self.subscriptions.clone();
-                            all.extend(p.events);
-                            if all.len() > max {
-                                let message = format!(
-                                    "at most {max} event names per session (gateway.max_subscriptions)"
-                                );
-                                self.send(myself, &Frame::err(id, code::TOO_LARGE, message))
-                                    .await;
-                                return;
-                            }
-                            self.subscriptions = all;
-                            if let Some(handoff) = self.hub_handoff.take() {
-                                let _ = handoff.send(self.gateway.hub().subscribe());
-                            }
-                            let mut events: Vec<&String> = self.subscriptions.iter().collect();
-                            events.sort();
-                            Frame::ok(id, json!({ "events": events }))
-                        }
-                        Err(e) => {
-                            Frame::err(id, code::BAD_REQUEST, format!("bad subscribe params: {e}"))
-                        }
-                    }
-                }
-            }
-            "nodes.list" => Frame::ok(id, to_value(&self.gateway.registry().list())),
-            "nodes.invoke" => match self.invoke(myself, &id, params) {
-                Ok(()) => return,
-                Err((code, message)) => Frame::err(id, code, message),
-            },
-            "chat.send" => match serde_json::from_value::<SendParams>(params) {
-                Ok(params) => {
-                    // The send waits on the homeserver: off the actor, answered by `Reply`;
-                    // owned by the session (aborted with it) and bounded per session.
-                    while self.chat_sends.try_join_next().is_some() {}
-                    let max = self.gateway.settings().max_pending_invocations;
-                    if self.chat_sends.len() >= max {
-                        let message = format!(
-                            "{max} chat.send calls are already open on this session (gateway.max_pending_invocations)"
-                        );
-                        self.send(myself, &Frame::err(id, code::BUSY, message))
-                            .await;
-                        return;
-                    }
-                    let chat = self.gateway.chat().clone();
-                    let me = myself.clone();
-                    self.chat_sends.spawn(async move {
-                        let frame = match chat.send(params).await {
-                            Ok(event_id) => Frame::ok(id, json!({ "event_id": event_id })),
-                            Err(e) => Frame::err(id, e.code(), e.message().to_string()),
-                        };
-                        let _ = me.send_message(SessionMsg::Reply(frame));
-                    });
-                    return;
-                }
-                Err(e) => Frame::err(id, code::BAD_REQUEST, format!("bad chat.send params: {e}")),
-            },
+            "chat.send" => self.chat_send(myself, id, params),
             "approvals.request" | "approvals.list" | "approvals.resolve" => {
-                match self.approvals(myself, &id, method, params, role, account) {
-                    Ok(()) => return,
-                    Err((code, message)) => Frame::err(id, code, message),
-                }
+                let handed = self.approvals(myself, &id, method, params, role, account);
+                refusal(id, handed)
             }
-            other => Frame::err(id, code::UNKNOWN_METHOD, format!("no method {other:?}")),
+            other => Some(Frame::err(
+                id,
+                code::UNKNOWN_METHOD,
+                format!("no method {other:?}"),
+            )),
         };
-        self.send(myself, &reply).await;
+        if let Some(reply) = reply {
+            self.send(myself, &reply).await;
+        }
+    }
+
+    /// The `status` method: version, uptime and sessions by role.
+    fn status(&self, id: String) -> Frame {
+        let (operator, node, approver, handshaking) = self.gateway.counts();
+        Frame::ok(
+            id,
+            json!({
+                "version": env!("CARGO_PKG_VERSION"),
+                "uptime_ms": self.gateway.uptime().as_millis() as u64,
+                "sessions": {
+                    "operator": operator,
+                    "node": node,
+                    "approver": approver,
+                    "handshaking": handshaking,
+                },
+            }),
+        )
+    }
+
+    /// The `subscribe` method: adds event names (within `max_subscriptions`); the first one
+    /// hands the pump its hub receiver.
+    fn subscribe(&mut self, id: String, role: Role, params: Value) -> Frame {
+        if role == Role::Node {
+            return Frame::err(id, code::FORBIDDEN, "nodes cannot subscribe");
+        }
+        let p = match serde_json::from_value::<SubscribeParams>(params) {
+            Ok(p) => p,
+            Err(e) => {
+                return Frame::err(id, code::BAD_REQUEST, format!("bad subscribe params: {e}"));
+            }
+        };
+        let max = self.gateway.settings().max_subscriptions;
+        if let Some(long) = p
+            .events
+            .iter()
+            .find(|e| e.is_empty() || e.len() > MAX_EVENT_NAME)
+        {
+            let shown: String = long.chars().take(32).collect();
+            let message = format!("event names are 1 to {MAX_EVENT_NAME} bytes; {shown:?}… is not");
+            return Frame::err(id, code::TOO_LARGE, message);
+        }
+        let mut all = self.subscriptions.clone();
+        all.extend(p.events);
+        if all.len() > max {
+            let message =
+                format!("at most {max} event names per session (gateway.max_subscriptions)");
+            return Frame::err(id, code::TOO_LARGE, message);
+        }
+        self.subscriptions = all;
+        if let Some(handoff) = self.hub_handoff.take() {
+            let _ = handoff.send(self.gateway.hub().subscribe());
+        }
+        let mut events: Vec<&String> = self.subscriptions.iter().collect();
+        events.sort();
+        Frame::ok(id, json!({ "events": events }))
+    }
+
+    /// The `chat.send` method: the send waits on the homeserver, so it runs off the actor
+    /// and is answered by `Reply`; it is the session's (aborted with it) and bounded per
+    /// session. Returns an answer only when the send does not start.
+    fn chat_send(
+        &mut self,
+        myself: &ActorRef<SessionMsg>,
+        id: String,
+        params: Value,
+    ) -> Option<Frame> {
+        let params = match serde_json::from_value::<SendParams>(params) {
+            Ok(params) => params,
+            Err(e) => {
+                let message = format!("bad chat.send params: {e}");
+                return Some(Frame::err(id, code::BAD_REQUEST, message));
+            }
+        };
+        while self.chat_sends.try_join_next().is_some() {}
+        let max = self.gateway.settings().max_pending_invocations;
+        if self.chat_sends.len() >= max {
+            let message = format!(
+                "{max} chat.send calls are already open on this session (gateway.max_pending_invocations)"
+            );
+            return Some(Frame::err(id, code::BUSY, message));
+        }
+        let chat = self.gateway.chat().clone();
+        let me = myself.clone();
+        let send = async move {
+            let frame = match chat.send(params).await {
+                Ok(event_id) => Frame::ok(id, json!({ "event_id": event_id })),
+                Err(e) => Frame::err(id, e.code(), e.message().to_string()),
+            };
+            let _ = me.send_message(SessionMsg::Reply(frame));
+        };
+        self.chat_sends.spawn(send.instrument(self.span.clone()));
+        None
     }
 
     /// The `tree` method: the kernel's snapshot, taken off the actor's thread.
@@ -239,4 +252,11 @@ impl SessionState {
         self.broker_answers
             .spawn(wait.instrument(self.span.clone()));
     }
+}
+
+/// The answer to request `id` when it could not be handed on; none when it was.
+fn refusal(id: String, handed: Result<(), (&'static str, String)>) -> Option<Frame> {
+    handed
+        .err()
+        .map(|(code, message)| Frame::err(id, code, message))
 }
