@@ -11,6 +11,7 @@
 //! This is the guard against the restart race (DESIGN.md, failure 2): a call made while
 //! the gateway restarts waits for it instead of failing with a bare close code.
 
+use std::ops::ControlFlow;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -226,81 +227,20 @@ async fn with_retries<C: Connector>(
     request: &CallRequest,
     mut log: impl FnMut(&str),
 ) -> Result<Value, CallFailure> {
-    let CallRequest {
-        url,
-        method,
-        params,
-        timeout,
-        ..
-    } = request;
-    let deadline = Instant::now() + *timeout;
-    let timed_out = |maybe_delivered: bool| CallFailure::Timeout {
-        url: url.clone(),
-        after: *timeout,
-        maybe_delivered,
-    };
+    let url = &request.url;
+    let deadline = Instant::now() + request.timeout;
     for attempt in 1..=ATTEMPTS {
-        let retry = match tokio::time::timeout_at(deadline, connector.connect()).await {
-            Err(_) => return Err(timed_out(false)),
-            Ok(Err(e)) if e.is_retryable() => Retry {
-                cause: e.to_string(),
-                hint: e.retry_after(),
-            },
-            Ok(Err(source)) => {
-                return Err(CallFailure::Connect {
-                    url: url.clone(),
-                    source,
-                });
-            }
-            Ok(Ok(conn)) => {
-                let sent = connector.call(conn, method, params);
-                match tokio::time::timeout_at(deadline, sent).await {
-                    Err(_) => return Err(timed_out(true)),
-                    Ok(Ok(value)) => return Ok(value),
-                    Ok(Err(CallError::Failed { code, message })) => {
-                        return Err(CallFailure::Failed {
-                            method: method.clone(),
-                            code,
-                            message,
-                        });
-                    }
-                    Ok(Err(e @ CallError::NotSent(_))) => Retry {
-                        cause: e.to_string(),
-                        hint: None,
-                    },
-                    Ok(Err(e)) if e.is_connection_lost() && is_idempotent(method) => Retry {
-                        cause: e.to_string(),
-                        hint: e.retry_after(),
-                    },
-                    Ok(Err(cause)) if cause.is_connection_lost() => {
-                        return Err(CallFailure::MaybeDelivered {
-                            method: method.clone(),
-                            cause,
-                            url: url.clone(),
-                        });
-                    }
-                    Ok(Err(cause)) => {
-                        return Err(CallFailure::Protocol {
-                            method: method.clone(),
-                            cause,
-                            url: url.clone(),
-                        });
-                    }
-                }
-            }
+        let retry = match try_once(connector, request, deadline).await {
+            ControlFlow::Break(outcome) => return outcome,
+            ControlFlow::Continue(retry) => retry,
         };
-        let unreachable = |attempts| CallFailure::Unreachable {
-            attempts,
-            last: retry.cause.clone(),
-            url: url.clone(),
+        let Some(delay) = next_delay(attempt, &retry, deadline) else {
+            return Err(CallFailure::Unreachable {
+                attempts: attempt,
+                last: retry.cause,
+                url: url.clone(),
+            });
         };
-        let Some(&base) = RETRY_DELAYS.get(attempt - 1) else {
-            return Err(unreachable(attempt));
-        };
-        let delay = retry.hint.map_or(base, |hint| hint.max(base));
-        if Instant::now() + delay >= deadline {
-            return Err(unreachable(attempt));
-        }
         log(&format!(
             "attempt {attempt} of {ATTEMPTS} failed: {} ({url}); retrying in {} ms",
             retry.cause,
@@ -314,6 +254,92 @@ async fn with_retries<C: Connector>(
         last: "no attempt made".to_string(),
         url: url.clone(),
     })
+}
+
+/// One attempt within `deadline`: connect, then call. Breaks with the outcome, or goes on
+/// with why the attempt may be retried.
+async fn try_once<C: Connector>(
+    connector: &mut C,
+    request: &CallRequest,
+    deadline: Instant,
+) -> ControlFlow<Result<Value, CallFailure>, Retry> {
+    let timed_out = |maybe_delivered: bool| {
+        ControlFlow::Break(Err(CallFailure::Timeout {
+            url: request.url.clone(),
+            after: request.timeout,
+            maybe_delivered,
+        }))
+    };
+    let conn = match tokio::time::timeout_at(deadline, connector.connect()).await {
+        Err(_) => return timed_out(false),
+        Ok(Err(e)) if e.is_retryable() => {
+            return ControlFlow::Continue(Retry {
+                cause: e.to_string(),
+                hint: e.retry_after(),
+            });
+        }
+        Ok(Err(source)) => {
+            return ControlFlow::Break(Err(CallFailure::Connect {
+                url: request.url.clone(),
+                source,
+            }));
+        }
+        Ok(Ok(conn)) => conn,
+    };
+    let sent = connector.call(conn, &request.method, &request.params);
+    match tokio::time::timeout_at(deadline, sent).await {
+        Err(_) => timed_out(true),
+        Ok(Ok(value)) => ControlFlow::Break(Ok(value)),
+        Ok(Err(error)) => after_call_error(error, request),
+    }
+}
+
+/// A call that failed once connected: retried when it was not sent, or when the
+/// connection was lost on an idempotent method; anything else is the outcome.
+fn after_call_error(
+    error: CallError,
+    request: &CallRequest,
+) -> ControlFlow<Result<Value, CallFailure>, Retry> {
+    let CallRequest { url, method, .. } = request;
+    let failure = match error {
+        CallError::Failed { code, message } => CallFailure::Failed {
+            method: method.clone(),
+            code,
+            message,
+        },
+        e @ CallError::NotSent(_) => {
+            return ControlFlow::Continue(Retry {
+                cause: e.to_string(),
+                hint: None,
+            });
+        }
+        e if e.is_connection_lost() && is_idempotent(method) => {
+            return ControlFlow::Continue(Retry {
+                cause: e.to_string(),
+                hint: e.retry_after(),
+            });
+        }
+        cause if cause.is_connection_lost() => CallFailure::MaybeDelivered {
+            method: method.clone(),
+            cause,
+            url: url.clone(),
+        },
+        cause => CallFailure::Protocol {
+            method: method.clone(),
+            cause,
+            url: url.clone(),
+        },
+    };
+    ControlFlow::Break(Err(failure))
+}
+
+/// The delay after failed attempt `attempt`: its entry of [`RETRY_DELAYS`], or the
+/// server's hint when larger. `None` when no attempt is left, or the next would start past
+/// `deadline`.
+fn next_delay(attempt: usize, retry: &Retry, deadline: Instant) -> Option<Duration> {
+    let base = *RETRY_DELAYS.get(attempt - 1)?;
+    let delay = retry.hint.map_or(base, |hint| hint.max(base));
+    (Instant::now() + delay < deadline).then_some(delay)
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@
 //! * [`gateway`] — the gateway: the protocol, the listener, one session per socket, the
 //!   approvals broker, the node registry, and the one client of the protocol.
 //! * [`matrix`] — Matrix accounts (the only module that imports `matrix_sdk`).
+//! * [`task`] — owned tasks: `AbortOnDrop`, and a spawn that reports a task's end to its owner.
 //!
 //! Domain actors (gateway, node, Matrix, approvals) live in their own modules beside it,
 //! each classifying its errors into [`supervision::Failure`]s and leaving every retry to
@@ -18,6 +19,7 @@ pub mod matrix;
 pub mod node;
 pub mod serve;
 pub mod supervision;
+pub mod task;
 
 /// Registers the description of every metric this crate records (the kernel's and the
 /// gateway's) with the installed recorder: call once, after installing it.

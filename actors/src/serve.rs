@@ -61,7 +61,6 @@ use axum::http::{Extensions, HeaderValue, Request, StatusCode, header};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use ractor::concurrency::JoinHandle;
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, SpawnErr};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
@@ -71,6 +70,7 @@ use tower_service::Service;
 use tracing::{Instrument, debug, info, warn};
 
 use crate::supervision::{ChildContext, Failure, Probe};
+use crate::task::{self, AbortOnDrop};
 
 /// How long `post_stop` lets in-flight requests finish before aborting them.
 pub const DRAIN: Duration = Duration::from_secs(2);
@@ -190,8 +190,9 @@ pub struct ServeState {
     /// Asks the server to stop accepting and drain; taken when used.
     drain: Option<oneshot::Sender<()>>,
     /// The server task; taken when joined in `post_stop`, aborted on drop (a kill).
-    task: Option<tokio::task::JoinHandle<()>>,
-    ticker: JoinHandle<()>,
+    task: Option<AbortOnDrop>,
+    /// The upkeep interval; cancelled with the state.
+    ticker: AbortOnDrop,
 }
 
 impl ServeActor {
@@ -209,24 +210,16 @@ impl ServeActor {
     }
 }
 
-/// Tells the actor when the server task ends, in every way but an abort by the actor itself
-/// (which then no longer listens): normally, with an error, or by a panic.
-struct EndReport {
-    actor: ActorRef<ServeMsg>,
-    reason: Option<String>,
-}
-
-impl Drop for EndReport {
-    fn drop(&mut self) {
-        let reason = self.reason.take().unwrap_or_else(|| {
-            if std::thread::panicking() {
-                "the server task panicked"
-            } else {
-                "the server task was cancelled"
-            }
-            .to_string()
-        });
-        let _ = self.actor.send_message(ServeMsg::Ended(reason));
+/// Tells the actor when the server task of endpoint `name` ends on its own: it stopped
+/// serving (with an error), or it panicked. An abort by the actor itself is not reported.
+fn end_report(actor: ActorRef<ServeMsg>, name: &'static str) -> impl FnOnce(task::Ended) + Send {
+    move |ended| {
+        let reason = if ended.panicked() {
+            "the server task panicked".to_string()
+        } else {
+            format!("the {name} server stopped serving")
+        };
+        let _ = actor.send_message(ServeMsg::Ended(reason));
     }
 }
 
@@ -258,20 +251,15 @@ impl Actor for ServeActor {
             Failure::transient(format!("cannot read the {name} endpoint's address: {e}"))
         })?;
         let (drain, drained) = oneshot::channel::<()>();
-        let report = EndReport {
-            actor: myself.clone(),
-            reason: None,
-        };
         let server = Server::new(name, args.router, args.limits, args.on_accept);
-        let task = tokio::spawn(
-            async move {
-                let mut report = report;
-                server.run(listener, drained).await;
-                report.reason = Some(format!("the {name} server stopped serving"));
-            }
-            .instrument(span.clone()),
+        let report = end_report(myself.clone(), name);
+        let task = task::spawn(
+            "server",
+            span.clone(),
+            server.run(listener, drained),
+            report,
         );
-        let ticker = myself.send_interval(TICK, || ServeMsg::Tick);
+        let ticker = myself.send_interval(TICK, || ServeMsg::Tick).into();
         span.in_scope(|| info!(addr = %addr, "{} endpoint listening.", capitalise(name)));
         args.bound.send_replace(Some(addr));
         Ok(ServeState {
@@ -352,12 +340,9 @@ impl ServeState {
 }
 
 impl Drop for ServeState {
-    /// A killed actor skips `post_stop`; its dropped state must not leave the server running.
+    /// A killed actor skips `post_stop`; its dropped state must not leave its address
+    /// published (its tasks end with their [`AbortOnDrop`]s).
     fn drop(&mut self) {
-        self.ticker.abort();
-        if let Some(task) = &self.task {
-            task.abort();
-        }
         self.unpublish();
     }
 }
@@ -889,8 +874,8 @@ mod tests {
         let _ = tree.shutdown(DEADLINE).await;
     }
 
-    /// A server task that dies (here: panics while holding its end report) fails the actor
-    /// as transient; the supervisor restarts it on a new port binding.
+    /// A server task that dies (here: panics, reporting through the actor's end report)
+    /// fails the actor as transient; the supervisor restarts it on a new port binding.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_dead_server_task_fails_the_actor() {
         let bound = Arc::new(watch::Sender::new(None));
@@ -938,13 +923,13 @@ mod tests {
             .next()
             .expect("child");
         let actor: ActorRef<ServeMsg> = cell.into();
-        let task = tokio::spawn(async move {
-            let _report = EndReport {
-                actor,
-                reason: None,
-            };
-            panic!("the server task blew up (expected by this test)");
-        });
+        let blow_up = async { panic!("the server task blew up (expected by this test)") };
+        let task = task::spawn(
+            "server",
+            tracing::Span::none(),
+            blow_up,
+            end_report(actor, "test"),
+        );
         assert!(task.await.is_err());
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         loop {

@@ -96,8 +96,32 @@ fn read_secret(
     Ok(())
 }
 
-/// Validates values that deserialized but are out of range or inconsistent.
+/// Validates values that deserialized but are out of range or inconsistent: section by
+/// section, the first error wins.
 fn validate(
+    config: &Config,
+    err: &impl Fn(String, String) -> ConfigError,
+) -> Result<(), ConfigError> {
+    check_gateway(config, err)?;
+    check_bind(
+        "admin",
+        config.admin.bind,
+        config.admin.token.is_some(),
+        err,
+    )?;
+    check_supervision(config, err)?;
+    for (name, pool) in &config.start_slots {
+        pool.validate()
+            .map_err(|(f, m)| err(format!("start_slots.{name}.{f}"), m))?;
+    }
+    check_matrix(config, err)?;
+    check_node(config, err)?;
+    positive("shutdown.deadline_ms", config.shutdown.deadline_ms, err)
+}
+
+/// `[gateway]`: its bind, its limits, its allowed origins, one token per principal, node
+/// names.
+fn check_gateway(
     config: &Config,
     err: &impl Fn(String, String) -> ConfigError,
 ) -> Result<(), ConfigError> {
@@ -130,7 +154,17 @@ fn validate(
         err,
     )?;
     positive("gateway.node_forget_after_ms", g.node_forget_after_ms, err)?;
-    for (i, origin) in g.allowed_origins.iter().enumerate() {
+    check_origins(&g.allowed_origins, err)?;
+    check_distinct_tokens(config, err)?;
+    check_node_names(config, err)
+}
+
+/// Every `gateway.allowed_origins` entry is `scheme://host[:port]`.
+fn check_origins(
+    origins: &[String],
+    err: &impl Fn(String, String) -> ConfigError,
+) -> Result<(), ConfigError> {
+    for (i, origin) in origins.iter().enumerate() {
         if !is_origin(origin) {
             let msg = format!(
                 "{origin:?} is not an origin: give scheme://host[:port], e.g. \"https://ops.example.com\""
@@ -138,8 +172,16 @@ fn validate(
             return Err(err(format!("gateway.allowed_origins[{i}]"), msg));
         }
     }
-    // Every principal needs its own token: a token shared by an operator and a node would
-    // make the node host an operator.
+    Ok(())
+}
+
+/// Every principal needs its own token: a token shared by an operator and a node would make
+/// the node host an operator.
+fn check_distinct_tokens(
+    config: &Config,
+    err: &impl Fn(String, String) -> ConfigError,
+) -> Result<(), ConfigError> {
+    let g = &config.gateway;
     let mut seen: Vec<(String, &str)> = Vec::new();
     let tokens =
         g.token
@@ -159,7 +201,15 @@ fn validate(
         }
         seen.push((key, token));
     }
-    for name in g.nodes.keys() {
+    Ok(())
+}
+
+/// Names of configured nodes: 1 to 128 characters, no spaces or control characters.
+fn check_node_names(
+    config: &Config,
+    err: &impl Fn(String, String) -> ConfigError,
+) -> Result<(), ConfigError> {
+    for name in config.gateway.nodes.keys() {
         let bad = name.is_empty()
             || name.len() > warden_actors::gateway::protocol::handshake::MAX_NAME_LEN
             || name.chars().any(|c| c.is_control() || c.is_whitespace());
@@ -168,19 +218,14 @@ fn validate(
             return Err(err(format!("gateway.nodes.{name}"), msg.to_string()));
         }
     }
-    check_bind(
-        "admin",
-        config.admin.bind,
-        config.admin.token.is_some(),
-        err,
-    )?;
+    Ok(())
+}
 
-    check_supervision(config, err)?;
-    for (name, pool) in &config.start_slots {
-        pool.validate()
-            .map_err(|(f, m)| err(format!("start_slots.{name}.{f}"), m))?;
-    }
-
+/// `[matrix.accounts.*]`: homeserver URL, user IDs, a credential, room and sender filters.
+fn check_matrix(
+    config: &Config,
+    err: &impl Fn(String, String) -> ConfigError,
+) -> Result<(), ConfigError> {
     for (alias, acc) in &config.matrix.accounts {
         let key = |field: &str| format!("matrix.accounts.{alias}.{field}");
         if !(acc.homeserver.starts_with("http://") || acc.homeserver.starts_with("https://")) {
@@ -216,41 +261,48 @@ fn validate(
             return Err(err(key("allowed_senders"), msg));
         }
     }
+    Ok(())
+}
 
-    if let Some(node) = &config.node {
-        if !(node.gateway_url.starts_with("ws://") || node.gateway_url.starts_with("wss://")) {
-            let msg = format!("{:?} must start with ws:// or wss://", node.gateway_url);
-            return Err(err("node.gateway_url".to_string(), msg));
-        }
-        for (name, cmd) in &node.commands {
-            if cmd.argv.first().is_none_or(String::is_empty) {
-                let msg = "must name a program: a non-empty list of strings".to_string();
-                return Err(err(format!("node.commands.{name}.argv"), msg));
-            }
-            positive(
-                &format!("node.commands.{name}.timeout_ms"),
-                cmd.timeout_ms,
-                err,
-            )?;
-            for (key, value) in &cmd.env {
-                commands::check_env(key, value)
-                    .map_err(|msg| err(format!("node.commands.{name}.env"), msg))?;
-            }
+/// `[node]`: the gateway URL, each command, the concurrency cap, the token.
+fn check_node(
+    config: &Config,
+    err: &impl Fn(String, String) -> ConfigError,
+) -> Result<(), ConfigError> {
+    let Some(node) = &config.node else {
+        return Ok(());
+    };
+    if !(node.gateway_url.starts_with("ws://") || node.gateway_url.starts_with("wss://")) {
+        let msg = format!("{:?} must start with ws:// or wss://", node.gateway_url);
+        return Err(err("node.gateway_url".to_string(), msg));
+    }
+    for (name, cmd) in &node.commands {
+        if cmd.argv.first().is_none_or(String::is_empty) {
+            let msg = "must name a program: a non-empty list of strings".to_string();
+            return Err(err(format!("node.commands.{name}.argv"), msg));
         }
         positive(
-            "node.max_concurrent_commands",
-            node.max_concurrent_commands as u64,
+            &format!("node.commands.{name}.timeout_ms"),
+            cmd.timeout_ms,
             err,
         )?;
-        if node.token.is_none() {
-            let msg = "is required: the node authenticates with it and checks approval \
-                       grants with it; set node.token or node.token_file"
-                .to_string();
-            return Err(err("node.token".to_string(), msg));
+        for (key, value) in &cmd.env {
+            commands::check_env(key, value)
+                .map_err(|msg| err(format!("node.commands.{name}.env"), msg))?;
         }
     }
-
-    positive("shutdown.deadline_ms", config.shutdown.deadline_ms, err)
+    positive(
+        "node.max_concurrent_commands",
+        node.max_concurrent_commands as u64,
+        err,
+    )?;
+    if node.token.is_none() {
+        let msg = "is required: the node authenticates with it and checks approval \
+                   grants with it; set node.token or node.token_file"
+            .to_string();
+        return Err(err("node.token".to_string(), msg));
+    }
+    Ok(())
 }
 
 /// A non-loopback `bind` needs a token.

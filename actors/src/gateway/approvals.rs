@@ -66,7 +66,7 @@
 //! ## Messages
 //! From sessions, through the [`ApprovalsClient`] in [`GatewayState`]: `Request`, `Resolve`
 //! (with the session's account), `List` (with its page params), each with the [`ReplyTo`]
-//! that answers the session as a `SessionMsg::Reply`. Timers: `Expire` (a pending approval's timeout). From
+//! whose reply port the asking session waits on. Timers: `Expire` (a pending approval's timeout). From
 //! the task awaiting a node's answer: `InvokeDone`.
 //!
 //! ## Supervision
@@ -92,23 +92,24 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use ractor::{Actor, ActorProcessingErr, ActorRef};
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::oneshot;
-use tracing::{Instrument, debug, error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::hub::event;
+use super::invoke::{InvokeReply, dispatch_invoke};
 use super::protocol::{
     ApprovalCursor, ApprovalListing, ApprovalOutcome, ApprovalPage, ApprovalRequestParams,
     ApprovalRequested, ApprovalResolveParams, ApprovalResolved, ApprovalsListParams,
     DEFAULT_INVOKE_TIMEOUT_MS, Decision, ErrorBody, Frame, ListSection, Verdict, code,
 };
 use super::registry::Lookup;
-use super::session::{Aborting, InvokeReply, SessionMsg, dispatch_invoke};
 use super::{GatewayState, metrics, now_ms};
 use crate::supervision::{Backoff, ChildContext, ChildSpec, Policy, Restart};
+use crate::task::{self, AbortOnDrop, Timer};
 
 /// The kind of the broker, for policies and metrics.
 pub const KIND: &str = "approvals_broker";
@@ -268,17 +269,18 @@ impl ApprovalsClient {
     }
 }
 
-/// Where the answer to one session request goes: the session, as a `Reply` frame.
+/// Where the answer to one session request goes: the reply port the asking session waits
+/// on, and the request's id, which the answer's frame carries.
 pub struct ReplyTo {
-    session: ActorRef<SessionMsg>,
+    port: RpcReplyPort<Frame>,
     req_id: String,
 }
 
 impl ReplyTo {
-    /// The answer to request `req_id` of `session`.
-    pub fn new(session: ActorRef<SessionMsg>, req_id: impl Into<String>) -> Self {
+    /// The answer to request `req_id`, through `port`.
+    pub fn new(port: RpcReplyPort<Frame>, req_id: impl Into<String>) -> Self {
         Self {
-            session,
+            port,
             req_id: req_id.into(),
         }
     }
@@ -286,7 +288,7 @@ impl ReplyTo {
     /// Sends the frame; a session that is gone is not an error.
     fn frame(self, make: impl FnOnce(String) -> Frame) {
         let frame = make(self.req_id);
-        let _ = self.session.send_message(SessionMsg::Reply(frame));
+        let _ = self.port.send(frame);
     }
 
     fn ok(self, payload: Value) {
@@ -824,9 +826,9 @@ pub struct ApprovalsState {
     /// Requesters waiting for the outcome, by approval id.
     waiters: HashMap<String, Waiter>,
     /// Expiry timers of pending approvals, by id.
-    timers: HashMap<String, Aborting>,
+    timers: HashMap<String, Timer<ApprovalsMsg>>,
     /// Tasks awaiting a node's answer, by approval id.
-    running: HashMap<String, Aborting>,
+    running: HashMap<String, AbortOnDrop>,
     span: tracing::Span,
 }
 
@@ -1163,21 +1165,30 @@ impl ApprovalsState {
         }
         let me = myself.clone();
         let id = a.id.clone();
-        let task = tokio::spawn(
-            async move {
-                let result = match tokio::time::timeout(timeout, rx).await {
-                    Ok(Ok(result)) => result,
-                    // The node's session forgot the call (its own timeout), or time is up.
-                    Ok(Err(_)) | Err(_) => Err(ErrorBody {
-                        code: code::TIMEOUT.to_string(),
-                        message: "the node did not answer in time".to_string(),
-                    }),
-                };
+        let wait = async move {
+            let result = match tokio::time::timeout(timeout, rx).await {
+                Ok(Ok(result)) => result,
+                // The node's session forgot the call (its own timeout), or time is up.
+                Ok(Err(_)) | Err(_) => Err(ErrorBody {
+                    code: code::TIMEOUT.to_string(),
+                    message: "the node did not answer in time".to_string(),
+                }),
+            };
+            let _ = me.send_message(ApprovalsMsg::InvokeDone { id, result });
+        };
+        let (me, id) = (myself.clone(), a.id.clone());
+        // A task that returns has sent `InvokeDone`; one that panics has not.
+        let report = move |ended: task::Ended| {
+            if ended.panicked() {
+                let result = Err(ErrorBody {
+                    code: code::INTERNAL.to_string(),
+                    message: ended.to_string(),
+                });
                 let _ = me.send_message(ApprovalsMsg::InvokeDone { id, result });
             }
-            .instrument(self.span.clone()),
-        );
-        self.running.insert(a.id, task.into());
+        };
+        let task = task::spawn("invoke", self.span.clone(), wait, report);
+        self.running.insert(a.id, task);
     }
 
     /// Approval `id` is over: keep it among the resolved, answer the requester, tell the
@@ -1251,6 +1262,8 @@ mod tests {
     use std::collections::HashSet;
 
     use serde_json::json;
+
+    use super::super::invoke::{Invoke, NodeMsg};
 
     use super::*;
 
@@ -1451,22 +1464,17 @@ mod tests {
         assert_eq!(store.load().expect("load").len(), 1);
     }
 
-    /// Plays a session: catches the broker's replies and the invocations sent to a node.
+    /// Plays a node's session: catches the invocations sent to the node.
     struct Catcher;
 
-    enum Caught {
-        Frame(Frame),
-        Invoke(super::super::session::Invoke),
-    }
-
     impl Actor for Catcher {
-        type Msg = SessionMsg;
-        type State = tokio::sync::mpsc::UnboundedSender<Caught>;
-        type Arguments = tokio::sync::mpsc::UnboundedSender<Caught>;
+        type Msg = NodeMsg;
+        type State = tokio::sync::mpsc::UnboundedSender<Invoke>;
+        type Arguments = tokio::sync::mpsc::UnboundedSender<Invoke>;
 
         async fn pre_start(
             &self,
-            _myself: ActorRef<SessionMsg>,
+            _myself: ActorRef<NodeMsg>,
             tx: Self::Arguments,
         ) -> Result<Self::State, ActorProcessingErr> {
             Ok(tx)
@@ -1474,34 +1482,47 @@ mod tests {
 
         async fn handle(
             &self,
-            _myself: ActorRef<SessionMsg>,
-            msg: SessionMsg,
+            _myself: ActorRef<NodeMsg>,
+            msg: NodeMsg,
             tx: &mut Self::State,
         ) -> Result<(), ActorProcessingErr> {
-            let _ = match msg {
-                SessionMsg::Reply(frame) => tx.send(Caught::Frame(frame)),
-                SessionMsg::Invoke(invoke) => tx.send(Caught::Invoke(invoke)),
-                _ => Ok(()),
-            };
+            if let NodeMsg::Invoke(invoke) = msg {
+                let _ = tx.send(invoke);
+            }
             Ok(())
         }
     }
 
-    /// The payload (or error) of the next reply, which must answer `req`.
-    async fn reply(rx: &mut tokio::sync::mpsc::UnboundedReceiver<Caught>, req: &str) -> Value {
-        let caught = tokio::time::timeout(Duration::from_secs(3600), rx.recv())
+    /// Plays the asking sessions: a reply port per request id, and what came back on it.
+    #[derive(Clone, Default)]
+    struct Replies(Arc<std::sync::Mutex<HashMap<String, oneshot::Receiver<Frame>>>>);
+
+    impl Replies {
+        /// The reply port of request `req`.
+        fn to(&self, req: &str) -> ReplyTo {
+            let (port, answer) = oneshot::channel();
+            let mut waiting = self.0.lock().expect("lock");
+            waiting.insert(req.to_string(), answer);
+            ReplyTo::new(port.into(), req)
+        }
+    }
+
+    /// The payload (or error) of the reply to `req`, which must answer `req`.
+    async fn reply(replies: &Replies, req: &str) -> Value {
+        let answer = replies.0.lock().expect("lock").remove(req);
+        let answer = answer.expect("a reply port for the request");
+        let frame = tokio::time::timeout(Duration::from_secs(3600), answer)
             .await
             .expect("a reply within the hour")
-            .expect("catcher alive");
-        match caught {
-            Caught::Frame(Frame::Res {
+            .expect("answered");
+        match frame {
+            Frame::Res {
                 id, payload, error, ..
-            }) => {
+            } => {
                 assert_eq!(id, req);
                 payload.unwrap_or_else(|| json!({ "error": to_value(&error) }))
             }
-            Caught::Frame(other) => panic!("not a res: {}", other.to_text()),
-            Caught::Invoke(_) => panic!("an invoke instead of the reply to {req}"),
+            other => panic!("not a res: {}", other.to_text()),
         }
     }
 
@@ -1517,13 +1538,14 @@ mod tests {
         }
     }
 
-    /// A [`Catcher`] session registered as node `box` with command `disk`: what is sent to
-    /// it arrives on the receiver; the registration keeps the node online.
+    /// A [`Catcher`] session registered as node `box` with command `disk`: the invocations
+    /// sent to it arrive on the receiver; the registration keeps the node online. With the
+    /// [`Replies`] of the sessions that ask the broker.
     async fn catcher_node(
         gateway: &GatewayState,
     ) -> (
-        ActorRef<SessionMsg>,
-        tokio::sync::mpsc::UnboundedReceiver<Caught>,
+        Replies,
+        tokio::sync::mpsc::UnboundedReceiver<Invoke>,
         super::super::registry::Registration,
     ) {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
@@ -1534,10 +1556,10 @@ mod tests {
             "node:box",
             vec!["disk".into()],
             1,
-            session.clone(),
+            session.get_derived(),
         )
         .expect("registered");
-        (session, rx, node)
+        (Replies::default(), rx, node)
     }
 
     async fn spawn_broker(gateway: &GatewayState) -> ActorRef<ApprovalsMsg> {
@@ -1561,7 +1583,7 @@ mod tests {
             .insert("nova".into(), vec!["@Owner:x".into()]);
         assert!(gateway.set_approvals(settings).is_ok());
         let broker = spawn_broker(&gateway).await;
-        let (session, mut rx, _node) = catcher_node(&gateway).await;
+        let (replies, mut rx, _node) = catcher_node(&gateway).await;
         let mut hub = gateway.hub().subscribe();
         let client = gateway.approvals().expect("configured").clone();
         let request = |req: &str, timeout_s: Option<u64>| ApprovalsMsg::Request {
@@ -1573,7 +1595,7 @@ mod tests {
                 timeout_s,
             },
             requester: "operator:default".into(),
-            reply: ReplyTo::new(session.clone(), req),
+            reply: replies.to(req),
         };
         let resolve =
             |req: &str, id: &str, decision, by: &str, account: &str| ApprovalsMsg::Resolve {
@@ -1583,7 +1605,7 @@ mod tests {
                     by: by.into(),
                 },
                 account: Some(account.into()),
-                reply: ReplyTo::new(session.clone(), req),
+                reply: replies.to(req),
             };
 
         // No decision within timeout_s: denied by timeout, exactly then.
@@ -1592,7 +1614,7 @@ mod tests {
         let requested = next_requested(&mut hub).await;
         let id1 = requested["id"].as_str().expect("id").to_string();
         assert!(is_valid_id(&id1));
-        let out = reply(&mut rx, "r1").await;
+        let out = reply(&replies, "r1").await;
         assert_eq!(start.elapsed(), Duration::from_secs(1));
         assert_eq!(
             out,
@@ -1609,15 +1631,15 @@ mod tests {
         client
             .send(resolve("r3", &id2, Verdict::Approve, "@other:x", "nova"))
             .expect("send");
-        assert_eq!(reply(&mut rx, "r3").await["error"]["code"], "forbidden");
+        assert_eq!(reply(&replies, "r3").await["error"]["code"], "forbidden");
         client
             .send(resolve("r4", &id2, Verdict::Approve, "@owner:X", "nova"))
             .expect("send");
         assert_eq!(
-            reply(&mut rx, "r4").await,
+            reply(&replies, "r4").await,
             json!({"id": id2, "decision": "approved"})
         );
-        let Some(Caught::Invoke(invoke)) = rx.recv().await else {
+        let Some(invoke) = rx.recv().await else {
             panic!("the node got no invocation");
         };
         assert_eq!(
@@ -1628,19 +1650,19 @@ mod tests {
             .send(resolve("r5", &id2, Verdict::Deny, "@owner:x", "nova"))
             .expect("send");
         assert_eq!(
-            reply(&mut rx, "r5").await["error"]["code"],
+            reply(&replies, "r5").await["error"]["code"],
             "already_resolved"
         );
         client
             .send(resolve("r6", "nope0000", Verdict::Deny, "@owner:x", "nova"))
             .expect("send");
         assert_eq!(
-            reply(&mut rx, "r6").await["error"]["code"],
+            reply(&replies, "r6").await["error"]["code"],
             "unknown_approval"
         );
         invoke.reply.send(Ok(json!({"exit_code": 0})));
         assert_eq!(
-            reply(&mut rx, "r2").await,
+            reply(&replies, "r2").await,
             json!({"id": id2, "decision": "approved", "by": "@owner:X", "result": {"exit_code": 0}})
         );
 
@@ -1651,12 +1673,12 @@ mod tests {
             .expect("id")
             .to_string();
         broker.stop_and_wait(None, None).await.expect("stop");
-        assert_eq!(reply(&mut rx, "r7").await["error"]["code"], "internal");
+        assert_eq!(reply(&replies, "r7").await["error"]["code"], "internal");
         assert!(
             client
                 .send(ApprovalsMsg::List {
                     params: ApprovalsListParams::default(),
-                    reply: ReplyTo::new(session.clone(), "x"),
+                    reply: replies.to("x"),
                 })
                 .is_err()
         );
@@ -1664,10 +1686,10 @@ mod tests {
         client
             .send(ApprovalsMsg::List {
                 params: ApprovalsListParams::default(),
-                reply: ReplyTo::new(session.clone(), "r8"),
+                reply: replies.to("r8"),
             })
             .expect("send");
-        let list = reply(&mut rx, "r8").await;
+        let list = reply(&replies, "r8").await;
         assert!(list.get("next").is_none(), "{list}");
         let summary: Vec<(String, bool)> = list["approvals"]
             .as_array()
@@ -1685,7 +1707,7 @@ mod tests {
             .send(resolve("r9", &id3, Verdict::Deny, "@owner:x", "nova"))
             .expect("send");
         assert_eq!(
-            reply(&mut rx, "r9").await,
+            reply(&replies, "r9").await,
             json!({"id": id3, "decision": "denied"})
         );
     }
@@ -1766,18 +1788,18 @@ mod tests {
         settings.max_open_per_requester = 1;
         assert!(gateway.set_approvals(settings).is_ok());
         let _broker = spawn_broker(&gateway).await;
-        let (session, mut rx, _node) = catcher_node(&gateway).await;
+        let (replies, _rx, _node) = catcher_node(&gateway).await;
         let mut hub = gateway.hub().subscribe();
         let client = gateway.approvals().expect("configured").clone();
         let request = |req: &str, requester: &str| ApprovalsMsg::Request {
             params: params("why".into(), Value::Null),
             requester: requester.into(),
-            reply: ReplyTo::new(session.clone(), req),
+            reply: replies.to(req),
         };
         client.send(request("a1", "operator:a")).expect("send");
         next_requested(&mut hub).await;
         client.send(request("a2", "operator:a")).expect("send");
-        let out = reply(&mut rx, "a2").await;
+        let out = reply(&replies, "a2").await;
         assert_eq!(out["error"]["code"], "busy", "{out}");
         let message = out["error"]["message"].as_str().unwrap_or_default();
         assert!(message.contains("per requester"), "{message}");
@@ -1798,13 +1820,13 @@ mod tests {
         settings.max_open = 2;
         assert!(gateway.set_approvals(settings).is_ok());
         let _broker = spawn_broker(&gateway).await;
-        let (session, mut rx, _node) = catcher_node(&gateway).await;
+        let (replies, _rx, _node) = catcher_node(&gateway).await;
         let mut hub = gateway.hub().subscribe();
         let client = gateway.approvals().expect("configured").clone();
         let request = |req: &str, reason: String, args: Value| ApprovalsMsg::Request {
             params: params(reason, args),
             requester: "operator:a".into(),
-            reply: ReplyTo::new(session.clone(), req),
+            reply: replies.to(req),
         };
         let files = || {
             fs::read_dir(scratch.0.join("approvals"))
@@ -1816,12 +1838,12 @@ mod tests {
         client
             .send(request("big-reason", "r".repeat(5 * 1024), Value::Null))
             .expect("send");
-        let out = reply(&mut rx, "big-reason").await;
+        let out = reply(&replies, "big-reason").await;
         assert_eq!(out["error"]["code"], "too_large", "{out}");
         client
             .send(request("big-args", "r".into(), args_of(16_385)))
             .expect("send");
-        let out = reply(&mut rx, "big-args").await;
+        let out = reply(&replies, "big-args").await;
         assert_eq!(out["error"]["code"], "too_large", "{out}");
         assert_eq!(files(), 0);
 
@@ -1840,7 +1862,7 @@ mod tests {
         client
             .send(request("r3", "three".into(), Value::Null))
             .expect("send");
-        let out = reply(&mut rx, "r3").await;
+        let out = reply(&replies, "r3").await;
         assert_eq!(out["error"]["code"], "busy", "{out}");
         let message = out["error"]["message"].as_str().unwrap_or_default();
         assert!(message.contains("2 open approvals"), "{message}");
@@ -1855,11 +1877,11 @@ mod tests {
                     by: "@owner:x".into(),
                 },
                 account: Some("nova".into()),
-                reply: ReplyTo::new(session.clone(), "d1"),
+                reply: replies.to("d1"),
             })
             .expect("send");
-        assert_eq!(reply(&mut rx, "d1").await["decision"], "denied");
-        assert_eq!(reply(&mut rx, "r1").await["decision"], "denied");
+        assert_eq!(reply(&replies, "d1").await["decision"], "denied");
+        assert_eq!(reply(&replies, "r1").await["decision"], "denied");
         client
             .send(request("r4", "four".into(), Value::Null))
             .expect("send");

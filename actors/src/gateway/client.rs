@@ -385,10 +385,23 @@ impl GatewayClient {
         }
     }
 
+    /// The handshake: the upgrade, the challenge, `connect`, `hello-ok`.
     async fn handshake(
         url: &str,
         options: ConnectOptions,
     ) -> Result<(GatewayClient, HelloOk), ConnectError> {
+        let mut client = Self::upgrade(url, &options.token).await?;
+        client.await_challenge().await?;
+        let id = client.send_connect(options).await?;
+        let hello = client.await_hello(&id).await?;
+        let tick = hello.policy.tick_interval_ms;
+        client.silence_limit = (tick > 0).then(|| Duration::from_millis(tick.saturating_mul(2)));
+        client.last_frame = Instant::now();
+        Ok((client, hello))
+    }
+
+    /// Opens the WebSocket to `url`, showing `token` on the upgrade.
+    async fn upgrade(url: &str, token: &str) -> Result<GatewayClient, ConnectError> {
         // A small read buffer, as on the server: the 128 KiB default stays resident per
         // connection, which adds up for a process holding many (benchmarks, hosts of
         // many approval handlers).
@@ -398,8 +411,8 @@ impl GatewayClient {
         // upgrade outside the per-address budget of unauthenticated sockets (and refuses a
         // wrong one with 401 before upgrading). `connect` still carries it.
         let mut request = url.into_client_request().map_err(ConnectError::from_ws)?;
-        if !options.token.is_empty()
-            && let Ok(value) = HeaderValue::from_str(&format!("Bearer {}", options.token))
+        if !token.is_empty()
+            && let Ok(value) = HeaderValue::from_str(&format!("Bearer {token}"))
         {
             request.headers_mut().insert(AUTHORIZATION, value);
         }
@@ -412,7 +425,7 @@ impl GatewayClient {
         )
         .await
         .map_err(ConnectError::from_ws)?;
-        let mut client = GatewayClient {
+        Ok(GatewayClient {
             ws,
             last_id: 0,
             pending: VecDeque::new(),
@@ -420,17 +433,16 @@ impl GatewayClient {
             last_frame: Instant::now(),
             silence_limit: None,
             expected_back_ms: None,
-        };
+        })
+    }
 
-        // 1. The challenge (a `shutdown` event may come first, or instead of it).
+    /// Reads up to the `connect.challenge` event (a `shutdown` event may come first, or
+    /// instead of it); events before it are kept.
+    async fn await_challenge(&mut self) -> Result<(), ConnectError> {
         loop {
-            match client
-                .read_frame()
-                .await
-                .map_err(|e| client.before_hello(e))?
-            {
-                Frame::Event { event, .. } if event == "connect.challenge" => break,
-                Frame::Event { event, payload } => client.keep(Incoming::Event { event, payload }),
+            match self.read_frame().await.map_err(|e| self.before_hello(e))? {
+                Frame::Event { event, .. } if event == "connect.challenge" => return Ok(()),
+                Frame::Event { event, payload } => self.keep(Incoming::Event { event, payload }),
                 other => {
                     return Err(ConnectError::Protocol(format!(
                         "expected the connect.challenge event, got {}",
@@ -439,8 +451,10 @@ impl GatewayClient {
                 }
             }
         }
+    }
 
-        // 2. `connect`, answered by `hello-ok` or an error.
+    /// Sends `connect` with `options`; returns its request id.
+    async fn send_connect(&mut self, options: ConnectOptions) -> Result<String, ConnectError> {
         let params = ConnectParams {
             protocol: PROTOCOL_VERSION,
             role: options.role,
@@ -451,22 +465,21 @@ impl GatewayClient {
         };
         let params =
             serde_json::to_value(params).map_err(|e| ConnectError::Protocol(e.to_string()))?;
-        let id = client.next_id();
+        let id = self.next_id();
         let req = Frame::Req {
             id: id.clone(),
             method: "connect".to_string(),
             params,
         };
-        client
-            .write(&req)
-            .await
-            .map_err(|e| client.before_hello(e))?;
+        self.write(&req).await.map_err(|e| self.before_hello(e))?;
+        Ok(id)
+    }
+
+    /// Reads up to the answer to `connect` (request `id`): `hello-ok`, or the gateway's
+    /// refusal; events before it are kept.
+    async fn await_hello(&mut self, id: &str) -> Result<HelloOk, ConnectError> {
         let (ok, payload, error) = loop {
-            match client
-                .read_frame()
-                .await
-                .map_err(|e| client.before_hello(e))?
-            {
+            match self.read_frame().await.map_err(|e| self.before_hello(e))? {
                 Frame::Res {
                     id: rid,
                     ok,
@@ -475,7 +488,7 @@ impl GatewayClient {
                 } if rid == id => {
                     break (ok, payload, error);
                 }
-                Frame::Event { event, payload } => client.keep(Incoming::Event { event, payload }),
+                Frame::Event { event, payload } => self.keep(Incoming::Event { event, payload }),
                 other => {
                     return Err(ConnectError::Protocol(format!(
                         "expected the answer to connect, got {}",
@@ -491,12 +504,8 @@ impl GatewayClient {
             });
             return Err(ConnectError::Rejected { code, message });
         }
-        let hello: HelloOk = serde_json::from_value(payload.unwrap_or(Value::Null))
-            .map_err(|e| ConnectError::Protocol(format!("bad hello-ok: {e}")))?;
-        let tick = hello.policy.tick_interval_ms;
-        client.silence_limit = (tick > 0).then(|| Duration::from_millis(tick.saturating_mul(2)));
-        client.last_frame = Instant::now();
-        Ok((client, hello))
+        serde_json::from_value(payload.unwrap_or(Value::Null))
+            .map_err(|e| ConnectError::Protocol(format!("bad hello-ok: {e}")))
     }
 
     /// Sends request `method` with `params` and waits for its answer. Events and server

@@ -24,6 +24,8 @@
 //!   and benchmarks start, the built-in ones (and the listener's as given).
 //! * [`approvals`] — the approvals broker: `approvals.request`, `approvals.resolve`,
 //!   `approvals.list`.
+//! * [`invoke`] — invocation routing: `nodes.invoke` and approved commands to the node's
+//!   session, with the approval grant a command may need.
 //! * [`chat`] — the chat accounts `chat.send` reaches and whose messages become
 //!   `chat.message` events.
 //! * [`protocol`] — the wire format; [`client`] — the client side of it; [`metrics`] — every
@@ -33,6 +35,7 @@ pub mod approvals;
 pub mod chat;
 pub mod client;
 pub mod hub;
+pub mod invoke;
 pub mod listener;
 pub mod metrics;
 pub mod protocol;

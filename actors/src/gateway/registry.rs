@@ -19,7 +19,6 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use ractor::ActorRef;
 use serde_json::json;
 
 use super::hub::event;
@@ -27,7 +26,7 @@ use super::protocol::{CommandInfo, NodeListing};
 
 /// Names the registry remembers at most, live or not.
 pub const MAX_NODES: usize = 4096;
-use super::session::SessionMsg;
+use super::invoke::NodeSession;
 use super::{GatewayState, now_ms};
 
 /// Nodes by name.
@@ -51,7 +50,7 @@ struct Entry {
 struct Live {
     /// The socket number of the session it is connected through.
     conn: u64,
-    session: ActorRef<SessionMsg>,
+    session: NodeSession,
     connected_at: u64,
 }
 
@@ -64,7 +63,7 @@ pub(crate) enum Lookup {
     /// Connected now.
     Online {
         commands: Arc<[CommandInfo]>,
-        session: ActorRef<SessionMsg>,
+        session: NodeSession,
         /// The credential it connected with (`node:<name>` or `operator:<op>`).
         holder: String,
     },
@@ -147,8 +146,8 @@ impl Registration {
         holder: &str,
         commands: Vec<CommandInfo>,
         conn: u64,
-        session: ActorRef<SessionMsg>,
-    ) -> Result<(Registration, Option<ActorRef<SessionMsg>>), String> {
+        session: NodeSession,
+    ) -> Result<(Registration, Option<NodeSession>), String> {
         let now = now_ms();
         let last_seen = Arc::new(AtomicU64::new(now));
         let commands: Arc<[CommandInfo]> = commands.into();

@@ -37,7 +37,7 @@
 //! `nodes.invoke` forwards a `req node.invoke {command, args}` to the node's session, which
 //! relays the node's `res` back; the operator's session times the call out. The broker
 //! runs an approved command through the same path (`dispatch_invoke`, with an
-//! [`InvokeReply::Oneshot`]).
+//! [`InvokeReply::Oneshot`](super::invoke::InvokeReply::Oneshot)).
 //!
 //! ## Messages
 //! From the socket, forwarded by the pump task: `Inbound` (a frame), `ReadFailed` (a read
@@ -75,25 +75,24 @@ use futures_util::{SinkExt, StreamExt};
 use ractor::{Actor, ActorProcessingErr, ActorRef, SpawnErr};
 use serde_json::{Value, json};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast, oneshot, watch};
-use tokio::task::{AbortHandle, JoinHandle};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite;
 use tracing::{Instrument, debug, info, warn};
 
-use super::approvals::{ApprovalsMsg, ReplyTo};
-use super::chat::SendParams;
 use super::hub::{HubEvent, event};
+use super::invoke::{InvokeDone, NodeMsg};
 use super::protocol::auth::Principal;
-use super::protocol::grant::{self, Grant};
-use super::protocol::handshake::{self, Accepted, Refused};
-use super::protocol::{
-    ApprovalRequestParams, ApprovalResolveParams, Challenge, DEFAULT_INVOKE_TIMEOUT_MS, ErrorBody,
-    Frame, HelloOk, InvokeParams, MAX_PREAUTH_FRAME_BYTES, NodeInvokeParams, Role, ServerInfo,
-    SessionPolicy, SubscribeParams, close, code, parse_approvals_list,
-};
-use super::registry::{Lookup, Registration};
+use super::protocol::{Frame, MAX_PREAUTH_FRAME_BYTES, close};
+use super::registry::Registration;
 use super::{GatewayState, PreauthSlot, RoleCount, ShutdownIntent, metrics, now_ms};
 use crate::supervision::{ChildContext, ChildSpec, Policy, Probe, Restart};
+use crate::task::{self, AbortOnDrop, Timer};
+
+mod handshake;
+mod invocations;
+mod methods;
+
+use invocations::NodeCalls;
 
 /// The kind of session children, for policies and metrics.
 pub const KIND: &str = "gateway_session";
@@ -191,19 +190,13 @@ pub enum SessionMsg {
     IdleCheck,
     /// The client did not answer the close frame in time.
     LingerOver,
-    /// A newer session registered this node's name.
-    Replaced,
     /// The program announced a shutdown: tell the client and close now.
     Shutdown(ShutdownIntent),
-    /// (To a node's session.) Forward `node.invoke` to the node.
-    Invoke(Invoke),
-    /// (To an operator's session.) The node's answer to its request `id`.
-    InvokeDone {
-        /// The operator's request id.
-        id: String,
-        /// The node's payload, or its error.
-        result: Result<Value, ErrorBody>,
-    },
+    /// (To a node's session.) From another session or the broker, through the registry:
+    /// an invocation to forward (`Invoke`), or a newer session took the name (`Replaced`).
+    Node(NodeMsg),
+    /// (To an operator's session.) The node's answer to one of its requests.
+    InvokeDone(InvokeDone),
     /// (Operator side.) The node did not answer request `id` in time.
     InvokeTimedOut {
         /// The operator's request id.
@@ -219,124 +212,38 @@ pub enum SessionMsg {
     Reply(Frame),
 }
 
-/// A `nodes.invoke` on its way to a node's session.
-pub struct Invoke {
-    /// The command.
-    pub command: String,
-    /// Its arguments.
-    pub args: Value,
-    /// The approval grant, for a command that needs one.
-    pub grant: Option<Grant>,
-    /// How long the caller waits.
-    pub timeout: Duration,
-    /// Where the node's answer goes.
-    pub reply: InvokeReply,
+impl From<NodeMsg> for SessionMsg {
+    fn from(msg: NodeMsg) -> Self {
+        SessionMsg::Node(msg)
+    }
 }
 
-/// Where the answer to an invocation goes: exactly one answer, whatever happens to the node.
-pub enum InvokeReply {
-    /// An operator's session, as `InvokeDone` for its request `req_id`.
-    Session {
-        /// The operator's session.
-        session: ActorRef<SessionMsg>,
-        /// The operator's request id.
-        req_id: String,
-    },
-    /// A caller inside the gateway (the approvals broker). A sender dropped without an
-    /// answer means the node's session forgot the call at its timeout.
-    Oneshot(oneshot::Sender<Result<Value, ErrorBody>>),
-}
+impl TryFrom<SessionMsg> for NodeMsg {
+    type Error = SessionMsg;
 
-impl InvokeReply {
-    /// Delivers the node's payload or error; a caller that is gone is not an error.
-    pub fn send(self, result: Result<Value, ErrorBody>) {
-        match self {
-            InvokeReply::Session { session, req_id } => {
-                let _ = session.send_message(SessionMsg::InvokeDone { id: req_id, result });
-            }
-            InvokeReply::Oneshot(tx) => {
-                let _ = tx.send(result);
-            }
+    fn try_from(msg: SessionMsg) -> Result<Self, SessionMsg> {
+        match msg {
+            SessionMsg::Node(msg) => Ok(msg),
+            other => Err(other),
         }
     }
 }
 
-/// Routes an invocation of `command` on `node` the way `nodes.invoke` does: the registry
-/// finds the node's session, which must have declared the command; the session then sends
-/// `node.invoke` and relays the answer (or `node_offline`) to `reply`. The caller times the
-/// call out itself; the node's session forgets it after `timeout`. On an error, `reply`
-/// is dropped unanswered.
-///
-/// A command the node marked `approval` runs only for an approval: `approval` is the id of
-/// an approved approval (only the broker passes one), for which a single-use grant, keyed
-/// with the node's credential, goes with the request; without one the call is refused
-/// with `approval_required`.
-pub(crate) fn dispatch_invoke(
-    gateway: &GatewayState,
-    node: &str,
-    command: String,
-    args: Value,
-    timeout: Duration,
-    reply: InvokeReply,
-    approval: Option<&str>,
-) -> Result<(), (&'static str, String)> {
-    let offline = || {
-        (
-            code::NODE_OFFLINE,
-            format!("node {node:?} is not connected"),
-        )
-    };
-    let (commands, session, holder) = match gateway.registry().lookup(node) {
-        Lookup::Unknown => {
-            return Err((
-                code::UNKNOWN_NODE,
-                format!("no node {node:?} has connected"),
-            ));
+impl From<InvokeDone> for SessionMsg {
+    fn from(done: InvokeDone) -> Self {
+        SessionMsg::InvokeDone(done)
+    }
+}
+
+impl TryFrom<SessionMsg> for InvokeDone {
+    type Error = SessionMsg;
+
+    fn try_from(msg: SessionMsg) -> Result<Self, SessionMsg> {
+        match msg {
+            SessionMsg::InvokeDone(done) => Ok(done),
+            other => Err(other),
         }
-        Lookup::Offline => return Err(offline()),
-        Lookup::Online {
-            commands,
-            session,
-            holder,
-        } => (commands, session, holder),
-    };
-    let Some(info) = commands.iter().find(|c| c.name == command) else {
-        let message = format!("node {node:?} has no command {command:?}");
-        return Err((code::UNKNOWN_COMMAND, message));
-    };
-    let grant = match (info.approval, approval) {
-        (false, _) => None,
-        (true, None) => {
-            let message = format!(
-                "command {command:?} on node {node:?} needs an approval for each run: ask with approvals.request"
-            );
-            return Err((code::APPROVAL_REQUIRED, message));
-        }
-        (true, Some(id)) => {
-            let principal = Principal::Node {
-                name: node.to_string(),
-                holder,
-            };
-            let principals = gateway.principals();
-            let Some(key) = principals.secret_of(&principal) else {
-                let message = format!("no credential of node {node:?} to sign the approval with");
-                return Err((code::INTERNAL, message));
-            };
-            let lifetime = (timeout.as_millis() as u64).min(grant::MAX_LIFETIME_MS);
-            let expires_at_ms = now_ms().saturating_add(lifetime);
-            Some(Grant::issue(key, id, node, &command, &args, expires_at_ms))
-        }
-    };
-    let invoke = Invoke {
-        command,
-        args,
-        grant,
-        timeout,
-        reply,
-    };
-    session
-        .send_message(SessionMsg::Invoke(invoke))
-        .map_err(|_| offline())
+    }
 }
 
 /// Why reading a socket failed.
@@ -413,27 +320,6 @@ struct Authed {
     node: Option<Registration>,
 }
 
-/// A timer or task aborted when dropped.
-pub(crate) struct Aborting(AbortHandle);
-
-impl Drop for Aborting {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-impl<T> From<JoinHandle<T>> for Aborting {
-    fn from(handle: JoinHandle<T>) -> Self {
-        Self(handle.abort_handle())
-    }
-}
-
-/// An invocation sent to this node, waiting for its `res`.
-struct PendingInvoke {
-    reply: InvokeReply,
-    _expiry: Aborting,
-}
-
 /// What a session knows while it runs.
 pub struct SessionState {
     gateway: GatewayState,
@@ -448,7 +334,7 @@ pub struct SessionState {
     /// The socket's write half; only the actor writes.
     sink: SplitSink<WebSocket, Message>,
     /// Reads the socket and the hub; joined (briefly) in `post_stop`, aborted on drop.
-    pump: JoinHandle<()>,
+    pump: AbortOnDrop,
     phase: Phase,
     /// A close frame was sent or received: no more frames go out.
     closing: bool,
@@ -460,31 +346,20 @@ pub struct SessionState {
     subscriptions: HashSet<String>,
     /// Hands the pump a hub receiver at the first `subscribe`; `None` after that.
     hub_handoff: Option<oneshot::Sender<broadcast::Receiver<Arc<HubEvent>>>>,
-    handshake_timer: Option<Aborting>,
-    ticker: Option<Aborting>,
-    idle_timer: Option<Aborting>,
-    linger_timer: Option<Aborting>,
+    handshake_timer: Option<Timer<SessionMsg>>,
+    ticker: Option<AbortOnDrop>,
+    idle_timer: Option<Timer<SessionMsg>>,
+    linger_timer: Option<Timer<SessionMsg>>,
     /// (Operator side.) Invocations waiting for a node, by the operator's request id; each
     /// holds its timeout timer.
-    invokes_out: HashMap<String, Aborting>,
-    /// (Node side.) Invocations sent to this node, by the gateway's request id.
-    invokes_in: HashMap<String, PendingInvoke>,
+    invokes_out: HashMap<String, Timer<SessionMsg>>,
+    /// (Node side.) Invocations sent to this node; answered `node_offline` when dropped.
+    to_node: NodeCalls,
     /// `chat.send` calls waiting on the homeserver; aborted when the session ends.
     chat_sends: tokio::task::JoinSet<()>,
-    next_req: u64,
-}
-
-impl Drop for SessionState {
-    fn drop(&mut self) {
-        self.pump.abort();
-        // A node that goes away leaves no operator waiting for its timeout.
-        for (_, pending) in self.invokes_in.drain() {
-            pending.reply.send(Err(ErrorBody {
-                code: code::NODE_OFFLINE.to_string(),
-                message: "the node disconnected before answering".to_string(),
-            }));
-        }
-    }
+    /// Waits for the approvals broker's answers (an `approvals.request` until its approval
+    /// is over); aborted when the session ends.
+    broker_answers: tokio::task::JoinSet<()>,
 }
 
 impl Actor for SessionActor {
@@ -507,15 +382,21 @@ impl Actor for SessionActor {
         // The hub receiver is handed to the pump only when the client subscribes: a
         // session that never subscribes (every node) is never woken by the hub.
         let (hub_handoff, hub_receiver) = oneshot::channel();
-        let pump = tokio::spawn(
-            pump(
-                stream,
-                hub_receiver,
-                gateway.watch_shutdown(),
-                myself.clone(),
-            )
-            .instrument(span.clone()),
+        let session = myself.clone();
+        // A pump that returns has reported `ReadEnded` itself; one that panics has not.
+        let report = move |ended: task::Ended| {
+            if ended.panicked() {
+                let failure = ReadFailure::Broken(ended.to_string());
+                let _ = session.send_message(SessionMsg::ReadFailed(failure));
+            }
+        };
+        let pump = pump(
+            stream,
+            hub_receiver,
+            gateway.watch_shutdown(),
+            myself.clone(),
         );
+        let pump = task::spawn("pump", span.clone(), pump, report);
         let timeout = Duration::from_millis(gateway.settings().handshake_timeout_ms);
         let handshake_timer = myself.send_after(timeout, || SessionMsg::HandshakeTimeout);
         Ok(SessionState {
@@ -540,9 +421,9 @@ impl Actor for SessionActor {
             idle_timer: None,
             linger_timer: None,
             invokes_out: HashMap::new(),
-            invokes_in: HashMap::new(),
+            to_node: NodeCalls::new(),
             chat_sends: tokio::task::JoinSet::new(),
-            next_req: 1,
+            broker_answers: tokio::task::JoinSet::new(),
         })
     }
 
@@ -552,17 +433,7 @@ impl Actor for SessionActor {
         state: &mut SessionState,
     ) -> Result<(), ActorProcessingErr> {
         let span = state.span.clone();
-        async {
-            debug!(peer = %state.peer, "Socket opened; sending the challenge.");
-            let challenge = Challenge {
-                nonce: nonce(),
-                ts: now_ms(),
-            };
-            let frame = Frame::event(event::CHALLENGE, to_value(&challenge));
-            state.send(&myself, &frame).await;
-        }
-        .instrument(span)
-        .await;
+        state.challenge(&myself).instrument(span).await;
         Ok(())
     }
 
@@ -682,123 +553,120 @@ async fn pump(
 }
 
 impl SessionState {
+    /// Every message, by where it comes from: the socket and the hub (through the pump),
+    /// timers, the program, other sessions and the broker.
     async fn on_message(&mut self, myself: &ActorRef<SessionMsg>, msg: SessionMsg) {
         match msg {
             SessionMsg::Inbound(frame, _in_flight) => self.on_frame(myself, frame).await,
-            SessionMsg::ReadFailed(failure) => {
-                self.read_failed = true;
-                match failure {
-                    ReadFailure::TooBig => {
-                        let limit = self.frame_limit();
-                        debug!(peer = %self.peer, limit, "Frame too big; closing with 1009.");
-                        self.close(
-                            myself,
-                            close::TOO_BIG,
-                            &format!("frame larger than {limit} bytes"),
-                        )
-                        .await;
-                    }
-                    ReadFailure::BadUtf8 => {
-                        self.close(myself, close::INVALID_FRAME, "text frame is not UTF-8")
-                            .await;
-                    }
-                    ReadFailure::Broken(error) => {
-                        debug!(peer = %self.peer, error = %error, "Socket broke.");
-                        self.closing = true;
-                        myself.stop(Some("socket broke".to_string()));
-                    }
-                }
-            }
-            SessionMsg::ReadEnded => {
-                if !self.closing {
-                    debug!(peer = %self.peer, "The client dropped the connection without a close frame.");
-                    self.closing = true;
-                    myself.stop(Some("connection dropped".to_string()));
-                } else if !self.read_failed {
-                    // The close handshake is complete.
-                    myself.stop(None);
-                }
-                // Else: unread bytes may remain; keep the socket until the linger is over,
-                // so the client reads the close frame before the connection resets.
-            }
-            SessionMsg::Event(ev, _in_flight) => {
-                if self.is_ready() && self.subscriptions.contains(&ev.name) {
-                    let text = ev.text.to_string();
-                    self.write(myself, Message::Text(text.into())).await;
-                }
-            }
-            SessionMsg::Lagged(n) => {
-                if !self.subscriptions.is_empty() {
-                    warn!(peer = %self.peer, dropped = n, capacity = super::hub::CAPACITY,
-                        "Session fell behind the event stream; closing with 4001.");
-                    ::metrics::counter!(metrics::SLOW_CONSUMER_CLOSES_TOTAL).increment(1);
-                    self.close(myself, close::SLOW_CONSUMER, SLOW_CONSUMER_REASON)
-                        .await;
-                }
-            }
-            SessionMsg::HandshakeTimeout => {
-                if matches!(self.phase, Phase::Handshake { .. }) {
-                    let timeout_ms = self.gateway.settings().handshake_timeout_ms;
-                    warn!(peer = %self.peer, timeout_ms, "Handshake timed out; closing with 4408.");
-                    ::metrics::counter!(metrics::HANDSHAKE_TIMEOUTS_TOTAL).increment(1);
-                    self.gateway.count_handshake_timeout();
-                    self.close(myself, close::HANDSHAKE_TIMEOUT, "handshake timeout")
-                        .await;
-                }
-            }
-            SessionMsg::Tick => {
-                let frame = Frame::event(event::TICK, json!({ "ts": now_ms() }));
-                if self.send(myself, &frame).await {
-                    self.write(myself, Message::Ping(Default::default())).await;
-                }
-            }
+            SessionMsg::ReadFailed(failure) => self.on_read_failed(myself, failure).await,
+            SessionMsg::ReadEnded => self.on_read_ended(myself),
+            SessionMsg::Event(ev, _in_flight) => self.on_event(myself, &ev).await,
+            SessionMsg::Lagged(n) => self.on_lagged(myself, n).await,
+            SessionMsg::HandshakeTimeout => self.handshake_timeout(myself).await,
+            SessionMsg::Tick => self.tick(myself).await,
             SessionMsg::IdleCheck => self.idle_check(myself).await,
             SessionMsg::LingerOver => {
                 debug!(peer = %self.peer, "The client did not answer the close frame in time.");
                 myself.stop(None);
             }
-            SessionMsg::Replaced => {
-                info!(peer = %self.peer, node = %self.node_name().unwrap_or_default(),
-                    "A newer connection took this node's name; closing this one with 1008.");
-                self.close(myself, close::POLICY, "replaced by a new connection")
-                    .await;
-            }
-            SessionMsg::Shutdown(intent) => {
-                if self.is_ready() {
-                    let notice = Frame::event(event::SHUTDOWN, to_value(&intent.notice()));
-                    self.send(myself, &notice).await;
-                }
-                let (code, reason) = intent.close();
-                self.close(myself, code, reason).await;
-            }
-            SessionMsg::Invoke(invoke) => self.forward_invoke(myself, invoke).await,
-            SessionMsg::InvokeDone { id, result } => {
-                if self.invokes_out.remove(&id).is_some() {
-                    let frame = match result {
-                        Ok(payload) => Frame::ok(id, payload),
-                        Err(error) => Frame::Res {
-                            id,
-                            ok: false,
-                            payload: None,
-                            error: Some(error),
-                        },
-                    };
-                    self.send(myself, &frame).await;
-                }
-            }
-            SessionMsg::InvokeTimedOut { id } => {
-                if self.invokes_out.remove(&id).is_some() {
-                    let frame = Frame::err(id, code::TIMEOUT, "the node did not answer in time");
-                    self.send(myself, &frame).await;
-                }
-            }
-            SessionMsg::InvokeExpired { id } => {
-                self.invokes_in.remove(&id);
-            }
+            SessionMsg::Shutdown(intent) => self.on_shutdown(myself, intent).await,
+            SessionMsg::Node(NodeMsg::Replaced) => self.on_replaced(myself).await,
+            SessionMsg::Node(NodeMsg::Invoke(invoke)) => self.forward_invoke(myself, invoke).await,
+            SessionMsg::InvokeDone(done) => self.invoke_done(myself, done).await,
+            SessionMsg::InvokeTimedOut { id } => self.invoke_timed_out(myself, id).await,
+            SessionMsg::InvokeExpired { id } => self.invoke_expired(&id),
             SessionMsg::Reply(frame) => {
                 self.send(myself, &frame).await;
             }
         }
+    }
+
+    /// Reading the socket failed: close with 1009 (too big) or 1007 (bad UTF-8), or stop
+    /// at once (the connection broke).
+    async fn on_read_failed(&mut self, myself: &ActorRef<SessionMsg>, failure: ReadFailure) {
+        self.read_failed = true;
+        match failure {
+            ReadFailure::TooBig => {
+                let limit = self.frame_limit();
+                debug!(peer = %self.peer, limit, "Frame too big; closing with 1009.");
+                self.close(
+                    myself,
+                    close::TOO_BIG,
+                    &format!("frame larger than {limit} bytes"),
+                )
+                .await;
+            }
+            ReadFailure::BadUtf8 => {
+                self.close(myself, close::INVALID_FRAME, "text frame is not UTF-8")
+                    .await;
+            }
+            ReadFailure::Broken(error) => {
+                debug!(peer = %self.peer, error = %error, "Socket broke.");
+                self.closing = true;
+                myself.stop(Some("socket broke".to_string()));
+            }
+        }
+    }
+
+    /// The read half ended: the client dropped the connection, or the close handshake is
+    /// complete.
+    fn on_read_ended(&mut self, myself: &ActorRef<SessionMsg>) {
+        if !self.closing {
+            debug!(peer = %self.peer, "The client dropped the connection without a close frame.");
+            self.closing = true;
+            myself.stop(Some("connection dropped".to_string()));
+        } else if !self.read_failed {
+            // The close handshake is complete.
+            myself.stop(None);
+        }
+        // Else: unread bytes may remain; keep the socket until the linger is over,
+        // so the client reads the close frame before the connection resets.
+    }
+
+    /// A hub event: sent on if the client subscribed to it.
+    async fn on_event(&mut self, myself: &ActorRef<SessionMsg>, ev: &HubEvent) {
+        if self.is_ready() && self.subscriptions.contains(&ev.name) {
+            let text = ev.text.to_string();
+            self.write(myself, Message::Text(text.into())).await;
+        }
+    }
+
+    /// The session lost `dropped` events in the hub: a subscriber is closed with 4001.
+    async fn on_lagged(&mut self, myself: &ActorRef<SessionMsg>, dropped: u64) {
+        if !self.subscriptions.is_empty() {
+            warn!(peer = %self.peer, dropped, capacity = super::hub::CAPACITY,
+                "Session fell behind the event stream; closing with 4001.");
+            ::metrics::counter!(metrics::SLOW_CONSUMER_CLOSES_TOTAL).increment(1);
+            self.close(myself, close::SLOW_CONSUMER, SLOW_CONSUMER_REASON)
+                .await;
+        }
+    }
+
+    /// `tick {ts}` and a ping.
+    async fn tick(&mut self, myself: &ActorRef<SessionMsg>) {
+        let frame = Frame::event(event::TICK, json!({ "ts": now_ms() }));
+        if self.send(myself, &frame).await {
+            self.write(myself, Message::Ping(Default::default())).await;
+        }
+    }
+
+    /// The program announced a shutdown: the notice (to an authenticated client), then
+    /// 1012 or 1001.
+    async fn on_shutdown(&mut self, myself: &ActorRef<SessionMsg>, intent: ShutdownIntent) {
+        if self.is_ready() {
+            let notice = Frame::event(event::SHUTDOWN, to_value(&intent.notice()));
+            self.send(myself, &notice).await;
+        }
+        let (code, reason) = intent.close();
+        self.close(myself, code, reason).await;
+    }
+
+    /// A newer connection took this node's name: close with 1008.
+    async fn on_replaced(&mut self, myself: &ActorRef<SessionMsg>) {
+        info!(peer = %self.peer, node = %self.node_name().unwrap_or_default(),
+            "A newer connection took this node's name; closing this one with 1008.");
+        self.close(myself, close::POLICY, "replaced by a new connection")
+            .await;
     }
 
     /// One frame from the client.
@@ -842,31 +710,7 @@ impl SessionState {
             return;
         }
         if !self.is_ready() {
-            burn(self.gateway.handshake_cost());
-            let principals = self.gateway.principals();
-            match handshake::check(text.as_str(), &principals) {
-                Ok(accepted) => self.accept(myself, accepted).await,
-                Err(Refused::NotAFrame) => {
-                    debug!(peer = %self.peer, "Invalid frame before hello; closing with 1007.");
-                    self.close(myself, close::INVALID_FRAME, "not a frame of the protocol")
-                        .await;
-                }
-                Err(Refused::ConnectFirst { id }) => {
-                    let reply = Frame::err(id, code::UNAUTHORIZED, "send connect first");
-                    if self.send(myself, &reply).await {
-                        self.close(myself, close::POLICY, "connect first").await;
-                    }
-                }
-                Err(Refused::Unexpected) => {
-                    self.close(myself, close::POLICY, "connect first").await;
-                }
-                Err(Refused::Connect { id, code, message }) => {
-                    if code == code::UNAUTHORIZED {
-                        warn!(peer = %self.peer, reason = %message, "Connect refused: the credential does not admit the claim.");
-                    }
-                    self.refuse(myself, id, code, message).await;
-                }
-            }
+            self.handshake(myself, text.as_str()).await;
             return;
         }
         let frame = match Frame::parse(text.as_str()) {
@@ -894,418 +738,6 @@ impl SessionState {
                 debug!(peer = %self.peer, event = %event, "Ignoring an event from a client.");
             }
         }
-    }
-
-    /// A `connect` that authenticated: `hello-ok`, then (for a node) its registration.
-    async fn accept(&mut self, myself: &ActorRef<SessionMsg>, accepted: Accepted) {
-        let Accepted {
-            id,
-            principal,
-            client,
-            node,
-        } = accepted;
-        // A node name is held by one live connection; only the holder's credential
-        // replaces it (the node restarted). Anything else keeps the live node.
-        let registration = match (&principal, node) {
-            (Principal::Node { name, holder }, Some(node)) => {
-                match Registration::register(
-                    &self.gateway,
-                    name,
-                    holder,
-                    node.commands,
-                    self.conn,
-                    myself.clone(),
-                ) {
-                    Ok(registered) => Some(registered),
-                    Err(held_by) => {
-                        warn!(peer = %self.peer, node = %name, held_by = %held_by,
-                            "Connect refused: the node name is held by another credential.");
-                        let message = format!(
-                            "node name {name:?} is held by a live connection of another credential"
-                        );
-                        return self.refuse(myself, id, code::UNAUTHORIZED, message).await;
-                    }
-                }
-            }
-            _ => None,
-        };
-        let role = principal.role();
-        let settings = self.gateway.settings();
-        let hello = HelloOk {
-            kind: "hello-ok".to_string(),
-            server: ServerInfo {
-                version: env!("CARGO_PKG_VERSION").to_string(),
-            },
-            policy: SessionPolicy {
-                tick_interval_ms: settings.tick_interval_ms,
-                max_frame_bytes: self.max_frame_bytes,
-            },
-        };
-        let tick = Duration::from_millis(settings.tick_interval_ms);
-        // Dropping the handshake phase releases the pre-auth slot.
-        self.handshake_timer = None;
-        let (registration, replaced) = match registration {
-            Some((registration, replaced)) => (Some(registration), replaced),
-            None => (None, None),
-        };
-        info!(peer = %self.peer, principal = %principal.label(), client = %client.name,
-            "Session authenticated.");
-        self.phase = Phase::Ready(Authed {
-            _count: self.gateway.count_role(role),
-            principal,
-            client: client.name,
-            node: registration,
-        });
-        if let Some(old) = replaced {
-            let _ = old.send_message(SessionMsg::Replaced);
-        }
-        if !self.send(myself, &Frame::ok(id, to_value(&hello))).await {
-            return;
-        }
-        self.ticker = Some(myself.send_interval(tick, || SessionMsg::Tick).into());
-        self.idle_timer = Some(myself.send_after(tick * 2, || SessionMsg::IdleCheck).into());
-    }
-
-    /// Refuses a `connect`: the error, then close 1008.
-    async fn refuse(
-        &mut self,
-        myself: &ActorRef<SessionMsg>,
-        id: String,
-        code: &str,
-        message: String,
-    ) {
-        ::metrics::counter!(metrics::CONNECT_REFUSALS_TOTAL, "reason" => code.to_string())
-            .increment(1);
-        debug!(peer = %self.peer, code, message = %message, "Connect refused; closing with 1008.");
-        if self.send(myself, &Frame::err(id, code, message)).await {
-            self.close(myself, close::POLICY, code).await;
-        }
-    }
-
-    /// A request after `hello-ok`.
-    async fn request(
-        &mut self,
-        myself: &ActorRef<SessionMsg>,
-        id: String,
-        method: &str,
-        params: Value,
-    ) {
-        let Phase::Ready(authed) = &self.phase else {
-            return;
-        };
-        let role = authed.principal.role();
-        let account = match &authed.principal {
-            Principal::Approver { account } => Some(account.clone()),
-            _ => None,
-        };
-        let operator_only = matches!(
-            method,
-            "status" | "tree" | "nodes.list" | "nodes.invoke" | "chat.send"
-        );
-        if operator_only && role != Role::Operator {
-            let message = format!("{method} is for operators, not {}s", role.as_str());
-            self.send(myself, &Frame::err(id, code::FORBIDDEN, message))
-                .await;
-            return;
-        }
-        let reply = match method {
-            "connect" => Frame::err(id, code::BAD_REQUEST, "already connected"),
-            "health" => Frame::ok(id, json!({ "status": "ok" })),
-            "status" => {
-                let (operator, node, approver, handshaking) = self.gateway.counts();
-                Frame::ok(
-                    id,
-                    json!({
-                        "version": env!("CARGO_PKG_VERSION"),
-                        "uptime_ms": self.gateway.uptime().as_millis() as u64,
-                        "sessions": {
-                            "operator": operator,
-                            "node": node,
-                            "approver": approver,
-                            "handshaking": handshaking,
-                        },
-                    }),
-                )
-            }
-            "tree" => self.tree(id).await,
-            "subscribe" => {
-                if role == Role::Node {
-                    Frame::err(id, code::FORBIDDEN, "nodes cannot subscribe")
-                } else {
-                    match serde_json::from_value::<SubscribeParams>(params) {
-                        Ok(p) => {
-                            let max = self.gateway.settings().max_subscriptions;
-                            if let Some(long) = p
-                                .events
-                                .iter()
-                                .find(|e| e.is_empty() || e.len() > MAX_EVENT_NAME)
-                            {
-                                let shown: String = long.chars().take(32).collect();
-                                let message = format!(
-                                    "event names are 1 to {MAX_EVENT_NAME} bytes; {shown:?}… is not"
-                                );
-                                self.send(myself, &Frame::err(id, code::TOO_LARGE, message))
-                                    .await;
-                                return;
-                            }
-                            let mut all = self.subscriptions.clone();
-                            all.extend(p.events);
-                            if all.len() > max {
-                                let message = format!(
-                                    "at most {max} event names per session (gateway.max_subscriptions)"
-                                );
-                                self.send(myself, &Frame::err(id, code::TOO_LARGE, message))
-                                    .await;
-                                return;
-                            }
-                            self.subscriptions = all;
-                            if let Some(handoff) = self.hub_handoff.take() {
-                                let _ = handoff.send(self.gateway.hub().subscribe());
-                            }
-                            let mut events: Vec<&String> = self.subscriptions.iter().collect();
-                            events.sort();
-                            Frame::ok(id, json!({ "events": events }))
-                        }
-                        Err(e) => {
-                            Frame::err(id, code::BAD_REQUEST, format!("bad subscribe params: {e}"))
-                        }
-                    }
-                }
-            }
-            "nodes.list" => Frame::ok(id, to_value(&self.gateway.registry().list())),
-            "nodes.invoke" => match self.invoke(myself, &id, params) {
-                Ok(()) => return,
-                Err((code, message)) => Frame::err(id, code, message),
-            },
-            "chat.send" => match serde_json::from_value::<SendParams>(params) {
-                Ok(params) => {
-                    // The send waits on the homeserver: off the actor, answered by `Reply`;
-                    // owned by the session (aborted with it) and bounded per session.
-                    while self.chat_sends.try_join_next().is_some() {}
-                    let max = self.gateway.settings().max_pending_invocations;
-                    if self.chat_sends.len() >= max {
-                        let message = format!(
-                            "{max} chat.send calls are already open on this session (gateway.max_pending_invocations)"
-                        );
-                        self.send(myself, &Frame::err(id, code::BUSY, message))
-                            .await;
-                        return;
-                    }
-                    let chat = self.gateway.chat().clone();
-                    let me = myself.clone();
-                    self.chat_sends.spawn(async move {
-                        let frame = match chat.send(params).await {
-                            Ok(event_id) => Frame::ok(id, json!({ "event_id": event_id })),
-                            Err(e) => Frame::err(id, e.code(), e.message().to_string()),
-                        };
-                        let _ = me.send_message(SessionMsg::Reply(frame));
-                    });
-                    return;
-                }
-                Err(e) => Frame::err(id, code::BAD_REQUEST, format!("bad chat.send params: {e}")),
-            },
-            "approvals.request" | "approvals.list" | "approvals.resolve" => {
-                match self.approvals(myself, &id, method, params, role, account) {
-                    Ok(()) => return,
-                    Err((code, message)) => Frame::err(id, code, message),
-                }
-            }
-            other => Frame::err(id, code::UNKNOWN_METHOD, format!("no method {other:?}")),
-        };
-        self.send(myself, &reply).await;
-    }
-
-    /// The `tree` method: the kernel's snapshot, taken off the actor's thread.
-    async fn tree(&self, id: String) -> Frame {
-        let Some(tree) = self.gateway.tree().cloned() else {
-            return Frame::err(id, code::INTERNAL, "the tree is not available yet");
-        };
-        match tokio::task::spawn_blocking(move || serde_json::to_value(tree.snapshot())).await {
-            Ok(Ok(snapshot)) => Frame::ok(id, snapshot),
-            Ok(Err(e)) => Frame::err(id, code::INTERNAL, format!("cannot encode the tree: {e}")),
-            Err(e) => Frame::err(id, code::INTERNAL, format!("cannot read the tree: {e}")),
-        }
-    }
-
-    /// The approvals methods: checks the role and the params and hands the request to the
-    /// broker, which answers it (`approvals.request` once the approval is decided).
-    fn approvals(
-        &self,
-        myself: &ActorRef<SessionMsg>,
-        id: &str,
-        method: &str,
-        params: Value,
-        role: Role,
-        account: Option<String>,
-    ) -> Result<(), (&'static str, String)> {
-        let allowed = match method {
-            "approvals.request" => role == Role::Operator,
-            "approvals.resolve" => role == Role::Approver,
-            _ => role != Role::Node,
-        };
-        if !allowed {
-            let message = format!("{method} is not for {}s", role.as_str());
-            return Err((code::FORBIDDEN, message));
-        }
-        let Some(broker) = self.gateway.approvals() else {
-            let message = "approvals are not configured on this gateway".to_string();
-            return Err((code::NOT_IMPLEMENTED, message));
-        };
-        let bad = |e: String| (code::BAD_REQUEST, format!("bad {method} params: {e}"));
-        let reply = ReplyTo::new(myself.clone(), id);
-        let msg = match method {
-            "approvals.request" => ApprovalsMsg::Request {
-                requester: match &self.phase {
-                    Phase::Ready(authed) => authed.principal.label(),
-                    Phase::Handshake { .. } => String::new(),
-                },
-                params: ApprovalRequestParams::parse(params).map_err(bad)?,
-                reply,
-            },
-            "approvals.resolve" => ApprovalsMsg::Resolve {
-                params: ApprovalResolveParams::parse(params).map_err(bad)?,
-                account,
-                reply,
-            },
-            _ => ApprovalsMsg::List {
-                params: parse_approvals_list(params).map_err(bad)?,
-                reply,
-            },
-        };
-        broker
-            .send(msg)
-            .map_err(|e| (code::INTERNAL, e.to_string()))
-    }
-
-    /// `nodes.invoke` from an operator: hands the call to the node's session, or says why not.
-    fn invoke(
-        &mut self,
-        myself: &ActorRef<SessionMsg>,
-        id: &str,
-        params: Value,
-    ) -> Result<(), (&'static str, String)> {
-        let params: InvokeParams = serde_json::from_value(params)
-            .map_err(|e| (code::BAD_REQUEST, format!("bad nodes.invoke params: {e}")))?;
-        if self.invokes_out.contains_key(id) {
-            return Err((code::BAD_REQUEST, format!("request {id:?} is still open")));
-        }
-        let settings = self.gateway.settings();
-        let max = settings.max_pending_invocations;
-        if self.invokes_out.len() >= max {
-            let message = format!(
-                "{max} nodes.invoke calls are already open on this session (gateway.max_pending_invocations)"
-            );
-            return Err((code::BUSY, message));
-        }
-        let timeout_ms = params
-            .timeout_ms
-            .unwrap_or(DEFAULT_INVOKE_TIMEOUT_MS.min(settings.max_invoke_timeout_ms));
-        if timeout_ms == 0 || timeout_ms > settings.max_invoke_timeout_ms {
-            let message = format!(
-                "timeout_ms must be from 1 to {} (gateway.max_invoke_timeout_ms), got {timeout_ms}",
-                settings.max_invoke_timeout_ms
-            );
-            return Err((code::BAD_REQUEST, message));
-        }
-        let timeout = Duration::from_millis(timeout_ms);
-        let reply = InvokeReply::Session {
-            session: myself.clone(),
-            req_id: id.to_string(),
-        };
-        dispatch_invoke(
-            &self.gateway,
-            &params.node,
-            params.command,
-            params.args,
-            timeout,
-            reply,
-            None,
-        )?;
-        let timed_out = id.to_string();
-        let timer = myself.send_after(timeout, move || SessionMsg::InvokeTimedOut {
-            id: timed_out,
-        });
-        self.invokes_out.insert(id.to_string(), timer.into());
-        Ok(())
-    }
-
-    /// (Node side.) Sends `node.invoke` to the node and remembers who asked.
-    async fn forward_invoke(&mut self, myself: &ActorRef<SessionMsg>, invoke: Invoke) {
-        let Invoke {
-            command,
-            args,
-            grant,
-            timeout,
-            reply,
-        } = invoke;
-        let offline = |message: &str| {
-            Err(ErrorBody {
-                code: code::NODE_OFFLINE.to_string(),
-                message: message.to_string(),
-            })
-        };
-        if self.closing || self.registration().is_none() {
-            reply.send(offline("the node is disconnecting"));
-            return;
-        }
-        let max = self.gateway.settings().max_pending_invocations;
-        if self.invokes_in.len() >= max {
-            reply.send(Err(ErrorBody {
-                code: code::BUSY.to_string(),
-                message: format!(
-                    "node has {max} invocations open already (gateway.max_pending_invocations)"
-                ),
-            }));
-            return;
-        }
-        let id = format!("inv-{}", self.next_req);
-        self.next_req += 1;
-        let params = NodeInvokeParams {
-            command,
-            args,
-            grant,
-        };
-        let frame = Frame::Req {
-            id: id.clone(),
-            method: "node.invoke".to_string(),
-            params: to_value(&params),
-        };
-        if !self.send(myself, &frame).await {
-            reply.send(offline("the node's connection failed"));
-            return;
-        }
-        let expired = id.clone();
-        let expiry = myself.send_after(timeout, move || SessionMsg::InvokeExpired { id: expired });
-        self.invokes_in.insert(
-            id,
-            PendingInvoke {
-                reply,
-                _expiry: expiry.into(),
-            },
-        );
-    }
-
-    /// (Node side.) A `res` from the node: relayed to the operator that asked.
-    fn node_answer(
-        &mut self,
-        id: String,
-        ok: bool,
-        payload: Option<Value>,
-        error: Option<ErrorBody>,
-    ) {
-        let Some(pending) = self.invokes_in.remove(&id) else {
-            debug!(peer = %self.peer, id = %id, "Ignoring an answer to no open request.");
-            return;
-        };
-        let result = if ok {
-            Ok(payload.unwrap_or(Value::Null))
-        } else {
-            Err(error.unwrap_or_else(|| ErrorBody {
-                code: code::INTERNAL.to_string(),
-                message: "the node failed without saying why".to_string(),
-            }))
-        };
-        pending.reply.send(result);
     }
 
     /// Closes with 4000 after two ticks without a client frame; else checks again when the
@@ -1437,115 +869,4 @@ fn close_message(code: u16, reason: &str) -> Message {
 /// JSON of a wire type; these serialize infallibly (strings, numbers, JSON values).
 fn to_value<T: serde::Serialize>(value: &T) -> Value {
     serde_json::to_value(value).unwrap_or(Value::Null)
-}
-
-/// Busy-waits `cost` on this thread (the handshake cost of benchmarks, a stand-in for a
-/// loaded gateway): it holds the runtime worker, as real work would. Zero returns at once.
-fn burn(cost: Duration) {
-    if cost.is_zero() {
-        return;
-    }
-    let start = std::time::Instant::now();
-    while start.elapsed() < cost {
-        std::hint::spin_loop();
-    }
-}
-
-/// 16 random bytes, hex.
-fn nonce() -> String {
-    let bytes: [u8; 16] = rand::random();
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use std::net::SocketAddr;
-    use std::sync::Arc;
-    use std::time::Duration;
-
-    use futures_util::StreamExt;
-    use tokio::sync::watch;
-    use tokio_tungstenite::tungstenite::Message as WsMessage;
-
-    use super::super::client::{ConnectOptions, GatewayClient};
-    use super::super::protocol::{ClientInfo, Role, close};
-    use super::super::{GatewaySettings, GatewayState, spec};
-    use crate::supervision::{Jitter, Policy, Tree, TreeOptions};
-
-    fn options() -> ConnectOptions {
-        let client = ClientInfo {
-            name: "test".into(),
-            version: "0".into(),
-        };
-        ConnectOptions::new(Role::Operator, "any", client)
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn the_handshake_cost_delays_hello_and_the_totals_count() {
-        let state = GatewayState::new(GatewaySettings {
-            bind: SocketAddr::from(([127, 0, 0, 1], 0)),
-            max_preauth_per_ip: 1,
-            handshake_timeout_ms: 300,
-            token: Some("any".into()),
-            ..GatewaySettings::default()
-        });
-        let bound = Arc::new(watch::Sender::new(None));
-        let options_ = TreeOptions {
-            jitter: Jitter::fixed(0.0),
-            ..TreeOptions::default()
-        };
-        let tree = Tree::start(
-            vec![spec(&state, Policy::default(), bound.clone())],
-            options_,
-        )
-        .await
-        .expect("tree");
-        assert!(state.set_tree(tree.handle()).is_ok());
-        let addr = bound.borrow().expect("bound");
-        let url = format!("ws://{addr}/ws");
-
-        // A cost: `hello-ok` comes no sooner.
-        let cost = Duration::from_millis(60);
-        state.set_handshake_cost(cost);
-        let t = std::time::Instant::now();
-        let (client, _) = GatewayClient::connect(&url, options())
-            .await
-            .expect("hello-ok");
-        assert!(t.elapsed() >= cost, "hello-ok after {:?}", t.elapsed());
-        client.close().await;
-        assert_eq!(state.handshake_stats().handshaking_peak, 1);
-
-        // A socket that never sends `connect` holds the only pre-auth slot: the next one
-        // gets 503; the silent one is closed with 4408. Both are counted.
-        let (mut silent, _) = tokio_tungstenite::connect_async(url.as_str())
-            .await
-            .expect("upgrade");
-        // Without a credential on the upgrade: 503. With one, the budget does not apply.
-        match tokio_tungstenite::connect_async(url.as_str()).await {
-            Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
-                assert_eq!(response.status(), 503)
-            }
-            other => panic!("not refused: {:?}", other.map(|_| ())),
-        }
-        let (with_credential, _) = GatewayClient::connect(&url, options())
-            .await
-            .expect("a client with its credential is not locked out");
-        with_credential.close().await;
-        let code = tokio::time::timeout(Duration::from_secs(5), async {
-            while let Some(Ok(msg)) = silent.next().await {
-                if let WsMessage::Close(frame) = msg {
-                    return frame.map(|f| u16::from(f.code));
-                }
-            }
-            None
-        })
-        .await
-        .expect("closed in time");
-        assert_eq!(code, Some(close::HANDSHAKE_TIMEOUT));
-        let stats = state.handshake_stats();
-        assert_eq!((stats.preauth_rejections, stats.handshake_timeouts), (1, 1));
-        // The silent socket and the client with its credential handshook at once.
-        assert_eq!(stats.handshaking_peak, 2);
-        let _ = tree.shutdown(Duration::from_secs(5)).await;
-    }
 }

@@ -47,12 +47,12 @@ use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, SpawnErr};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, watch};
-use tokio::task::JoinHandle;
 use tracing::{Instrument, debug, info, warn};
 
 use crate::gateway::client::{CallError, ConnectError, ConnectOptions, GatewayClient, Incoming};
 use crate::gateway::protocol::{ClientInfo, Role, close, code};
 use crate::supervision::{ChildContext, ChildSpec, Failure, Policy, Probe, Restart, SlotClient};
+use crate::task::{self, AbortOnDrop};
 
 /// The kind of the handler child, for policies and metrics.
 pub const KIND: &str = "approval_handler";
@@ -240,15 +240,8 @@ pub struct HandlerArgs {
 /// A connected handler.
 pub struct HandlerState {
     args: HandlerArgs,
-    pump: Option<JoinHandle<()>>,
-}
-
-impl Drop for HandlerState {
-    fn drop(&mut self) {
-        if let Some(pump) = self.pump.take() {
-            pump.abort();
-        }
-    }
+    /// Reads the gateway and carries decisions; ends with the state (a kill included).
+    pump: Option<AbortOnDrop>,
 }
 
 impl Actor for HandlerActor {
@@ -286,7 +279,7 @@ impl Actor for HandlerActor {
         args.probe.set_ready(true);
         let pump = Pump {
             client,
-            actor: myself,
+            actor: myself.clone(),
             channel: args.channel.clone(),
             probe: args.probe.clone(),
             decided,
@@ -294,7 +287,13 @@ impl Actor for HandlerActor {
             alias: args.config.alias.clone(),
         };
         span.in_scope(|| info!(account = %args.config.alias, pending = pump.unsent.len(), "Approval handler connected."));
-        state.pump = Some(tokio::spawn(pump.run().instrument(span)));
+        // A pump that returns has reported `Lost` itself; one that panics has not.
+        let report = move |ended: task::Ended| {
+            if ended.panicked() {
+                let _ = myself.send_message(HandlerMsg::Lost(ended.to_string()));
+            }
+        };
+        state.pump = Some(task::spawn("pump", span, pump.run(), report));
         Ok(())
     }
 

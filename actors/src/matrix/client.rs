@@ -58,7 +58,7 @@ use matrix_sdk::{Client, ClientBuildError, Room, RoomState, SessionMeta, Session
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, SpawnErr};
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
-use tokio::task::JoinHandle;
+use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tracing::{Instrument, debug, info, warn};
 
@@ -69,6 +69,7 @@ use super::store::{self, Local, Paths, SavedSession};
 use super::{AccountConfig, LOGIN_POOL};
 use crate::gateway::chat::{Chat, ChatAccount, ChatError, ChatMessage, SendFuture, SendParams};
 use crate::supervision::{ChildContext, ChildSpec, Failure, Policy, Probe, Restart, SlotClient};
+use crate::task::{self, AbortOnDrop};
 
 /// The kind of the client child, for policies and metrics.
 pub const KIND: &str = "matrix_account";
@@ -107,6 +108,9 @@ pub(crate) struct Account {
     request_events: Mutex<HashMap<String, String>>,
     /// One notification at a time, so two requests do not open two DMs with one approver.
     notifying: tokio::sync::Mutex<()>,
+    /// The account's own tasks (a recovery, joins on invite): each happens once, so they
+    /// outlive a restart of the client; they end with the account.
+    tasks: Mutex<JoinSet<()>>,
 }
 
 impl Account {
@@ -125,6 +129,7 @@ impl Account {
             decisions: RwLock::new(None),
             request_events: Mutex::new(HashMap::new()),
             notifying: tokio::sync::Mutex::new(()),
+            tasks: Mutex::new(JoinSet::new()),
             config,
             chat,
         }
@@ -144,6 +149,18 @@ impl Account {
 
     fn set_current(&self, actor: Option<ActorRef<ClientMsg>>) {
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = actor;
+    }
+
+    /// Runs `work` as task `name` of the account, in the current span; a panic is logged.
+    fn spawn(&self, name: &'static str, work: impl Future<Output = ()> + Send + 'static) {
+        let report = |ended: task::Ended| {
+            if ended.panicked() {
+                warn!(error = %ended, "An account task failed.");
+            }
+        };
+        let mut tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
+        while tasks.try_join_next().is_some() {}
+        tasks.spawn(task::watched(name, work, report).in_current_span());
     }
 
     fn first_time(&self, event_id: &str) -> bool {
@@ -262,15 +279,11 @@ pub(crate) struct ClientState {
     args: ClientArgs,
     client: Option<Client>,
     ready: bool,
-    sync: Option<JoinHandle<()>>,
-}
-
-impl Drop for ClientState {
-    fn drop(&mut self) {
-        if let Some(sync) = self.sync.take() {
-            sync.abort();
-        }
-    }
+    /// The sync loop; ends with the state (a kill included).
+    sync: Option<AbortOnDrop>,
+    /// `chat.send` and notifications waiting on the homeserver; they end with the state,
+    /// and their callers then get "not ready".
+    requests: JoinSet<()>,
 }
 
 impl Actor for ClientActor {
@@ -288,6 +301,7 @@ impl Actor for ClientActor {
             client: None,
             ready: false,
             sync: None,
+            requests: JoinSet::new(),
         })
     }
 
@@ -301,16 +315,24 @@ impl Actor for ClientActor {
         let (client, resumed) = open(&state.args).instrument(span.clone()).await?;
         let forwarding = Arc::new(AtomicBool::new(resumed));
         add_handlers(&client, &state.args.account, &forwarding);
-        let task = sync_loop(
+        let actor = myself.clone();
+        // A sync loop that returns has reported `SyncFailed` itself; one that panics has not.
+        let report = move |ended: task::Ended| {
+            if ended.panicked() {
+                let failure = Failure::transient(ended.to_string());
+                let _ = actor.send_message(ClientMsg::SyncFailed(Class::Transient(failure)));
+            }
+        };
+        let sync = sync_loop(
             client.clone(),
             myself,
             state.args.probe.clone(),
             forwarding,
             started,
             resumed,
-            state.args.account.config.recovery_key.clone(),
+            state.args.account.clone(),
         );
-        state.sync = Some(tokio::spawn(task.instrument(span)));
+        state.sync = Some(task::spawn("sync", span, sync, report));
         state.client = Some(client);
         Ok(())
     }
@@ -346,7 +368,7 @@ impl Actor for ClientActor {
                         let task = async move {
                             let _ = reply.send(send(&client, &account, params).await);
                         };
-                        tokio::spawn(task.instrument(state.args.span.clone()));
+                        state.request("send", task);
                     }
                     _ => {
                         let alias = &account.config.alias;
@@ -365,7 +387,7 @@ impl Actor for ClientActor {
                         let task = async move {
                             let _ = reply.send(notify(&client, &account, &request).await);
                         };
-                        tokio::spawn(task.instrument(state.args.span.clone()));
+                        state.request("notify", task);
                     }
                     _ => {
                         let _ = reply.send(Err("the Matrix account is not ready".to_string()));
@@ -388,6 +410,16 @@ impl Actor for ClientActor {
                 Err(Box::new(settle(&state.args, class)))
             }
         }
+    }
+}
+
+impl ClientState {
+    /// Runs `work`, which answers a caller, as task `name` of this incarnation.
+    fn request(&mut self, name: &'static str, work: impl Future<Output = ()> + Send + 'static) {
+        while self.requests.try_join_next().is_some() {}
+        // A panic drops the caller's reply, which tells the caller.
+        let work = task::watched(name, work, |_| {});
+        self.requests.spawn(work.instrument(self.args.span.clone()));
     }
 }
 
@@ -705,8 +737,9 @@ async fn sync_loop(
     forwarding: Arc<AtomicBool>,
     started: Instant,
     resumed: bool,
-    mut recovery_key: Option<String>,
+    account: Arc<Account>,
 ) {
+    let mut recovery_key = account.config.recovery_key.clone();
     let mut first = true;
     // A room joined since the last sync comes with a limited timeline of its history: that
     // is no gap. Only rooms the account was already in can have one.
@@ -745,7 +778,7 @@ async fn sync_loop(
                 if first {
                     first = false;
                     if !resumed && let Some(key) = recovery_key.take() {
-                        recover(&client, key);
+                        recover(&account, &client, key);
                     }
                     probe.set_ready(true);
                     let _ = actor.send_message(ClientMsg::Synced);
@@ -766,8 +799,8 @@ async fn sync_loop(
 }
 
 /// After a fresh login, imports the account's secrets (cross-signing, key backup) with the
-/// configured recovery key, in the background: best-effort, logged either way.
-fn recover(client: &Client, key: String) {
+/// configured recovery key, in a task of the account: best-effort, logged either way.
+fn recover(account: &Account, client: &Client, key: String) {
     let client = client.clone();
     let task = async move {
         match client.encryption().recovery().recover(&key).await {
@@ -777,7 +810,7 @@ fn recover(client: &Client, key: String) {
             }
         }
     };
-    tokio::spawn(task.in_current_span());
+    account.spawn("recovery", task);
 }
 
 fn filter(limit: u32) -> SyncFilter {
@@ -820,7 +853,7 @@ fn add_handlers(client: &Client, account: &Arc<Account>, forwarding: &Arc<Atomic
                     return;
                 }
                 // Joining waits on the homeserver: not inside the sync.
-                tokio::spawn(async move {
+                account.spawn("join", async move {
                     match room.join().await {
                         Ok(()) => {
                             info!(room = %room.room_id(), sender = %ev.sender, "Joined a room on invite.")

@@ -48,7 +48,7 @@ use std::time::{Duration, SystemTime};
 
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, SpawnErr};
 use serde_json::{Value, json};
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tracing::{Instrument, info, info_span, warn};
 
@@ -62,6 +62,7 @@ use crate::gateway::protocol::{
 use crate::supervision::{
     Action, Backoff, ChildContext, ChildSpec, Failure, Jitter, Policy, Probe, Restart,
 };
+use crate::task::{self, AbortOnDrop};
 
 /// The kind of the connection child, for policies and metrics.
 pub const KIND: &str = "node_connection";
@@ -292,15 +293,8 @@ pub struct ConnectionArgs {
 /// A connected node.
 pub struct ConnectionState {
     args: ConnectionArgs,
-    pump: Option<JoinHandle<()>>,
-}
-
-impl Drop for ConnectionState {
-    fn drop(&mut self) {
-        if let Some(pump) = self.pump.take() {
-            pump.abort();
-        }
-    }
+    /// Reads the connection and runs commands; ends with the state (a kill included).
+    pump: Option<AbortOnDrop>,
 }
 
 impl Actor for ConnectionActor {
@@ -367,8 +361,18 @@ impl Actor for ConnectionActor {
             key: Secret::new(config.token.clone()),
             admission: args.admission.clone(),
         };
+        let actor = myself.clone();
+        // A pump that returns has reported `Lost` itself; one that panics has not.
+        let report = move |ended: task::Ended| {
+            if ended.panicked() {
+                let _ = actor.send_message(ConnectionMsg::Lost {
+                    cause: ended.to_string(),
+                    expected_back_ms: None,
+                });
+            }
+        };
         let pump = pump(client, myself, invoker);
-        state.pump = Some(tokio::spawn(pump.instrument(args.span.clone())));
+        state.pump = Some(task::spawn("pump", args.span.clone(), pump, report));
         Ok(())
     }
 
@@ -1009,23 +1013,6 @@ mod tests {
     /// jittered delay is 90 % of its cap, and the restart hint is stretched by 10 %.
     const UNIT: f64 = 0.5;
 
-    /// `node_connection`'s built-in policy: 500 ms → 30 s, ×2, jitter 0.2, reset after a
-    /// 30 s connection, unlimited.
-    fn node_connection_policy() -> Policy {
-        let base = Policy::default();
-        Policy {
-            backoff: crate::supervision::Backoff {
-                initial: Duration::from_millis(500),
-                max: Duration::from_secs(30),
-                reset_after: Duration::from_secs(30),
-                ..base.backoff
-            },
-            max_restarts: 0,
-            on_fatal: crate::supervision::Action::Exit,
-            ..base
-        }
-    }
-
     /// The connection's arguments: the default `reconnect_window_ms` (10 s) and
     /// `reconnect_within_ms` (500 ms), a gateway that is never dialled here.
     fn connection_args(status: &Arc<NodeStatus>, jitter: &Jitter) -> ConnectionArgs {
@@ -1083,7 +1070,9 @@ mod tests {
     /// incarnation that ran for `ran_for`.
     fn next_delay(failure: &Failure, ran_for: Duration, history: &mut History) -> Duration {
         let exit = Exit::Failed(failure.clone());
-        let policy = node_connection_policy();
+        // `node_connection`'s built-in policy: 500 ms → 30 s, ×2, jitter 0.2, reset after a
+        // 30 s connection, unlimited.
+        let policy = DEFAULT_POLICY;
         let now = Instant::now();
         match decide(
             &exit,

@@ -343,6 +343,27 @@ impl Child {
         }
     }
 
+    /// Records the end of the current incarnation at `now`: no cell, no liveness check,
+    /// and `failure`, if it was one, as the last failure. Returns how long it ran.
+    fn record_exit(&mut self, now: Instant, failure: Option<&Failure>) -> Duration {
+        self.cell = None;
+        self.cancel_liveness();
+        let ran_for = self
+            .started
+            .as_ref()
+            .map(|(t, _)| now.saturating_duration_since(*t))
+            .unwrap_or_default();
+        self.started = None;
+        if let Some(f) = failure {
+            self.last_failure = Some(FailureView {
+                class: f.class,
+                reason: f.reason.clone(),
+                at: SystemTime::now(),
+            });
+        }
+        ran_for
+    }
+
     /// The streak warning, while the failures in a row are at least `warn_after`.
     fn warning(&self) -> Option<String> {
         let warn_after = self.spec.policy.warn_after;
@@ -383,6 +404,13 @@ impl Drop for Child {
         self.cancel_restart();
         self.cancel_liveness();
     }
+}
+
+/// What an exit is logged as: its failure, or "stopped".
+fn cause_of(failure: Option<&Failure>) -> String {
+    failure
+        .map(|f| f.to_string())
+        .unwrap_or_else(|| "stopped".to_string())
 }
 
 fn state_gauge(kind: &str, state: NodeState, delta: f64) {
@@ -745,7 +773,8 @@ impl SupervisorState {
         }
     }
 
-    /// The one path every exit of a child takes.
+    /// The one path every exit of a child takes: the exit is recorded, [`decide`] chooses,
+    /// and the decision is carried out.
     async fn on_exit(
         &mut self,
         myself: &ActorRef<SupervisorMsg>,
@@ -760,22 +789,8 @@ impl SupervisorState {
         let Some(child) = self.children.get_mut(&order) else {
             return Ok(());
         };
-        child.cell = None;
-        child.cancel_liveness();
-        let ran_for = child
-            .started
-            .as_ref()
-            .map(|(t, _)| now.saturating_duration_since(*t))
-            .unwrap_or_default();
-        child.started = None;
         let failure = exit.effective_failure(child.spec.restart);
-        if let Some(f) = &failure {
-            child.last_failure = Some(FailureView {
-                class: f.class,
-                reason: f.reason.clone(),
-                at: SystemTime::now(),
-            });
-        }
+        let ran_for = child.record_exit(now, failure.as_ref());
         let decision = decide(
             &exit,
             child.spec.restart,
@@ -785,56 +800,15 @@ impl SupervisorState {
             now,
             unit,
         );
-        let path = child.path.clone();
-        let kind = child.spec.kind.clone();
-        let cause = failure
-            .as_ref()
-            .map(|f| f.to_string())
-            .unwrap_or_else(|| "stopped".to_string());
-
         match decision {
             Decision::Restart { delay, attempt } => {
-                let class = failure
-                    .as_ref()
-                    .map_or(FailureClass::Transient, |f| f.class);
-                metrics::counter!(m::RESTARTS_TOTAL, "kind" => kind.clone(), "class" => class.as_str())
-                    .increment(1);
-                metrics::histogram!(m::BACKOFF_DELAY_SECONDS, "kind" => kind)
-                    .record(delay.as_secs_f64());
-                let delay_ms = delay.as_millis() as u64;
-                warn!(actor = %path, attempt, delay_ms, error = %cause, "Restarting after failure.");
-                let warn_after = child.spec.policy.warn_after;
-                if warn_after > 0 && attempt == warn_after {
-                    let reason = failure.as_ref().map_or("stopped", |f| f.reason.as_str());
-                    let warning = child.spec.streak_warning(&path, attempt, reason);
-                    warn!(actor = %path, failures = attempt, error = %cause, "{warning}");
-                }
-                child.set_state(NodeState::BackingOff);
                 let at = now + delay;
-                child.next_restart_at = Some(at);
-                self.publish(order);
-                self.stop_group(order, at).await;
-                if delay.is_zero() && !self.has_group(order) {
-                    let _ = self.start_child(myself, order).await;
-                } else if let Some(child) = self.children.get_mut(&order) {
-                    let token = child.timer_token;
-                    child.restart_timer = Some(
-                        myself
-                            .send_after(delay, move || SupervisorMsg::RestartDue { order, token }),
-                    );
-                }
+                self.schedule_restart(myself, order, failure.as_ref(), attempt, delay, at)
+                    .await;
                 Ok(())
             }
             Decision::Stop => {
-                if child.spec.restart == Restart::Temporary {
-                    debug!(actor = %path, reason = %cause, "Temporary child exited; removing it.");
-                    self.by_id.remove(&child.spec.id);
-                    self.children.remove(&order);
-                } else {
-                    info!(actor = %path, "Stopped.");
-                    child.set_state(NodeState::Stopped);
-                }
-                self.publish(order);
+                self.retire(order, failure.as_ref());
                 Ok(())
             }
             Decision::GiveUp {
@@ -842,39 +816,117 @@ impl SupervisorState {
                 exit_code,
                 reason,
             } => {
-                metrics::counter!(m::GIVE_UPS_TOTAL, "kind" => kind, "action" => action.as_str())
-                    .increment(1);
-                child.set_state(NodeState::Parked);
-                let fatal = failure
-                    .as_ref()
-                    .is_some_and(|f| f.class == FailureClass::Fatal);
-                self.publish(order);
-                match action {
-                    Action::Park => {
-                        error!(actor = %path, reason = %reason, "Parked: it stays down until an operator starts it.");
-                        Ok(())
-                    }
-                    Action::Exit => {
-                        error!(actor = %path, reason = %reason, code = exit_code, "Giving up; the process will exit.");
-                        self.exit.request(ExitRequest {
-                            code: exit_code,
-                            path,
-                            reason,
-                        });
-                        Ok(())
-                    }
-                    Action::Escalate => {
-                        error!(actor = %path, reason = %reason, "Giving up; escalating to the parent supervisor.");
-                        self.stop_all().await;
-                        let reason = format!("{path} gave up: {reason}");
-                        let failure = if fatal {
-                            Failure::fatal(reason)
-                        } else {
-                            Failure::transient(reason)
-                        };
-                        Err(Box::new(failure))
-                    }
-                }
+                self.give_up(order, failure.as_ref(), action, exit_code, reason)
+                    .await
+            }
+        }
+    }
+
+    /// Restart `order` after `delay` (at `at`): counted and logged, the child backing off
+    /// and its group stopped; started at once when there is neither delay nor group, else
+    /// by a timer.
+    async fn schedule_restart(
+        &mut self,
+        myself: &ActorRef<SupervisorMsg>,
+        order: u64,
+        failure: Option<&Failure>,
+        attempt: u32,
+        delay: Duration,
+        at: Instant,
+    ) {
+        let Some(child) = self.children.get_mut(&order) else {
+            return;
+        };
+        let path = &child.path;
+        let kind = child.spec.kind.clone();
+        let cause = cause_of(failure);
+        let class = failure.map_or(FailureClass::Transient, |f| f.class);
+        metrics::counter!(m::RESTARTS_TOTAL, "kind" => kind.clone(), "class" => class.as_str())
+            .increment(1);
+        metrics::histogram!(m::BACKOFF_DELAY_SECONDS, "kind" => kind).record(delay.as_secs_f64());
+        let delay_ms = delay.as_millis() as u64;
+        warn!(actor = %path, attempt, delay_ms, error = %cause, "Restarting after failure.");
+        let warn_after = child.spec.policy.warn_after;
+        if warn_after > 0 && attempt == warn_after {
+            let reason = failure.map_or("stopped", |f| f.reason.as_str());
+            let warning = child.spec.streak_warning(path, attempt, reason);
+            warn!(actor = %path, failures = attempt, error = %cause, "{warning}");
+        }
+        child.set_state(NodeState::BackingOff);
+        child.next_restart_at = Some(at);
+        self.publish(order);
+        self.stop_group(order, at).await;
+        if delay.is_zero() && !self.has_group(order) {
+            let _ = self.start_child(myself, order).await;
+        } else if let Some(child) = self.children.get_mut(&order) {
+            let token = child.timer_token;
+            child.restart_timer =
+                Some(myself.send_after(delay, move || SupervisorMsg::RestartDue { order, token }));
+        }
+    }
+
+    /// No restart: a temporary child is removed, any other stays stopped.
+    fn retire(&mut self, order: u64, failure: Option<&Failure>) {
+        let Some(child) = self.children.get_mut(&order) else {
+            return;
+        };
+        if child.spec.restart == Restart::Temporary {
+            let cause = cause_of(failure);
+            debug!(actor = %child.path, reason = %cause, "Temporary child exited; removing it.");
+            self.by_id.remove(&child.spec.id);
+            self.children.remove(&order);
+        } else {
+            info!(actor = %child.path, "Stopped.");
+            child.set_state(NodeState::Stopped);
+        }
+        self.publish(order);
+    }
+
+    /// The child is parked; then, by its policy's `action`, it stays so, the program is
+    /// asked to exit with `exit_code`, or this supervisor stops its children and fails to
+    /// its parent (fatal if the child's failure was).
+    async fn give_up(
+        &mut self,
+        order: u64,
+        failure: Option<&Failure>,
+        action: Action,
+        exit_code: i32,
+        reason: String,
+    ) -> Result<(), ActorProcessingErr> {
+        let Some(child) = self.children.get_mut(&order) else {
+            return Ok(());
+        };
+        let kind = child.spec.kind.clone();
+        metrics::counter!(m::GIVE_UPS_TOTAL, "kind" => kind, "action" => action.as_str())
+            .increment(1);
+        child.set_state(NodeState::Parked);
+        let path = child.path.clone();
+        self.publish(order);
+        match action {
+            Action::Park => {
+                error!(actor = %path, reason = %reason, "Parked: it stays down until an operator starts it.");
+                Ok(())
+            }
+            Action::Exit => {
+                error!(actor = %path, reason = %reason, code = exit_code, "Giving up; the process will exit.");
+                self.exit.request(ExitRequest {
+                    code: exit_code,
+                    path,
+                    reason,
+                });
+                Ok(())
+            }
+            Action::Escalate => {
+                error!(actor = %path, reason = %reason, "Giving up; escalating to the parent supervisor.");
+                self.stop_all().await;
+                let reason = format!("{path} gave up: {reason}");
+                let fatal = failure.is_some_and(|f| f.class == FailureClass::Fatal);
+                let failure = if fatal {
+                    Failure::fatal(reason)
+                } else {
+                    Failure::transient(reason)
+                };
+                Err(Box::new(failure))
             }
         }
     }

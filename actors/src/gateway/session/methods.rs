@@ -1,0 +1,262 @@
+//! Method dispatch: a request after `hello-ok`, checked against the session's role and
+//! answered here, or handed on — `nodes.invoke` to the node's session (see
+//! [`invocations`](super::invocations)), `chat.send` to a task the session owns, the
+//! `approvals.*` methods to the approvals broker.
+//!
+//! | method | roles | answer |
+//! |---|---|---|
+//! | `health` | every role | `{status: "ok"}` |
+//! | `status`, `tree`, `nodes.list` | operator | counts and uptime; the supervision tree; the node registry |
+//! | `subscribe {events}` | operator, approver | every event name subscribed so far (`too_large` past `max_subscriptions` or for a name over 64 bytes) |
+//! | `nodes.invoke`, `chat.send` | operator | the node's answer; `{event_id}` |
+//! | `approvals.request` / `approvals.resolve` / `approvals.list` | operator / approver / both | the broker's answer (`not_implemented` without approvals) |
+//!
+//! A role a method is not for gets `forbidden`; an unknown method `unknown_method`.
+
+use ractor::ActorRef;
+use serde_json::{Value, json};
+use tokio::sync::oneshot;
+use tracing::Instrument;
+
+use super::super::approvals::{ApprovalsMsg, ReplyTo};
+use super::super::chat::SendParams;
+use super::super::protocol::auth::Principal;
+use super::super::protocol::{
+    ApprovalRequestParams, ApprovalResolveParams, Frame, Role, SubscribeParams, code,
+    parse_approvals_list,
+};
+use super::{MAX_EVENT_NAME, Phase, SessionMsg, SessionState, to_value};
+
+impl SessionState {
+    /// A request after `hello-ok`: answered now, or handed on (then answered later).
+    pub(super) async fn request(
+        &mut self,
+        myself: &ActorRef<SessionMsg>,
+        id: String,
+        method: &str,
+        params: Value,
+    ) {
+        let Phase::Ready(authed) = &self.phase else {
+            return;
+        };
+        let role = authed.principal.role();
+        let account = match &authed.principal {
+            Principal::Approver { account } => Some(account.clone()),
+            _ => None,
+        };
+        let operator_only = matches!(
+            method,
+            "status" | "tree" | "nodes.list" | "nodes.invoke" | "chat.send"
+        );
+        if operator_only && role != Role::Operator {
+            let message = format!("{method} is for operators, not {}s", role.as_str());
+            self.send(myself, &Frame::err(id, code::FORBIDDEN, message))
+                .await;
+            return;
+        }
+        let reply = match method {
+            "connect" => Some(Frame::err(id, code::BAD_REQUEST, "already connected")),
+            "health" => Some(Frame::ok(id, json!({ "status": "ok" }))),
+            "status" => Some(self.status(id)),
+            "tree" => Some(self.tree(id).await),
+            "subscribe" => Some(self.subscribe(id, role, params)),
+            "nodes.list" => Some(Frame::ok(id, to_value(&self.gateway.registry().list()))),
+            "nodes.invoke" => {
+                let handed = self.invoke(myself, &id, params);
+                refusal(id, handed)
+            }
+            "chat.send" => self.chat_send(myself, id, params),
+            "approvals.request" | "approvals.list" | "approvals.resolve" => {
+                let handed = self.approvals(myself, &id, method, params, role, account);
+                refusal(id, handed)
+            }
+            other => Some(Frame::err(
+                id,
+                code::UNKNOWN_METHOD,
+                format!("no method {other:?}"),
+            )),
+        };
+        if let Some(reply) = reply {
+            self.send(myself, &reply).await;
+        }
+    }
+
+    /// The `status` method: version, uptime and sessions by role.
+    fn status(&self, id: String) -> Frame {
+        let (operator, node, approver, handshaking) = self.gateway.counts();
+        Frame::ok(
+            id,
+            json!({
+                "version": env!("CARGO_PKG_VERSION"),
+                "uptime_ms": self.gateway.uptime().as_millis() as u64,
+                "sessions": {
+                    "operator": operator,
+                    "node": node,
+                    "approver": approver,
+                    "handshaking": handshaking,
+                },
+            }),
+        )
+    }
+
+    /// The `subscribe` method: adds event names (within `max_subscriptions`); the first one
+    /// hands the pump its hub receiver.
+    fn subscribe(&mut self, id: String, role: Role, params: Value) -> Frame {
+        if role == Role::Node {
+            return Frame::err(id, code::FORBIDDEN, "nodes cannot subscribe");
+        }
+        let p = match serde_json::from_value::<SubscribeParams>(params) {
+            Ok(p) => p,
+            Err(e) => {
+                return Frame::err(id, code::BAD_REQUEST, format!("bad subscribe params: {e}"));
+            }
+        };
+        let max = self.gateway.settings().max_subscriptions;
+        if let Some(long) = p
+            .events
+            .iter()
+            .find(|e| e.is_empty() || e.len() > MAX_EVENT_NAME)
+        {
+            let shown: String = long.chars().take(32).collect();
+            let message = format!("event names are 1 to {MAX_EVENT_NAME} bytes; {shown:?}… is not");
+            return Frame::err(id, code::TOO_LARGE, message);
+        }
+        let mut all = self.subscriptions.clone();
+        all.extend(p.events);
+        if all.len() > max {
+            let message =
+                format!("at most {max} event names per session (gateway.max_subscriptions)");
+            return Frame::err(id, code::TOO_LARGE, message);
+        }
+        self.subscriptions = all;
+        if let Some(handoff) = self.hub_handoff.take() {
+            let _ = handoff.send(self.gateway.hub().subscribe());
+        }
+        let mut events: Vec<&String> = self.subscriptions.iter().collect();
+        events.sort();
+        Frame::ok(id, json!({ "events": events }))
+    }
+
+    /// The `chat.send` method: the send waits on the homeserver, so it runs off the actor
+    /// and is answered by `Reply`; it is the session's (aborted with it) and bounded per
+    /// session. Returns an answer only when the send does not start.
+    fn chat_send(
+        &mut self,
+        myself: &ActorRef<SessionMsg>,
+        id: String,
+        params: Value,
+    ) -> Option<Frame> {
+        let params = match serde_json::from_value::<SendParams>(params) {
+            Ok(params) => params,
+            Err(e) => {
+                let message = format!("bad chat.send params: {e}");
+                return Some(Frame::err(id, code::BAD_REQUEST, message));
+            }
+        };
+        while self.chat_sends.try_join_next().is_some() {}
+        let max = self.gateway.settings().max_pending_invocations;
+        if self.chat_sends.len() >= max {
+            let message = format!(
+                "{max} chat.send calls are already open on this session (gateway.max_pending_invocations)"
+            );
+            return Some(Frame::err(id, code::BUSY, message));
+        }
+        let chat = self.gateway.chat().clone();
+        let me = myself.clone();
+        let send = async move {
+            let frame = match chat.send(params).await {
+                Ok(event_id) => Frame::ok(id, json!({ "event_id": event_id })),
+                Err(e) => Frame::err(id, e.code(), e.message().to_string()),
+            };
+            let _ = me.send_message(SessionMsg::Reply(frame));
+        };
+        self.chat_sends.spawn(send.instrument(self.span.clone()));
+        None
+    }
+
+    /// The `tree` method: the kernel's snapshot, taken off the actor's thread.
+    async fn tree(&self, id: String) -> Frame {
+        let Some(tree) = self.gateway.tree().cloned() else {
+            return Frame::err(id, code::INTERNAL, "the tree is not available yet");
+        };
+        match tokio::task::spawn_blocking(move || serde_json::to_value(tree.snapshot())).await {
+            Ok(Ok(snapshot)) => Frame::ok(id, snapshot),
+            Ok(Err(e)) => Frame::err(id, code::INTERNAL, format!("cannot encode the tree: {e}")),
+            Err(e) => Frame::err(id, code::INTERNAL, format!("cannot read the tree: {e}")),
+        }
+    }
+
+    /// The approvals methods: checks the role and the params and hands the request to the
+    /// broker, which answers it (`approvals.request` once the approval is decided).
+    fn approvals(
+        &mut self,
+        myself: &ActorRef<SessionMsg>,
+        id: &str,
+        method: &str,
+        params: Value,
+        role: Role,
+        account: Option<String>,
+    ) -> Result<(), (&'static str, String)> {
+        let allowed = match method {
+            "approvals.request" => role == Role::Operator,
+            "approvals.resolve" => role == Role::Approver,
+            _ => role != Role::Node,
+        };
+        if !allowed {
+            let message = format!("{method} is not for {}s", role.as_str());
+            return Err((code::FORBIDDEN, message));
+        }
+        let Some(broker) = self.gateway.approvals() else {
+            let message = "approvals are not configured on this gateway".to_string();
+            return Err((code::NOT_IMPLEMENTED, message));
+        };
+        let bad = |e: String| (code::BAD_REQUEST, format!("bad {method} params: {e}"));
+        let (port, answer) = oneshot::channel();
+        let reply = ReplyTo::new(port.into(), id);
+        let msg = match method {
+            "approvals.request" => ApprovalsMsg::Request {
+                requester: match &self.phase {
+                    Phase::Ready(authed) => authed.principal.label(),
+                    Phase::Handshake { .. } => String::new(),
+                },
+                params: ApprovalRequestParams::parse(params).map_err(bad)?,
+                reply,
+            },
+            "approvals.resolve" => ApprovalsMsg::Resolve {
+                params: ApprovalResolveParams::parse(params).map_err(bad)?,
+                account,
+                reply,
+            },
+            _ => ApprovalsMsg::List {
+                params: parse_approvals_list(params).map_err(bad)?,
+                reply,
+            },
+        };
+        broker
+            .send(msg)
+            .map_err(|e| (code::INTERNAL, e.to_string()))?;
+        self.await_broker(myself, answer);
+        Ok(())
+    }
+
+    /// Waits off the actor for the broker's answer and hands it to the session as `Reply`.
+    /// The wait is the session's: it ends with it, and a broker that stops first answers.
+    fn await_broker(&mut self, myself: &ActorRef<SessionMsg>, answer: oneshot::Receiver<Frame>) {
+        while self.broker_answers.try_join_next().is_some() {}
+        let me = myself.clone();
+        let wait = async move {
+            if let Ok(frame) = answer.await {
+                let _ = me.send_message(SessionMsg::Reply(frame));
+            }
+        };
+        self.broker_answers
+            .spawn(wait.instrument(self.span.clone()));
+    }
+}
+
+/// The answer to request `id` when it could not be handed on; none when it was.
+fn refusal(id: String, handed: Result<(), (&'static str, String)>) -> Option<Frame> {
+    handed
+        .err()
+        .map(|(code, message)| Frame::err(id, code, message))
+}
