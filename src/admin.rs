@@ -64,27 +64,17 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 use warden_actors::serve::{ServeActor, ServeArgs, ServeLimits, TickHook};
 use warden_actors::supervision::{
-    Action, Backoff, ChildContext, ChildSpec, ControlAction, Failure, NodeState, Policy, ROOT,
-    Restart, SupervisorError, TreeHandle,
+    ChildContext, ChildSpec, ControlAction, Failure, NodeState, Policy, ROOT, Restart,
+    SupervisorError, TreeHandle,
 };
 
 /// The kind of the admin child, for policies and metrics.
 pub const KIND: &str = "admin";
 
-/// The admin actor's built-in policy: 200 ms → 5 s, at most 5 failures in 60 s, then
-/// `exit` (75), also on a fatal failure (78); otherwise [`Policy::DEFAULT`].
-pub const DEFAULT_POLICY: Policy = Policy {
-    backoff: Backoff {
-        initial: Duration::from_millis(200),
-        max: Duration::from_secs(5),
-        ..Policy::DEFAULT.backoff
-    },
-    max_restarts: 5,
-    window: Duration::from_secs(60),
-    on_exhausted: Action::Exit,
-    on_fatal: Action::Exit,
-    ..Policy::DEFAULT
-};
+/// The admin actor's built-in policy: the gateway listener's, as both are an endpoint
+/// operators and clients rely on — 200 ms → 5 s, at most 5 failures in 60 s, then `exit`
+/// (75), also on a fatal failure (78); otherwise [`Policy::DEFAULT`].
+pub const DEFAULT_POLICY: Policy = warden_actors::gateway::listener::DEFAULT_POLICY;
 
 /// `[admin]` settings.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]

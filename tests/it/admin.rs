@@ -16,7 +16,7 @@ use warden_actors::supervision::{
     Tree, TreeOptions,
 };
 
-use crate::support::eventually;
+use crate::support::{self, eventually};
 
 /// How long a condition may take before a test fails.
 const DEADLINE: Duration = Duration::from_secs(5);
@@ -604,33 +604,10 @@ async fn metrics_count_restarts() -> anyhow::Result<()> {
     );
     assert!(text.contains("# HELP warden_restarts_total"), "{text}");
 
-    let promtool = std::env::var_os("PROMTOOL");
     // scripts/test.sh installs promtool and sets PROMTOOL; under CI a missing one is a
     // failure, never a skip.
-    ensure!(
-        promtool.is_some() || std::env::var("CI").as_deref() != Ok("true"),
-        "CI=true but PROMTOOL is not set: run the suite through ./scripts/test.sh"
-    );
-    if let Some(promtool) = promtool {
-        use tokio::io::AsyncWriteExt as _;
-        let mut child = tokio::process::Command::new(&promtool)
-            .args(["check", "metrics"])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .with_context(|| format!("cannot run {}", promtool.to_string_lossy()))?;
-        let mut stdin = child.stdin.take().context("promtool's stdin")?;
-        stdin.write_all(text.as_bytes()).await?;
-        drop(stdin);
-        let output = child.wait_with_output().await?;
-        ensure!(
-            output.status.success(),
-            "promtool check metrics failed ({}):\n{}{}\n--- metrics ---\n{text}",
-            output.status,
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
+    if let Some(promtool) = support::promtool()? {
+        support::promtool_check(&promtool, "the admin endpoint", &text).await?;
     }
 
     fx.shutdown().await

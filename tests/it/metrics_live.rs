@@ -15,7 +15,7 @@ use warden::config::KINDS;
 use warden_actors::gateway::client::{ConnectOptions, GatewayClient};
 use warden_actors::gateway::protocol::{ClientInfo, Role};
 
-use crate::support::{Launch, TempDir, eventually};
+use crate::support::{Launch, TempDir, eventually, promtool, promtool_check};
 use crate::synapse;
 
 const TOKEN: &str = "metrics-live-token";
@@ -26,12 +26,7 @@ async fn promtool_accepts_the_metrics_of_a_live_gateway_and_node() -> anyhow::Re
     let Some(hs) = synapse::require!() else {
         return Ok(());
     };
-    let promtool = std::env::var_os("PROMTOOL");
-    ensure!(
-        promtool.is_some() || std::env::var("CI").as_deref() != Ok("true"),
-        "CI=true but PROMTOOL is not set: run the suite through ./scripts/test.sh"
-    );
-    let Some(promtool) = promtool else {
+    let Some(promtool) = promtool()? else {
         eprintln!("skipped: PROMTOOL is unset (scripts/test.sh finds one)");
         return Ok(());
     };
@@ -116,7 +111,7 @@ async fn promtool_accepts_the_metrics_of_a_live_gateway_and_node() -> anyhow::Re
         (ready && sessions && restarted).then_some(text)
     })
     .await;
-    check_metrics(&promtool, "warden run", &text).await?;
+    promtool_check(&promtool, "warden run", &text).await?;
 
     let node_text = http
         .get(format!("{node_admin}/metrics"))
@@ -128,7 +123,7 @@ async fn promtool_accepts_the_metrics_of_a_live_gateway_and_node() -> anyhow::Re
         node_text.contains("warden_children{kind=\"node_connection\",state=\"running\"} 1"),
         "{node_text}"
     );
-    check_metrics(&promtool, "warden node", &node_text).await?;
+    promtool_check(&promtool, "warden node", &node_text).await?;
 
     for (what, text) in [("warden run", &text), ("warden node", &node_text)] {
         for kind in kind_labels(text) {
@@ -140,30 +135,6 @@ async fn promtool_accepts_the_metrics_of_a_live_gateway_and_node() -> anyhow::Re
     }
 
     operator.close().await;
-    Ok(())
-}
-
-/// Runs `promtool check metrics` on `text`, failing with its verdict and the text.
-async fn check_metrics(promtool: &std::ffi::OsStr, what: &str, text: &str) -> anyhow::Result<()> {
-    use tokio::io::AsyncWriteExt as _;
-    let mut child = tokio::process::Command::new(promtool)
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .with_context(|| format!("cannot run {}", promtool.to_string_lossy()))?;
-    let mut stdin = child.stdin.take().context("promtool's stdin")?;
-    stdin.write_all(text.as_bytes()).await?;
-    drop(stdin);
-    let output = child.wait_with_output().await?;
-    ensure!(
-        output.status.success(),
-        "promtool check metrics failed on the metrics of {what} ({}):\n{}{}\n--- metrics ---\n{text}",
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
     Ok(())
 }
 

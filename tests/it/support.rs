@@ -902,3 +902,49 @@ impl Rig {
 fn client_path(alias: &str) -> String {
     format!("root/channels/matrix/{alias}/client")
 }
+
+// ---------------------------------------------------------------------------------------
+// promtool
+// ---------------------------------------------------------------------------------------
+
+/// The `promtool` that `PROMTOOL` names (scripts/test.sh finds one and sets it). Unset, it
+/// is `None` (the caller skips, saying so), except under `CI=true`, where it is an error.
+pub(crate) fn promtool() -> anyhow::Result<Option<std::ffi::OsString>> {
+    let promtool = std::env::var_os("PROMTOOL");
+    anyhow::ensure!(
+        promtool.is_some() || std::env::var("CI").as_deref() != Ok("true"),
+        "CI=true but PROMTOOL is not set: run the suite through ./scripts/test.sh"
+    );
+    Ok(promtool)
+}
+
+/// Runs `promtool check metrics` on `text` (the metrics of `what`); fails with promtool's
+/// verdict and the text.
+pub(crate) async fn promtool_check(
+    promtool: &std::ffi::OsStr,
+    what: &str,
+    text: &str,
+) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    use tokio::io::AsyncWriteExt as _;
+    let mut child = Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("cannot run {}", promtool.to_string_lossy()))?;
+    let mut stdin = child.stdin.take().context("promtool's stdin")?;
+    stdin.write_all(text.as_bytes()).await?;
+    drop(stdin);
+    let output = child.wait_with_output().await?;
+    anyhow::ensure!(
+        output.status.success(),
+        "promtool check metrics failed on the metrics of {what} ({}):\n{}{}\n--- metrics ---\n{text}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(())
+}

@@ -1093,6 +1093,30 @@ mod tests {
         ConnectError::Refused(std::io::ErrorKind::ConnectionRefused)
     }
 
+    /// A connection up for a minute (a healthy run: the backoff starts over), then lost
+    /// with `cause` and the restart hint `expected_back_ms`: the status, the connection's
+    /// config, when it was lost and the failure the incarnation ended with.
+    async fn lost_after_a_minute(
+        cause: &str,
+        expected_back_ms: Option<u64>,
+    ) -> (Arc<NodeStatus>, ConnectionConfig, Instant, Failure) {
+        let status = Arc::new(NodeStatus::new());
+        let jitter = Jitter::fixed(UNIT);
+        let (mut state, myself) = connected(&status, &jitter).await;
+        let config = connection_args(&status, &jitter).config;
+        tokio::time::advance(Duration::from_secs(60)).await;
+        let lost_at = Instant::now();
+        let lost = ConnectionMsg::Lost {
+            cause: cause.to_string(),
+            expected_back_ms,
+        };
+        let err = ConnectionActor
+            .handle(myself, lost, &mut state)
+            .await
+            .expect_err("a lost connection fails the incarnation");
+        (status, config, lost_at, Failure::classify(&err))
+    }
+
     /// The gateway announces a restart (`shutdown {restart, expected_back_ms: 2000}`) and
     /// stays away longer than it said. The first attempt waits for the hint; every failure
     /// for `reconnect_window` (10 s) plus the hint after the loss asks for a retry within
@@ -1100,24 +1124,10 @@ mod tests {
     /// attempt count; the first failure after that window waits out the grown backoff.
     #[tokio::test(start_paused = true)]
     async fn after_a_restart_notice_reconnects_retry_within_the_window_plus_the_hint() {
-        let status = Arc::new(NodeStatus::new());
         let jitter = Jitter::fixed(UNIT);
-        let (mut state, myself) = connected(&status, &jitter).await;
-        let config = connection_args(&status, &jitter).config;
         let mut history = History::default();
-
-        // Connected for a minute (a healthy run: the backoff starts over), then the notice.
-        tokio::time::advance(Duration::from_secs(60)).await;
-        let lost_at = Instant::now();
-        let lost = ConnectionMsg::Lost {
-            cause: "gateway closed the connection (1012): service restart".to_string(),
-            expected_back_ms: Some(2000),
-        };
-        let err = ConnectionActor
-            .handle(myself.clone(), lost, &mut state)
-            .await
-            .expect_err("a lost connection fails the incarnation");
-        let failure = Failure::classify(&err);
+        let cause = "gateway closed the connection (1012): service restart";
+        let (status, config, lost_at, failure) = lost_after_a_minute(cause, Some(2000)).await;
         assert_eq!(failure.class, FailureClass::Transient);
         assert_eq!(failure.retry_within, Some(Duration::from_millis(500)));
         assert_eq!(
@@ -1167,23 +1177,10 @@ mod tests {
     /// its `Retry-After`.
     #[tokio::test(start_paused = true)]
     async fn a_lost_connection_without_notice_retries_within_reconnect_window_alone() {
-        let status = Arc::new(NodeStatus::new());
         let jitter = Jitter::fixed(UNIT);
-        let (mut state, myself) = connected(&status, &jitter).await;
-        let config = connection_args(&status, &jitter).config;
         let mut history = History::default();
-
-        tokio::time::advance(Duration::from_secs(60)).await;
-        let lost_at = Instant::now();
-        let lost = ConnectionMsg::Lost {
-            cause: "connection reset by peer".to_string(),
-            expected_back_ms: None,
-        };
-        let err = ConnectionActor
-            .handle(myself, lost, &mut state)
-            .await
-            .expect_err("a lost connection fails the incarnation");
-        let failure = Failure::classify(&err);
+        let (status, config, lost_at, failure) =
+            lost_after_a_minute("connection reset by peer", None).await;
         assert_eq!(failure.retry_after, None);
         assert_eq!(
             next_delay(&failure, Duration::from_secs(60), &mut history),
