@@ -403,34 +403,41 @@ async fn healthz(State(state): State<AdminState>) -> Response {
         .into_response()
 }
 
-async fn readyz(State(state): State<AdminState>) -> Response {
+/// `?path=P` of `/readyz`: the readiness of the subtree at `P` alone.
+#[derive(Debug, Deserialize)]
+struct ReadyQuery {
+    path: Option<String>,
+}
+
+/// 200 when the tree (or, with `?path=P`, the subtree at `P`) runs and nothing in it keeps
+/// it from being ready; else 503 naming what does. An unknown `P` is 404: a probe that
+/// names a path that does not exist must fail, not pass.
+async fn readyz(State(state): State<AdminState>, uri: Uri) -> Result<Response, ApiError> {
+    let Query(query) = Query::<ReadyQuery>::try_from_uri(&uri)
+        .map_err(|_| ApiError::BadRequest("the query string is malformed".to_string()))?;
     let failing = match state.tree.get() {
         None => vec![ROOT.to_string()],
         Some(tree) => {
             let snapshot = tree.snapshot();
-            if snapshot.state == NodeState::Running {
-                snapshot.not_ready()
+            let scope = match query.path.as_deref() {
+                None => &snapshot,
+                Some(path) => snapshot.find(path).ok_or_else(|| {
+                    ApiError::NotFound(format!("no actor at {path:?} in the tree"))
+                })?,
+            };
+            if scope.state == NodeState::Running {
+                scope.not_ready()
             } else {
-                vec![snapshot.path.to_string()]
+                vec![scope.path.to_string()]
             }
         }
     };
-    if failing.is_empty() {
-        (
-            StatusCode::OK,
-            axum::Json(Ready {
-                status: "ready",
-                failing,
-            }),
-        )
-            .into_response()
+    let (code, status) = if failing.is_empty() {
+        (StatusCode::OK, "ready")
     } else {
-        let body = Ready {
-            status: "not_ready",
-            failing,
-        };
-        (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)).into_response()
-    }
+        (StatusCode::SERVICE_UNAVAILABLE, "not_ready")
+    };
+    Ok((code, axum::Json(Ready { status, failing })).into_response())
 }
 
 async fn metrics_text(State(state): State<AdminState>) -> Result<Response, ApiError> {

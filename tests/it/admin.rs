@@ -266,6 +266,19 @@ async fn probes_tree_and_operator_actions() -> anyhow::Result<()> {
         ready,
         json!({ "status": "not_ready", "failing": ["root/group/beta"] })
     );
+    // `?path=` scopes readiness to a subtree: the one holding beta is not ready, a sibling
+    // is; a path that is not in the tree is 404, never ready.
+    let (status, ready) = fx.get_json("/readyz?path=root/group", None).await?;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{ready}");
+    assert_eq!(ready["failing"], json!(["root/group/beta"]));
+    let (status, ready) = fx.get_json("/readyz?path=root/alpha", None).await?;
+    assert_eq!(
+        (status, ready),
+        (StatusCode::OK, json!({ "status": "ready" }))
+    );
+    let (status, ready) = fx.get_json("/readyz?path=root/nope", None).await?;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{ready}");
+    assert_eq!(error_code(&ready), "not_found");
     let (status, body) = fx.post("/admin/actors/root/group/beta/start", None).await?;
     assert_eq!(status, StatusCode::OK, "{body}");
     fx.wait_status("/readyz", StatusCode::OK).await?;
