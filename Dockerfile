@@ -2,16 +2,16 @@
 #
 # warden: a supervision daemon for a multi-account chat gateway.
 #
-#   docker build -t warden .
+#   docker build -t warden .          (podman: podman build --format docker -t warden .)
 #   docker run -d --name warden --read-only --tmpfs /tmp \
 #     -p 127.0.0.1:18789:18789 -p 127.0.0.1:18790:18790 \
 #     -v warden-state:/var/lib/warden \
-#     -e WARDEN_GATEWAY__TOKEN=… -e WARDEN_ADMIN__TOKEN=… \
+#     -e WARDEN_GATEWAY__TOKEN -e WARDEN_ADMIN__TOKEN \
 #     warden
 #   docker stop -t 30 warden
 #
-# scripts/container-test.sh builds and runs exactly this (with podman) and checks each
-# claim below against the running container.
+# scripts/container-test.sh builds and runs this with podman and checks each claim below
+# against the running container (the README says what it adds).
 #
 # Tokens are required. The image binds the gateway and the admin endpoint on 0.0.0.0, and
 # warden refuses a non-loopback bind without a token, so a container started without them

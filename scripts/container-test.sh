@@ -27,7 +27,7 @@
 #   CI=true            a missing engine, or one that cannot be installed, fails the run;
 #                      outside CI the image checks are skipped with one line saying why
 #   WARDEN_TOOLS_DIR   where the Python tools (websockets, kubernetes-validate) are kept
-#   CONTAINER_TEST_KEEP=1  leave the containers, volume and scratch folder for inspection
+#   CONTAINER_TEST_KEEP=1  leave the container, volume and scratch folder for inspection
 # (Not WARDEN_*: warden reads every WARDEN_* variable as configuration.)
 set -euo pipefail
 
@@ -37,8 +37,9 @@ ROOT=$PWD
 CI=${CI:-false}
 TOOLS_DIR=${WARDEN_TOOLS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/warden/tools}
 IMAGE=warden
-NAME=warden-container-test
-VOLUME=warden-container-test-state
+# Per run, so that two runs on one machine do not remove each other's container.
+NAME=warden-container-test-$$
+VOLUME=warden-container-test-state-$$
 # The manifests are validated against the oldest and the newest Kubernetes they support.
 KUBERNETES_VERSIONS=(1.30.0 1.37.0)
 PY_TOOLS=(websockets==17.4 kubernetes-validate==1.37.0)
@@ -76,6 +77,10 @@ cleanup() {
     [ -z "$PROBE_PID" ] || kill "$PROBE_PID" 2>/dev/null || true
     [ -z "$NODE_PID" ] || kill "$NODE_PID" 2>/dev/null || true
     wait 2>/dev/null || true
+    if [ "$status" != 0 ] && [ -s "$WORK/podman.err" ]; then
+        log "podman's messages:"
+        tail -n 20 "$WORK/podman.err" >&2
+    fi
     if [ "${CONTAINER_TEST_KEEP:-0}" = 1 ]; then
         log "kept: container $NAME, volume $VOLUME, scratch $WORK"
     elif command -v podman >/dev/null 2>&1; then
@@ -93,7 +98,6 @@ trap cleanup EXIT
 # A check failed: say which and why, show the container's last lines, stop.
 fail() {
     printf 'container: FAILED: %s\n' "$*"
-    [ ! -s "$WORK/podman.err" ] || { log "podman's messages:"; tail -n 20 "$WORK/podman.err" >&2; }
     if command -v podman >/dev/null 2>&1 && podman container exists "$NAME" 2>/dev/null; then
         log "last lines of the container's log:"
         podman logs --tail 30 "$NAME" >&2 2>&1 || true
@@ -142,35 +146,47 @@ ensure_py_tools() {
     local venv=$TOOLS_DIR/deploy-venv
     if ! "$venv/bin/python" -c 'import websockets, kubernetes_validate' 2>/dev/null; then
         log "installing ${PY_TOOLS[*]} into $venv"
+        if ! python3 -m venv "$WORK/venv-probe" >/dev/null 2>&1; then
+            # Debian's python3 has venv in a package of its own.
+            as_root apt-get update -qq && as_root env DEBIAN_FRONTEND=noninteractive \
+                apt-get install -y -qq --no-install-recommends python3-venv
+        fi
         run python3 -m venv "$venv"
         run "$venv/bin/pip" install --quiet --disable-pip-version-check "${PY_TOOLS[@]}"
     fi
     PY=$venv/bin/python
 }
 
-# podman, runc and debootstrap, installed with apt when absent. Returns 1 (with the reason
-# on stderr) when they cannot be.
+# The engine and what the checks use, installed with apt when absent: podman with runc and
+# the networking it needs for published ports, debootstrap for the stand-in base image,
+# curl and readelf (binutils). Returns 1 (with the reason on stderr) when they cannot be.
+ENGINE_PACKAGES=(podman runc debootstrap uidmap slirp4netns fuse-overlayfs
+    containernetworking-plugins iptables curl binutils)
 ensure_engine() {
-    local missing=()
-    command -v podman >/dev/null 2>&1 || missing+=(podman)
-    command -v runc >/dev/null 2>&1 || [ -x /usr/sbin/runc ] || missing+=(runc)
-    command -v debootstrap >/dev/null 2>&1 || [ -x /usr/sbin/debootstrap ] || missing+=(debootstrap)
+    local missing=() package
+    if command -v dpkg >/dev/null 2>&1; then
+        for package in "${ENGINE_PACKAGES[@]}"; do
+            dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
+        done
+    else
+        for package in podman runc debootstrap curl readelf; do
+            command -v "$package" >/dev/null 2>&1 || [ -x "/usr/sbin/$package" ] || missing+=("$package")
+        done
+    fi
     [ "${#missing[@]}" -gt 0 ] || return 0
     if ! command -v apt-get >/dev/null 2>&1; then
-        log "no apt-get to install ${missing[*]}"
+        log "missing ${missing[*]}, and no apt-get to install them"
         return 1
     fi
     log "installing ${missing[*]} with apt-get"
     as_root apt-get update -qq || return 1
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-        podman runc debootstrap uidmap slirp4netns fuse-overlayfs containernetworking-plugins \
-        iptables || return 1
+        "${missing[@]}" || return 1
 }
 
 # podman, configured for this script only: runc (crun fails on some kernels, ours among
-# them), explicit ulimits (runc cannot take the host's there), Docker image format (OCI
-# images drop HEALTHCHECK). With that, the commands below are the README's, word for word,
-# with `podman` for `docker`.
+# them) and explicit ulimits (runc cannot take the host's there). The image is built with
+# `--format docker`, as OCI images drop HEALTHCHECK.
 configure_engine() {
     cat >"$WORK/containers.conf" <<'EOF'
 [containers]
@@ -179,7 +195,7 @@ default_ulimits = ["nofile=20000:20000", "nproc=4096:4096"]
 [engine]
 runtime = "runc"
 EOF
-    export CONTAINERS_CONF=$WORK/containers.conf BUILDAH_FORMAT=docker
+    export CONTAINERS_CONF=$WORK/containers.conf
 }
 
 # --- base images ------------------------------------------------------------------------
@@ -266,25 +282,32 @@ build_image() {
     grep -q "^ARG RUST_IMAGE=rust:$RUST_VERSION-slim-bookworm\$" Dockerfile ||
         fail "the Dockerfile's RUST_IMAGE does not pin rust-toolchain.toml's $RUST_VERSION"
     local started=$SECONDS
-    # README: docker build -t warden .
-    run podman build -t "$IMAGE" . >"$WORK/build.log" 2>&1 ||
-        { tail -n 40 "$WORK/build.log" >&2; fail "podman build -t $IMAGE . failed"; }
+    # README: podman build --format docker -t warden .
+    run podman build --format docker -t "$IMAGE" . >"$WORK/build.log" 2>&1 ||
+        { tail -n 40 "$WORK/build.log" >&2; fail "podman build --format docker -t $IMAGE . failed"; }
     local took=$((SECONDS - started))
 
     local size base binary
     size=$(podman image inspect "$IMAGE" --format '{{.Size}}')
     base=$(podman image inspect "$DEBIAN_IMAGE" --format '{{.Size}}')
     local cid
-    cid=$(podman create --no-healthcheck "$IMAGE")
-    podman cp "$cid:/usr/local/bin/warden" "$WORK/warden-image" >/dev/null
+    cid=$(podman create --no-healthcheck "$IMAGE") || fail "podman create $IMAGE failed"
+    podman cp "$cid:/usr/local/bin/warden" "$WORK/warden-image" >/dev/null || fail "podman cp failed"
     podman rm "$cid" >/dev/null
     binary=$(stat -c %s "$WORK/warden-image")
-    if readelf -S --wide "$WORK/warden-image" | grep -q '\.debug_'; then
+    local sections
+    sections=$(readelf -S --wide "$WORK/warden-image") || fail "readelf cannot read the image's binary"
+    if grep -q '\.debug_' <<<"$sections"; then
         fail "the image's binary carries debug info"
     fi
-    if readelf -S --wide "$WORK/warden-image" | grep -q '\.symtab'; then
+    if grep -q '\.symtab' <<<"$sections"; then
         fail "the image's binary is not stripped (it has a symbol table)"
     fi
+    # The HEALTHCHECK is the Dockerfile's (an OCI build would have dropped it).
+    local health
+    health=$(podman image inspect "$IMAGE" --format '{{json .Config.Healthcheck.Test}}')
+    [ "$health" = '["CMD","warden","health","--admin","http://127.0.0.1:18790"]' ] ||
+        fail "the image's HEALTHCHECK is '$health', not the Dockerfile's warden health"
     local mb=$((1024 * 1024))
     result "image: built in $took s; $((size / mb)) MB in all = base $((base / mb)) MB + $(((size - base) / mb)) MB of ours; binary $((binary / mb)) MB (stripped)"
     # Goal: at most 150 MB on debian:bookworm-slim (about 75 MB), so at most 75 MB of ours.
@@ -292,22 +315,27 @@ build_image() {
 }
 
 # --- the checks -------------------------------------------------------------------------
-GATEWAY_TOKEN=$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')
-ADMIN_TOKEN=$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')
-NODE_TOKEN=$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')
+# The tokens travel in the environment, never on a command line (which the log shows): the
+# container gets them by name (`-e NAME`), the host's `warden call` and `warden tree` read
+# them as config, the probe as PROBE_TOKEN.
+token() { head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n'; }
+export WARDEN_GATEWAY__TOKEN WARDEN_ADMIN__TOKEN WARDEN_GATEWAY__NODES__HOSTBOX__TOKEN
+WARDEN_GATEWAY__TOKEN=$(token)
+WARDEN_ADMIN__TOKEN=$(token)
+WARDEN_GATEWAY__NODES__HOSTBOX__TOKEN=$(token)
 
 start_container() {
     # README: docker run -d --name warden --read-only --tmpfs /tmp -p … -v … -e … warden
     quiet_podman run -d --name "$NAME" --read-only --tmpfs /tmp \
         -p "127.0.0.1:$GATEWAY_PORT:18789" -p "127.0.0.1:$ADMIN_PORT:18790" \
         -v "$VOLUME:/var/lib/warden" \
-        -e WARDEN_GATEWAY__TOKEN="$GATEWAY_TOKEN" -e WARDEN_ADMIN__TOKEN="$ADMIN_TOKEN" \
-        -e WARDEN_GATEWAY__NODES__HOSTBOX__TOKEN="$NODE_TOKEN" \
-        "$IMAGE" >/dev/null
+        -e WARDEN_GATEWAY__TOKEN -e WARDEN_ADMIN__TOKEN \
+        -e WARDEN_GATEWAY__NODES__HOSTBOX__TOKEN \
+        "$IMAGE" >/dev/null || fail "podman run failed"
 }
 
 call() {
-    "$WARDEN" call --gateway "ws://127.0.0.1:$GATEWAY_PORT/ws" --token "$GATEWAY_TOKEN" "$@"
+    "$WARDEN" call --gateway "ws://127.0.0.1:$GATEWAY_PORT/ws" "$@"
 }
 
 check_no_tokens() {
@@ -323,29 +351,42 @@ check_no_tokens() {
 }
 
 check_non_root() {
-    local pid uid readonly_root
-    pid=$(podman inspect "$NAME" --format '{{.State.Pid}}')
-    uid=$(awk '/^Uid:/ { print $2 "/" $3 }' "/proc/$pid/status")
-    [ "$uid" = 10001/10001 ] || fail "1: the container's process runs as uid $uid, not 10001"
-    readonly_root=$(podman inspect "$NAME" --format '{{.HostConfig.ReadonlyRootfs}}')
-    [ "$readonly_root" = true ] || fail "1: the root filesystem is not read-only"
-    if podman exec "$NAME" sh -c ': >/etc/warden/probe' 2>/dev/null; then
+    # Read inside the container (right under rootless podman too): its process 1 is warden.
+    local comm uid out mounts
+    comm=$(podman exec "$NAME" cat /proc/1/comm) || fail "1: cannot read the container's process"
+    [ "$comm" = warden ] || fail "1: the container's process 1 is '$comm', not warden"
+    uid=$(podman exec "$NAME" awk '/^Uid:/ { print $2 "/" $3 }' /proc/1/status)
+    [ "$uid" = 10001/10001 ] || fail "1: warden runs as uid $uid (real/effective), not 10001"
+    # Even root cannot write to the root filesystem.
+    if out=$(podman exec --user 0 "$NAME" sh -c ': >/probe' 2>&1); then
         fail "1: the root filesystem took a write"
     fi
-    result "1 ok: process uid 10001 (real/effective), root filesystem read-only, state on the volume"
+    case $out in
+        *"Read-only file system"*) ;;
+        *) fail "1: a write to / failed, but not as a read-only filesystem: $out" ;;
+    esac
+    mounts=$(podman inspect "$NAME" --format '{{range .Mounts}}{{.Name}}:{{.Destination}} {{end}}')
+    case " $mounts" in
+        *" $VOLUME:/var/lib/warden "*) ;;
+        *) fail "1: /var/lib/warden is not the volume $VOLUME (mounts: $mounts)" ;;
+    esac
+    result "1 ok: warden is process 1 with uid 10001 (real/effective); / is read-only even for root; /var/lib/warden is the volume"
 }
 
 check_ready_health_tree() {
     eventually 30 "3: /readyz 200 through the published port" ready
+    # The Kubernetes readiness probe's question (deploy/kubernetes/statefulset.yaml).
+    [ "$(http_status "http://127.0.0.1:$ADMIN_PORT/readyz?path=root/gateway")" = 200 ] ||
+        fail "3: /readyz?path=root/gateway is not 200"
     local health
-    run podman healthcheck run "$NAME" >"$WORK/health.log" 2>&1 ||
+    podman healthcheck run "$NAME" >"$WORK/health.log" 2>&1 ||
         { cat "$WORK/health.log" >&2; fail "3: podman healthcheck run: not healthy"; }
     health=$(podman inspect "$NAME" --format '{{.State.Health.Status}}')
     [ "$health" = healthy ] || fail "3: health status is '$health', not healthy"
-    "$WARDEN" tree --admin "http://127.0.0.1:$ADMIN_PORT" --token "$ADMIN_TOKEN" >"$WORK/tree.txt" 2>&1 ||
+    "$WARDEN" tree --admin "http://127.0.0.1:$ADMIN_PORT" >"$WORK/tree.txt" 2>&1 ||
         { cat "$WORK/tree.txt" >&2; fail "3: warden tree from the host failed"; }
     grep -q gateway "$WORK/tree.txt" || fail "3: warden tree shows no gateway: $(cat "$WORK/tree.txt")"
-    result "3 ok: /readyz 200 on 127.0.0.1:$ADMIN_PORT, HEALTHCHECK healthy, warden tree from the host ($(wc -l <"$WORK/tree.txt") lines)"
+    result "3 ok: /readyz and /readyz?path=root/gateway 200 on 127.0.0.1:$ADMIN_PORT, HEALTHCHECK healthy, warden tree from the host ($(wc -l <"$WORK/tree.txt") lines)"
 }
 
 node_connected() {
@@ -362,9 +403,10 @@ name = "hostbox"
 [node.commands.hello]
 argv = ["echo", "hello from the host"]
 EOF
-    printf '%s\n' "$NODE_TOKEN" >"$WORK/node.token"
+    printf '%s\n' "$WARDEN_GATEWAY__NODES__HOSTBOX__TOKEN" >"$WORK/node.token"
     chmod 0600 "$WORK/node.token"
-    "$WARDEN" --config "$WORK/node.toml" node --state-dir "$WORK/node-state" >"$WORK/node.log" 2>&1 &
+    env -u WARDEN_GATEWAY__TOKEN -u WARDEN_ADMIN__TOKEN -u WARDEN_GATEWAY__NODES__HOSTBOX__TOKEN \
+        "$WARDEN" --config "$WORK/node.toml" node --state-dir "$WORK/node-state" >"$WORK/node.log" 2>&1 &
     NODE_PID=$!
     eventually 30 "4: the host's node in nodes.list" node_connected
     local output
@@ -398,7 +440,7 @@ create_pending_approval() {
 }
 
 start_probe() {
-    PROBE_TOKEN=$GATEWAY_TOKEN "$PY" scripts/container/probe.py \
+    PROBE_TOKEN=$WARDEN_GATEWAY__TOKEN "$PY" scripts/container/probe.py \
         "ws://127.0.0.1:$GATEWAY_PORT/ws" "$WORK/probe.json" >"$WORK/probe.out" 2>&1 &
     PROBE_PID=$!
     eventually 15 "5: the probe client's handshake" grep -qx ready "$WORK/probe.out"
@@ -408,7 +450,7 @@ check_stop() {
     local started took code
     started=$(date +%s%N)
     # README: docker stop -t 30 warden
-    quiet_podman stop -t 30 "$NAME" >/dev/null
+    quiet_podman stop -t 30 "$NAME" >/dev/null || fail "5: podman stop failed"
     took=$((($(date +%s%N) - started) / 1000000))
     code=$(podman inspect "$NAME" --format '{{.State.ExitCode}}')
     [ "$code" = 0 ] || fail "5: stop ended it with exit code $code, not 0"
@@ -425,15 +467,17 @@ EOF
 }
 
 check_state_survives() {
-    quiet_podman start "$NAME" >/dev/null
+    quiet_podman start "$NAME" >/dev/null || fail "6: podman start failed"
     eventually 30 "6: /readyz 200 after start" ready
     local after
     after=$(pending_approvals)
     [ "$after" = "$APPROVAL" ] || fail "6: approval $APPROVAL pending before stop; after start the pending ones are '$after'"
-    # It is the volume that kept it: the broker's file, written by uid 10001.
-    local file
-    file=$(podman volume inspect "$VOLUME" --format '{{.Mountpoint}}')/approvals/$APPROVAL.json
-    [ "$(stat -c %u "$file" 2>/dev/null)" = 10001 ] || fail "6: $file is missing or not owned by uid 10001"
+    # It is the volume that kept it (check 1: /var/lib/warden is the volume): the broker's
+    # file, written by uid 10001.
+    local owner
+    owner=$(podman exec "$NAME" stat -c %u "/var/lib/warden/approvals/$APPROVAL.json" 2>&1) ||
+        fail "6: the approval's file is not in /var/lib/warden: $owner"
+    [ "$owner" = 10001 ] || fail "6: the approval's file belongs to uid $owner, not 10001"
     result "6 ok: approval $APPROVAL pending before stop, still pending after start on volume $VOLUME"
 }
 
@@ -441,14 +485,14 @@ check_kill() {
     local pid code
     pid=$(podman inspect "$NAME" --format '{{.State.Pid}}')
     # kill -9 of the container's process, from the host.
-    run kill -9 "$pid"
+    run kill -9 "$pid" || fail "7: kill -9 $pid failed"
     eventually 15 "7: the container exits after kill -9" \
         sh -c "[ \"\$(podman inspect $NAME --format '{{.State.Running}}')\" = false ]"
     code=$(podman inspect "$NAME" --format '{{.State.ExitCode}}')
     [ "$code" = 137 ] || fail "7: after kill -9 the exit code is $code, not 137"
     local started took
     started=$(date +%s%N)
-    quiet_podman start "$NAME" >/dev/null
+    quiet_podman start "$NAME" >/dev/null || fail "7: podman start failed"
     eventually 30 "7: /readyz 200 after kill -9 and start" ready
     took=$((($(date +%s%N) - started) / 1000000))
     [ "$(pending_approvals)" = "$APPROVAL" ] || fail "7: approval $APPROVAL lost after kill -9"
@@ -476,13 +520,14 @@ main() {
     fi
     configure_engine
     ensure_base_images
-    [ "${CONTAINER_TEST_SKIP_BUILD:-0}" = 1 ] || build_image
+    build_image
 
     log "building the host's warden (for warden tree, warden node, warden call)"
     run cargo build --locked --quiet --bin warden
     WARDEN=${CARGO_TARGET_DIR:-$ROOT/target}/debug/warden
     GATEWAY_PORT=$(free_port)
     ADMIN_PORT=$(free_port)
+    while [ "$ADMIN_PORT" = "$GATEWAY_PORT" ]; do ADMIN_PORT=$(free_port); done
 
     podman rm -f -t 0 "$NAME" >/dev/null 2>&1 || true
     podman volume rm -f "$VOLUME" >/dev/null 2>&1 || true

@@ -7,7 +7,8 @@ Dockerfile's numeric USER, non-root, on a read-only root filesystem, with every 
 dropped and no privilege escalation; the grace period is above shutdown.deadline_ms;
 liveness is /healthz and readiness /readyz on the admin port; the state volume is a claim
 mounted at the image's VOLUME; tokens come from a Secret; memory is requested; the only
-Service exposes the gateway port and not the admin port.
+Service exposes the gateway port and not the admin port; the token files come from the
+Secret the README makes and uid 10001 can read them.
 """
 
 import pathlib
@@ -65,7 +66,7 @@ def main(deploy: str, dockerfile: str, config: str) -> int:
              "container ports must be gateway 18789 and admin 18790 (the image's)")
         for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
             get = container.get(probe, {}).get("httpGet", {})
-            need(get.get("path") == path and get.get("port") in ("admin", 18790),
+            need(get.get("path", "").split("?")[0] == path and get.get("port") in ("admin", 18790),
                  f"{probe} must GET {path} on the admin port")
         need("memory" in container.get("resources", {}).get("requests", {}),
              "the container must request memory")
@@ -74,7 +75,18 @@ def main(deploy: str, dockerfile: str, config: str) -> int:
         mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
         need(mounts.get(volume) in claims, f"{volume} must be mounted from a volumeClaimTemplate")
 
-        secrets = {v["name"] for v in pod.get("volumes", []) if "secret" in v}
+        # The Secret the README makes: warden-tokens, keys gateway-token and admin-token,
+        # mounted so that uid 10001 can read them (secret files belong to root, with the
+        # pod's fsGroup as their group when it has one).
+        secret_volumes = {v["name"]: v["secret"] for v in pod.get("volumes", []) if "secret" in v}
+        secrets = set(secret_volumes)
+        for name, secret in secret_volumes.items():
+            need(secret.get("secretName") == "warden-tokens",
+                 f"volume {name}: secretName must be warden-tokens (the README's)")
+            mode = secret.get("defaultMode", 0o644)
+            readable = mode & 0o004 or (pod_sc.get("fsGroup") == uid and mode & 0o040)
+            need(readable, f"volume {name}: its files must be readable by uid {uid} "
+                           "(fsGroup 10001 and a group-readable defaultMode)")
         env = {e["name"]: e for e in container.get("env", [])}
         for key in ("WARDEN_GATEWAY__TOKEN", "WARDEN_ADMIN__TOKEN"):
             from_file = env.get(key + "_FILE", {}).get("value", "")
@@ -84,6 +96,9 @@ def main(deploy: str, dockerfile: str, config: str) -> int:
                 for path, name in mounts.items()
             )
             need(from_secret or in_secret_mount, f"{key} must come from a Secret")
+            expected = "gateway-token" if "GATEWAY" in key else "admin-token"
+            need(from_secret or from_file.endswith("/" + expected),
+                 f"{key}_FILE must name the Secret's key {expected}")
 
     services = by_kind.get("Service", [])
     need(len(services) == 1, f"expected one Service (the gateway's), found {len(services)}")
