@@ -2,7 +2,7 @@
 # warden's test command: installs what the tests need when it is absent, then runs the
 # whole suite, then runs each fuzz target of fuzz/ briefly, then proves the deployment
 # (scripts/container-test.sh: the Kubernetes manifests, and the image built and run with
-# podman; about 25 minutes the first time on 2 cores, a few when its layers are cached).
+# podman; about 15 minutes the first time on 2 cores, 3-4 after a source change).
 # Works from any directory;
 # idempotent; fast when everything is present (no package index update then).
 #
