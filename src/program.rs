@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
+use tokio::signal::unix::{Signal, SignalKind, signal};
 use tracing::{error, info, warn};
 use warden_actors::supervision::{ChildSpec, ExitRequest, Tree, TreeOptions};
 
@@ -19,6 +20,8 @@ pub const EXIT_ROOT_DIED: i32 = 70;
 /// Logging and metrics of a running program.
 pub struct Program {
     telemetry: Telemetry,
+    /// SIGTERM and SIGINT, listened to from the start.
+    signals: Signals,
     /// The Prometheus recorder, when it could be installed.
     pub metrics: Option<PrometheusHandle>,
 }
@@ -48,6 +51,10 @@ impl Program {
             eprintln_line(&format!("warden: {e}"));
             EXIT_CONFIG
         })?;
+        // Before anything slow: a signal that arrives while the tree starts must not be
+        // lost. As process 1 of a container, warden would simply never see a SIGTERM that
+        // came before its handler, and the runtime would wait out its grace period.
+        let signals = Signals::install();
         raise_open_file_limit();
         let metrics = match admin::install_metrics() {
             Ok(handle) => Some(handle),
@@ -56,7 +63,11 @@ impl Program {
                 None
             }
         };
-        Ok(Program { telemetry, metrics })
+        Ok(Program {
+            telemetry,
+            signals,
+            metrics,
+        })
     }
 
     /// The admin endpoint's state: the masked config with sources, the token, metrics.
@@ -83,8 +94,13 @@ impl Program {
         other: impl Future<Output = Stop>,
         before_shutdown: impl FnOnce(),
     ) -> i32 {
+        let Program {
+            telemetry,
+            mut signals,
+            ..
+        } = self;
         let stop = tokio::select! {
-            name = signal() => Stop::Signal(name),
+            name = signals.recv() => Stop::Signal(name),
             request = tree.exit().requested() => Stop::Exit(request),
             () = tree.stopped() => Stop::RootDied,
             stop = other => stop,
@@ -117,7 +133,7 @@ impl Program {
                 warn!(still_running = ?report.still_running, "Shutdown deadline passed; the rest was killed.");
             }
         }
-        self.telemetry.shutdown().await;
+        telemetry.shutdown().await;
         code
     }
 
@@ -147,21 +163,34 @@ impl Program {
     }
 }
 
-/// Waits for SIGTERM or SIGINT; returns its name.
-async fn signal() -> &'static str {
-    use tokio::signal::unix::{SignalKind, signal};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut term), Ok(mut int)) => tokio::select! {
-            _ = term.recv() => "SIGTERM",
-            _ = int.recv() => "SIGINT",
-        },
-        _ => {
-            // Without signal handlers only the other stop paths can end the process.
-            warn!("Cannot install signal handlers.");
-            std::future::pending().await
+/// SIGTERM and SIGINT: from [`Signals::install`] on, one that arrives is kept until
+/// [`Signals::recv`].
+struct Signals(Option<(Signal, Signal)>);
+
+impl Signals {
+    /// Installs the handlers (tokio's: the signals are no longer fatal from here on).
+    fn install() -> Self {
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            (Ok(term), Ok(int)) => Signals(Some((term, int))),
+            _ => {
+                // Without signal handlers only the other stop paths can end the process.
+                warn!("Cannot install signal handlers.");
+                Signals(None)
+            }
+        }
+    }
+
+    /// Waits for SIGTERM or SIGINT; returns its name.
+    async fn recv(&mut self) -> &'static str {
+        match &mut self.0 {
+            Some((term, int)) => tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = int.recv() => "SIGINT",
+            },
+            None => std::future::pending().await,
         }
     }
 }
@@ -181,5 +210,31 @@ fn raise_open_file_limit() {
         Err(e) => {
             warn!(error = %e, "Cannot raise the open-file limit; many accounts may exhaust it.")
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::Signals;
+
+    /// A SIGTERM that arrives after the handlers are installed but before anyone waits for
+    /// it (the tree still starting) is kept for the wait: the reason `Program::start`
+    /// installs them first. (The test sends SIGTERM to its own process; tokio's handler,
+    /// installed first, keeps that from being fatal.)
+    #[tokio::test]
+    async fn a_signal_before_the_wait_is_kept_for_it() {
+        let mut signals = Signals::install();
+        assert!(signals.0.is_some(), "the handlers could not be installed");
+        let sent = std::process::Command::new("kill")
+            .args(["-TERM", &std::process::id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(sent.success());
+        let name = tokio::time::timeout(Duration::from_secs(5), signals.recv())
+            .await
+            .expect("the SIGTERM sent before the wait was lost");
+        assert_eq!(name, "SIGTERM");
     }
 }
