@@ -411,10 +411,20 @@ struct ReadyQuery {
 
 /// 200 when the tree (or, with `?path=P`, the subtree at `P`) runs and nothing in it keeps
 /// it from being ready; else 503 naming what does. An unknown `P` is 404: a probe that
-/// names a path that does not exist must fail, not pass.
+/// names a path that does not exist must fail, not pass. `P` is a child of the root
+/// (`root/gateway`, `root/channels` …), whose names are fixed: this route needs no token,
+/// and deeper paths would let anyone probe which account aliases exist.
 async fn readyz(State(state): State<AdminState>, uri: Uri) -> Result<Response, ApiError> {
     let Query(query) = Query::<ReadyQuery>::try_from_uri(&uri)
         .map_err(|_| ApiError::BadRequest("the query string is malformed".to_string()))?;
+    if let Some(path) = query.path.as_deref() {
+        let child = path.strip_prefix(ROOT).and_then(|p| p.strip_prefix('/'));
+        if !child.is_some_and(|c| !c.is_empty() && !c.contains('/')) {
+            return Err(ApiError::BadRequest(
+                "path: only a child of the root is asked here, e.g. root/gateway".to_string(),
+            ));
+        }
+    }
     let failing = match state.tree.get() {
         None => vec![ROOT.to_string()],
         Some(tree) => {

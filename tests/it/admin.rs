@@ -279,6 +279,12 @@ async fn probes_tree_and_operator_actions() -> anyhow::Result<()> {
     let (status, ready) = fx.get_json("/readyz?path=root/nope", None).await?;
     assert_eq!(status, StatusCode::NOT_FOUND, "{ready}");
     assert_eq!(error_code(&ready), "not_found");
+    // Only children of the root: deeper names (account aliases) are not probed without a
+    // token.
+    for deep in ["root/group/beta", "root", "other/x", "root/"] {
+        let (status, body) = fx.get_json(&format!("/readyz?path={deep}"), None).await?;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{deep}: {body}");
+    }
     let (status, body) = fx.post("/admin/actors/root/group/beta/start", None).await?;
     assert_eq!(status, StatusCode::OK, "{body}");
     fx.wait_status("/readyz", StatusCode::OK).await?;
