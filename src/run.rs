@@ -15,6 +15,10 @@
 //! └── admin           permanent   /healthz /readyz /metrics /admin/*
 //! ```
 //!
+//! Beside the tree, the inbox (`<state.dir>/inbox.sqlite3`, `warden_actors::inbox`) is
+//! opened before the tree starts: the accounts store inbound messages in it and the
+//! sessions replay them.
+//!
 //! The process ends on SIGTERM or SIGINT (exit 0 after an ordered shutdown), when a child
 //! whose policy says `exit` gives up (75 or 78, after the same shutdown), or if the root
 //! itself dies (70). Before an ordered shutdown it sets the gateway's shutdown intent from
@@ -29,6 +33,7 @@ use tracing::info;
 use warden_actors::gateway::{
     self, GatewayPolicies, GatewayState, ShutdownIntent, listener, session,
 };
+use warden_actors::inbox::{self, Inbox};
 use warden_actors::matrix::approvals::{self, GatewayAddr, HandlerConfig};
 use warden_actors::matrix::{self, AccountSpec};
 use warden_actors::supervision::{SlotClient, slots, supervisor};
@@ -67,6 +72,23 @@ pub async fn run(loaded: Loaded) -> i32 {
         }
     }
     let gateway_state = GatewayState::new(gateway_settings);
+    // The inbox: inbound messages are stored before an account's sync moves on.
+    let inbox_path = config.state.dir.join(inbox::FILE);
+    match Inbox::open(
+        &inbox_path,
+        config.inbox.clone(),
+        gateway_state.hub().clone(),
+    ) {
+        Ok(inbox) => {
+            let _ = admin_state.set_inbox(inbox.clone());
+            let _ = gateway_state.chat().set_inbox(inbox);
+        }
+        Err(e) => {
+            tracing::error!(key = "state.dir", error = %e, "Cannot open the inbox under state.dir; set state.dir to a writable directory.");
+            program.abort().await;
+            return crate::config::EXIT_CONFIG;
+        }
+    }
     // The approvals broker: approvals stored under the state dir; the approvers of each
     // account that enables approvals may resolve them.
     let mut approvals = gateway::ApprovalsSettings::new(config.state.dir.join("approvals"));

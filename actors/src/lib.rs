@@ -8,6 +8,8 @@
 //! * [`gateway`] — the gateway: the protocol, the listener, one session per socket, the
 //!   approvals broker, the node registry, and the one client of the protocol.
 //! * [`matrix`] — Matrix accounts (the only module that imports `matrix_sdk`).
+//! * [`inbox`] — the durable inbox: inbound messages stored before their sync position
+//!   moves, replayed to operators that were away; idempotent `chat.send`.
 //! * [`task`] — owned tasks: `AbortOnDrop`, and a spawn that reports a task's end to its owner.
 //!
 //! Domain actors (gateway, node, Matrix, approvals) live in their own modules beside it,
@@ -15,6 +17,7 @@
 //! its supervisor.
 
 pub mod gateway;
+pub mod inbox;
 pub mod matrix;
 pub mod node;
 pub mod serve;
@@ -26,6 +29,7 @@ pub mod task;
 pub fn describe_metrics() {
     supervision::metrics::describe();
     gateway::metrics::describe();
+    inbox::metric::describe();
 }
 
 #[cfg(test)]
@@ -35,6 +39,7 @@ mod tests {
         let all: Vec<_> = [
             super::supervision::metrics::ALL,
             super::gateway::metrics::ALL,
+            super::inbox::metric::ALL,
         ]
         .concat();
         super::supervision::metrics::check_declared(&all);

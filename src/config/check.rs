@@ -116,6 +116,18 @@ fn validate(
     }
     check_matrix(config, err)?;
     check_node(config, err)?;
+    if config.inbox.retention_ms < MIN_RETENTION_MS {
+        return Err(err(
+            "inbox.retention_ms".to_string(),
+            format!("must be at least {MIN_RETENTION_MS} (one minute)"),
+        ));
+    }
+    positive(
+        "inbox.max_messages_per_account",
+        config.inbox.max_messages_per_account,
+        err,
+    )?;
+    positive("inbox.max_consumers", config.inbox.max_consumers, err)?;
     positive("shutdown.deadline_ms", config.shutdown.deadline_ms, err)
 }
 
@@ -336,6 +348,9 @@ fn is_origin(origin: &str) -> bool {
 }
 
 /// `value` must be above 0.
+/// The shortest `inbox.retention_ms`: a message must outlive the replay that reads it.
+const MIN_RETENTION_MS: u64 = 60_000;
+
 fn positive(
     key: &str,
     value: u64,

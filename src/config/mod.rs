@@ -18,7 +18,7 @@
 //!
 //! Code map: `settings` holds the sections owned here (the others belong to their
 //! subsystems: `[gateway]` to `warden_actors::gateway`, `[matrix]` to
-//! `warden_actors::matrix::settings`, `[node]` to `warden_actors::node::settings`, `[admin]`
+//! `warden_actors::matrix::settings`, `[inbox]` to `warden_actors::inbox`, `[node]` to `warden_actors::node::settings`, `[admin]`
 //! to `crate::admin`, `[telemetry]` to `crate::telemetry`), `kinds` every kind of child and
 //! its built-in restart policy, `layers` the figment layers and provenance, `check` secrets
 //! and validation, `show` the flat listing for `config show`.
@@ -36,6 +36,7 @@ use std::path::{Path, PathBuf};
 use figment::Figment;
 use serde::Deserialize;
 use warden_actors::gateway::GatewaySettings;
+use warden_actors::inbox::InboxSettings;
 use warden_actors::supervision::settings::{PolicySettings, PoolConfig};
 use warden_actors::supervision::{Policy, PoolSettings};
 
@@ -62,6 +63,8 @@ pub struct Config {
     pub admin: AdminSettings,
     /// `[state]`: durable state on disk.
     pub state: StateSettings,
+    /// `[inbox]`: how long and how much of the inbound messages is kept.
+    pub inbox: InboxSettings,
     /// `[telemetry]`: logs and traces.
     pub telemetry: TelemetrySettings,
     /// `[supervision]`: restart-policy layers.
@@ -88,6 +91,7 @@ impl Default for Config {
             gateway: GatewaySettings::default(),
             admin: AdminSettings::default(),
             state: StateSettings::default(),
+            inbox: InboxSettings::default(),
             telemetry: TelemetrySettings::default(),
             supervision: SupervisionSettings::default(),
             start_slots: BTreeMap::from([

@@ -11,20 +11,27 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::hub::Hub;
 use super::protocol::code;
+use crate::inbox::{Inbox, InboxError, NewMessage, check_name};
 
 /// Name of the event an inbound message becomes.
 pub const MESSAGE_EVENT: &str = "chat.message";
+/// Name of the event a replaying reader gets for messages trimmed before it read them.
+pub const GAP_EVENT: &str = "chat.gap";
 
 /// An inbound message, as operators see it in a `chat.message` event.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChatMessage {
+    /// Its place in the inbox: rising, one sequence across accounts. `None` only where no
+    /// inbox is open (a gateway built without one, in tests).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cursor: Option<u64>,
     /// The account's alias.
     pub account: String,
     /// The room it was sent in.
@@ -53,6 +60,11 @@ pub struct SendParams {
     /// Send into this thread.
     #[serde(default)]
     pub thread_root: Option<String>,
+    /// Makes the send idempotent: the same `txn_id` on the same account gives the same
+    /// `event_id` and one message in the room, across restarts. 1 to 64 characters of
+    /// `A-Z a-z 0-9 . _ ~ -`.
+    #[serde(default)]
+    pub txn_id: Option<String>,
 }
 
 /// Why a send failed; each has its wire error code.
@@ -69,6 +81,8 @@ pub enum ChatError {
     BadRequest(String),
     /// The server could not be reached or failed.
     Failed(String),
+    /// A send with the same `txn_id` is in progress.
+    Busy(String),
 }
 
 impl ChatError {
@@ -80,6 +94,7 @@ impl ChatError {
             ChatError::Forbidden(_) => code::FORBIDDEN,
             ChatError::BadRequest(_) => code::BAD_REQUEST,
             ChatError::Failed(_) => code::SEND_FAILED,
+            ChatError::Busy(_) => code::BUSY,
         }
     }
 
@@ -90,7 +105,8 @@ impl ChatError {
             | ChatError::NotReady(m)
             | ChatError::Forbidden(m)
             | ChatError::BadRequest(m)
-            | ChatError::Failed(m) => m,
+            | ChatError::Failed(m)
+            | ChatError::Busy(m) => m,
         }
     }
 }
@@ -117,6 +133,10 @@ pub struct Chat(Arc<Inner>);
 struct Inner {
     hub: Hub,
     accounts: RwLock<BTreeMap<String, Arc<dyn ChatAccount>>>,
+    /// Where inbound messages are stored and `txn_id`s remembered; set once at start.
+    inbox: OnceLock<Inbox>,
+    /// `(account, txn_id)` of the idempotent sends in progress.
+    sending: Mutex<std::collections::HashSet<(String, String)>>,
 }
 
 impl fmt::Debug for Chat {
@@ -134,7 +154,47 @@ impl Chat {
         Self(Arc::new(Inner {
             hub,
             accounts: RwLock::new(BTreeMap::new()),
+            inbox: OnceLock::new(),
+            sending: Mutex::new(std::collections::HashSet::new()),
         }))
+    }
+
+    /// Sets the inbox (once; a second one is handed back).
+    pub fn set_inbox(&self, inbox: Inbox) -> Result<(), Inbox> {
+        self.0.inbox.set(inbox)
+    }
+
+    /// The inbox, once set.
+    pub fn inbox(&self) -> Option<&Inbox> {
+        self.0.inbox.get()
+    }
+
+    /// The sync position stored for `account` (none without an inbox).
+    pub async fn position(&self, account: &str) -> Result<Option<String>, InboxError> {
+        match self.inbox() {
+            Some(inbox) => inbox.position(account).await,
+            None => Ok(None),
+        }
+    }
+
+    /// Stores `messages` of `account` with its new sync position `token` (when given), then hands them
+    /// to every operator subscribed to `chat.message`. Without an inbox (a gateway built
+    /// in a test) they are only handed on, and the position is not kept.
+    pub async fn commit(
+        &self,
+        account: &str,
+        messages: Vec<NewMessage>,
+        token: Option<String>,
+    ) -> Result<(), InboxError> {
+        match self.inbox() {
+            Some(inbox) => inbox.commit(account, messages, token).await.map(drop),
+            None => {
+                for m in messages {
+                    self.deliver(&m.into_chat(None));
+                }
+                Ok(())
+            }
+        }
     }
 
     /// Registers (or replaces) the account `alias`.
@@ -148,8 +208,54 @@ impl Chat {
         self.0.hub.publish(MESSAGE_EVENT, json!(message));
     }
 
-    /// Sends through the account `params.account`.
+    /// Sends through the account `params.account`. With a `txn_id`, a send recorded
+    /// before answers its event ID without sending again; a new one is recorded once the
+    /// homeserver took it (which, given the same transaction ID, does not post twice
+    /// either).
     pub async fn send(&self, params: SendParams) -> Result<String, ChatError> {
+        let Some(txn_id) = params.txn_id.clone() else {
+            return self.send_once(params).await;
+        };
+        check_name("txn_id", &txn_id, &['~']).map_err(|e| ChatError::BadRequest(e.to_string()))?;
+        let key = (params.account.clone(), txn_id.clone());
+        let Some(_in_progress) = InProgress::take(&self.0, key) else {
+            return Err(ChatError::Busy(format!(
+                "a chat.send with txn_id {txn_id:?} on account {:?} is in progress",
+                params.account
+            )));
+        };
+        self.send_idempotent(params, &txn_id).await
+    }
+
+    async fn send_idempotent(&self, params: SendParams, txn_id: &str) -> Result<String, ChatError> {
+        let inbox_failed = |e: InboxError| ChatError::Failed(format!("the inbox failed: {e}"));
+        let Some(inbox) = self.inbox().cloned() else {
+            return self.send_once(params).await;
+        };
+        if let Some(event_id) = inbox
+            .sent(&params.account, txn_id)
+            .await
+            .map_err(inbox_failed)?
+        {
+            return Ok(event_id);
+        }
+        let (account, room_id) = (params.account.clone(), params.room_id.clone());
+        let event_id = self.send_once(params).await?;
+        // The message is posted: a failure to record it must not report a failed send. A
+        // repeat then reaches the homeserver, which keeps one event per transaction ID.
+        match inbox
+            .record_send(&account, txn_id, &room_id, &event_id)
+            .await
+        {
+            Ok(recorded) => Ok(recorded),
+            Err(e) => {
+                tracing::warn!(account, error = %e, "A chat.send was posted but could not be recorded in the inbox.");
+                Ok(event_id)
+            }
+        }
+    }
+
+    async fn send_once(&self, params: SendParams) -> Result<String, ChatError> {
         let account = {
             let accounts = self.0.accounts.read().unwrap_or_else(|e| e.into_inner());
             accounts.get(&params.account).cloned()
@@ -161,5 +267,26 @@ impl Chat {
             )));
         };
         account.send(params).await
+    }
+}
+
+/// An idempotent send in progress: its `(account, txn_id)` is free again when this drops,
+/// however the send ends (its caller may drop it halfway).
+struct InProgress<'a> {
+    inner: &'a Inner,
+    key: (String, String),
+}
+
+impl<'a> InProgress<'a> {
+    fn take(inner: &'a Inner, key: (String, String)) -> Option<Self> {
+        let mut sending = inner.sending.lock().unwrap_or_else(|e| e.into_inner());
+        sending.insert(key.clone()).then_some(Self { inner, key })
+    }
+}
+
+impl Drop for InProgress<'_> {
+    fn drop(&mut self) {
+        let mut sending = self.inner.sending.lock().unwrap_or_else(|e| e.into_inner());
+        sending.remove(&self.key);
     }
 }

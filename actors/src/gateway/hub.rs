@@ -55,6 +55,9 @@ pub struct HubEvent {
     pub name: String,
     /// The text of its `event` frame.
     pub text: Arc<str>,
+    /// A stored chat message's cursor and account (`chat.message` from the inbox), so a
+    /// replaying session can tell what it already sent without parsing the text.
+    pub stored: Option<(u64, Arc<str>)>,
 }
 
 /// Fans events out to sessions.
@@ -73,11 +76,21 @@ impl Hub {
 
     /// Emits event `name` to every session (those not subscribed to it drop it).
     pub fn publish(&self, name: &str, payload: Value) {
+        self.emit(name, payload, None);
+    }
+
+    /// Emits the stored chat message `cursor` of `account` as event `name`.
+    pub fn publish_stored(&self, name: &str, payload: Value, cursor: u64, account: &str) {
+        self.emit(name, payload, Some((cursor, account.into())));
+    }
+
+    fn emit(&self, name: &str, payload: Value, stored: Option<(u64, Arc<str>)>) {
         let text = Frame::event(name, payload).to_text();
         // No receiver means no session: nobody to tell.
         let _ = self.tx.send(Arc::new(HubEvent {
             name: name.to_string(),
             text: text.into(),
+            stored,
         }));
     }
 

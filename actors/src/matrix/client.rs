@@ -44,6 +44,7 @@ use std::time::Duration;
 
 use matrix_sdk::authentication::matrix::MatrixSession;
 use matrix_sdk::config::{RequestConfig, SyncSettings};
+use matrix_sdk::room::MessagesOptions;
 use matrix_sdk::ruma::api::client::filter::FilterDefinition;
 use matrix_sdk::ruma::api::client::sync::sync_events::v3::Filter as SyncFilter;
 use matrix_sdk::ruma::events::reaction::OriginalSyncReactionEvent;
@@ -52,8 +53,13 @@ use matrix_sdk::ruma::events::room::member::{MembershipState, StrippedRoomMember
 use matrix_sdk::ruma::events::room::message::{
     MessageType, OriginalSyncRoomMessageEvent, Relation, RoomMessageEventContent,
 };
-use matrix_sdk::ruma::{OwnedEventId, OwnedRoomId, OwnedUserId, UInt};
+use matrix_sdk::ruma::events::{
+    AnySyncMessageLikeEvent, AnySyncTimelineEvent, SyncMessageLikeEvent,
+};
+use matrix_sdk::ruma::serde::Raw;
+use matrix_sdk::ruma::{OwnedEventId, OwnedRoomId, OwnedTransactionId, OwnedUserId, UInt};
 use matrix_sdk::store::StateStoreDataKey;
+use matrix_sdk::sync::SyncResponse;
 use matrix_sdk::{Client, ClientBuildError, Room, RoomState, SessionMeta, SessionTokens};
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, SpawnErr};
 use serde_json::Value;
@@ -64,10 +70,11 @@ use tracing::{Instrument, debug, info, warn};
 
 use super::approvals::{ApprovalChannel, ApprovalRequest, Decision, NotifyFuture};
 use super::errors::{self, Class, During};
-use super::inbound::{Filter, Seen};
+use super::inbound::Filter;
 use super::store::{self, Local, Paths, SavedSession};
 use super::{AccountConfig, LOGIN_POOL};
-use crate::gateway::chat::{Chat, ChatAccount, ChatError, ChatMessage, SendFuture, SendParams};
+use crate::gateway::chat::{Chat, ChatAccount, ChatError, SendFuture, SendParams};
+use crate::inbox::NewMessage;
 use crate::supervision::{ChildContext, ChildSpec, Failure, Policy, Probe, Restart, SlotClient};
 use crate::task::{self, AbortOnDrop};
 
@@ -97,7 +104,6 @@ pub(crate) struct Account {
     filter: Filter,
     /// The running incarnation once it is ready.
     current: RwLock<Option<ActorRef<ClientMsg>>>,
-    seen: Mutex<Seen>,
     /// Set when a rejected token made the account wipe its session; cleared by a good sync.
     relogged_in: AtomicBool,
     /// Approvers, lower-cased.
@@ -119,7 +125,6 @@ impl Account {
             paths: Paths::new(config.dir.clone()),
             filter: Filter::new(&config.allowed_rooms, &config.allowed_senders),
             current: RwLock::new(None),
-            seen: Mutex::new(Seen::default()),
             relogged_in: AtomicBool::new(false),
             approvers: config
                 .approvers
@@ -161,13 +166,6 @@ impl Account {
         let mut tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
         while tasks.try_join_next().is_some() {}
         tasks.spawn(task::watched(name, work, report).in_current_span());
-    }
-
-    fn first_time(&self, event_id: &str) -> bool {
-        self.seen
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .first_time(event_id)
     }
 }
 
@@ -313,8 +311,7 @@ impl Actor for ClientActor {
         let span = state.args.span.clone();
         let started = Instant::now();
         let (client, resumed) = open(&state.args).instrument(span.clone()).await?;
-        let forwarding = Arc::new(AtomicBool::new(resumed));
-        add_handlers(&client, &state.args.account, &forwarding);
+        add_handlers(&client, &state.args.account);
         let actor = myself.clone();
         // A sync loop that returns has reported `SyncFailed` itself; one that panics has not.
         let report = move |ended: task::Ended| {
@@ -327,7 +324,6 @@ impl Actor for ClientActor {
             client.clone(),
             myself,
             state.args.probe.clone(),
-            forwarding,
             started,
             resumed,
             state.args.account.clone(),
@@ -729,20 +725,108 @@ async fn otk_conflict(client: &Client) -> bool {
     )
 }
 
+/// Where a sync loop starts, from the inbox's position and the session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Resume {
+    /// The token the first sync passes; `None` = the SDK's own (or none at all).
+    since: Option<String>,
+    /// Whether the first sync's messages are forwarded (not on a first start ever).
+    forwarding: bool,
+    /// Whether the first sync asks for the full state (a fresh session resuming the
+    /// inbox's position: its store knows no room yet).
+    full_state: bool,
+}
+
+impl Resume {
+    /// * the inbox holds a position: forward from it; a fresh session (no saved one)
+    ///   asks for the full state with it and back-paginates every limited room;
+    /// * no position but a saved session (state from before the inbox): forward from the
+    ///   SDK's token;
+    /// * neither: a first start ever — learn the state, forward nothing (it is history).
+    fn new(position: Option<String>, resumed: bool) -> Self {
+        match position {
+            Some(since) => Self {
+                since: Some(since),
+                forwarding: true,
+                full_state: !resumed,
+            },
+            None => Self {
+                since: None,
+                forwarding: resumed,
+                full_state: false,
+            },
+        }
+    }
+}
+
 /// Syncs until an error; the first response makes the account ready.
+///
+/// Each response's forwarded messages and its `next_batch` are committed to the inbox in
+/// one transaction before the next sync, which starts from that `next_batch`: the
+/// commit-order invariant (`inbox/mod.rs`).
 async fn sync_loop(
     client: Client,
     actor: ActorRef<ClientMsg>,
     probe: Probe,
-    forwarding: Arc<AtomicBool>,
     started: Instant,
     resumed: bool,
     account: Arc<Account>,
 ) {
+    let fail = |class: Class| {
+        let _ = actor.send_message(ClientMsg::SyncFailed(class));
+    };
+    let position = match account.chat.position(&account.config.alias).await {
+        Ok(position) => position,
+        Err(e) => {
+            return fail(Class::Transient(Failure::transient(format!(
+                "cannot read the inbox: {e}"
+            ))));
+        }
+    };
+    // The SDK saves its sync position while it processes a response, before the inbox
+    // commits that response's messages; a crash (or a failed commit) in between leaves the
+    // SDK ahead. It would then drop the same response when it comes again ("the same sync
+    // response twice"), so what lies between the two positions is read back with
+    // `/messages` instead, stored, and the sync goes on from the SDK's position.
+    let sdk_token = match client
+        .state_store()
+        .get_kv_data(StateStoreDataKey::SyncToken)
+        .await
+    {
+        Ok(value) => value.and_then(|v| v.into_sync_token()),
+        Err(_) => None,
+    };
+    let position = match (position, sdk_token) {
+        (Some(stored), Some(ahead)) if resumed && stored != ahead => {
+            warn!(
+                "The Matrix store is ahead of the inbox (a sync was cut off before its messages were stored); reading them back."
+            );
+            let messages = match catch_up(&client, &account, &probe, &ahead, &stored).await {
+                Ok(messages) => messages,
+                Err(e) => return fail(errors::classify(&e, During::Session)),
+            };
+            info!(
+                messages = messages.len(),
+                "Stored what the cut-off sync had received."
+            );
+            if let Err(e) = store(&account, messages, &ahead).await {
+                return fail(inbox_failed(e));
+            }
+            Some(ahead)
+        }
+        (position, _) => position,
+    };
+    let resume = Resume::new(position, resumed);
+    let Resume {
+        mut since,
+        mut forwarding,
+        full_state,
+    } = resume;
     let mut recovery_key = account.config.recovery_key.clone();
     let mut first = true;
     // A room joined since the last sync comes with a limited timeline of its history: that
-    // is no gap. Only rooms the account was already in can have one.
+    // is no gap. Only rooms the account was already in can have one — or, after a fresh
+    // session resumed the inbox's position, every room (its store knew none).
     let mut known: HashSet<OwnedRoomId> = client
         .joined_rooms()
         .iter()
@@ -751,51 +835,256 @@ async fn sync_loop(
     loop {
         // A first sync of a fresh login only learns the state: one event per room, none
         // forwarded (they are history). Later ones return up to TIMELINE_LIMIT per room.
-        let limit = if forwarding.load(Ordering::Relaxed) {
-            TIMELINE_LIMIT
-        } else {
-            1
-        };
+        let limit = if forwarding { TIMELINE_LIMIT } else { 1 };
         // The first sync of an incarnation does not long-poll: a restarted account is
         // ready as soon as it has caught up, not when a quiet room's 30 s poll runs out.
         let timeout = if first { Duration::ZERO } else { SYNC_TIMEOUT };
-        let settings = SyncSettings::default()
+        let mut settings = SyncSettings::default()
             .timeout(timeout)
             .filter(filter(limit));
-        match client.sync_once(settings).await {
-            Ok(response) => {
-                probe.beat();
-                if forwarding.load(Ordering::Relaxed) {
-                    for (room, update) in &response.rooms.joined {
-                        if update.timeline.limited && known.contains(room) {
-                            warn!(room = %room, limit = TIMELINE_LIMIT,
-                                "More messages arrived while the account was away than one sync returns; the older ones were not forwarded.");
-                        }
-                    }
-                }
-                known.extend(response.rooms.joined.keys().cloned());
-                forwarding.store(true, Ordering::Relaxed);
-                if first {
-                    first = false;
-                    if !resumed && let Some(key) = recovery_key.take() {
-                        recover(&account, &client, key);
-                    }
-                    probe.set_ready(true);
-                    let _ = actor.send_message(ClientMsg::Synced);
-                    info!(
-                        resumed,
-                        start_ms = started.elapsed().as_millis() as u64,
-                        "Matrix account ready."
-                    );
-                }
+        if let Some(token) = &since {
+            settings = settings.token(token.clone());
+        }
+        if first && full_state {
+            settings = settings.full_state(true);
+        }
+        let response = match client.sync_once(settings).await {
+            Ok(response) => response,
+            Err(e) => return fail(errors::classify(&e, During::Session)),
+        };
+        probe.beat();
+        let every_room = first && full_state;
+        let messages = if forwarding {
+            let read = Inbound {
+                client: &client,
+                account: &account,
+                probe: &probe,
+                known: &known,
+                every_room,
+            };
+            match read.collect(&response, since.as_deref()).await {
+                Ok(messages) => messages,
+                Err(e) => return fail(errors::classify(&e, During::Session)),
             }
-            Err(e) => {
-                let class = errors::classify(&e, During::Session);
-                let _ = actor.send_message(ClientMsg::SyncFailed(class));
-                return;
+        } else {
+            Vec::new()
+        };
+        let next = response.next_batch.clone();
+        if let Err(e) = store(&account, messages, &next).await {
+            return fail(inbox_failed(e));
+        }
+        since = Some(next);
+        known.extend(response.rooms.joined.keys().cloned());
+        forwarding = true;
+        if first {
+            first = false;
+            if !resumed && let Some(key) = recovery_key.take() {
+                recover(&account, &client, key);
             }
+            probe.set_ready(true);
+            let _ = actor.send_message(ClientMsg::Synced);
+            info!(
+                resumed,
+                start_ms = started.elapsed().as_millis() as u64,
+                "Matrix account ready."
+            );
         }
     }
+}
+
+/// Events one back-pagination request asks for.
+const BACKFILL_PAGE: u32 = 500;
+/// Events a room's back-pagination fetches at most in one sync; older ones are reported
+/// as not forwarded.
+const BACKFILL_MAX: usize = 100_000;
+
+/// Messages per inbox commit: a long backfill is stored in parts (all but the last
+/// without moving the position), so that sessions reading every event keep up with the
+/// hub between commits.
+const COMMIT_CHUNK: usize = 256;
+
+/// Stores `messages` and moves the account's sync position to `token`, in parts of
+/// [`COMMIT_CHUNK`]: only the last part moves the position.
+async fn store(
+    account: &Account,
+    messages: Vec<NewMessage>,
+    token: &str,
+) -> Result<(), crate::inbox::InboxError> {
+    let alias = &account.config.alias;
+    let mut parts: Vec<Vec<NewMessage>> = Vec::new();
+    let mut rest = messages.into_iter().peekable();
+    while rest.peek().is_some() {
+        parts.push(rest.by_ref().take(COMMIT_CHUNK).collect());
+    }
+    let last = parts.pop().unwrap_or_default();
+    for part in parts {
+        account.chat.commit(alias, part, None).await?;
+    }
+    account
+        .chat
+        .commit(alias, last, Some(token.to_string()))
+        .await
+}
+
+fn inbox_failed(e: crate::inbox::InboxError) -> Class {
+    Class::Transient(Failure::transient(format!(
+        "cannot store messages in the inbox: {e}"
+    )))
+}
+
+/// The messages of every joined room between the sync positions `to` (older) and `from`
+/// (the SDK's, newer), read back with `/messages`, oldest first per room.
+async fn catch_up(
+    client: &Client,
+    account: &Account,
+    probe: &Probe,
+    from: &str,
+    to: &str,
+) -> Result<Vec<NewMessage>, matrix_sdk::Error> {
+    let mut messages = Vec::new();
+    for room in client.joined_rooms() {
+        let (events, complete) = backfill(&room, from, to, probe).await?;
+        if !complete {
+            warn!(room = %room.room_id(), limit = BACKFILL_MAX,
+                "More messages than the account reads back were cut off; the older ones were not stored.");
+        }
+        let read = Inbound {
+            client,
+            account,
+            probe,
+            known: &HashSet::new(),
+            every_room: false,
+        };
+        messages.extend(read.messages(&room, events, false).await);
+    }
+    Ok(messages)
+}
+
+/// Reads the messages to store out of sync responses.
+struct Inbound<'a> {
+    client: &'a Client,
+    account: &'a Account,
+    probe: &'a Probe,
+    /// Rooms the account was in before this response.
+    known: &'a HashSet<OwnedRoomId>,
+    /// Back-paginate every limited room (a fresh session resuming the inbox's position).
+    every_room: bool,
+}
+
+impl Inbound<'_> {
+    /// The messages of `response` to store, per room in timeline order: for a room whose
+    /// timeline is limited (more arrived than one sync returns) and that the account
+    /// already knew (or `every_room`), the events between `since` and the timeline first,
+    /// fetched with `/messages` back from the timeline's `prev_batch` to `since`.
+    async fn collect(
+        &self,
+        response: &SyncResponse,
+        since: Option<&str>,
+    ) -> Result<Vec<NewMessage>, matrix_sdk::Error> {
+        let mut messages = Vec::new();
+        for (room_id, update) in &response.rooms.joined {
+            let Some(room) = self.client.get_room(room_id) else {
+                warn!(room = %room_id, "A synced room is unknown to the Matrix store; its messages were not stored.");
+                continue;
+            };
+            let known = self.known.contains(room_id);
+            let mut events: Vec<Raw<AnySyncTimelineEvent>> = Vec::new();
+            if update.timeline.limited && (self.every_room || known) {
+                match (&update.timeline.prev_batch, since) {
+                    (Some(from), Some(to)) => {
+                        let (older, complete) = backfill(&room, from, to, self.probe).await?;
+                        info!(room = %room_id, events = older.len(),
+                            "Fetched what arrived in a room beyond one sync's limit.");
+                        if !complete {
+                            warn!(room = %room_id, limit = BACKFILL_MAX,
+                                "More messages arrived while the account was away than it fetches back; the older ones were not stored.");
+                        }
+                        events = older;
+                    }
+                    _ => {
+                        warn!(room = %room_id, limit = TIMELINE_LIMIT,
+                            "More messages arrived while the account was away than one sync returns, and the server gave no way back; the older ones were not stored.");
+                    }
+                }
+            }
+            events.extend(update.timeline.events.iter().map(|e| e.raw().clone()));
+            // A room just joined comes with its history, which is not for the agent.
+            messages.extend(self.messages(&room, events, !known).await);
+        }
+        Ok(messages)
+    }
+
+    /// The messages to store among `events` of `room`; with `new_room`, not those sent
+    /// before the account joined.
+    async fn messages(
+        &self,
+        room: &Room,
+        events: Vec<Raw<AnySyncTimelineEvent>>,
+        new_room: bool,
+    ) -> Vec<NewMessage> {
+        let mut messages = Vec::new();
+        let mut undecryptable = 0;
+        for raw in events {
+            let ev = match raw.deserialize() {
+                Ok(AnySyncTimelineEvent::MessageLike(AnySyncMessageLikeEvent::RoomMessage(
+                    SyncMessageLikeEvent::Original(ev),
+                ))) => ev,
+                Ok(AnySyncTimelineEvent::MessageLike(AnySyncMessageLikeEvent::RoomEncrypted(
+                    _,
+                ))) => {
+                    undecryptable += 1;
+                    continue;
+                }
+                _ => continue,
+            };
+            if new_room && before_own_join(self.client, room, &ev).await {
+                continue;
+            }
+            if let Some(message) = forward(self.account, self.client, room, ev) {
+                messages.push(message);
+            }
+        }
+        if undecryptable > 0 {
+            warn!(room = %room.room_id(), events = undecryptable,
+                "Encrypted messages this device cannot decrypt (no room key) were not stored.");
+        }
+        messages
+    }
+}
+
+/// The events of `room` between `to` (a sync position) and `from` (a timeline's
+/// `prev_batch`, or a newer sync position), oldest first; and whether they are all there
+/// (not cut at [`BACKFILL_MAX`]). Beats `probe` on every page: a long back-pagination is
+/// progress, not a hang.
+async fn backfill(
+    room: &Room,
+    from: &str,
+    to: &str,
+    probe: &Probe,
+) -> Result<(Vec<Raw<AnySyncTimelineEvent>>, bool), matrix_sdk::Error> {
+    let mut events = Vec::new();
+    let mut from = from.to_string();
+    loop {
+        let mut options = MessagesOptions::backward().from(from.as_str());
+        options.to = Some(to.to_string());
+        options.limit = UInt::from(BACKFILL_PAGE);
+        let page = room.messages(options).await?;
+        probe.beat();
+        events.extend(page.chunk.into_iter().map(|e| e.into_raw()));
+        if events.len() >= BACKFILL_MAX {
+            events.truncate(BACKFILL_MAX);
+            events.reverse();
+            return Ok((events, false));
+        }
+        // No `end`: nothing more. An empty page with an `end` is not the end (the server
+        // may have filtered a whole page out); the same `end` again would be.
+        match page.end {
+            Some(end) if end != from => from = end,
+            _ => break,
+        }
+    }
+    events.reverse();
+    Ok((events, true))
 }
 
 /// After a fresh login, imports the account's secrets (cross-signing, key backup) with the
@@ -819,25 +1108,8 @@ fn filter(limit: u32) -> SyncFilter {
     SyncFilter::FilterDefinition(filter)
 }
 
-/// Forwards allowed messages and accepts allowed invites.
-fn add_handlers(client: &Client, account: &Arc<Account>, forwarding: &Arc<AtomicBool>) {
-    let on_message = {
-        let account = account.clone();
-        let forwarding = forwarding.clone();
-        move |ev: OriginalSyncRoomMessageEvent, room: Room, client: Client| {
-            let account = account.clone();
-            let forwarding = forwarding.clone();
-            async move {
-                if !forwarding.load(Ordering::Relaxed) || before_own_join(&client, &room, &ev).await
-                {
-                    return;
-                }
-                forward(&account, &client, &room, ev);
-            }
-        }
-    };
-    client.add_event_handler(on_message);
-
+/// Accepts allowed invites and hands approvers' reactions on.
+fn add_handlers(client: &Client, account: &Arc<Account>) {
     let on_invite = {
         let account = account.clone();
         move |ev: StrippedRoomMemberEvent, room: Room, client: Client| {
@@ -1012,9 +1284,16 @@ async fn before_own_join(client: &Client, room: &Room, ev: &OriginalSyncRoomMess
     }
 }
 
-fn forward(account: &Account, client: &Client, room: &Room, ev: OriginalSyncRoomMessageEvent) {
+/// What an allowed message becomes; an approver's `approve <id>` / `deny <id>` is handed
+/// to the approval handler instead.
+fn forward(
+    account: &Account,
+    client: &Client,
+    room: &Room,
+    ev: OriginalSyncRoomMessageEvent,
+) -> Option<NewMessage> {
     if client.user_id().is_some_and(|me| me == ev.sender) {
-        return;
+        return None;
     }
     let room_id = room.room_id().as_str();
     let sender = ev.sender.as_str();
@@ -1041,36 +1320,34 @@ fn forward(account: &Account, client: &Client, room: &Room, ev: OriginalSyncRoom
                 "Ignoring an approval answer from someone who is not an approver."
             );
         }
-        return;
+        return None;
     }
     if !account.filter.room_allowed(room_id) || !account.filter.sender_allowed(sender) {
         debug!(
             room = room_id,
             sender, "Not forwarding a message: room or sender not allowed."
         );
-        return;
+        return None;
     }
     let body = match &ev.content.msgtype {
         MessageType::Text(text) => text.body.clone(),
         MessageType::Emote(emote) => emote.body.clone(),
-        _ => return,
+        _ => return None,
     };
     let thread_root = match &ev.content.relates_to {
-        Some(Relation::Replacement(_)) => return,
+        Some(Relation::Replacement(_)) => return None,
         Some(Relation::Thread(thread)) => Some(thread.event_id.to_string()),
         _ => None,
     };
-    if !account.first_time(ev.event_id.as_str()) {
-        return;
-    }
-    account.chat.deliver(&ChatMessage {
+    Some(NewMessage {
         account: account.config.alias.clone(),
         room_id: room_id.to_string(),
         sender: sender.to_string(),
         event_id: ev.event_id.to_string(),
         body,
         thread_root,
-    });
+        origin_ts_ms: u64::from(ev.origin_server_ts.0),
+    })
 }
 
 /// `chat.send` through `client`.
@@ -1098,7 +1375,13 @@ async fn send(client: &Client, account: &Account, params: SendParams) -> Result<
             .map_err(|e| ChatError::BadRequest(format!("bad thread_root {root:?}: {e}")))?;
         content.relates_to = Some(Relation::Thread(Thread::plain(root.clone(), root)));
     }
-    match room.send(content).await {
+    let mut sending = room.send(content);
+    if let Some(txn_id) = &params.txn_id {
+        // The homeserver keeps one event per transaction ID of a device: a retry after a
+        // lost answer (or a restart) does not post twice.
+        sending = sending.with_transaction_id(OwnedTransactionId::from(format!("warden.{txn_id}")));
+    }
+    match sending.await {
         Ok(sent) => Ok(sent.response.event_id.to_string()),
         Err(e) => Err(match errors::classify(&e, During::Session) {
             _ if e
@@ -1110,5 +1393,51 @@ async fn send(client: &Client, account: &Account, params: SendParams) -> Result<
             Class::Transient(f) | Class::Fatal(f) => ChatError::Failed(f.reason),
             Class::UnknownToken => ChatError::Failed("the access token was rejected".to_string()),
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_inbox_position_wins_and_a_first_start_ever_forwards_nothing() {
+        let stored = Some("s42".to_string());
+        assert_eq!(
+            Resume::new(stored.clone(), true),
+            Resume {
+                since: stored.clone(),
+                forwarding: true,
+                full_state: false
+            },
+            "a restart resumes from the inbox, not from the SDK's token"
+        );
+        assert_eq!(
+            Resume::new(stored.clone(), false),
+            Resume {
+                since: stored,
+                forwarding: true,
+                full_state: true
+            },
+            "a fresh session (after a wipe) resumes the inbox's position with the full state"
+        );
+        assert_eq!(
+            Resume::new(None, true),
+            Resume {
+                since: None,
+                forwarding: true,
+                full_state: false
+            },
+            "a session from before the inbox resumes from the SDK's token"
+        );
+        assert_eq!(
+            Resume::new(None, false),
+            Resume {
+                since: None,
+                forwarding: false,
+                full_state: false
+            },
+            "a first start ever learns the state and forwards no history"
+        );
     }
 }

@@ -3,13 +3,11 @@
 //! A message is forwarded when it is a text or emote (notices are other bots' output and
 //! edits are not new messages), it was not sent by the account itself, its room is allowed
 //! (`allowed_rooms` empty = every joined room) and its sender is allowed (`allowed_senders`:
-//! full IDs, case-insensitive; empty = nobody; `*` = anyone). Each event ID is forwarded at
-//! most once per process, however often a restarted sync hands it over again.
+//! full IDs, case-insensitive; empty = nobody; `*` = anyone). Each event ID is stored (and
+//! so forwarded) at most once per account, however often a restarted sync hands it over
+//! again: the inbox's `UNIQUE (account, event_id)`.
 
-use std::collections::{HashSet, VecDeque};
-
-/// How many recent event IDs are remembered to drop repeats.
-const SEEN_CAPACITY: usize = 4096;
+use std::collections::HashSet;
 
 /// The account's filters.
 #[derive(Debug, Clone)]
@@ -42,30 +40,6 @@ impl Filter {
     }
 }
 
-/// Recently forwarded event IDs, oldest first out.
-#[derive(Debug, Default)]
-pub(crate) struct Seen {
-    set: HashSet<String>,
-    order: VecDeque<String>,
-}
-
-impl Seen {
-    /// True the first time `event_id` is offered.
-    pub fn first_time(&mut self, event_id: &str) -> bool {
-        if self.set.contains(event_id) {
-            return false;
-        }
-        if self.order.len() == SEEN_CAPACITY
-            && let Some(oldest) = self.order.pop_front()
-        {
-            self.set.remove(&oldest);
-        }
-        self.set.insert(event_id.to_string());
-        self.order.push_back(event_id.to_string());
-        true
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -91,18 +65,5 @@ mod tests {
         let one = Filter::new(&strings(&["!a:x"]), &[]);
         assert!(one.room_allowed("!a:x"));
         assert!(!one.room_allowed("!b:x"));
-    }
-
-    #[test]
-    fn seen_drops_repeats_and_forgets_the_oldest_beyond_capacity() {
-        let mut seen = Seen::default();
-        assert!(seen.first_time("$0"));
-        assert!(!seen.first_time("$0"));
-        for i in 1..=SEEN_CAPACITY {
-            assert!(seen.first_time(&format!("${i}")));
-        }
-        assert!(seen.first_time("$0"), "the oldest was forgotten");
-        assert!(!seen.first_time(&format!("${SEEN_CAPACITY}")));
-        assert_eq!(seen.order.len(), SEEN_CAPACITY);
     }
 }
