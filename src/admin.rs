@@ -62,6 +62,7 @@ use subtle::ConstantTimeEq;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
+use warden_actors::inbox::Inbox;
 use warden_actors::serve::{ServeActor, ServeArgs, ServeLimits, TickHook};
 use warden_actors::supervision::{
     ChildContext, ChildSpec, ControlAction, Failure, NodeState, Policy, ROOT, Restart,
@@ -130,6 +131,8 @@ pub struct AdminState {
     /// the handle is set (once, by the program) after `Tree::start` returns; until then the
     /// routes that read the tree answer 503 `starting`.
     tree: Arc<OnceLock<TreeHandle>>,
+    /// The inbox, whose figures the tree shows per account; set once by the program.
+    inbox: Arc<OnceLock<Inbox>>,
     /// The process's Prometheus recorder, if metrics are on.
     metrics: Option<PrometheusHandle>,
     /// The document `/admin/config` serves, prepared (and masked) by the caller.
@@ -168,7 +171,13 @@ impl AdminState {
             bound: Arc::new(watch::Sender::new(None)),
             own_path: Arc::new(OnceLock::new()),
             health: None,
+            inbox: Arc::new(OnceLock::new()),
         }
+    }
+
+    /// Hands the inbox to the endpoint, whose tree then shows its figures per account.
+    pub fn set_inbox(&self, inbox: Inbox) -> Result<(), Inbox> {
+        self.inbox.set(inbox)
     }
 
     /// Adds `probe`'s fields to every `/healthz` answer.
@@ -473,6 +482,11 @@ async fn tree(State(state): State<AdminState>, uri: Uri) -> Result<Response, Api
     let Query(query) = Query::<TreeQuery>::try_from_uri(&uri)
         .map_err(|_| ApiError::BadRequest("the query string is malformed".to_string()))?;
     let handle = state.tree_or_starting()?.clone();
+    // The inbox's figures go on each account's node (and under the drawing).
+    let stats = match state.inbox.get() {
+        Some(inbox) => inbox.stats().await.ok(),
+        None => None,
+    };
     let text = match query.format.as_deref() {
         None | Some("json") => false,
         Some("text") => true,
@@ -487,9 +501,17 @@ async fn tree(State(state): State<AdminState>, uri: Uri) -> Result<Response, Api
     let rendered = tokio::task::spawn_blocking(move || {
         let snapshot = handle.snapshot();
         if text {
-            Ok(snapshot.render_text().into_bytes())
+            let mut drawing = snapshot.render_text();
+            if let Some(stats) = &stats {
+                drawing.push_str(&stats.render_text());
+            }
+            Ok(drawing.into_bytes())
         } else {
-            serde_json::to_vec(&snapshot)
+            let mut tree = serde_json::to_value(&snapshot)?;
+            if let Some(stats) = &stats {
+                stats.annotate(&mut tree);
+            }
+            serde_json::to_vec(&tree)
         }
     })
     .await;

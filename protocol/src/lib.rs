@@ -65,6 +65,8 @@ pub mod close {
     pub const TOO_BIG: u16 = 1009;
     /// Service restart: reconnect (after the `expected_back_ms` of the `shutdown` event).
     pub const RESTART: u16 = 1012;
+    /// The server failed (e.g. a replay could not read the inbox): reconnect and resume.
+    pub const INTERNAL_ERROR: u16 = 1011;
     /// Starting up: try again after the `retry_after_ms` given in the reason.
     pub const TRY_AGAIN: u16 = 1013;
     /// (Client side) no frame from the server for two tick intervals.
@@ -377,6 +379,25 @@ pub struct ShutdownNotice {
 pub struct SubscribeParams {
     /// Event names, e.g. `node.connected`.
     pub events: Vec<String>,
+    /// With `chat.message`: replay stored messages after this cursor (a number), or from
+    /// the oldest kept (`"earliest"`), before going live.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<Value>,
+    /// With `chat.message`: a durable consumer; the replay starts after its last
+    /// `chat.ack` (or at `since`, or the oldest kept, when it is new).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consumer: Option<String>,
+}
+
+/// The params of `chat.ack` (from an operator): consumer `consumer` has handled every
+/// message up to `cursor`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AckParams {
+    /// The durable consumer.
+    pub consumer: String,
+    /// The cursor of the last message it handled.
+    pub cursor: u64,
 }
 
 /// The params of `nodes.invoke` (from an operator).

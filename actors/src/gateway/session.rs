@@ -91,6 +91,9 @@ use crate::task::{self, AbortOnDrop, Timer};
 mod handshake;
 mod invocations;
 mod methods;
+mod replay;
+
+pub use replay::ReplayMsg;
 
 use invocations::NodeCalls;
 
@@ -210,6 +213,8 @@ pub enum SessionMsg {
     /// A reply worked out off the actor (`chat.send`) or by the approvals broker, to send as
     /// it is.
     Reply(Frame),
+    /// A replay step (`subscribe` with `since` or `consumer`), read off the actor.
+    Replay(ReplayMsg),
 }
 
 impl From<NodeMsg> for SessionMsg {
@@ -360,6 +365,10 @@ pub struct SessionState {
     /// Waits for the approvals broker's answers (an `approvals.request` until its approval
     /// is over); aborted when the session ends.
     broker_answers: tokio::task::JoinSet<()>,
+    /// Where `chat.message` events come from: live, or a replay then live.
+    feed: replay::Feed,
+    /// The replay's one read in progress; aborted when the session ends.
+    replay_task: Option<AbortOnDrop>,
 }
 
 impl Actor for SessionActor {
@@ -424,6 +433,8 @@ impl Actor for SessionActor {
             to_node: NodeCalls::new(),
             chat_sends: tokio::task::JoinSet::new(),
             broker_answers: tokio::task::JoinSet::new(),
+            feed: replay::Feed::default(),
+            replay_task: None,
         })
     }
 
@@ -578,6 +589,7 @@ impl SessionState {
             SessionMsg::Reply(frame) => {
                 self.send(myself, &frame).await;
             }
+            SessionMsg::Replay(step) => self.on_replay(myself, step).await,
         }
     }
 
@@ -625,7 +637,12 @@ impl SessionState {
 
     /// A hub event: sent on if the client subscribed to it.
     async fn on_event(&mut self, myself: &ActorRef<SessionMsg>, ev: &HubEvent) {
-        if self.is_ready() && self.subscriptions.contains(&ev.name) {
+        if !self.is_ready() || !self.subscriptions.contains(&ev.name) {
+            return;
+        }
+        if ev.name == super::chat::MESSAGE_EVENT {
+            self.on_live_message(myself, ev).await;
+        } else {
             let text = ev.text.to_string();
             self.write(myself, Message::Text(text.into())).await;
         }

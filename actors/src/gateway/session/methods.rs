@@ -7,8 +7,10 @@
 //! |---|---|---|
 //! | `health` | every role | `{status: "ok"}` |
 //! | `status`, `tree`, `nodes.list` | operator | counts and uptime; the supervision tree; the node registry |
-//! | `subscribe {events}` | operator, approver | every event name subscribed so far (`too_large` past `max_subscriptions` or for a name over 64 bytes) |
+//! | `subscribe {events, since?, consumer?}` | operator, approver (not `chat.*`) | every event name subscribed so far (`too_large` past `max_subscriptions` or for a name over 64 bytes); with `since` or `consumer` (operator, with `chat.message`), `from` too, then the replay (see [`replay`](super::replay)) |
 //! | `nodes.invoke`, `chat.send` | operator | the node's answer; `{event_id}` |
+//! | `chat.ack {consumer, cursor}` | operator | `{consumer, cursor}`: the consumer's cursor now |
+//! | `inbox.stats` | operator | the inbox's [`Stats`](crate::inbox::Stats) |
 //! | `approvals.request` / `approvals.resolve` / `approvals.list` | operator / approver / both | the broker's answer (`not_implemented` without approvals) |
 //!
 //! A role a method is not for gets `forbidden`; an unknown method `unknown_method`.
@@ -19,13 +21,14 @@ use tokio::sync::oneshot;
 use tracing::Instrument;
 
 use super::super::approvals::{ApprovalsMsg, ReplyTo};
-use super::super::chat::SendParams;
+use super::super::chat::{MESSAGE_EVENT, SendParams};
 use super::super::protocol::auth::Principal;
 use super::super::protocol::{
-    ApprovalRequestParams, ApprovalResolveParams, Frame, Role, SubscribeParams, code,
+    AckParams, ApprovalRequestParams, ApprovalResolveParams, Frame, Role, SubscribeParams, code,
     parse_approvals_list,
 };
-use super::{MAX_EVENT_NAME, Phase, SessionMsg, SessionState, to_value};
+use super::{MAX_EVENT_NAME, Phase, SessionMsg, SessionState, replay, to_value};
+use crate::inbox::{Since, check_name};
 
 impl SessionState {
     /// A request after `hello-ok`: answered now, or handed on (then answered later).
@@ -46,7 +49,13 @@ impl SessionState {
         };
         let operator_only = matches!(
             method,
-            "status" | "tree" | "nodes.list" | "nodes.invoke" | "chat.send"
+            "status"
+                | "tree"
+                | "nodes.list"
+                | "nodes.invoke"
+                | "chat.send"
+                | "chat.ack"
+                | "inbox.stats"
         );
         if operator_only && role != Role::Operator {
             let message = format!("{method} is for operators, not {}s", role.as_str());
@@ -59,13 +68,14 @@ impl SessionState {
             "health" => Some(Frame::ok(id, json!({ "status": "ok" }))),
             "status" => Some(self.status(id)),
             "tree" => Some(self.tree(id).await),
-            "subscribe" => Some(self.subscribe(id, role, params)),
+            "subscribe" => self.subscribe(myself, id, role, params),
             "nodes.list" => Some(Frame::ok(id, to_value(&self.gateway.registry().list()))),
             "nodes.invoke" => {
                 let handed = self.invoke(myself, &id, params);
                 refusal(id, handed)
             }
             "chat.send" => self.chat_send(myself, id, params),
+            "chat.ack" | "inbox.stats" => self.inbox_call(myself, id, method, params),
             "approvals.request" | "approvals.list" | "approvals.resolve" => {
                 let handed = self.approvals(myself, &id, method, params, role, account);
                 refusal(id, handed)
@@ -100,15 +110,23 @@ impl SessionState {
     }
 
     /// The `subscribe` method: adds event names (within `max_subscriptions`); the first one
-    /// hands the pump its hub receiver.
-    fn subscribe(&mut self, id: String, role: Role, params: Value) -> Frame {
+    /// hands the pump its hub receiver. With `since` or `consumer` it starts a replay and is
+    /// answered once the replay's start is known (then `None` here).
+    fn subscribe(
+        &mut self,
+        myself: &ActorRef<SessionMsg>,
+        id: String,
+        role: Role,
+        params: Value,
+    ) -> Option<Frame> {
         if role == Role::Node {
-            return Frame::err(id, code::FORBIDDEN, "nodes cannot subscribe");
+            return Some(Frame::err(id, code::FORBIDDEN, "nodes cannot subscribe"));
         }
         let p = match serde_json::from_value::<SubscribeParams>(params) {
             Ok(p) => p,
             Err(e) => {
-                return Frame::err(id, code::BAD_REQUEST, format!("bad subscribe params: {e}"));
+                let message = format!("bad subscribe params: {e}");
+                return Some(Frame::err(id, code::BAD_REQUEST, message));
             }
         };
         let max = self.gateway.settings().max_subscriptions;
@@ -119,22 +137,120 @@ impl SessionState {
         {
             let shown: String = long.chars().take(32).collect();
             let message = format!("event names are 1 to {MAX_EVENT_NAME} bytes; {shown:?}… is not");
-            return Frame::err(id, code::TOO_LARGE, message);
+            return Some(Frame::err(id, code::TOO_LARGE, message));
         }
+        // An approver serves one account's approvals; people's messages are not its to read.
+        if role == Role::Approver
+            && let Some(chat) = p.events.iter().find(|e| e.starts_with("chat."))
+        {
+            let message = format!("{chat} is for operators, not approvers");
+            return Some(Frame::err(id, code::FORBIDDEN, message));
+        }
+        let replay = p.since.is_some() || p.consumer.is_some();
+        let since = match p.since.as_ref().map(parse_since).transpose() {
+            Ok(since) => since,
+            Err(message) => return Some(Frame::err(id, code::BAD_REQUEST, message)),
+        };
+        if let Some(name) = &p.consumer
+            && let Err(e) = check_name("consumer", name, &[])
+        {
+            return Some(Frame::err(id, code::BAD_REQUEST, e.to_string()));
+        }
+        let inbox = if replay {
+            if !p.events.iter().any(|e| e == MESSAGE_EVENT) {
+                let message = "since and consumer replay chat.message: list it in events";
+                return Some(Frame::err(id, code::BAD_REQUEST, message));
+            }
+            if self.subscriptions.contains(MESSAGE_EVENT) {
+                let message = "this session already receives chat.message; replay on a new session";
+                return Some(Frame::err(id, code::BAD_REQUEST, message));
+            }
+            match self.gateway.chat().inbox() {
+                Some(inbox) => Some(inbox.clone()),
+                None => {
+                    let message = "this gateway keeps no inbox to replay";
+                    return Some(Frame::err(id, code::NOT_IMPLEMENTED, message));
+                }
+            }
+        } else {
+            None
+        };
         let mut all = self.subscriptions.clone();
         all.extend(p.events);
         if all.len() > max {
             let message =
                 format!("at most {max} event names per session (gateway.max_subscriptions)");
-            return Frame::err(id, code::TOO_LARGE, message);
+            return Some(Frame::err(id, code::TOO_LARGE, message));
         }
         self.subscriptions = all;
         if let Some(handoff) = self.hub_handoff.take() {
             let _ = handoff.send(self.gateway.hub().subscribe());
         }
-        let mut events: Vec<&String> = self.subscriptions.iter().collect();
+        let mut events: Vec<String> = self.subscriptions.iter().cloned().collect();
         events.sort();
-        Frame::ok(id, json!({ "events": events }))
+        match inbox {
+            Some(inbox) => {
+                self.start_replay(myself, inbox, id, events, p.consumer, since);
+                None
+            }
+            None => Some(Frame::ok(id, json!({ "events": events }))),
+        }
+    }
+
+    /// `chat.ack` and `inbox.stats`: answered off the actor, like `chat.send` (and within
+    /// the same bound).
+    fn inbox_call(
+        &mut self,
+        myself: &ActorRef<SessionMsg>,
+        id: String,
+        method: &str,
+        params: Value,
+    ) -> Option<Frame> {
+        let Some(inbox) = self.gateway.chat().inbox().cloned() else {
+            let message = "this gateway keeps no inbox";
+            return Some(Frame::err(id, code::NOT_IMPLEMENTED, message));
+        };
+        let ack = if method == "chat.ack" {
+            let p = match serde_json::from_value::<AckParams>(params) {
+                Ok(p) => p,
+                Err(e) => {
+                    let message = format!("bad chat.ack params: {e}");
+                    return Some(Frame::err(id, code::BAD_REQUEST, message));
+                }
+            };
+            if let Err(e) = check_name("consumer", &p.consumer, &[]) {
+                return Some(Frame::err(id, code::BAD_REQUEST, e.to_string()));
+            }
+            Some(p)
+        } else {
+            None
+        };
+        while self.chat_sends.try_join_next().is_some() {}
+        let max = self.gateway.settings().max_pending_invocations;
+        if self.chat_sends.len() >= max {
+            let message = format!(
+                "{max} chat calls are already open on this session (gateway.max_pending_invocations)"
+            );
+            return Some(Frame::err(id, code::BUSY, message));
+        }
+        let me = myself.clone();
+        let call = async move {
+            let frame = match ack {
+                Some(p) => match inbox.ack(&p.consumer, p.cursor).await {
+                    Ok(cursor) => {
+                        Frame::ok(id, json!({ "consumer": p.consumer, "cursor": cursor }))
+                    }
+                    Err(e) => Frame::err(id, replay::refusal(&e), e.to_string()),
+                },
+                None => match inbox.stats().await {
+                    Ok(stats) => Frame::ok(id, json!(stats)),
+                    Err(e) => Frame::err(id, replay::refusal(&e), e.to_string()),
+                },
+            };
+            let _ = me.send_message(SessionMsg::Reply(frame));
+        };
+        self.chat_sends.spawn(call.instrument(self.span.clone()));
+        None
     }
 
     /// The `chat.send` method: the send waits on the homeserver, so it runs off the actor
@@ -174,12 +290,24 @@ impl SessionState {
         None
     }
 
-    /// The `tree` method: the kernel's snapshot, taken off the actor's thread.
+    /// The `tree` method: the kernel's snapshot, taken off the actor's thread, with the
+    /// inbox's figures on each account's node.
     async fn tree(&self, id: String) -> Frame {
         let Some(tree) = self.gateway.tree().cloned() else {
             return Frame::err(id, code::INTERNAL, "the tree is not available yet");
         };
-        match tokio::task::spawn_blocking(move || serde_json::to_value(tree.snapshot())).await {
+        let stats = match self.gateway.chat().inbox() {
+            Some(inbox) => inbox.stats().await.ok(),
+            None => None,
+        };
+        let encode = move || {
+            let mut tree = serde_json::to_value(tree.snapshot())?;
+            if let Some(stats) = stats {
+                stats.annotate(&mut tree);
+            }
+            Ok::<_, serde_json::Error>(tree)
+        };
+        match tokio::task::spawn_blocking(encode).await {
             Ok(Ok(snapshot)) => Frame::ok(id, snapshot),
             Ok(Err(e)) => Frame::err(id, code::INTERNAL, format!("cannot encode the tree: {e}")),
             Err(e) => Frame::err(id, code::INTERNAL, format!("cannot read the tree: {e}")),
@@ -251,6 +379,17 @@ impl SessionState {
         };
         self.broker_answers
             .spawn(wait.instrument(self.span.clone()));
+    }
+}
+
+/// `since`: a cursor, or `"earliest"`.
+fn parse_since(since: &Value) -> Result<Since, String> {
+    match since {
+        Value::String(s) if s == "earliest" => Ok(Since::Earliest),
+        Value::Number(n) if n.as_u64().is_some() => Ok(Since::After(n.as_u64().unwrap_or(0))),
+        other => Err(format!(
+            "since must be a cursor (a whole number ≥ 0) or \"earliest\", not {other}"
+        )),
     }
 }
 
