@@ -6,7 +6,9 @@
 //! or `Retry-After` from the server wins), five attempts in all, then fails naming the
 //! last cause. Once the request has been written, a lost connection is retried the same
 //! way only for an idempotent method ([`is_idempotent`]); any other method is reported as
-//! possibly delivered and never sent again. A gateway's error answer is never retried.
+//! possibly delivered and never sent again. A gateway's error answer is never retried,
+//! except `account_not_ready` (a Matrix account still starting: nothing was done) and, for
+//! an idempotent method, `busy`.
 //!
 //! This is the guard against the restart race (DESIGN.md, failure 2): a call made while
 //! the gateway restarts waits for it instead of failing with a bare close code.
@@ -17,6 +19,7 @@ use std::time::Duration;
 use serde_json::Value;
 use tokio::time::Instant;
 use warden_actors::gateway::client::{CallError, ConnectError, ConnectOptions, GatewayClient};
+use warden_actors::gateway::protocol::code::{ACCOUNT_NOT_READY, BUSY};
 use warden_actors::gateway::protocol::{ClientInfo, Role};
 
 /// The waits between attempts; their number plus one is the number of attempts.
@@ -33,15 +36,32 @@ pub const ATTEMPTS: usize = RETRY_DELAYS.len() + 1;
 /// The longest handshake one attempt may take (the gateway's own default).
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Whether sending `method` twice has the same effect as sending it once, so a request
-/// that may have been delivered can be sent again. The one place that decides it: only
-/// these read-only methods; `nodes.invoke`, `chat.send`, `approvals.request`,
-/// `approvals.resolve` and every method not listed here are sent at most once.
-pub fn is_idempotent(method: &str) -> bool {
-    matches!(
-        method,
-        "health" | "status" | "tree" | "nodes.list" | "approvals.list"
-    )
+/// Whether sending `method` with `params` twice has the same effect as sending it once, so
+/// a request that may have been delivered can be sent again. The one place that decides
+/// it: the read-only methods, `chat.ack` (a consumer never moves back) and `chat.send`
+/// with a `txn_id` (the gateway answers a repeated one with the first `event_id`);
+/// `nodes.invoke`, `chat.send` without `txn_id`, `approvals.request`, `approvals.resolve`
+/// and every method not listed here are sent at most once.
+pub fn is_idempotent(method: &str, params: &Value) -> bool {
+    match method {
+        "health" | "status" | "tree" | "nodes.list" | "approvals.list" | "inbox.stats"
+        | "chat.ack" => true,
+        "chat.send" => params.get("txn_id").is_some_and(Value::is_string),
+        _ => false,
+    }
+}
+
+/// `params` as `warden call` sends them: a `chat.send` without a `txn_id` gets a new
+/// random one, so that it can be retried like the read-only methods.
+pub fn with_txn_id(method: &str, mut params: Value) -> Value {
+    if method == "chat.send"
+        && let Value::Object(map) = &mut params
+        && !map.contains_key("txn_id")
+    {
+        let txn_id = format!("cli-{:032x}", rand::random::<u128>());
+        map.insert("txn_id".to_string(), Value::String(txn_id));
+    }
+    params
 }
 
 /// Parses `--params`: a JSON object (default `{}`).
@@ -302,6 +322,19 @@ fn after_call_error(
 ) -> ControlFlow<Result<Value, CallFailure>, Retry> {
     let CallRequest { url, method, .. } = request;
     let failure = match error {
+        // The account is starting (right after a restart, before its first sync): nothing
+        // was done, so any method may be tried again.
+        // `busy` on an idempotent call (a send with the same txn_id still finishing, a cap
+        // reached): the same request later is safe.
+        CallError::Failed { code, message }
+            if code == ACCOUNT_NOT_READY
+                || (code == BUSY && is_idempotent(method, &request.params)) =>
+        {
+            return ControlFlow::Continue(Retry {
+                cause: format!("{code}: {message}"),
+                hint: None,
+            });
+        }
         CallError::Failed { code, message } => CallFailure::Failed {
             method: method.clone(),
             code,
@@ -313,7 +346,7 @@ fn after_call_error(
                 hint: None,
             });
         }
-        e if e.is_connection_lost() && is_idempotent(method) => {
+        e if e.is_connection_lost() && is_idempotent(method, &request.params) => {
             return ControlFlow::Continue(Retry {
                 cause: e.to_string(),
                 hint: e.retry_after(),
@@ -579,9 +612,18 @@ mod tests {
     }
 
     #[test]
-    fn only_read_only_methods_are_idempotent() {
-        for m in ["health", "status", "tree", "nodes.list", "approvals.list"] {
-            assert!(is_idempotent(m), "{m}");
+    fn only_read_only_methods_acks_and_sends_with_a_txn_id_are_idempotent() {
+        let none = json!({});
+        for m in [
+            "health",
+            "status",
+            "tree",
+            "nodes.list",
+            "approvals.list",
+            "inbox.stats",
+            "chat.ack",
+        ] {
+            assert!(is_idempotent(m, &none), "{m}");
         }
         for m in [
             "nodes.invoke",
@@ -591,7 +633,24 @@ mod tests {
             "subscribe",
             "frob",
         ] {
-            assert!(!is_idempotent(m), "{m}");
+            assert!(!is_idempotent(m, &none), "{m}");
         }
+        assert!(is_idempotent("chat.send", &json!({ "txn_id": "t1" })));
+    }
+
+    #[test]
+    fn a_chat_send_gets_a_fresh_txn_id_unless_it_has_one() {
+        let params = json!({ "account": "a", "room_id": "!r:x", "body": "hi" });
+        let one = with_txn_id("chat.send", params.clone());
+        let two = with_txn_id("chat.send", params.clone());
+        let (a, b) = (one["txn_id"].as_str(), two["txn_id"].as_str());
+        assert!(
+            a.is_some_and(|t| t.starts_with("cli-") && t.len() == 36),
+            "{one}"
+        );
+        assert_ne!(a, b);
+        let kept = with_txn_id("chat.send", json!({ "txn_id": "mine" }));
+        assert_eq!(kept["txn_id"], "mine");
+        assert_eq!(with_txn_id("nodes.list", json!({})), json!({}));
     }
 }

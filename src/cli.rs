@@ -260,7 +260,7 @@ fn call_command(cli: &Cli, flags: &CallFlags) -> i32 {
         url,
         token: token.unwrap_or_default(),
         method: flags.method.clone(),
-        params,
+        params: crate::call::with_txn_id(&flags.method, params),
         timeout: flags.timeout,
     };
     let rt = match tokio::runtime::Builder::new_current_thread()
