@@ -13,6 +13,7 @@
 //!   each node's offline time, and the handshakes the gateway saw at once. Run with the
 //!   default `max_preauth_per_ip` (32: every node shares 127.0.0.1) and with 1024. Goal: p99
 //!   offline ≤ downtime + 1 s, never more handshakes than the budget.
+//! * `inbox-append`, `inbox-replay`, `inbox-latency` — the durable inbox (`inbox/mod.rs`).
 //!
 //! Run with `cargo bench -p warden-actors --bench gateway [-- SECTION…] [-- quick]`, after
 //! `cargo build --release --bin warden` for the child sections. The in-process gateway runs
@@ -28,6 +29,7 @@
 )]
 
 mod common;
+mod inbox;
 
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpListener};
@@ -1177,6 +1179,15 @@ fn main() {
     if want("idle") {
         bench_idle(&mut report, size, &client_rt, Role::Operator);
         bench_idle(&mut report, size, &client_rt, Role::Node);
+    }
+    if want("inbox-append") {
+        inbox::bench_append(&mut report, size, &gw_rt);
+    }
+    if want("inbox-replay") {
+        inbox::bench_replay(&mut report, size, &gw_rt, &client_rt);
+    }
+    if want("inbox-latency") {
+        inbox::bench_latency(&mut report, size, &gw_rt, &client_rt);
     }
     if want("reconnect") {
         let default_budget = GatewaySettings::default().max_preauth_per_ip;

@@ -6,6 +6,7 @@ mod call;
 mod config;
 mod fault_proxy;
 mod gateway;
+mod inbox;
 mod matrix;
 mod metrics_live;
 mod node;
