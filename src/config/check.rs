@@ -347,10 +347,10 @@ fn is_origin(origin: &str) -> bool {
     scheme_ok && !host.is_empty() && !host.contains(['/', '?', '#', ' ', '@'])
 }
 
-/// `value` must be above 0.
 /// The shortest `inbox.retention_ms`: a message must outlive the replay that reads it.
 const MIN_RETENTION_MS: u64 = 60_000;
 
+/// `value` must be above 0.
 fn positive(
     key: &str,
     value: u64,

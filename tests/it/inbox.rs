@@ -423,6 +423,48 @@ async fn a_sync_cut_off_between_the_matrix_store_and_the_inbox_is_read_back() {
     assert_eq!(bodies(&got), ["kept", "cut off"]);
 }
 
+/// Messages sent to a room while warden was stopped, after which the account was kicked
+/// from it, are still stored: the resumed sync lists the room as left, with its timeline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_sent_before_a_kick_during_downtime_are_stored() {
+    let Some(hs) = synapse::require!() else {
+        return;
+    };
+    let (scenario, rig, owner, room) = one_account(hs, "ibkick", None, |s| s).await;
+    let bot_id = room_member_other_than(&owner, &room).await;
+    stop(rig).await;
+    for i in 0..3 {
+        owner.send_text(&room, &format!("k {i}")).await;
+    }
+    let (status, reply) = owner
+        .api(
+            reqwest::Method::POST,
+            &["rooms", &room, "kick"],
+            &[],
+            Some(json!({ "user_id": bot_id })),
+            None,
+        )
+        .await
+        .expect("kick");
+    assert_eq!(status, 200, "{reply}");
+    let rig = scenario.start().await;
+    rig.wait_ready("nova", Duration::from_secs(30)).await;
+    let (mut op, _) = reader(&rig, json!({ "since": "earliest" })).await;
+    let got = read_until(&mut op, Duration::from_secs(30), "3", |g| {
+        count_messages(g) >= 3
+    })
+    .await;
+    assert_eq!(bodies(&got), ["k 0", "k 1", "k 2"]);
+}
+
+/// The one member of `room` besides `owner`.
+async fn room_member_other_than(owner: &User, room: &str) -> String {
+    let members = owner.joined_members(room).await;
+    let others: Vec<&String> = members.iter().filter(|m| **m != owner.user_id).collect();
+    assert_eq!(others.len(), 1, "{members:?}");
+    others[0].clone()
+}
+
 /// Test 5: with a tiny retention, a consumer that fell behind what was trimmed gets
 /// `chat.gap` with the trimmed range before its next message.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

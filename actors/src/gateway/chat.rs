@@ -228,7 +228,10 @@ impl Chat {
     }
 
     async fn send_idempotent(&self, params: SendParams, txn_id: &str) -> Result<String, ChatError> {
-        let inbox_failed = |e: InboxError| ChatError::Failed(format!("the inbox failed: {e}"));
+        let inbox_failed = |e: InboxError| match e {
+            InboxError::Busy => ChatError::Busy(e.to_string()),
+            e => ChatError::Failed(format!("the inbox failed: {e}")),
+        };
         let Some(inbox) = self.inbox().cloned() else {
             return self.send_once(params).await;
         };

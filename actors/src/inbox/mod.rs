@@ -4,8 +4,9 @@
 //!
 //! ## The commit-order invariant
 //! An account's messages and the sync position they came from are written in **one**
-//! SQLite transaction ([`Inbox::commit`]), and the next sync starts from the position the
-//! inbox holds ([`Inbox::position`]). (Where the Matrix SDK's own saved position is ahead
+//! SQLite transaction ([`Inbox::commit`]) — a long backfill in several, only the last of
+//! which moves the position — and the next sync starts from the position the inbox holds
+//! ([`Inbox::position`]). (Where the Matrix SDK's own saved position is ahead
 //! of it — a crash between the SDK's write and this commit — the account reads the
 //! difference back with `/messages` first: `matrix/client.rs`, `catch_up`.) So:
 //! * a crash before the commit loses nothing: the next incarnation syncs again from the
@@ -237,7 +238,7 @@ pub enum InboxError {
     #[error("{0}")]
     TooMany(String),
     /// Too many requests are waiting for the writer.
-    #[error("the inbox has {QUEUE} requests waiting; try again")]
+    #[error("the inbox has too many requests waiting; try again")]
     Busy,
     /// The file could not be read or written.
     #[error("the inbox at {path} failed: {error}")]
@@ -719,11 +720,7 @@ impl Writer {
                 }
             }
             let trimmed = if count_trim || age_trim {
-                let older_than = if age_trim {
-                    now.saturating_sub(self.settings.retention_ms)
-                } else {
-                    0
-                };
+                let older_than = age_trim.then(|| now.saturating_sub(self.settings.retention_ms));
                 batch.trim(self.settings.max_messages_per_account, older_than)?
             } else {
                 BTreeMap::new()
@@ -948,7 +945,9 @@ fn start(
                 if batch.consumer_count()? >= max_consumers {
                     return Ok(Err(too_many_consumers(max_consumers)));
                 }
-                fresh = !matches!(since, Some(Since::After(_)));
+                // Only an explicit "earliest" asks for what is kept: a new name may be an
+                // old consumer that was forgotten, and must hear what it missed.
+                fresh = since == Some(Since::Earliest);
             }
             let start = match since {
                 Some(Since::After(cursor)) => cursor,

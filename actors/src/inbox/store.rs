@@ -382,12 +382,15 @@ impl Batch<'_> {
     /// stored before `older_than_ms`, send records older than that or beyond `max` per
     /// account, and consumers unused since before it; records the highest trimmed cursor per account. Returns how many
     /// messages were trimmed, per account.
-    pub fn trim(&mut self, max: u64, older_than_ms: u64) -> Result<BTreeMap<String, u64>> {
+    pub fn trim(&mut self, max: u64, older_than_ms: Option<u64>) -> Result<BTreeMap<String, u64>> {
         let mut through: BTreeMap<String, u64> = BTreeMap::new();
-        // By age.
-        {
+        // By age (only when asked: the writer does it every few seconds). The age index
+        // is named: left to itself, the planner scans every row in `account` order to
+        // group them.
+        if let Some(older_than_ms) = older_than_ms {
             let mut stmt = self.tx.prepare_cached(
-                "SELECT account, MAX(cursor) FROM messages WHERE stored_ms < ?1 GROUP BY account",
+                "SELECT account, MAX(cursor) FROM messages INDEXED BY messages_by_age
+                 WHERE stored_ms < ?1 GROUP BY account",
             )?;
             let rows = stmt.query_map([older_than_ms as i64], |r| {
                 Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
@@ -436,6 +439,9 @@ impl Batch<'_> {
             *self.removed.entry(account.clone()).or_default() += deleted;
             trimmed.insert(account, deleted);
         }
+        let Some(older_than_ms) = older_than_ms else {
+            return Ok(trimmed);
+        };
         self.tx
             .prepare_cached("DELETE FROM sends WHERE sent_ms < ?1")?
             .execute([older_than_ms as i64])?;
@@ -538,7 +544,7 @@ mod tests {
             batch.append(&message("a", e), 0).expect("append");
         }
         batch.append(&message("b", 1), 0).expect("append");
-        let trimmed = batch.trim(4, 0).expect("trim");
+        let trimmed = batch.trim(4, None).expect("trim");
         batch.commit().expect("commit");
         assert_eq!(trimmed.get("a"), Some(&6));
         assert_eq!(trimmed.get("b"), None);
@@ -562,7 +568,7 @@ mod tests {
         assert!(store.gaps(6).expect("gaps").is_empty());
         // The newest row trimmed away does not give its cursor again.
         let mut batch = store.transaction().expect("tx");
-        batch.trim(0, 0).expect("trim all");
+        batch.trim(0, None).expect("trim all");
         assert_eq!(batch.append(&message("c", 1), 0).expect("append"), Some(12));
         batch.commit().expect("commit");
     }
@@ -576,7 +582,7 @@ mod tests {
         batch.append(&message("a", 3), 500).expect("append");
         batch.commit().expect("commit");
         let mut batch = store.transaction().expect("tx");
-        let trimmed = batch.trim(1000, 200).expect("trim");
+        let trimmed = batch.trim(1000, Some(200)).expect("trim");
         batch.commit().expect("commit");
         assert_eq!(trimmed.get("a"), Some(&2));
         assert_eq!(store.counts().get("a"), Some(&1));
@@ -616,7 +622,7 @@ mod tests {
                 .record_send("a", &format!("t{t}"), "!r:x", &format!("$e{t}"), t)
                 .expect("record");
         }
-        batch.trim(2, 0).expect("trim");
+        batch.trim(2, Some(0)).expect("trim");
         batch.commit().expect("commit");
         let kept: Vec<bool> = (1..=5)
             .map(|t| store.sent("a", &format!("t{t}")).expect("read").is_some())

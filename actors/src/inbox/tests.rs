@@ -180,6 +180,16 @@ async fn trimming_gives_a_gap_to_a_reader_below_it_but_not_to_one_starting_at_th
         (0, 1),
         "the earliest reader skips the gap"
     );
+    // A new name may be a consumer that was forgotten: it hears about the gap.
+    let (position, skip) = inbox
+        .start(Some("newcomer".into()), None)
+        .await
+        .expect("start");
+    assert_eq!(
+        (position, skip.len()),
+        (0, 0),
+        "a new consumer is told about the gap"
+    );
     let stats = inbox.stats().await.expect("stats");
     assert_eq!(stats.accounts["a"].messages, 3);
     assert_eq!(stats.accounts["a"].trimmed_through, 2);

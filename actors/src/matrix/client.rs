@@ -7,13 +7,23 @@
 //!    fails, or the SDK's "one-time key already uploaded" flag — is wiped and replaced by a
 //!    fresh login when a password is configured (at most once per start); without one it is
 //!    fatal, and the reason names the directory to remove.
-//! 2. A saved session is restored: no login, and sync resumes from the stored token.
+//! 2. A saved session is restored: no login, and sync resumes from the inbox's position
+//!    (see "Inbound messages" below).
 //!    Otherwise an `access_token` is used as it is (`whoami` only when `user_id` or
 //!    `device_id` is missing: the crypto store is keyed by the device), or the password
 //!    logs in, holding a slot of the `matrix_login` pool for the request. The session is
 //!    saved to `session.json` (0600).
 //! 3. A sync task runs `sync_once` in a loop and beats the liveness probe on each
 //!    response. The account is ready after its first successful sync.
+//!
+//! ## Inbound messages
+//! Each sync response's messages (rooms joined and rooms left) pass the filters
+//! (`inbound.rs`) and are committed to the inbox with the response's `next_batch`
+//! (`store`) before the next sync, which starts from that position: the commit-order
+//! invariant (`inbox/mod.rs`). A limited timeline of a room the account knew is
+//! back-paginated to the previous position first (`backfill`). An incarnation that finds
+//! the SDK's saved position ahead of the inbox's (a crash between the two writes) reads the
+//! difference back first (`catch_up`).
 //!
 //! ## Messages
 //! `Send` — `chat.send` through this account; `Notify` — tell the approvers about an
@@ -184,7 +194,13 @@ impl ChatAccount for Account {
             actor
                 .send_message(ClientMsg::Send { params, reply })
                 .map_err(|_| not_ready())?;
-            answer.await.map_err(|_| not_ready())?
+            // The incarnation ended with the send in flight: it may have been posted, so
+            // this is not "not ready" (which says nothing was done).
+            answer.await.map_err(|_| {
+                ChatError::Failed(format!(
+                    "account {alias:?} restarted during the send; it may have been posted"
+                ))
+            })?
         })
     }
 }
@@ -803,13 +819,10 @@ async fn sync_loop(
             );
             let messages = match catch_up(&client, &account, &probe, &ahead, &stored).await {
                 Ok(messages) => messages,
-                Err(e) => return fail(errors::classify(&e, During::Session)),
+                Err(class) => return fail(class),
             };
-            info!(
-                messages = messages.len(),
-                "Stored what the cut-off sync had received."
-            );
-            if let Err(e) = store(&account, messages, &ahead).await {
+            info!(messages, "Stored what the cut-off sync had received.");
+            if let Err(e) = store(&account, Vec::new(), &ahead).await {
                 return fail(inbox_failed(e));
             }
             Some(ahead)
@@ -897,11 +910,17 @@ const BACKFILL_PAGE: u32 = 500;
 /// Events a room's back-pagination fetches at most in one sync; older ones are reported
 /// as not forwarded.
 const BACKFILL_MAX: usize = 100_000;
+/// Pages a room's back-pagination asks for at most (twice what [`BACKFILL_MAX`] needs).
+const BACKFILL_PAGES: usize = 2 * BACKFILL_MAX / BACKFILL_PAGE as usize;
 
 /// Messages per inbox commit: a long backfill is stored in parts (all but the last
-/// without moving the position), so that sessions reading every event keep up with the
-/// hub between commits.
+/// without moving the position), with [`PART_PAUSE`] between them, so that sessions
+/// reading every event have a moment to take them from the hub. A subscriber that still
+/// falls more than the hub's 1,024 events behind is closed with 4001 and resumes with
+/// `since`.
 const COMMIT_CHUNK: usize = 256;
+/// The pause between two parts of a long backfill.
+const PART_PAUSE: Duration = Duration::from_millis(5);
 
 /// Stores `messages` and moves the account's sync position to `token`, in parts of
 /// [`COMMIT_CHUNK`]: only the last part moves the position.
@@ -909,6 +928,15 @@ async fn store(
     account: &Account,
     messages: Vec<NewMessage>,
     token: &str,
+) -> Result<(), crate::inbox::InboxError> {
+    store_parts(account, messages, Some(token)).await
+}
+
+/// [`store`], moving the position only when `token` is given.
+async fn store_parts(
+    account: &Account,
+    messages: Vec<NewMessage>,
+    token: Option<&str>,
 ) -> Result<(), crate::inbox::InboxError> {
     let alias = &account.config.alias;
     let mut parts: Vec<Vec<NewMessage>> = Vec::new();
@@ -919,10 +947,14 @@ async fn store(
     let last = parts.pop().unwrap_or_default();
     for part in parts {
         account.chat.commit(alias, part, None).await?;
+        tokio::time::sleep(PART_PAUSE).await;
+    }
+    if last.is_empty() && token.is_none() {
+        return Ok(());
     }
     account
         .chat
-        .commit(alias, last, Some(token.to_string()))
+        .commit(alias, last, token.map(str::to_string))
         .await
 }
 
@@ -932,18 +964,36 @@ fn inbox_failed(e: crate::inbox::InboxError) -> Class {
     )))
 }
 
-/// The messages of every joined room between the sync positions `to` (older) and `from`
-/// (the SDK's, newer), read back with `/messages`, oldest first per room.
+/// Reads back the messages of every room the account is or was in between the sync
+/// positions `to` (the inbox's, older) and `from` (the SDK's, newer) with `/messages`, and
+/// stores them (without moving the position: the caller does). A room the homeserver
+/// refuses (4xx: purged, banned) is skipped with a WARN naming it; any other failure ends
+/// the incarnation, and the next one starts over (what was stored stays, once).
+///
+/// A room joined within that window is read from the inbox's position, not from the join:
+/// its history there may be stored — a repeat of history is preferred to a lost message.
 async fn catch_up(
     client: &Client,
     account: &Account,
     probe: &Probe,
     from: &str,
     to: &str,
-) -> Result<Vec<NewMessage>, matrix_sdk::Error> {
-    let mut messages = Vec::new();
-    for room in client.joined_rooms() {
-        let (events, complete) = backfill(&room, from, to, probe).await?;
+) -> Result<usize, Class> {
+    let mut stored = 0;
+    let rooms = client
+        .rooms()
+        .into_iter()
+        .filter(|room| matches!(room.state(), RoomState::Joined | RoomState::Left));
+    for room in rooms {
+        let (events, complete) = match backfill(&room, from, to, probe).await {
+            Ok(read) => read,
+            Err(e) if refused(&e) => {
+                warn!(room = %room.room_id(), error = %e,
+                    "The homeserver refused to read back a room; what it received in the cut-off sync was not stored.");
+                continue;
+            }
+            Err(e) => return Err(errors::classify(&e, During::Session)),
+        };
         if !complete {
             warn!(room = %room.room_id(), limit = BACKFILL_MAX,
                 "More messages than the account reads back were cut off; the older ones were not stored.");
@@ -955,9 +1005,21 @@ async fn catch_up(
             known: &HashSet::new(),
             every_room: false,
         };
-        messages.extend(read.messages(&room, events, false).await);
+        let messages = read.messages(&room, events, false).await;
+        stored += messages.len();
+        store_parts(account, messages, None)
+            .await
+            .map_err(inbox_failed)?;
     }
-    Ok(messages)
+    Ok(stored)
+}
+
+/// A client error (4xx) other than a rate limit: asking again will not help.
+fn refused(e: &matrix_sdk::Error) -> bool {
+    e.as_client_api_error().is_some_and(|api| {
+        let status = api.status_code.as_u16();
+        (400..500).contains(&status) && status != 429
+    })
 }
 
 /// Reads the messages to store out of sync responses.
@@ -972,8 +1034,8 @@ struct Inbound<'a> {
 }
 
 impl Inbound<'_> {
-    /// The messages of `response` to store, per room in timeline order: for a room whose
-    /// timeline is limited (more arrived than one sync returns) and that the account
+    /// The messages of `response` to store (rooms joined, and rooms left since `since`),
+    /// per room in timeline order: for a room whose timeline is limited (more arrived than one sync returns) and that the account
     /// already knew (or `every_room`), the events between `since` and the timeline first,
     /// fetched with `/messages` back from the timeline's `prev_batch` to `since`.
     async fn collect(
@@ -982,15 +1044,22 @@ impl Inbound<'_> {
         since: Option<&str>,
     ) -> Result<Vec<NewMessage>, matrix_sdk::Error> {
         let mut messages = Vec::new();
-        for (room_id, update) in &response.rooms.joined {
+        // Rooms left (or been kicked from) since `since` too: what was sent before the
+        // leave was sent to the account.
+        let timelines = (response.rooms.joined.iter())
+            .map(|(room_id, update)| (room_id, &update.timeline))
+            .chain(
+                (response.rooms.left.iter()).map(|(room_id, update)| (room_id, &update.timeline)),
+            );
+        for (room_id, timeline) in timelines {
             let Some(room) = self.client.get_room(room_id) else {
                 warn!(room = %room_id, "A synced room is unknown to the Matrix store; its messages were not stored.");
                 continue;
             };
             let known = self.known.contains(room_id);
             let mut events: Vec<Raw<AnySyncTimelineEvent>> = Vec::new();
-            if update.timeline.limited && (self.every_room || known) {
-                match (&update.timeline.prev_batch, since) {
+            if timeline.limited && (self.every_room || known) {
+                match (&timeline.prev_batch, since) {
                     (Some(from), Some(to)) => {
                         let (older, complete) = backfill(&room, from, to, self.probe).await?;
                         info!(room = %room_id, events = older.len(),
@@ -1007,7 +1076,7 @@ impl Inbound<'_> {
                     }
                 }
             }
-            events.extend(update.timeline.events.iter().map(|e| e.raw().clone()));
+            events.extend(timeline.events.iter().map(|e| e.raw().clone()));
             // A room just joined comes with its history, which is not for the agent.
             messages.extend(self.messages(&room, events, !known).await);
         }
@@ -1064,7 +1133,8 @@ async fn backfill(
 ) -> Result<(Vec<Raw<AnySyncTimelineEvent>>, bool), matrix_sdk::Error> {
     let mut events = Vec::new();
     let mut from = from.to_string();
-    loop {
+    // A server that keeps answering empty pages with new tokens is not followed forever.
+    for _ in 0..BACKFILL_PAGES {
         let mut options = MessagesOptions::backward().from(from.as_str());
         options.to = Some(to.to_string());
         options.limit = UInt::from(BACKFILL_PAGE);
@@ -1080,11 +1150,14 @@ async fn backfill(
         // may have filtered a whole page out); the same `end` again would be.
         match page.end {
             Some(end) if end != from => from = end,
-            _ => break,
+            _ => {
+                events.reverse();
+                return Ok((events, true));
+            }
         }
     }
     events.reverse();
-    Ok((events, true))
+    Ok((events, false))
 }
 
 /// After a fresh login, imports the account's secrets (cross-signing, key backup) with the
