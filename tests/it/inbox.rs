@@ -423,6 +423,72 @@ async fn a_sync_cut_off_between_the_matrix_store_and_the_inbox_is_read_back() {
     assert_eq!(bodies(&got), ["kept", "cut off"]);
 }
 
+/// A stored position the homeserver refuses (the alias moved to another server, its
+/// database was reset) does not fail every restart. With the Matrix store's own position
+/// the catch-up skips the refused read-back with a WARN; with a store that never synced
+/// (wiped here) the full-state sync from the refused position drops it with a WARN. Either
+/// way the account comes back and goes on storing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_position_the_homeserver_refuses_is_dropped_not_retried_forever() {
+    let Some(hs) = synapse::require!() else {
+        return;
+    };
+    let (scenario, rig, owner, room) = one_account(hs, "ibbad", None, |s| s).await;
+    // The account has synced the room once a message of it is stored.
+    owner.send_text(&room, "before").await;
+    let (mut op, _) = reader(&rig, json!({ "since": "earliest" })).await;
+    read_until(&mut op, Duration::from_secs(30), "before", |g| {
+        count_messages(g) >= 1
+    })
+    .await;
+    op.close().await;
+    let spoil = || {
+        let changed = inbox_file(&scenario)
+            .execute(
+                "UPDATE positions SET token = 'not-a-sync-token' WHERE account = 'nova'",
+                [],
+            )
+            .expect("spoil the position");
+        assert_eq!(changed, 1);
+    };
+    let cases = [
+        (
+            "the store's position",
+            "The homeserver refused to read back a room; what it received in the cut-off sync was not stored.",
+        ),
+        (
+            "a wiped store",
+            "The homeserver refused the inbox's sync position; dropping it. What arrived since it may not be stored.",
+        ),
+    ];
+    let mut rig = rig;
+    for (i, (case, warning)) in cases.into_iter().enumerate() {
+        stop(rig).await;
+        spoil();
+        if i == 1 {
+            let store = scenario.state().join("matrix").join("nova");
+            std::fs::remove_dir_all(&store).expect("wipe the Matrix store");
+        }
+        rig = scenario.start().await;
+        rig.warden
+            .wait_for_log(warning, Duration::from_secs(15))
+            .await;
+        rig.wait_ready("nova", Duration::from_secs(30)).await;
+        let body = format!("after {case}");
+        owner.send_text(&room, &body).await;
+        let (mut op, _) = reader(&rig, json!({ "since": "earliest" })).await;
+        let got = read_until(&mut op, Duration::from_secs(30), case, |g| {
+            bodies(g).contains(&body)
+        })
+        .await;
+        assert_eq!(
+            bodies(&got).iter().filter(|b| **b == body).count(),
+            1,
+            "{case}"
+        );
+    }
+}
+
 /// Messages sent to a room while warden was stopped, after which the account was kicked
 /// from it, are still stored: the resumed sync lists the room as left, with its timeline.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -432,6 +498,14 @@ async fn messages_sent_before_a_kick_during_downtime_are_stored() {
     };
     let (scenario, rig, owner, room) = one_account(hs, "ibkick", None, |s| s).await;
     let bot_id = room_member_other_than(&owner, &room).await;
+    // The account has synced the room once a message of it is stored.
+    owner.send_text(&room, "joined").await;
+    let (mut op, _) = reader(&rig, json!({ "since": "earliest" })).await;
+    read_until(&mut op, Duration::from_secs(30), "joined", |g| {
+        count_messages(g) >= 1
+    })
+    .await;
+    op.close().await;
     stop(rig).await;
     for i in 0..3 {
         owner.send_text(&room, &format!("k {i}")).await;
@@ -450,11 +524,11 @@ async fn messages_sent_before_a_kick_during_downtime_are_stored() {
     let rig = scenario.start().await;
     rig.wait_ready("nova", Duration::from_secs(30)).await;
     let (mut op, _) = reader(&rig, json!({ "since": "earliest" })).await;
-    let got = read_until(&mut op, Duration::from_secs(30), "3", |g| {
-        count_messages(g) >= 3
+    let got = read_until(&mut op, Duration::from_secs(30), "4", |g| {
+        count_messages(g) >= 4
     })
     .await;
-    assert_eq!(bodies(&got), ["k 0", "k 1", "k 2"]);
+    assert_eq!(bodies(&got), ["joined", "k 0", "k 1", "k 2"]);
 }
 
 /// The one member of `room` besides `owner`.

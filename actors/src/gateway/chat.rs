@@ -177,6 +177,14 @@ impl Chat {
         }
     }
 
+    /// Drops `account`'s sync position (one the homeserver refused).
+    pub async fn forget_position(&self, account: &str) -> Result<(), InboxError> {
+        match self.inbox() {
+            Some(inbox) => inbox.forget_position(account).await,
+            None => Ok(()),
+        }
+    }
+
     /// Stores `messages` of `account` with its new sync position `token` (when given), then hands them
     /// to every operator subscribed to `chat.message`. Without an inbox (a gateway built
     /// in a test) they are only handed on, and the position is not kept.

@@ -278,6 +278,7 @@ type Reply<T> = oneshot::Sender<Result<T, InboxError>>;
 
 enum Op {
     Position(String, Reply<Option<String>>),
+    Forget(String, Reply<()>),
     Commit {
         account: String,
         messages: Vec<NewMessage>,
@@ -312,6 +313,11 @@ enum Op {
         reply: Reply<String>,
     },
     Stats(Reply<Stats>),
+}
+
+/// Whether `op` comes from an account's sync loop (not limited to half the queue).
+fn from_account(op: &Op) -> bool {
+    matches!(op, Op::Commit { .. } | Op::Position(..) | Op::Forget(..))
 }
 
 /// Creates `path` with mode 0600 unless it exists.
@@ -419,7 +425,7 @@ impl Inbox {
     async fn ask<T>(&self, op: impl FnOnce(Reply<T>) -> Op) -> Result<T, InboxError> {
         let (reply, answer) = oneshot::channel();
         let op = op(reply);
-        let counted = !matches!(op, Op::Commit { .. } | Op::Position(..));
+        let counted = !from_account(&op);
         if counted && self.0.queued.fetch_add(1, Ordering::AcqRel) >= QUEUE / 2 {
             self.0.queued.fetch_sub(1, Ordering::AcqRel);
             return Err(InboxError::Busy);
@@ -461,6 +467,13 @@ impl Inbox {
             reply,
         })
         .await
+    }
+
+    /// Drops `account`'s sync position (one the homeserver refuses): its next sync starts
+    /// from the Matrix store's.
+    pub async fn forget_position(&self, account: &str) -> Result<(), InboxError> {
+        self.ask(|reply| Op::Forget(account.to_string(), reply))
+            .await
     }
 
     /// Where a reader starts: `consumer`'s position (created at `since`, else at the
@@ -562,6 +575,7 @@ enum Done {
     Start(Reply<(u64, Vec<Gap>)>, Result<(u64, Vec<Gap>), InboxError>),
     Cursor(Reply<u64>, Result<u64, InboxError>),
     Event(Reply<String>, Result<String, InboxError>),
+    Unit(Reply<()>, Result<(), InboxError>),
 }
 
 impl Done {
@@ -579,6 +593,7 @@ impl Done {
             Done::Start(reply, result) => answer!(reply, result),
             Done::Cursor(reply, result) => answer!(reply, result),
             Done::Event(reply, result) => answer!(reply, result),
+            Done::Unit(reply, result) => answer!(reply, result),
         }
     }
 }
@@ -598,10 +613,7 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            let counted = ops
-                .iter()
-                .filter(|op| !matches!(op, Op::Commit { .. } | Op::Position(..)))
-                .count();
+            let counted = ops.iter().filter(|op| !from_account(op)).count();
             if let Some(shared) = self.shared.upgrade() {
                 shared.queued.fetch_sub(counted, Ordering::AcqRel);
             }
@@ -634,7 +646,11 @@ impl Writer {
         let (writes, reads): (Vec<Op>, Vec<Op>) = ops.into_iter().partition(|op| {
             matches!(
                 op,
-                Op::Commit { .. } | Op::Start { .. } | Op::Ack { .. } | Op::RecordSend { .. }
+                Op::Commit { .. }
+                    | Op::Start { .. }
+                    | Op::Ack { .. }
+                    | Op::RecordSend { .. }
+                    | Op::Forget(..)
             )
         });
         let age_trim = self.last_age_trim.elapsed() >= REFRESH;
@@ -704,6 +720,10 @@ impl Writer {
                             Ok(batch.ack(&consumer, cursor, now)?)
                         };
                         done.push(Done::Cursor(reply, result));
+                    }
+                    Op::Forget(account, reply) => {
+                        batch.forget_position(&account)?;
+                        done.push(Done::Unit(reply, Ok(())));
                     }
                     Op::RecordSend {
                         account,

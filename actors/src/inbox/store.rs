@@ -318,6 +318,14 @@ impl Batch<'_> {
         )
     }
 
+    /// Drops `account`'s sync position.
+    pub fn forget_position(&mut self, account: &str) -> Result<()> {
+        self.tx
+            .prepare_cached("DELETE FROM positions WHERE account = ?1")?
+            .execute([account])?;
+        Ok(())
+    }
+
     /// Marks consumer `name` as used now (an unused one is forgotten after the retention).
     pub fn touch_consumer(&mut self, name: &str, now_ms: u64) -> Result<()> {
         self.tx

@@ -754,21 +754,22 @@ struct Resume {
 }
 
 impl Resume {
-    /// * the inbox holds a position: forward from it; a fresh session (no saved one)
-    ///   asks for the full state with it and back-paginates every limited room;
-    /// * no position but a saved session (state from before the inbox): forward from the
-    ///   SDK's token;
+    /// * the inbox holds a position: forward from it; a store that never synced (a fresh
+    ///   login, or one cut off before its first sync) asks for the full state with it and
+    ///   back-paginates every limited room;
+    /// * no position but a store that synced (state from before the inbox): forward from
+    ///   the SDK's token;
     /// * neither: a first start ever — learn the state, forward nothing (it is history).
-    fn new(position: Option<String>, resumed: bool) -> Self {
+    fn new(position: Option<String>, synced_before: bool) -> Self {
         match position {
             Some(since) => Self {
                 since: Some(since),
                 forwarding: true,
-                full_state: !resumed,
+                full_state: !synced_before,
             },
             None => Self {
                 since: None,
-                forwarding: resumed,
+                forwarding: synced_before,
                 full_state: false,
             },
         }
@@ -812,16 +813,22 @@ async fn sync_loop(
         Ok(value) => value.and_then(|v| v.into_sync_token()),
         Err(_) => None,
     };
+    // Whether the Matrix store has synced before: its rooms are known.
+    let synced_before = sdk_token.is_some();
     let position = match (position, sdk_token) {
-        (Some(stored), Some(ahead)) if resumed && stored != ahead => {
+        (Some(stored), Some(ahead)) if stored != ahead => {
             warn!(
                 "The Matrix store is ahead of the inbox (a sync was cut off before its messages were stored); reading them back."
             );
-            let messages = match catch_up(&client, &account, &probe, &ahead, &stored).await {
-                Ok(messages) => messages,
+            let (messages, rooms) = match catch_up(&client, &account, &probe, &ahead, &stored).await
+            {
+                Ok(read) => read,
                 Err(class) => return fail(class),
             };
-            info!(messages, "Stored what the cut-off sync had received.");
+            info!(
+                messages,
+                rooms, "Stored what the cut-off sync had received."
+            );
             if let Err(e) = store(&account, Vec::new(), &ahead).await {
                 return fail(inbox_failed(e));
             }
@@ -829,7 +836,8 @@ async fn sync_loop(
         }
         (position, _) => position,
     };
-    let resume = Resume::new(position, resumed);
+    let from_inbox = position.is_some();
+    let resume = Resume::new(position, synced_before);
     let Resume {
         mut since,
         mut forwarding,
@@ -863,6 +871,18 @@ async fn sync_loop(
         }
         let response = match client.sync_once(settings).await {
             Ok(response) => response,
+            // The homeserver refuses the stored position itself (the alias now names an
+            // account elsewhere, the server's database was reset): retrying it would loop
+            // forever. It is dropped; the next start resumes from the Matrix store's.
+            Err(e) if first && from_inbox && status(&e) == Some(400) => {
+                warn!(error = %e, "The homeserver refused the inbox's sync position; dropping it. What arrived since it may not be stored.");
+                if let Err(e) = account.chat.forget_position(&account.config.alias).await {
+                    return fail(inbox_failed(e));
+                }
+                return fail(Class::Transient(Failure::transient(format!(
+                    "the homeserver refused the stored sync position: {e}"
+                ))));
+            }
             Err(e) => return fail(errors::classify(&e, During::Session)),
         };
         probe.beat();
@@ -978,12 +998,14 @@ async fn catch_up(
     probe: &Probe,
     from: &str,
     to: &str,
-) -> Result<usize, Class> {
+) -> Result<(usize, usize), Class> {
     let mut stored = 0;
-    let rooms = client
+    let rooms: Vec<Room> = client
         .rooms()
         .into_iter()
-        .filter(|room| matches!(room.state(), RoomState::Joined | RoomState::Left));
+        .filter(|room| matches!(room.state(), RoomState::Joined | RoomState::Left))
+        .collect();
+    let read_back = rooms.len();
     for room in rooms {
         let (events, complete) = match backfill(&room, from, to, probe).await {
             Ok(read) => read,
@@ -1011,15 +1033,17 @@ async fn catch_up(
             .await
             .map_err(inbox_failed)?;
     }
-    Ok(stored)
+    Ok((stored, read_back))
 }
 
 /// A client error (4xx) other than a rate limit: asking again will not help.
 fn refused(e: &matrix_sdk::Error) -> bool {
-    e.as_client_api_error().is_some_and(|api| {
-        let status = api.status_code.as_u16();
-        (400..500).contains(&status) && status != 429
-    })
+    status(e).is_some_and(|status| (400..500).contains(&status) && status != 429)
+}
+
+/// The HTTP status of the homeserver's error answer, if it gave one.
+fn status(e: &matrix_sdk::Error) -> Option<u16> {
+    e.as_client_api_error().map(|api| api.status_code.as_u16())
 }
 
 /// Reads the messages to store out of sync responses.
@@ -1483,7 +1507,7 @@ mod tests {
                 forwarding: true,
                 full_state: false
             },
-            "a restart resumes from the inbox, not from the SDK's token"
+            "a restart resumes from the inbox's position"
         );
         assert_eq!(
             Resume::new(stored.clone(), false),
@@ -1492,7 +1516,7 @@ mod tests {
                 forwarding: true,
                 full_state: true
             },
-            "a fresh session (after a wipe) resumes the inbox's position with the full state"
+            "a store that never synced (after a wipe) resumes the inbox's position with the full state"
         );
         assert_eq!(
             Resume::new(None, true),
@@ -1501,7 +1525,7 @@ mod tests {
                 forwarding: true,
                 full_state: false
             },
-            "a session from before the inbox resumes from the SDK's token"
+            "a store that synced before the inbox existed resumes from the SDK's token"
         );
         assert_eq!(
             Resume::new(None, false),
@@ -1510,7 +1534,7 @@ mod tests {
                 forwarding: false,
                 full_state: false
             },
-            "a first start ever learns the state and forwards no history"
+            "a store that never synced, without a position, learns the state and forwards no history"
         );
     }
 }
