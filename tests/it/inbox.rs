@@ -134,6 +134,18 @@ async fn nothing_more(op: &mut GatewayClient, within: Duration) {
     }
 }
 
+/// Sends `body` to `room` as `owner` and waits until the account stored it (and so has
+/// synced the room).
+async fn send_and_wait_stored(rig: &Rig, owner: &User, room: &str, body: &str) {
+    owner.send_text(room, body).await;
+    let (mut op, _) = reader(rig, json!({ "since": "earliest" })).await;
+    read_until(&mut op, Duration::from_secs(30), body, |g| {
+        bodies(g).iter().any(|b| b == body)
+    })
+    .await;
+    op.close().await;
+}
+
 /// An operator of `rig` that subscribed with `params` (`events` added).
 async fn reader(rig: &Rig, mut params: Value) -> (GatewayClient, Value) {
     let mut op = rig.connect().await.expect("operator connects");
@@ -313,13 +325,7 @@ async fn eight_hundred_messages_sent_while_warden_was_stopped_are_all_delivered_
         return;
     };
     let (scenario, rig, owner, room) = one_account(hs, "ibdown", None, |s| s).await;
-    owner.send_text(&room, "before").await;
-    let (mut op, _) = reader(&rig, json!({ "since": "earliest" })).await;
-    read_until(&mut op, Duration::from_secs(30), "before", |g| {
-        count_messages(g) >= 1
-    })
-    .await;
-    op.close().await;
+    send_and_wait_stored(&rig, &owner, &room, "before").await;
     stop(rig).await;
 
     let sent = Instant::now();
@@ -367,13 +373,7 @@ async fn a_sync_cut_off_between_the_matrix_store_and_the_inbox_is_read_back() {
         return;
     };
     let (scenario, rig, owner, room) = one_account(hs, "ibcut", None, |s| s).await;
-    owner.send_text(&room, "kept").await;
-    let (mut op, _) = reader(&rig, json!({ "since": "earliest" })).await;
-    read_until(&mut op, Duration::from_secs(30), "kept", |g| {
-        count_messages(g) >= 1
-    })
-    .await;
-    op.close().await;
+    send_and_wait_stored(&rig, &owner, &room, "kept").await;
     stop(rig).await;
     let position: String = inbox_file(&scenario)
         .query_row(
@@ -435,13 +435,7 @@ async fn a_position_the_homeserver_refuses_is_dropped_not_retried_forever() {
     };
     let (scenario, rig, owner, room) = one_account(hs, "ibbad", None, |s| s).await;
     // The account has synced the room once a message of it is stored.
-    owner.send_text(&room, "before").await;
-    let (mut op, _) = reader(&rig, json!({ "since": "earliest" })).await;
-    read_until(&mut op, Duration::from_secs(30), "before", |g| {
-        count_messages(g) >= 1
-    })
-    .await;
-    op.close().await;
+    send_and_wait_stored(&rig, &owner, &room, "before").await;
     let spoil = || {
         let changed = inbox_file(&scenario)
             .execute(
@@ -499,13 +493,7 @@ async fn messages_sent_before_a_kick_during_downtime_are_stored() {
     let (scenario, rig, owner, room) = one_account(hs, "ibkick", None, |s| s).await;
     let bot_id = room_member_other_than(&owner, &room).await;
     // The account has synced the room once a message of it is stored.
-    owner.send_text(&room, "joined").await;
-    let (mut op, _) = reader(&rig, json!({ "since": "earliest" })).await;
-    read_until(&mut op, Duration::from_secs(30), "joined", |g| {
-        count_messages(g) >= 1
-    })
-    .await;
-    op.close().await;
+    send_and_wait_stored(&rig, &owner, &room, "joined").await;
     stop(rig).await;
     for i in 0..3 {
         owner.send_text(&room, &format!("k {i}")).await;

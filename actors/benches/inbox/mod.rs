@@ -140,19 +140,20 @@ pub fn bench_append(report: &mut Report, size: Size, rt: &Runtime) {
     );
 }
 
+/// The in-process gateway with an inbox in `scratch`.
+fn with_inbox(gw_rt: &Runtime, scratch: &Scratch) -> (InProcess, Inbox) {
+    let gw = InProcess::start(gw_rt);
+    let hub = gw.state.hub().clone();
+    let inbox = Inbox::open(&scratch.file(), InboxSettings::default(), hub).expect("inbox");
+    assert!(gw.state.chat().set_inbox(inbox.clone()).is_ok());
+    (gw, inbox)
+}
+
 pub fn bench_replay(report: &mut Report, size: Size, gw_rt: &Runtime, client_rt: &Runtime) {
     let total: u64 = size.pick(2_000, 20_000, 100_000);
     let scratch = Scratch::new("replay");
-    let gw = InProcess::start(gw_rt);
-    let state = &gw.state;
+    let (gw, inbox) = with_inbox(gw_rt, &scratch);
     let url = gw.url();
-    let inbox = Inbox::open(
-        &scratch.file(),
-        InboxSettings::default(),
-        state.hub().clone(),
-    )
-    .expect("inbox");
-    assert!(state.chat().set_inbox(inbox.clone()).is_ok());
     gw_rt.block_on(async {
         let mut n = 0;
         while n < total {
@@ -206,16 +207,8 @@ pub fn bench_replay(report: &mut Report, size: Size, gw_rt: &Runtime, client_rt:
 pub fn bench_latency(report: &mut Report, size: Size, gw_rt: &Runtime, client_rt: &Runtime) {
     let samples: usize = size.pick(100, 1_000, 3_000);
     let scratch = Scratch::new("latency");
-    let gw = InProcess::start(gw_rt);
-    let state = &gw.state;
-    let url = gw.url();
-    let inbox = Inbox::open(
-        &scratch.file(),
-        InboxSettings::default(),
-        state.hub().clone(),
-    )
-    .expect("inbox");
-    assert!(state.chat().set_inbox(inbox).is_ok());
+    let (gw, _inbox) = with_inbox(gw_rt, &scratch);
+    let (state, url) = (&gw.state, gw.url());
     let chat = Arc::new(state.chat().clone());
     let mut client = client_rt.block_on(async {
         let (mut client, _) = GatewayClient::connect(&url, options(Role::Operator, 0))
