@@ -107,6 +107,120 @@ fn every_interleaving_of_pages_and_live_events_gives_each_cursor_once_in_order()
     }
 }
 
+/// What a reader got, in order.
+#[derive(Debug)]
+enum Seen {
+    Gap(u64),
+    Message(u64),
+}
+
+/// One random run with a count retention of `keep` messages: the writer trims the oldest
+/// as it stores new ones. Returns what the reader saw, where it started and the head.
+fn run_with_retention(rng: &mut StdRng, keep: u64) -> (Vec<Seen>, u64, u64) {
+    let stored_before: u64 = rng.random_range(0..3 * PAGE as u64);
+    let writes: u64 = rng.random_range(0..2 * PAGE as u64);
+    let start = rng.random_range(0..=stored_before);
+    let mut head = stored_before;
+    let mut trimmed = stored_before.saturating_sub(keep);
+    let mut hub: VecDeque<u64> = VecDeque::new();
+    let mut feed = Feed::Replaying(Replay::default());
+    feed.started(start, Vec::new());
+    let mut to_read = Some(start);
+    let mut answered: Option<Page> = None;
+    let mut seen = Vec::new();
+    loop {
+        let mut steps = Vec::new();
+        if head < stored_before + writes {
+            steps.push(0);
+        }
+        if !hub.is_empty() {
+            steps.push(1);
+        }
+        if to_read.is_some() {
+            steps.push(2);
+        }
+        if answered.is_some() {
+            steps.push(3);
+        }
+        let Some(&step) = steps.get(rng.random_range(0..steps.len().max(1))) else {
+            break;
+        };
+        match step {
+            0 => {
+                head += 1;
+                trimmed = trimmed.max(head.saturating_sub(keep));
+                hub.push_back(head);
+            }
+            1 => {
+                let cursor = hub.pop_front().expect("an event");
+                if feed.live(Some(cursor)) {
+                    seen.push(Seen::Message(cursor));
+                }
+            }
+            2 => {
+                // What the store holds after the position: a gap for what was trimmed
+                // above it, then the messages still kept.
+                let after = to_read.take().expect("a request");
+                let first = after.max(trimmed);
+                let last = head.min(first + PAGE as u64);
+                let gaps = (trimmed > after)
+                    .then(|| Gap {
+                        account: "a".into(),
+                        from: after + 1,
+                        to: trimmed,
+                    })
+                    .into_iter()
+                    .collect();
+                answered = Some(Page {
+                    gaps,
+                    messages: (first + 1..=last).map(stored).collect(),
+                });
+            }
+            _ => {
+                let (out, next) = feed.page(answered.take().expect("a page"));
+                for item in out {
+                    seen.push(match item {
+                        Out::Gap(gap) => Seen::Gap(gap.to),
+                        Out::Message(m) => Seen::Message(m.cursor),
+                    });
+                }
+                to_read = next;
+            }
+        }
+    }
+    (seen, start, head)
+}
+
+#[test]
+fn with_retention_every_cursor_is_sent_once_in_order_or_reported_in_a_gap_before_what_follows() {
+    let seed: u64 = rand::random();
+    let mut rng = StdRng::seed_from_u64(seed);
+    for i in 0..3000 {
+        let keep = rng.random_range(1..2 * PAGE as u64);
+        let (seen, start, head) = run_with_retention(&mut rng, keep);
+        let what = format!("run {i} of seed {seed} (keep {keep}, start {start}, head {head})");
+        // `done`: every cursor up to it was sent or reported trimmed.
+        let mut done = start;
+        let mut reported = start;
+        for item in &seen {
+            match *item {
+                Seen::Gap(to) => reported = reported.max(to),
+                Seen::Message(cursor) => {
+                    assert!(cursor > done, "{what}: {cursor} again or out of order");
+                    assert!(
+                        cursor == done + 1 || reported >= cursor - 1,
+                        "{what}: {} to {} skipped without a gap",
+                        done + 1,
+                        cursor - 1
+                    );
+                    done = cursor;
+                }
+            }
+        }
+        assert!(done == head || reported >= head, "{what}: ended at {done}");
+    }
+}
+
 #[test]
 fn a_gap_is_reported_once_before_the_messages_and_not_for_an_earliest_start() {
     let gap = Gap {
