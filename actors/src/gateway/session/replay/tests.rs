@@ -26,87 +26,6 @@ fn stored(cursor: u64) -> Stored {
     }
 }
 
-/// What the store holds after `after` when a page is read.
-fn read(after: u64, head: u64) -> Page {
-    let last = head.min(after + PAGE as u64);
-    Page {
-        gaps: Vec::new(),
-        messages: (after + 1..=last).map(stored).collect(),
-    }
-}
-
-/// One random run; returns what the client got and what it should have got.
-fn run(rng: &mut StdRng) -> (Vec<u64>, Vec<u64>) {
-    let stored_before: u64 = rng.random_range(0..3 * PAGE as u64);
-    let writes: u64 = rng.random_range(0..2 * PAGE as u64);
-    let start = rng.random_range(0..=stored_before);
-    let mut head = stored_before;
-    // Stored before the subscribe but published after it: live events too.
-    let published_late = rng.random_range(0..=stored_before.min(5));
-    let mut hub: VecDeque<u64> = (head - published_late + 1..=head).collect();
-    let mut feed = Feed::Replaying(Replay::default());
-    feed.started(start, Vec::new());
-    // A page to read after this position, and a page read but not yet handled.
-    let mut to_read = Some(start);
-    let mut answered: Option<Page> = None;
-    let mut got = Vec::new();
-    loop {
-        let mut steps = Vec::new();
-        if head < stored_before + writes {
-            steps.push(0);
-        }
-        if !hub.is_empty() {
-            steps.push(1);
-        }
-        if to_read.is_some() {
-            steps.push(2);
-        }
-        if answered.is_some() {
-            steps.push(3);
-        }
-        let Some(&step) = steps.get(rng.random_range(0..steps.len().max(1))) else {
-            break;
-        };
-        match step {
-            // The writer stores the next message, then publishes it.
-            0 => {
-                head += 1;
-                hub.push_back(head);
-            }
-            // The session takes the next live event.
-            1 => {
-                let cursor = hub.pop_front().expect("an event");
-                if feed.live(Some(cursor)) {
-                    got.push(cursor);
-                }
-            }
-            // The page is read from the store as it is now.
-            2 => answered = Some(read(to_read.take().expect("a request"), head)),
-            // The session takes the page.
-            _ => {
-                let (out, next) = feed.page(answered.take().expect("a page"));
-                for item in out {
-                    if let Out::Message(m) = item {
-                        got.push(m.cursor);
-                    }
-                }
-                to_read = next;
-            }
-        }
-    }
-    (got, (start + 1..=head).collect())
-}
-
-#[test]
-fn every_interleaving_of_pages_and_live_events_gives_each_cursor_once_in_order() {
-    let seed: u64 = rand::random();
-    let mut rng = StdRng::seed_from_u64(seed);
-    for i in 0..3000 {
-        let (got, want) = run(&mut rng);
-        assert_eq!(got, want, "run {i} of seed {seed}");
-    }
-}
-
 /// What a reader got, in order.
 #[derive(Debug)]
 enum Seen {
@@ -114,17 +33,22 @@ enum Seen {
     Message(u64),
 }
 
-/// One random run with a count retention of `keep` messages: the writer trims the oldest
-/// as it stores new ones. Returns what the reader saw, where it started and the head.
-fn run_with_retention(rng: &mut StdRng, keep: u64) -> (Vec<Seen>, u64, u64) {
+/// One random run, with a count retention of `keep` messages when given (the writer trims
+/// the oldest as it stores new ones). Returns what the reader saw, where it started and
+/// the head.
+fn run(rng: &mut StdRng, keep: Option<u64>) -> (Vec<Seen>, u64, u64) {
     let stored_before: u64 = rng.random_range(0..3 * PAGE as u64);
     let writes: u64 = rng.random_range(0..2 * PAGE as u64);
     let start = rng.random_range(0..=stored_before);
     let mut head = stored_before;
-    let mut trimmed = stored_before.saturating_sub(keep);
-    let mut hub: VecDeque<u64> = VecDeque::new();
+    let kept_after = |head: u64| keep.map_or(0, |keep| head.saturating_sub(keep));
+    let mut trimmed = kept_after(stored_before);
+    // Stored before the subscribe but published after it: live events too.
+    let published_late = rng.random_range(0..=stored_before.min(5));
+    let mut hub: VecDeque<u64> = (head - published_late + 1..=head).collect();
     let mut feed = Feed::Replaying(Replay::default());
     feed.started(start, Vec::new());
+    // A page to read after this position, and a page read but not yet handled.
     let mut to_read = Some(start);
     let mut answered: Option<Page> = None;
     let mut seen = Vec::new();
@@ -146,20 +70,22 @@ fn run_with_retention(rng: &mut StdRng, keep: u64) -> (Vec<Seen>, u64, u64) {
             break;
         };
         match step {
+            // The writer stores the next message (trimming the oldest), then publishes it.
             0 => {
                 head += 1;
-                trimmed = trimmed.max(head.saturating_sub(keep));
+                trimmed = trimmed.max(kept_after(head));
                 hub.push_back(head);
             }
+            // The session takes the next live event.
             1 => {
                 let cursor = hub.pop_front().expect("an event");
                 if feed.live(Some(cursor)) {
                     seen.push(Seen::Message(cursor));
                 }
             }
+            // The page is read from the store as it is now: a gap for what was trimmed
+            // above the position, then the messages still kept.
             2 => {
-                // What the store holds after the position: a gap for what was trimmed
-                // above it, then the messages still kept.
                 let after = to_read.take().expect("a request");
                 let first = after.max(trimmed);
                 let last = head.min(first + PAGE as u64);
@@ -176,6 +102,7 @@ fn run_with_retention(rng: &mut StdRng, keep: u64) -> (Vec<Seen>, u64, u64) {
                     messages: (first + 1..=last).map(stored).collect(),
                 });
             }
+            // The session takes the page.
             _ => {
                 let (out, next) = feed.page(answered.take().expect("a page"));
                 for item in out {
@@ -192,12 +119,30 @@ fn run_with_retention(rng: &mut StdRng, keep: u64) -> (Vec<Seen>, u64, u64) {
 }
 
 #[test]
+fn every_interleaving_of_pages_and_live_events_gives_each_cursor_once_in_order() {
+    let seed: u64 = rand::random();
+    let mut rng = StdRng::seed_from_u64(seed);
+    for i in 0..3000 {
+        let (seen, start, head) = run(&mut rng, None);
+        let got: Vec<u64> = seen
+            .iter()
+            .map(|s| match s {
+                Seen::Message(cursor) => *cursor,
+                Seen::Gap(to) => panic!("run {i} of seed {seed}: a gap to {to} with no retention"),
+            })
+            .collect();
+        let want: Vec<u64> = (start + 1..=head).collect();
+        assert_eq!(got, want, "run {i} of seed {seed}");
+    }
+}
+
+#[test]
 fn with_retention_every_cursor_is_sent_once_in_order_or_reported_in_a_gap_before_what_follows() {
     let seed: u64 = rand::random();
     let mut rng = StdRng::seed_from_u64(seed);
     for i in 0..3000 {
         let keep = rng.random_range(1..2 * PAGE as u64);
-        let (seen, start, head) = run_with_retention(&mut rng, keep);
+        let (seen, start, head) = run(&mut rng, Some(keep));
         let what = format!("run {i} of seed {seed} (keep {keep}, start {start}, head {head})");
         // `done`: every cursor up to it was sent or reported trimmed.
         let mut done = start;
