@@ -12,9 +12,8 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 
 use ractor::{ActorCell, SpawnErr};
 use tokio::sync::watch;
@@ -50,8 +49,9 @@ pub struct ChildSpec {
     pub kind: String,
     /// When it is brought back.
     pub restart: Restart,
-    /// Backoff, budget, give-up actions, liveness and shutdown timeouts.
-    pub policy: Policy,
+    /// Backoff, budget, give-up actions, liveness and shutdown timeouts; read at each
+    /// decision, so a change made through the cell applies to the next one.
+    policy: PolicyCell,
     /// When it counts as ready.
     pub readiness: Readiness,
     /// How operators know it in warnings ("approval handler for nova"); default its path.
@@ -76,17 +76,30 @@ impl ChildSpec {
             id: id.into(),
             kind: kind.into(),
             restart,
-            policy: Policy::default(),
+            policy: PolicyCell::new(Policy::default()),
             readiness: Readiness::OnStart,
             label: None,
             start: Arc::new(move |ctx| Box::pin(start(ctx))),
         }
     }
 
-    /// Replaces the policy.
+    /// Replaces the policy with a fixed one.
     pub fn with_policy(mut self, policy: Policy) -> Self {
-        self.policy = policy;
+        self.policy = PolicyCell::new(policy);
         self
+    }
+
+    /// Takes its policy from `cell`: a change made through the cell (a config reload)
+    /// applies to this child's next backoff, budget, liveness and stop decisions, in every
+    /// incarnation, without a restart.
+    pub fn with_policy_cell(mut self, cell: PolicyCell) -> Self {
+        self.policy = cell;
+        self
+    }
+
+    /// The policy now.
+    pub fn policy(&self) -> Policy {
+        self.policy.get()
     }
 
     /// Names the child in warnings ("approval handler for nova failed 5 times in a row: …")
@@ -116,8 +129,39 @@ impl fmt::Debug for ChildSpec {
             .field("id", &self.id)
             .field("kind", &self.kind)
             .field("restart", &self.restart)
-            .field("policy", &self.policy)
+            .field("policy", &self.policy.get())
             .finish_non_exhaustive()
+    }
+}
+
+/// A policy shared between the child specs that use it and whoever may change it while the
+/// tree runs. Cheap to clone (clones share the value) and to read.
+#[derive(Clone)]
+pub struct PolicyCell(Arc<RwLock<Policy>>);
+
+impl PolicyCell {
+    /// A cell holding `policy`.
+    pub fn new(policy: Policy) -> Self {
+        Self(Arc::new(RwLock::new(policy)))
+    }
+
+    /// The policy now.
+    pub fn get(&self) -> Policy {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Replaces the policy; returns whether it changed.
+    pub fn set(&self, policy: Policy) -> bool {
+        let mut current = self.0.write().unwrap_or_else(|e| e.into_inner());
+        let changed = *current != policy;
+        *current = policy;
+        changed
+    }
+}
+
+impl fmt::Debug for PolicyCell {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("PolicyCell").field(&self.get()).finish()
     }
 }
 

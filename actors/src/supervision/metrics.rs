@@ -79,6 +79,13 @@ macro_rules! declare {
 pub(crate) use declare;
 
 declare! {
+    /// Counter: config reloads, by `result` (`applied`, `rejected`).
+    counter CONFIG_RELOADS_TOTAL = "warden_config_reloads_total",
+        "Config reloads (SIGHUP, POST /admin/reload), applied or rejected.";
+    /// Gauge: the generation of the config the tree runs: 1 at start, one more per applied
+    /// reload.
+    gauge CONFIG_GENERATION = "warden_config_generation",
+        "Generation of the running config: 1 at start, one more per applied reload.";
     /// Counter: restarts decided, by `kind` and `class`.
     counter RESTARTS_TOTAL = "warden_restarts_total", "Restarts decided by supervisors.";
     /// Counter: children that gave up (parked, escalated or asked for exit), by `kind` and

@@ -32,7 +32,7 @@ mod view;
 mod tests;
 
 pub use backoff::{Backoff, Jitter, JitterSource};
-pub use child::{ChildContext, ChildSpec, Probe, Readiness};
+pub use child::{ChildContext, ChildSpec, PolicyCell, Probe, Readiness};
 pub use exit::{ExitHandle, ExitRequest};
 pub use policy::{
     Action, Decision, EXIT_BUDGET_EXHAUSTED, EXIT_FATAL, Exit, Failure, FailureClass, History,
@@ -40,5 +40,5 @@ pub use policy::{
 };
 pub use slots::{PoolSettings, SlotClient, SlotError, SlotGuard};
 pub use snapshot::{FailureSnapshot, HolderSnapshot, NodeSnapshot, NodeState, PoolSnapshot};
-pub use supervisor::{ControlAction, Strategy, SupervisorError};
+pub use supervisor::{ChildSet, ControlAction, Strategy, SupervisorError};
 pub use tree::{ROOT, ShutdownReport, SupervisorRef, Tree, TreeHandle, TreeOptions};

@@ -115,6 +115,13 @@ pub enum SlotMsg {
         /// The pool's index.
         pool: usize,
     },
+    /// New settings for the pools (a config reload): a pool keeps its holders and queue,
+    /// and a larger `max_concurrent` admits the next waiters at once; a smaller one admits
+    /// no one until enough holders left. A new name is a new pool; a pool left out stays.
+    Configure {
+        /// Pools by name.
+        pools: Vec<(String, PoolSettings)>,
+    },
 }
 
 /// A held start slot; dropping it gives the slot back.
@@ -152,9 +159,13 @@ impl fmt::Debug for SlotGuard {
     }
 }
 
-/// How children reach the start-slot actor; follows it across restarts.
+/// How children reach the start-slot actor; follows it across restarts. It also holds the
+/// pools the actor starts with, which [`SlotClient::configure`] changes.
 #[derive(Clone, Default)]
-pub struct SlotClient(Arc<RwLock<Option<ActorRef<SlotMsg>>>>);
+pub struct SlotClient {
+    actor: Arc<RwLock<Option<ActorRef<SlotMsg>>>>,
+    pools: Arc<RwLock<Vec<(String, PoolSettings)>>>,
+}
 
 impl fmt::Debug for SlotClient {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -191,20 +202,42 @@ impl SlotClient {
     }
 
     fn current(&self) -> Option<ActorRef<SlotMsg>> {
-        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.actor.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Changes the pools in place: the running actor applies `pools` at once (see
+    /// [`SlotMsg::Configure`]) and every later incarnation starts with them.
+    pub fn configure(&self, pools: Vec<(String, PoolSettings)>) {
+        {
+            let mut current = self.pools.write().unwrap_or_else(|e| e.into_inner());
+            for (name, settings) in &pools {
+                match current.iter_mut().find(|(n, _)| n == name) {
+                    Some(slot) => slot.1 = *settings,
+                    None => current.push((name.clone(), *settings)),
+                }
+            }
+        }
+        if let Some(actor) = self.current() {
+            let _ = actor.send_message(SlotMsg::Configure { pools });
+        }
     }
 
     fn set(&self, actor: Option<ActorRef<SlotMsg>>) {
-        *self.0.write().unwrap_or_else(|e| e.into_inner()) = actor;
+        *self.actor.write().unwrap_or_else(|e| e.into_inner()) = actor;
     }
 
-    /// The spec of a start-slot actor with `pools`, reachable through this client.
+    /// The spec of a start-slot actor with `pools` (as [`SlotClient::configure`] changes
+    /// them), reachable through this client.
     pub fn spec(&self, id: impl Into<String>, pools: Vec<(String, PoolSettings)>) -> ChildSpec {
         let client = self.clone();
-        let pools = Arc::new(pools);
+        *self.pools.write().unwrap_or_else(|e| e.into_inner()) = pools;
         ChildSpec::new(id, KIND, Restart::Permanent, move |ctx: ChildContext| {
             let args = StartSlotsArgs {
-                pools: pools.as_ref().clone(),
+                pools: client
+                    .pools
+                    .read()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone(),
                 jitter: ctx.jitter.clone(),
                 inner: ctx.inner.clone(),
                 client: client.clone(),
@@ -321,18 +354,7 @@ impl Actor for StartSlots {
         let pools = args
             .pools
             .into_iter()
-            .map(|(name, settings)| Pool {
-                metrics: PoolMetrics::new(&name),
-                name: name.into(),
-                settings: PoolSettings {
-                    max_concurrent: settings.max_concurrent.max(1),
-                    ..settings
-                },
-                holders: HashMap::new(),
-                queue: VecDeque::new(),
-                peak: 0,
-                hold_timer: None,
-            })
+            .map(|(name, settings)| Pool::new(name, settings))
             .collect();
         args.client.set(Some(myself));
         let state = StartSlotsState {
@@ -445,8 +467,47 @@ impl Actor for StartSlots {
                 }
                 state.grant(&myself, idx);
             }
+            SlotMsg::Configure { pools } => {
+                for (name, settings) in pools {
+                    let settings = Pool::bounded(settings);
+                    match state.pools.iter().position(|p| *p.name == *name) {
+                        Some(idx) => {
+                            state.pools[idx].settings = settings;
+                            state.grant(&myself, idx);
+                            state.gauges(idx);
+                        }
+                        None => {
+                            state.pools.push(Pool::new(name, settings));
+                            state.gauges(state.pools.len() - 1);
+                        }
+                    }
+                }
+                state.publish();
+            }
         }
         Ok(())
+    }
+}
+
+impl Pool {
+    fn new(name: String, settings: PoolSettings) -> Self {
+        Pool {
+            metrics: PoolMetrics::new(&name),
+            name: name.into(),
+            settings: Pool::bounded(settings),
+            holders: HashMap::new(),
+            queue: VecDeque::new(),
+            peak: 0,
+            hold_timer: None,
+        }
+    }
+
+    /// `settings` with at least one slot.
+    fn bounded(settings: PoolSettings) -> PoolSettings {
+        PoolSettings {
+            max_concurrent: settings.max_concurrent.max(1),
+            ..settings
+        }
     }
 }
 

@@ -366,7 +366,7 @@ impl Child {
 
     /// The streak warning, while the failures in a row are at least `warn_after`.
     fn warning(&self) -> Option<String> {
-        let warn_after = self.spec.policy.warn_after;
+        let warn_after = self.spec.policy().warn_after;
         let failures = self.history.consecutive;
         if warn_after == 0 || failures < warn_after {
             return None;
@@ -385,7 +385,7 @@ impl Child {
             state: self.state,
             generation: self.generation,
             restarts_total: self.history.restarts_total,
-            window: self.spec.policy.window,
+            window: self.spec.policy().window,
             failures: self.history.failure_times(),
             consecutive: self.history.consecutive,
             warning: self.warning(),
@@ -422,14 +422,21 @@ impl ChildSpec {
     /// A child that is itself a supervisor of `children`, with [`DEFAULT_POLICY`] (replace
     /// it with [`ChildSpec::with_policy`]).
     pub fn supervisor(id: impl Into<String>, strategy: Strategy, children: Vec<ChildSpec>) -> Self {
-        let children = Arc::new(children);
+        ChildSpec::supervisor_of(id, strategy, ChildSet::new(children))
+    }
+
+    /// A supervisor whose children are those of `set` as it is at each of its starts: a
+    /// child added to (or removed from) the set while it runs is also added to (removed
+    /// from) the running supervisor through [`SupervisorRef`](super::SupervisorRef), and a
+    /// restart of this supervisor then starts the set as changed, not as it was built.
+    pub fn supervisor_of(id: impl Into<String>, strategy: Strategy, set: ChildSet) -> Self {
         ChildSpec::new(id, KIND, Restart::Permanent, move |ctx: ChildContext| {
-            let children = children.clone();
+            let children = set.specs();
             async move {
                 let args = SupervisorArgs {
                     path: ctx.path.clone(),
                     strategy,
-                    children: children.as_ref().clone(),
+                    children,
                     exit: ctx.exit.clone(),
                     jitter: ctx.jitter.clone(),
                     inner: ctx.inner.clone(),
@@ -440,6 +447,56 @@ impl ChildSpec {
             }
         })
         .with_policy(DEFAULT_POLICY)
+    }
+}
+
+/// The children a supervisor starts with, shared with whoever changes them while the tree
+/// runs (a config reload adding or removing an account). Cheap to clone; clones share.
+#[derive(Clone, Default)]
+pub struct ChildSet(Arc<std::sync::RwLock<Vec<ChildSpec>>>);
+
+impl ChildSet {
+    /// A set of `children`, in start order.
+    pub fn new(children: Vec<ChildSpec>) -> Self {
+        Self(Arc::new(std::sync::RwLock::new(children)))
+    }
+
+    /// The specs now, in start order.
+    pub fn specs(&self) -> Vec<ChildSpec> {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Whether a child `id` is in the set.
+    pub fn contains(&self, id: &str) -> bool {
+        self.0
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .any(|spec| spec.id == id)
+    }
+
+    /// Puts `spec` in the set: in place of the child with its id, else last.
+    pub fn put(&self, spec: ChildSpec) {
+        let mut specs = self.0.write().unwrap_or_else(|e| e.into_inner());
+        match specs.iter_mut().find(|s| s.id == spec.id) {
+            Some(slot) => *slot = spec,
+            None => specs.push(spec),
+        }
+    }
+
+    /// Takes child `id` out of the set; returns whether it was there.
+    pub fn remove(&self, id: &str) -> bool {
+        let mut specs = self.0.write().unwrap_or_else(|e| e.into_inner());
+        let before = specs.len();
+        specs.retain(|s| s.id != id);
+        specs.len() != before
+    }
+}
+
+impl fmt::Debug for ChildSet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let specs = self.0.read().unwrap_or_else(|e| e.into_inner());
+        f.debug_list().entries(specs.iter().map(|s| &s.id)).finish()
     }
 }
 
@@ -656,7 +713,7 @@ impl SupervisorState {
         let start = child.spec.start.clone();
         let generation = child.generation;
         let path = child.path.clone();
-        let liveness = child.spec.policy.liveness_timeout;
+        let liveness = child.spec.policy().liveness_timeout;
         self.publish(order);
 
         match start(ctx).await {
@@ -710,7 +767,7 @@ impl SupervisorState {
             return;
         };
         child.set_state(NodeState::Stopping);
-        let (path, timeout) = (child.path.clone(), child.spec.policy.shutdown_timeout);
+        let (path, timeout) = (child.path.clone(), child.spec.policy().shutdown_timeout);
         self.publish(order);
         stop_cell(&path, &cell, timeout, reason).await;
         if let Some(child) = self.children.get_mut(&order) {
@@ -742,7 +799,7 @@ impl SupervisorState {
                 stopping.push((
                     order,
                     child.path.clone(),
-                    child.spec.policy.shutdown_timeout,
+                    child.spec.policy().shutdown_timeout,
                     cell,
                 ));
                 self.publish(order);
@@ -794,7 +851,7 @@ impl SupervisorState {
         let decision = decide(
             &exit,
             child.spec.restart,
-            &child.spec.policy,
+            &child.spec.policy(),
             &mut child.history,
             ran_for,
             now,
@@ -846,7 +903,7 @@ impl SupervisorState {
         metrics::histogram!(m::BACKOFF_DELAY_SECONDS, "kind" => kind).record(delay.as_secs_f64());
         let delay_ms = delay.as_millis() as u64;
         warn!(actor = %path, attempt, delay_ms, error = %cause, "Restarting after failure.");
-        let warn_after = child.spec.policy.warn_after;
+        let warn_after = child.spec.policy().warn_after;
         if warn_after > 0 && attempt == warn_after {
             let reason = failure.map_or("stopped", |f| f.reason.as_str());
             let warning = child.spec.streak_warning(path, attempt, reason);
@@ -1018,7 +1075,7 @@ impl SupervisorState {
         let Some(child) = self.children.get_mut(&order) else {
             return Ok(());
         };
-        let Some(timeout) = child.spec.policy.liveness_timeout else {
+        let Some(timeout) = child.spec.policy().liveness_timeout else {
             return Ok(());
         };
         if child.generation != generation || child.cell.is_none() {

@@ -793,6 +793,83 @@ async fn shutdown_stops_temporary_children_together() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_policy_changed_through_its_cell_decides_the_next_failure_without_a_restart() {
+    let cell = PolicyCell::new(policy());
+    let spec_cell = cell.clone();
+    let mut h = Harness::start(Strategy::OneForOne, |tx| {
+        vec![child("a", Restart::Permanent, policy(), tx).with_policy_cell(spec_cell)]
+    })
+    .await;
+    let (_, _, actor) = h.started("a").await;
+    // A new policy: 5 s first delay. Nothing restarts for it.
+    let slower = Policy {
+        backoff: Backoff {
+            initial: 5 * S,
+            ..policy().backoff
+        },
+        ..policy()
+    };
+    assert!(cell.set(slower.clone()));
+    assert!(!cell.set(slower), "the same policy again is no change");
+    h.quiet_for(60 * S).await;
+    assert_eq!(h.node("root/a").generation, 1);
+    // The next failure waits the new 5 s, not the 1 s the child started with.
+    let failed_at = Instant::now();
+    fail(&actor, "reset");
+    let (g, at, _) = h.started("a").await;
+    assert_eq!((g, at - failed_at), (2, 5 * S));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_supervisor_restarts_with_its_child_set_as_changed_since() {
+    let (tx, mut events) = unbounded_channel();
+    let set = ChildSet::new(vec![child("a", Restart::Permanent, policy(), &tx)]);
+    let tree = Tree::start(
+        vec![
+            ChildSpec::supervisor_of("group", Strategy::OneForOne, set.clone())
+                .with_policy(policy()),
+        ],
+        TreeOptions {
+            jitter: Jitter::fixed(0.0),
+            ..TreeOptions::default()
+        },
+    )
+    .await
+    .expect("tree");
+    let ids = |t: &Tree| -> Vec<String> {
+        t.handle()
+            .snapshot()
+            .find("root/group")
+            .map(|n| n.children.iter().map(|c| c.id.to_string()).collect())
+            .unwrap_or_default()
+    };
+    // A child added to the set and to the running supervisor; one removed from both.
+    let group = tree.handle().supervisor("root/group").expect("group");
+    set.put(child("b", Restart::Permanent, policy(), &tx));
+    group
+        .add(child("b", Restart::Permanent, policy(), &tx))
+        .await
+        .expect("b added");
+    assert!(set.remove("a"));
+    group.remove("a").await.expect("a removed");
+    assert_eq!(ids(&tree), ["b"]);
+    // Restarted, the supervisor starts the set as it is now: b, not a.
+    tree.handle()
+        .control("root/group", ControlAction::Restart)
+        .await
+        .expect("restart");
+    tokio::time::sleep(S).await;
+    assert_eq!(ids(&tree), ["b"]);
+    let mut started = Vec::new();
+    while let Ok(event) = events.try_recv() {
+        if let Event::Started { id, .. } = event {
+            started.push(id);
+        }
+    }
+    assert_eq!(started, ["a", "b", "b"]);
+}
+
+#[tokio::test(start_paused = true)]
 async fn dynamic_children_are_added_removed_and_temporary_ones_vanish_on_exit() {
     let (tx, mut events) = unbounded_channel();
     let tree = Tree::start(
@@ -991,6 +1068,39 @@ mod slots {
                 .expect_err("unknown pool"),
             SlotError::UnknownPool("nope".to_string())
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pool_reconfigured_in_place_keeps_its_holders_and_admits_its_queue() {
+        let (client, _actor) = SlotClient::spawn_standalone(pool(1, 0, 60_000), Jitter::fixed(0.0))
+            .await
+            .expect("spawn");
+        let holder = client.acquire("p", "holder", false).await.expect("slot");
+        let waiter = {
+            let c = client.clone();
+            tokio::spawn(async move { c.acquire("p", "waiter", false).await })
+        };
+        settle().await;
+        assert!(!waiter.is_finished(), "a pool of one admitted two");
+        // Two slots now: the waiter is admitted at once, the holder keeps its slot.
+        client.configure(pool(2, 0, 60_000));
+        let second = tokio::time::timeout(S, waiter)
+            .await
+            .expect("admitted at once")
+            .expect("task")
+            .expect("slot");
+        let third = {
+            let c = client.clone();
+            tokio::spawn(async move { c.acquire("p", "third", false).await })
+        };
+        settle().await;
+        assert!(!third.is_finished(), "a pool of two admitted three");
+        drop((holder, second));
+        tokio::time::timeout(S, third)
+            .await
+            .expect("admitted once a slot is free")
+            .expect("task")
+            .expect("slot");
     }
 
     #[tokio::test(start_paused = true)]
