@@ -174,6 +174,31 @@ impl Principals {
         self
     }
 
+    /// Removes the approval handler of `account`; returns whether it had one.
+    pub fn remove_approver(&mut self, account: &str) -> bool {
+        self.approvers.remove(account).is_some()
+    }
+
+    /// These principals' operators and nodes with `other`'s approval handlers: what a
+    /// config reload makes of the running set, whose handlers' credentials no config holds.
+    pub fn with_approvers_of(mut self, other: &Principals) -> Self {
+        self.approvers = other.approvers.clone();
+        self
+    }
+
+    /// Whether `principal`, authenticated earlier with `secret`, would still be admitted
+    /// as the very same principal: false once its credential was removed or changed (a
+    /// config reload revoked it).
+    pub fn still_admits(&self, principal: &Principal, secret: &Secret) -> bool {
+        let (node, account) = match principal {
+            Principal::Operator { .. } => (None, None),
+            Principal::Node { name, .. } => (Some(name.as_str()), None),
+            Principal::Approver { account } => (None, Some(account.as_str())),
+        };
+        self.authenticate(secret.expose(), principal.role(), node, account)
+            .is_ok_and(|admitted| admitted == *principal)
+    }
+
     /// Whether nodes no config lists may connect with an operator's credential.
     pub fn set_allow_unlisted_nodes(&mut self, allow: bool) -> &mut Self {
         self.allow_unlisted_nodes = allow;

@@ -108,7 +108,7 @@ use super::protocol::{
 };
 use super::registry::Lookup;
 use super::{GatewayState, metrics, now_ms};
-use crate::supervision::{Backoff, ChildContext, ChildSpec, Policy, Restart};
+use crate::supervision::{Backoff, ChildContext, ChildSpec, Policy, PolicyCell, Restart};
 use crate::task::{self, AbortOnDrop, Timer};
 
 /// The kind of the broker, for policies and metrics.
@@ -231,11 +231,20 @@ impl ApprovalsSettings {
 
     /// Whether a session serving `account` may decide as `by`.
     pub fn may_decide(&self, account: Option<&str>, by: &str) -> bool {
-        let by = by.to_lowercase();
-        account
-            .and_then(|a| self.approvers.get(a))
-            .is_some_and(|list| list.iter().any(|u| u.to_lowercase() == by))
+        may_decide(&self.approvers, account, by)
     }
+}
+
+/// Whether a session serving `account` may decide as `by`, given the approvers by account.
+pub fn may_decide(
+    approvers: &BTreeMap<String, Vec<String>>,
+    account: Option<&str>,
+    by: &str,
+) -> bool {
+    let by = by.to_lowercase();
+    account
+        .and_then(|a| approvers.get(a))
+        .is_some_and(|list| list.iter().any(|u| u.to_lowercase() == by))
 }
 
 /// How sessions reach the broker; follows it across restarts.
@@ -342,7 +351,7 @@ pub enum ApprovalsMsg {
 }
 
 /// The spec of the broker: permanent, under `gateway`, over `state`'s approvals settings.
-pub fn spec(state: &GatewayState, policy: Policy) -> ChildSpec {
+pub fn spec(state: &GatewayState, policy: PolicyCell) -> ChildSpec {
     let state = state.clone();
     ChildSpec::new(ID, KIND, Restart::Permanent, move |ctx: ChildContext| {
         let args = ApprovalsArgs {
@@ -355,7 +364,7 @@ pub fn spec(state: &GatewayState, policy: Policy) -> ChildSpec {
             Ok(actor.get_cell())
         }
     })
-    .with_policy(policy)
+    .with_policy_cell(policy)
 }
 
 /// A fresh approval id: [`ID_LEN`] random lowercase letters and digits.
@@ -1090,7 +1099,7 @@ impl ApprovalsState {
         reply: ReplyTo,
     ) {
         let ApprovalResolveParams { id, decision, by } = params;
-        if !self.settings.may_decide(account.as_deref(), &by) {
+        if !may_decide(&self.gateway.approvers(), account.as_deref(), &by) {
             let account = account.unwrap_or_default();
             let message = format!("{by} is not an approver of account {account:?}");
             return reply.err(code::FORBIDDEN, message);

@@ -211,6 +211,13 @@ impl Chat {
         accounts.insert(alias.to_string(), account);
     }
 
+    /// Forgets the account `alias` (a reload removed it): `chat.send` to it then answers
+    /// `unknown_account`.
+    pub fn unregister(&self, alias: &str) {
+        let mut accounts = self.0.accounts.write().unwrap_or_else(|e| e.into_inner());
+        accounts.remove(alias);
+    }
+
     /// Hands an inbound message to every operator subscribed to `chat.message`.
     pub fn deliver(&self, message: &ChatMessage) {
         self.0.hub.publish(MESSAGE_EVENT, json!(message));

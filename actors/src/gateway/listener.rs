@@ -98,7 +98,7 @@ use super::protocol::{MAX_PREAUTH_FRAME_BYTES, close, code, try_again_reason};
 use super::session::{self, SessionStart};
 use super::{AddressShare, GatewayState, PreauthSlot, SESSIONS_PATH, metrics};
 use crate::serve::{AcceptHook, Refusal, ServeActor, ServeArgs, ServeLimits, ServeMetrics};
-use crate::supervision::{Action, Backoff, ChildContext, ChildSpec, Policy, Restart};
+use crate::supervision::{Action, Backoff, ChildContext, ChildSpec, Policy, PolicyCell, Restart};
 
 /// The kind of the listener child, for policies and metrics.
 pub const KIND: &str = "gateway_listener";
@@ -132,20 +132,20 @@ const CLOSE_LINGER: Duration = Duration::from_secs(1);
 
 /// The gateway's routes over `state`; the sessions they start get `session_policy` (see
 /// [`session_child_policy`]).
-pub fn router(state: GatewayState, session_policy: Policy) -> Router {
+pub fn router(state: GatewayState, session_policy: PolicyCell) -> Router {
     Router::new()
         .route("/health", get(|| async { Json(json!({ "status": "ok" })) }))
         .route("/ws", get(upgrade))
-        .layer(Extension(SessionChildPolicy(Arc::new(session_policy))))
+        .layer(Extension(SessionChildPolicy(session_policy)))
         .with_state(state)
 }
 
-/// The listener's child spec, with `policy`; its sessions get `session_policy`. `bound`
-/// receives its address on each start.
+/// The listener's child spec, with `policy`; its sessions get `session_policy` as it is
+/// when each starts. `bound` receives its address on each start.
 pub fn spec(
     state: &GatewayState,
-    policy: Policy,
-    session_policy: Policy,
+    policy: PolicyCell,
+    session_policy: PolicyCell,
     bound: Arc<watch::Sender<Option<SocketAddr>>>,
 ) -> ChildSpec {
     let state = state.clone();
@@ -170,12 +170,12 @@ pub fn spec(
         };
         ServeActor::start(ctx, args)
     })
-    .with_policy(policy)
+    .with_policy_cell(policy)
 }
 
 /// The configured `gateway_session` policy, for the sessions the routes start.
 #[derive(Clone)]
-struct SessionChildPolicy(Arc<Policy>);
+struct SessionChildPolicy(PolicyCell);
 
 /// The policy of a session whose spec is `spec`: `configured`, with a liveness timeout no
 /// shorter than the one `spec` sets (what the session enforces itself, plus a margin), so
@@ -184,7 +184,7 @@ fn session_child_policy(configured: &Policy, spec: &ChildSpec) -> Policy {
     Policy {
         liveness_timeout: configured
             .liveness_timeout
-            .max(spec.policy.liveness_timeout),
+            .max(spec.policy().liveness_timeout),
         ..configured.clone()
     }
 }
@@ -390,7 +390,7 @@ async fn accept(
     peer: SocketAddr,
     slot: PreauthSlot,
     max_frame_bytes: usize,
-    session_policy: Arc<Policy>,
+    session_policy: PolicyCell,
 ) {
     // The program hands the tree over right after it has started, and children of that
     // tree (approval handlers) may connect just before: wait a moment rather than turn
@@ -421,7 +421,7 @@ async fn accept(
         max_frame_bytes,
     })));
     let spec = session::spec(&id, &state, start.clone());
-    let policy = session_child_policy(&session_policy, &spec);
+    let policy = session_child_policy(&session_policy.get(), &spec);
     let spec = spec.with_policy(policy);
     if let Err(e) = sessions.add(spec).await {
         // Still ours if the start function never ran (the supervisor refused the child).
@@ -459,12 +459,12 @@ mod tests {
     fn a_session_keeps_its_liveness_backstop_under_any_configured_policy() {
         let state = GatewayState::new(GatewaySettings::default());
         let spec = session::spec("conn-1", &state, Arc::new(Mutex::new(None)));
-        let backstop = spec.policy.liveness_timeout.expect("a backstop");
+        let backstop = spec.policy().liveness_timeout.expect("a backstop");
 
         // The built-in policy: exactly what the session's spec sets.
         assert_eq!(
             session_child_policy(&session::DEFAULT_POLICY, &spec),
-            spec.policy
+            spec.policy()
         );
         // A configured policy applies, but its liveness never goes below the backstop.
         let shorter = Policy {

@@ -53,7 +53,7 @@ use serde::Deserialize;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::supervision::{ChildSpec, Policy, Strategy, TreeHandle, supervisor};
+use crate::supervision::{ChildSpec, Policy, PolicyCell, Strategy, TreeHandle, supervisor};
 use approvals::ApprovalsClient;
 pub use approvals::ApprovalsSettings;
 use chat::Chat;
@@ -275,9 +275,13 @@ impl ShutdownIntent {
 pub struct GatewayState(Arc<Shared>);
 
 struct Shared {
-    settings: GatewaySettings,
+    /// The settings now (a config reload replaces them; see [`GatewayState::reconfigure`]).
+    settings: std::sync::RwLock<Arc<GatewaySettings>>,
     /// Every credential the gateway accepts (see [`GatewayState::principals`]).
     principals: std::sync::RwLock<Arc<Principals>>,
+    /// Moves each time credentials are revoked; every authenticated session watches it and
+    /// closes (1008) once its own credential no longer admits it.
+    revocations: watch::Sender<u64>,
     /// The tree the sessions are children of. The gateway is itself part of that tree, so
     /// the program sets it once `Tree::start` returns; until then sockets get 1013.
     tree: OnceLock<TreeHandle>,
@@ -291,6 +295,8 @@ struct Shared {
     registry: Registry,
     /// Set once, before [`spec`] is built: the broker exists only with these.
     approvals: OnceLock<ApprovalsSettings>,
+    /// The approvers by account now: those of `approvals` until a reload replaces them.
+    approvers: std::sync::RwLock<Arc<BTreeMap<String, Vec<String>>>>,
     /// Reaches the approvals broker; follows it across restarts.
     broker: ApprovalsClient,
     /// Pre-auth slots held per client IP (see [`PreauthSlot`]).
@@ -330,6 +336,7 @@ impl GatewayState {
             hub,
             registry: Registry::new(settings.node_forget_after_ms),
             approvals: OnceLock::new(),
+            approvers: std::sync::RwLock::new(Arc::new(BTreeMap::new())),
             broker: ApprovalsClient::default(),
             tree: OnceLock::new(),
             tree_set: tokio::sync::Notify::new(),
@@ -344,8 +351,61 @@ impl GatewayState {
             next_conn: AtomicU64::new(1),
             started_at: Instant::now(),
             intent: watch::Sender::new(None),
-            settings,
+            revocations: watch::Sender::new(0),
+            settings: std::sync::RwLock::new(Arc::new(settings)),
         }))
+    }
+
+    /// Applies reloaded `[gateway]` settings: every later connection, handshake and
+    /// request reads them (caps, timeouts, origins); the principals become those of
+    /// `settings` (approval handlers kept), and every session whose credential no longer
+    /// admits it is closed with 1008. `bind`, `header_read_timeout_ms`, `max_connections`
+    /// and `node_forget_after_ms` are read when the listener (or the gateway) starts: the
+    /// caller reports them as needing a restart.
+    pub fn reconfigure(&self, settings: GatewaySettings) {
+        let next = principals_of(&settings);
+        *self.0.settings.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(settings);
+        {
+            let mut principals = self.0.principals.write().unwrap_or_else(|e| e.into_inner());
+            let next = next.with_approvers_of(&principals);
+            *principals = Arc::new(next);
+        }
+        self.0.revocations.send_modify(|n| *n += 1);
+    }
+
+    /// Removes the approval handler credential of `account` (its handler was stopped) and
+    /// closes a session still holding it.
+    pub fn remove_approver(&self, account: &str) {
+        let removed = {
+            let mut principals = self.0.principals.write().unwrap_or_else(|e| e.into_inner());
+            let mut next = Principals::clone(&principals);
+            let removed = next.remove_approver(account);
+            *principals = Arc::new(next);
+            removed
+        };
+        if removed {
+            self.0.revocations.send_modify(|n| *n += 1);
+        }
+    }
+
+    /// Follows revocations (see [`GatewayState::reconfigure`]).
+    pub(crate) fn watch_revocations(&self) -> watch::Receiver<u64> {
+        self.0.revocations.subscribe()
+    }
+
+    /// The approvers (user IDs) by account now.
+    pub fn approvers(&self) -> Arc<BTreeMap<String, Vec<String>>> {
+        self.0
+            .approvers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Replaces the approvers by account (a reload enabled, disabled or changed an
+    /// account's approvals).
+    pub fn set_approvers(&self, approvers: BTreeMap<String, Vec<String>>) {
+        *self.0.approvers.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(approvers);
     }
 
     /// Every credential the gateway accepts now: the operators and nodes of the settings,
@@ -398,7 +458,10 @@ impl GatewayState {
     /// before building the spec; only the first call has an effect, a second one returns
     /// its settings back.
     pub fn set_approvals(&self, settings: ApprovalsSettings) -> Result<(), ApprovalsSettings> {
-        self.0.approvals.set(settings)
+        let approvers = settings.approvers.clone();
+        self.0.approvals.set(settings)?;
+        self.set_approvers(approvers);
+        Ok(())
     }
 
     /// The approvals settings, once set.
@@ -430,7 +493,7 @@ impl GatewayState {
         self.0
             .intent
             .borrow()
-            .unwrap_or_else(|| ShutdownIntent::from_settings(&self.0.settings))
+            .unwrap_or_else(|| ShutdownIntent::from_settings(&self.settings()))
     }
 
     /// Follows the announced shutdown (see [`GatewayState::set_shutdown_intent`]).
@@ -438,9 +501,13 @@ impl GatewayState {
         self.0.intent.subscribe()
     }
 
-    /// The settings.
-    pub fn settings(&self) -> &GatewaySettings {
-        &self.0.settings
+    /// The settings now.
+    pub fn settings(&self) -> Arc<GatewaySettings> {
+        self.0
+            .settings
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// The tree, once the program has set it.
@@ -520,7 +587,7 @@ impl GatewayState {
     /// refusal is not counted here: the caller may still admit the connection otherwise
     /// (see [`GatewayState::count_preauth_rejection`]).
     pub(crate) fn try_preauth(&self, ip: IpAddr) -> Option<PreauthSlot> {
-        let max = self.0.settings.max_preauth_per_ip;
+        let max = self.settings().max_preauth_per_ip;
         let mut map = self.0.preauth.lock().unwrap_or_else(|e| e.into_inner());
         let held = map.entry(ip).or_insert(0);
         if *held >= max {
@@ -537,7 +604,7 @@ impl GatewayState {
     /// Unauthenticated connections one address may have open:
     /// `4 × max_preauth_per_ip`.
     pub(crate) fn max_unauthenticated_per_address(&self) -> u32 {
-        self.0.settings.max_preauth_per_ip.saturating_mul(4)
+        self.settings().max_preauth_per_ip.saturating_mul(4)
     }
 
     /// Counts one more open unauthenticated connection from `ip`'s address (every loopback
@@ -742,28 +809,29 @@ impl Drop for RoleCount {
     }
 }
 
-/// The restart policies of the `gateway` subtree, one per kind. [`Default`] gives each
-/// kind's built-in policy; `warden run` gives the configured ones.
-#[derive(Debug, Clone, PartialEq)]
+/// The restart policies of the `gateway` subtree, one per kind, each in a cell a config
+/// reload may change. [`Default`] gives each kind's built-in policy; `warden run` gives the
+/// configured ones.
+#[derive(Debug, Clone)]
 pub struct GatewayPolicies {
     /// `gateway_listener`: the listener.
-    pub listener: Policy,
+    pub listener: PolicyCell,
     /// `approvals_broker`: the approvals broker.
-    pub approvals: Policy,
+    pub approvals: PolicyCell,
     /// `gateway_session`: every per-socket session (temporary: only its stop limit and
     /// liveness apply, and its liveness is never below the session's own backstop).
-    pub session: Policy,
+    pub session: PolicyCell,
     /// `supervisor`: `gateway` and `sessions`.
-    pub supervisor: Policy,
+    pub supervisor: PolicyCell,
 }
 
 impl Default for GatewayPolicies {
     fn default() -> Self {
         Self {
-            listener: listener::DEFAULT_POLICY,
-            approvals: approvals::DEFAULT_POLICY,
-            session: session::DEFAULT_POLICY,
-            supervisor: supervisor::DEFAULT_POLICY,
+            listener: PolicyCell::new(listener::DEFAULT_POLICY),
+            approvals: PolicyCell::new(approvals::DEFAULT_POLICY),
+            session: PolicyCell::new(session::DEFAULT_POLICY),
+            supervisor: PolicyCell::new(supervisor::DEFAULT_POLICY),
         }
     }
 }
@@ -776,7 +844,7 @@ pub fn spec(
     bound: Arc<watch::Sender<Option<SocketAddr>>>,
 ) -> ChildSpec {
     let policies = GatewayPolicies {
-        listener: listener_policy,
+        listener: PolicyCell::new(listener_policy),
         ..GatewayPolicies::default()
     };
     spec_with(state, policies, bound)
@@ -802,10 +870,10 @@ pub fn spec_with(
     }
     children.push(
         ChildSpec::supervisor("sessions", Strategy::OneForOne, Vec::new())
-            .with_policy(policies.supervisor.clone()),
+            .with_policy_cell(policies.supervisor.clone()),
     );
     ChildSpec::supervisor("gateway", Strategy::RestForOne, children)
-        .with_policy(policies.supervisor)
+        .with_policy_cell(policies.supervisor)
 }
 
 /// Milliseconds since the Unix epoch.

@@ -81,7 +81,7 @@ use tracing::{Instrument, debug, info, warn};
 
 use super::hub::{HubEvent, event};
 use super::invoke::{InvokeDone, NodeMsg};
-use super::protocol::auth::Principal;
+use super::protocol::auth::{Principal, Secret};
 use super::protocol::{Frame, MAX_PREAUTH_FRAME_BYTES, close};
 use super::registry::Registration;
 use super::{GatewayState, PreauthSlot, RoleCount, ShutdownIntent, metrics, now_ms};
@@ -195,6 +195,9 @@ pub enum SessionMsg {
     LingerOver,
     /// The program announced a shutdown: tell the client and close now.
     Shutdown(ShutdownIntent),
+    /// Credentials were revoked (a config reload): close with 1008 unless this session's
+    /// own credential still admits it.
+    Revoked,
     /// (To a node's session.) From another session or the broker, through the registry:
     /// an invocation to forward (`Invoke`), or a newer session took the name (`Replaced`).
     Node(NodeMsg),
@@ -317,6 +320,8 @@ enum Phase {
 struct Authed {
     /// Who it is, as the server decided from its credential.
     principal: Principal,
+    /// The credential it authenticated with, to tell whether a reload revoked it.
+    secret: Secret,
     /// The client program's name, for logs.
     client: String,
     /// Counts this session by role until dropped.
@@ -403,6 +408,7 @@ impl Actor for SessionActor {
             stream,
             hub_receiver,
             gateway.watch_shutdown(),
+            gateway.watch_revocations(),
             myself.clone(),
         );
         let pump = task::spawn("pump", span.clone(), pump, report);
@@ -496,6 +502,7 @@ async fn pump(
     mut stream: SplitStream<WebSocket>,
     mut hub_receiver: oneshot::Receiver<broadcast::Receiver<Arc<HubEvent>>>,
     mut shutdown: watch::Receiver<Option<ShutdownIntent>>,
+    mut revocations: watch::Receiver<u64>,
     session: ActorRef<SessionMsg>,
 ) {
     let mut events: Option<broadcast::Receiver<Arc<HubEvent>>> = None;
@@ -510,6 +517,7 @@ async fn pump(
     let mut awaiting_hub = true;
     let mut hub_open = true;
     let mut shutdown_open = true;
+    let mut revocations_open = true;
     loop {
         // A failed send means the session is stopping; keep reading so its close completes.
         tokio::select! {
@@ -559,6 +567,12 @@ async fn pump(
                 }
                 Err(_) => shutdown_open = false,
             },
+            changed = revocations.changed(), if revocations_open => match changed {
+                Ok(()) => {
+                    let _ = session.send_message(SessionMsg::Revoked);
+                }
+                Err(_) => revocations_open = false,
+            },
         }
     }
 }
@@ -581,6 +595,7 @@ impl SessionState {
                 myself.stop(None);
             }
             SessionMsg::Shutdown(intent) => self.on_shutdown(myself, intent).await,
+            SessionMsg::Revoked => self.on_revoked(myself).await,
             SessionMsg::Node(NodeMsg::Replaced) => self.on_replaced(myself).await,
             SessionMsg::Node(NodeMsg::Invoke(invoke)) => self.forward_invoke(myself, invoke).await,
             SessionMsg::InvokeDone(done) => self.invoke_done(myself, done).await,
@@ -679,6 +694,26 @@ impl SessionState {
     }
 
     /// A newer connection took this node's name: close with 1008.
+    /// Credentials changed: a session whose own credential no longer admits it as the same
+    /// principal closes with 1008. A session still handshaking is checked by `connect`.
+    async fn on_revoked(&mut self, myself: &ActorRef<SessionMsg>) {
+        let Phase::Ready(authed) = &self.phase else {
+            return;
+        };
+        if self.closing
+            || self
+                .gateway
+                .principals()
+                .still_admits(&authed.principal, &authed.secret)
+        {
+            return;
+        }
+        info!(peer = %self.peer, principal = %authed.principal.label(),
+            "This session's credential was revoked by a config reload; closing it with 1008.");
+        self.close(myself, close::POLICY, "credential revoked")
+            .await;
+    }
+
     async fn on_replaced(&mut self, myself: &ActorRef<SessionMsg>) {
         info!(peer = %self.peer, node = %self.node_name().unwrap_or_default(),
             "A newer connection took this node's name; closing this one with 1008.");

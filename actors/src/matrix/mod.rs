@@ -31,7 +31,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::gateway::chat::Chat;
-use crate::supervision::{ChildSpec, Policy, SlotClient, Strategy};
+use crate::supervision::{ChildSet, ChildSpec, PolicyCell, SlotClient, Strategy};
 
 pub use client::{DEFAULT_POLICY, KIND};
 pub use settings::{AccountSettings, ApprovalSettings, MatrixSettings};
@@ -91,42 +91,73 @@ impl fmt::Debug for AccountConfig {
 }
 
 /// One account's subtree: its settings, its client's policy, and its approval handler's
-/// settings and policy when approvals are enabled.
+/// settings and policy when approvals are enabled. The policies are cells a config reload
+/// may change in place.
 pub struct AccountSpec {
     /// The account.
     pub config: AccountConfig,
     /// The client's policy.
-    pub policy: Policy,
+    pub policy: PolicyCell,
     /// The approval handler, when `approvals.enabled` and there are approvers.
-    pub handler: Option<(approvals::HandlerConfig, Policy)>,
+    pub handler: Option<(approvals::HandlerConfig, PolicyCell)>,
 }
 
-/// The `channels` subtree with one `matrix/<alias>` subtree per account; `supervisor` is
-/// the policy of every supervisor in it (kind `supervisor`).
-pub fn channels_spec(
-    accounts: Vec<AccountSpec>,
-    chat: &Chat,
-    slots: &SlotClient,
-    supervisor: &Policy,
-) -> ChildSpec {
-    let accounts = accounts
-        .into_iter()
-        .map(|account| account_spec(account, chat, slots, supervisor))
-        .collect();
-    let matrix = ChildSpec::supervisor("matrix", Strategy::OneForOne, accounts)
-        .with_policy(supervisor.clone());
-    ChildSpec::supervisor("channels", Strategy::OneForOne, vec![matrix])
-        .with_policy(supervisor.clone())
+/// The `channels` subtree: `channels/matrix` and its accounts, each `<alias>` subtree in
+/// `accounts` (a reload adds and removes accounts there and in the running supervisor).
+/// `supervisor` is the policy of every supervisor in it (kind `supervisor`).
+pub fn channels_spec(accounts: &ChildSet, supervisor: &PolicyCell) -> ChildSpec {
+    let matrix = ChildSpec::supervisor_of(MATRIX_ID, Strategy::OneForOne, accounts.clone())
+        .with_policy_cell(supervisor.clone());
+    ChildSpec::supervisor(CHANNELS_ID, Strategy::OneForOne, vec![matrix])
+        .with_policy_cell(supervisor.clone())
 }
+
+/// `root/channels`, the id of [`channels_spec`] under the root.
+pub const CHANNELS_ID: &str = "channels";
+
+/// The id of the supervisor of every account, under `channels`.
+pub const MATRIX_ID: &str = "matrix";
+
+/// Path of the supervisor of every account.
+pub const ACCOUNTS_PATH: &str = "root/channels/matrix";
+
+/// One account's running subtree, as built by [`account_spec`]: what a reload needs to
+/// start or stop its approval handler alone.
+pub struct AccountSubtree {
+    /// The `<alias>` supervisor's spec.
+    pub spec: ChildSpec,
+    /// Its children (`client`, then `approvals`).
+    pub children: ChildSet,
+    account: Arc<client::Account>,
+    slots: SlotClient,
+}
+
+impl AccountSubtree {
+    /// The spec of this account's approval handler (id [`HANDLER_ID`]), sharing the
+    /// account's client.
+    pub fn handler_spec(&self, handler: approvals::HandlerConfig, policy: PolicyCell) -> ChildSpec {
+        approvals::spec(
+            handler,
+            self.account.clone(),
+            self.slots.clone(),
+            policy.get(),
+        )
+        .with_policy_cell(policy)
+    }
+}
+
+/// The id of an account's approval handler under `<alias>`.
+pub const HANDLER_ID: &str = "approvals";
 
 /// The `<alias>` subtree of one account — `client`, then `approvals` when enabled;
-/// registers the account with `chat`. The `<alias>` supervisor gets `supervisor`.
+/// registers the account with `chat` (replacing an earlier one of that alias). The
+/// `<alias>` supervisor gets `supervisor`.
 pub fn account_spec(
     spec: AccountSpec,
     chat: &Chat,
     slots: &SlotClient,
-    supervisor: &Policy,
-) -> ChildSpec {
+    supervisor: &PolicyCell,
+) -> AccountSubtree {
     let AccountSpec {
         config,
         policy,
@@ -136,9 +167,20 @@ pub fn account_spec(
     let handler = handler.filter(|_| !config.approvers.is_empty());
     let account = Arc::new(client::Account::new(config, chat.clone()));
     chat.register(&alias, account.clone());
-    let mut children = vec![client::spec(account.clone(), policy, slots.clone())];
+    let client =
+        client::spec(account.clone(), policy.get(), slots.clone()).with_policy_cell(policy);
+    let subtree = AccountSubtree {
+        spec: ChildSpec::supervisor("unused", Strategy::RestForOne, Vec::new()),
+        children: ChildSet::new(vec![client]),
+        account,
+        slots: slots.clone(),
+    };
     if let Some((handler, policy)) = handler {
-        children.push(approvals::spec(handler, account, slots.clone(), policy));
+        subtree.children.put(subtree.handler_spec(handler, policy));
     }
-    ChildSpec::supervisor(alias, Strategy::RestForOne, children).with_policy(supervisor.clone())
+    AccountSubtree {
+        spec: ChildSpec::supervisor_of(alias, Strategy::RestForOne, subtree.children.clone())
+            .with_policy_cell(supervisor.clone()),
+        ..subtree
+    }
 }

@@ -17,7 +17,7 @@ use super::super::hub::event;
 use super::super::invoke::NodeMsg;
 use super::super::metrics;
 use super::super::now_ms;
-use super::super::protocol::auth::Principal;
+use super::super::protocol::auth::{Principal, Secret};
 use super::super::protocol::handshake::{self, Accepted, Refused};
 use super::super::protocol::{Challenge, Frame, HelloOk, ServerInfo, SessionPolicy, close, code};
 use super::super::registry::Registration;
@@ -119,8 +119,17 @@ impl SessionState {
         };
         info!(peer = %self.peer, principal = %principal.label(), client = %client.name,
             "Session authenticated.");
+        // The credential it showed: `principal` came from these principals, so it is there
+        // (a reload in between leaves `still_admits` to refuse it at once).
+        let secret = self
+            .gateway
+            .principals()
+            .secret_of(&principal)
+            .cloned()
+            .unwrap_or_else(|| Secret::new(String::new()));
         self.phase = Phase::Ready(Authed {
             _count: self.gateway.count_role(role),
+            secret,
             principal,
             client: client.name,
             node: registration,
