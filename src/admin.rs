@@ -63,6 +63,8 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 use warden_actors::inbox::Inbox;
+
+use crate::reload::Live;
 use warden_actors::serve::{ServeActor, ServeArgs, ServeLimits, TickHook};
 use warden_actors::supervision::{
     ChildContext, ChildSpec, ControlAction, Failure, NodeState, Policy, ROOT, Restart,
@@ -135,8 +137,12 @@ pub struct AdminState {
     inbox: Arc<OnceLock<Inbox>>,
     /// The process's Prometheus recorder, if metrics are on.
     metrics: Option<PrometheusHandle>,
-    /// The document `/admin/config` serves, prepared (and masked) by the caller.
-    config: Arc<serde_json::Value>,
+    /// The document `/admin/config` serves, prepared (and masked) by the caller; a reload
+    /// replaces it.
+    config: Arc<std::sync::RwLock<Arc<serde_json::Value>>>,
+    /// The running config's handles, in `warden run`: `POST /admin/reload` and the config
+    /// generation the tree shows.
+    live: Arc<OnceLock<Arc<Live>>>,
     /// The bearer token; `None` leaves every route open.
     token: Option<Arc<str>>,
     /// When the process started (for `uptime_ms`).
@@ -165,7 +171,8 @@ impl AdminState {
         Self {
             tree: Arc::new(OnceLock::new()),
             metrics,
-            config: Arc::new(config),
+            config: Arc::new(std::sync::RwLock::new(Arc::new(config))),
+            live: Arc::new(OnceLock::new()),
             token: token.map(Arc::from),
             started_at: Instant::now(),
             bound: Arc::new(watch::Sender::new(None)),
@@ -178,6 +185,17 @@ impl AdminState {
     /// Hands the inbox to the endpoint, whose tree then shows its figures per account.
     pub fn set_inbox(&self, inbox: Inbox) -> Result<(), Inbox> {
         self.inbox.set(inbox)
+    }
+
+    /// Hands the running config's handles to the endpoint: `POST /admin/reload` works and
+    /// the tree shows the config generation. Only the first call has an effect.
+    pub fn set_live(&self, live: Arc<Live>) -> Result<(), Arc<Live>> {
+        self.live.set(live)
+    }
+
+    /// Replaces the document `/admin/config` serves (after a reload).
+    pub fn set_config(&self, config: serde_json::Value) {
+        *self.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(config);
     }
 
     /// Adds `probe`'s fields to every `/healthz` answer.
@@ -250,6 +268,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/metrics", get(metrics_text))
         .route("/admin/tree", get(tree))
         .route("/admin/config", get(config))
+        .route("/admin/reload", post(reload))
         .route("/admin/actors/{*path}", post(control))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -487,6 +506,7 @@ async fn tree(State(state): State<AdminState>, uri: Uri) -> Result<Response, Api
         Some(inbox) => inbox.stats().await.ok(),
         None => None,
     };
+    let status = state.live.get().map(|live| live.status());
     let text = match query.format.as_deref() {
         None | Some("json") => false,
         Some("text") => true,
@@ -505,11 +525,26 @@ async fn tree(State(state): State<AdminState>, uri: Uri) -> Result<Response, Api
             if let Some(stats) = &stats {
                 drawing.push_str(&stats.render_text());
             }
+            if let Some(status) = &status {
+                drawing.push_str(&format!(
+                    "config generation {}, applied {}\n",
+                    status.generation, status.applied_at
+                ));
+                if !status.pending_restart.is_empty() {
+                    drawing.push_str(&format!(
+                        "needs a restart to apply: {}\n",
+                        status.pending_restart.join(", ")
+                    ));
+                }
+            }
             Ok(drawing.into_bytes())
         } else {
             let mut tree = serde_json::to_value(&snapshot)?;
             if let Some(stats) = &stats {
                 stats.annotate(&mut tree);
+            }
+            if let (Some(status), Some(root)) = (&status, tree.as_object_mut()) {
+                root.insert("config".to_string(), serde_json::to_value(status)?);
             }
             serde_json::to_vec(&tree)
         }
@@ -533,7 +568,24 @@ async fn tree(State(state): State<AdminState>, uri: Uri) -> Result<Response, Api
 }
 
 async fn config(State(state): State<AdminState>) -> Response {
-    axum::Json(state.config.as_ref().clone()).into_response()
+    let config = state
+        .config
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    axum::Json(config.as_ref().clone()).into_response()
+}
+
+/// `POST /admin/reload`: loads the config again and applies what changed; 200 with what
+/// was applied, or 400 `invalid_config` naming the key and its source (nothing changed).
+async fn reload(State(state): State<AdminState>) -> Result<Response, ApiError> {
+    let live = state.live.get().ok_or_else(|| {
+        ApiError::NotFound("config reload is available in warden run only".to_string())
+    })?;
+    match live.reload("POST /admin/reload").await {
+        Ok(report) => Ok(axum::Json(report).into_response()),
+        Err(e) => Err(ApiError::InvalidConfig(e.to_string())),
+    }
 }
 
 async fn control(
@@ -603,6 +655,8 @@ enum ApiError {
     MethodNotAllowed,
     /// A malformed request (400).
     BadRequest(String),
+    /// A reload found the config invalid (400); the error names the key and its source.
+    InvalidConfig(String),
     /// `/metrics` without a recorder (404).
     MetricsOff,
     /// A supervisor refused an operator action.
@@ -665,6 +719,9 @@ impl ApiError {
                 "this endpoint does not accept that method".to_string(),
             ),
             ApiError::BadRequest(message) => (StatusCode::BAD_REQUEST, "bad_request", message),
+            ApiError::InvalidConfig(message) => {
+                (StatusCode::BAD_REQUEST, "invalid_config", message)
+            }
             ApiError::Internal(detail) => {
                 warn!(detail = %detail, "Admin endpoint error.");
                 (
@@ -829,6 +886,52 @@ pub async fn fetch_tree_text(admin_url: &str, token: Option<&str>) -> Result<Str
     let response = ok_or_status(&url, response).await?;
     response.text().await.map_err(|e| unreachable(&url, &e))
 }
+
+/// `POST /admin/reload` at `admin_url`: the lines to print (what changed, what needs a
+/// restart), or the error (status 400: the config is invalid and nothing changed).
+pub async fn request_reload(admin_url: &str, token: Option<&str>) -> Result<String, ClientError> {
+    let url = format!("{}/admin/reload", admin_url.trim_end_matches('/'));
+    let client = reqwest::Client::builder()
+        .timeout(RELOAD_TIMEOUT)
+        .build()
+        .map_err(|e| unreachable(&url, &e))?;
+    let mut request = client.post(&url);
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    let response = request.send().await.map_err(|e| unreachable(&url, &e))?;
+    let response = ok_or_status(&url, response).await?;
+    let report: serde_json::Value = response.json().await.map_err(|e| unreachable(&url, &e))?;
+    let mut text = format!(
+        "config generation {} applied at {}\n",
+        report["generation"],
+        report["applied_at"].as_str().unwrap_or_default()
+    );
+    let lines = |key: &str| -> Vec<String> {
+        report[key]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let changes = lines("changes");
+    if changes.is_empty() {
+        text.push_str("nothing changed\n");
+    }
+    for line in changes {
+        text.push_str(&format!("changed: {line}\n"));
+    }
+    for key in lines("needs_restart") {
+        text.push_str(&format!("needs a restart: {key}\n"));
+    }
+    Ok(text)
+}
+
+/// How long a reload may take: stopping a removed account waits for its stop limits.
+const RELOAD_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Checks `GET /healthz` of the admin endpoint at `admin_url`: `Ok` only on 200.
 pub async fn check_health(admin_url: &str) -> Result<(), ClientError> {

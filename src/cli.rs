@@ -35,6 +35,9 @@ pub enum Command {
     Node(RunFlags),
     /// Print the live supervision tree from the admin endpoint.
     Tree(AdminFlags),
+    /// Reload the config of a running `warden run` (like SIGHUP): prints what changed and
+    /// what needs a restart; exit 64 when the new config is invalid (nothing changed).
+    Reload(AdminFlags),
     /// Exit 0 when the admin endpoint's /healthz answers 200, else 1 (for HEALTHCHECK).
     Health(AdminFlags),
     /// Call a gateway method and print its JSON result; retries while the gateway is
@@ -152,6 +155,20 @@ pub fn main(cli: Cli) -> i32 {
                     out(&text);
                     0
                 }
+                Err(e) => fail(&e.to_string(), 1),
+            }
+        }),
+        Command::Reload(ref flags) => client(&cli, flags, |url, token| async move {
+            match admin::request_reload(&url, token.as_deref()).await {
+                Ok(text) => {
+                    out(&text);
+                    0
+                }
+                Err(admin::ClientError::Status {
+                    status: 400,
+                    message,
+                    ..
+                }) => fail(&message, EXIT_CONFIG),
                 Err(e) => fail(&e.to_string(), 1),
             }
         }),

@@ -9,6 +9,7 @@ pub mod cli;
 pub mod config;
 pub mod node;
 pub mod program;
+pub mod reload;
 pub mod run;
 pub mod telemetry;
 pub mod token;

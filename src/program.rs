@@ -22,6 +22,8 @@ pub struct Program {
     telemetry: Telemetry,
     /// SIGTERM and SIGINT, listened to from the start.
     signals: Signals,
+    /// SIGHUP, listened to from the start (its default action would end the process).
+    hangups: Option<Hangups>,
     /// The Prometheus recorder, when it could be installed.
     pub metrics: Option<PrometheusHandle>,
 }
@@ -55,6 +57,7 @@ impl Program {
         // lost. As process 1 of a container, warden would simply never see a SIGTERM that
         // came before its handler, and the runtime would wait out its grace period.
         let signals = Signals::install();
+        let hangups = Some(Hangups::install());
         raise_open_file_limit();
         let metrics = match admin::install_metrics() {
             Ok(handle) => Some(handle),
@@ -66,8 +69,15 @@ impl Program {
         Ok(Program {
             telemetry,
             signals,
+            hangups,
             metrics,
         })
+    }
+
+    /// SIGHUPs, for the program that reloads on them (others ignore them). The first call
+    /// takes them; a later one gets a stream that never yields.
+    pub fn take_hangups(&mut self) -> Hangups {
+        self.hangups.take().unwrap_or(Hangups(None))
     }
 
     /// The admin endpoint's state: the masked config with sources, the token, metrics.
@@ -190,6 +200,33 @@ impl Signals {
                 _ = term.recv() => "SIGTERM",
                 _ = int.recv() => "SIGINT",
             },
+            None => std::future::pending().await,
+        }
+    }
+}
+
+/// SIGHUP: from [`Hangups::install`] on, its default action (ending the process) is off.
+pub struct Hangups(Option<Signal>);
+
+impl Hangups {
+    fn install() -> Self {
+        match signal(SignalKind::hangup()) {
+            Ok(hup) => Hangups(Some(hup)),
+            Err(_) => {
+                warn!("Cannot install the SIGHUP handler; reload over the admin endpoint.");
+                Hangups(None)
+            }
+        }
+    }
+
+    /// Waits for the next SIGHUP.
+    pub async fn recv(&mut self) {
+        match &mut self.0 {
+            Some(hup) => {
+                if hup.recv().await.is_none() {
+                    std::future::pending::<()>().await;
+                }
+            }
             None => std::future::pending().await,
         }
     }

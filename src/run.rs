@@ -19,6 +19,9 @@
 //! opened before the tree starts: the accounts store inbound messages in it and the
 //! sessions replay them.
 //!
+//! SIGHUP (like `POST /admin/reload` and `warden reload`) reloads the config and applies
+//! what changed to the running tree (`crate::reload`).
+//!
 //! The process ends on SIGTERM or SIGINT (exit 0 after an ordered shutdown), when a child
 //! whose policy says `exit` gives up (75 or 78, after the same shutdown), or if the root
 //! itself dies (70). Before an ordered shutdown it sets the gateway's shutdown intent from
@@ -30,17 +33,12 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 use tracing::info;
-use warden_actors::gateway::{
-    self, GatewayPolicies, GatewayState, ShutdownIntent, listener, session,
-};
+use warden_actors::gateway::{self, GatewayState, ShutdownIntent};
 use warden_actors::inbox::{self, Inbox};
-use warden_actors::matrix::approvals::{self, GatewayAddr, HandlerConfig};
-use warden_actors::matrix::{self, AccountSpec};
-use warden_actors::supervision::{SlotClient, slots, supervisor};
 
-use crate::admin;
-use crate::config::{Config, Loaded};
+use crate::config::Loaded;
 use crate::program::Program;
+use crate::reload::{Built, Live};
 
 /// Runs the gateway until a signal or an exit request; returns the process exit code.
 pub async fn run(loaded: Loaded) -> i32 {
@@ -48,11 +46,13 @@ pub async fn run(loaded: Loaded) -> i32 {
         Ok(program) => program,
         Err(code) => return code,
     };
-    let config = &loaded.config;
+    let config = loaded.config.clone();
+    let config = &config;
 
     let admin_state = program.admin_state(&loaded);
     let gateway_bound = Arc::new(watch::Sender::new(None));
     let mut gateway_settings = config.gateway.clone();
+    let mut generated_token = None;
     if gateway_settings.token.is_none() && gateway_settings.operators.is_empty() {
         // Nothing is accepted without a credential: make one the CLI can find.
         match crate::token::operator_token(&config.state.dir) {
@@ -62,6 +62,7 @@ pub async fn run(loaded: Loaded) -> i32 {
                 } else {
                     info!(path = %path.display(), "No gateway.token or gateway.operators configured: using the operator token stored there.");
                 }
+                generated_token = Some(token.clone());
                 gateway_settings.token = Some(token);
             }
             Err(e) => {
@@ -100,86 +101,43 @@ pub async fn run(loaded: Loaded) -> i32 {
         .map(|(alias, account)| (alias.clone(), account.approvals.approvers.clone()))
         .collect();
     let _ = gateway_state.set_approvals(approvals);
-    let slots = SlotClient::new();
-    // Approval handlers reach the gateway wherever its listener bound.
-    let bound = gateway_bound.subscribe();
-    let supervisor_policy = config.policy_for(supervisor::KIND, None);
-    let gateway_policies = GatewayPolicies {
-        listener: config.policy_for(listener::KIND, None),
-        approvals: config.policy_for(gateway::approvals::KIND, None),
-        session: config.policy_for(session::KIND, None),
-        supervisor: supervisor_policy.clone(),
-    };
-    let mut children = vec![
-        slots
-            .spec("start_slots", config.pools())
-            .with_policy(config.policy_for(slots::KIND, None)),
-        gateway::spec_with(&gateway_state, gateway_policies, gateway_bound),
-    ];
-    if !config.matrix.accounts.is_empty() {
-        children.push(matrix::channels_spec(
-            matrix_accounts(config, &gateway_state, GatewayAddr::Bound(bound)),
-            gateway_state.chat(),
-            &slots,
-            &supervisor_policy,
-        ));
-    }
-    children.push(admin::spec(
-        &config.admin,
+    let file = loaded.file().map(|p| p.display().to_string());
+    let (gateway_bind, admin_bind) = (config.gateway.bind, config.admin.bind);
+    let deadline = Duration::from_millis(config.shutdown.deadline_ms);
+    let Built { children, live } = Live::build(
+        loaded,
+        gateway_state.clone(),
+        gateway_bound,
+        generated_token,
         admin_state.clone(),
-        config.policy_for(admin::KIND, None),
-    ));
-    let (program, tree) = match program.start_tree(children, &admin_state).await {
+    );
+    let (mut program, tree) = match program.start_tree(children, &admin_state).await {
         Ok(started) => started,
         Err(code) => return code,
     };
     let _ = gateway_state.set_tree(tree.handle());
+    live.set_tree(tree.handle()).await;
+    let _ = admin_state.set_live(live.clone());
     info!(
         version = env!("CARGO_PKG_VERSION"),
-        config = %loaded.file().map_or("(none)".to_string(), |p| p.display().to_string()),
-        gateway = %config.gateway.bind,
-        admin = %config.admin.bind,
+        config = %file.as_deref().unwrap_or("(none)"),
+        gateway = %gateway_bind,
+        admin = %admin_bind,
         "warden started."
     );
-    let deadline = Duration::from_millis(config.shutdown.deadline_ms);
-    let intent = ShutdownIntent::from_settings(&config.gateway);
+    // SIGHUP reloads the config; the loop runs inside `serve`'s wait, so it ends with it.
+    let mut hangups = program.take_hangups();
+    let reloads = async {
+        loop {
+            hangups.recv().await;
+            let _ = live.reload("SIGHUP").await;
+        }
+    };
     program
-        .serve(tree, deadline, std::future::pending(), || {
-            gateway_state.set_shutdown_intent(intent)
+        .serve(tree, deadline, reloads, || {
+            // The intent the running `gateway.on_shutdown` asks for (a reload may change it).
+            gateway_state
+                .set_shutdown_intent(ShutdownIntent::from_settings(&gateway_state.settings()))
         })
         .await
-}
-
-/// Each `[matrix.accounts.<alias>]` with its client's policy (`matrix_account`, then the
-/// account's own `supervision` layer) and, when `approvals.enabled` with approvers, its
-/// approval handler (`approval_handler`).
-fn matrix_accounts(
-    config: &Config,
-    state: &GatewayState,
-    gateway: GatewayAddr,
-) -> Vec<AccountSpec> {
-    config
-        .matrix
-        .accounts
-        .iter()
-        .map(|(alias, acc)| {
-            let handler = acc.approvals.runs_handler().then(|| {
-                // The handler's credential lives in memory only: no client outside this
-                // process can hold role approver.
-                let credential = state.add_approver(alias);
-                let handler = HandlerConfig {
-                    alias: alias.clone(),
-                    gateway: gateway.clone(),
-                    token: credential.expose().to_string(),
-                    handshake_timeout: Duration::from_millis(config.gateway.handshake_timeout_ms),
-                };
-                (handler, config.policy_for(approvals::KIND, None))
-            });
-            AccountSpec {
-                config: acc.resolve(alias, &config.state.dir),
-                policy: config.policy_for(matrix::KIND, Some(&acc.supervision)),
-                handler,
-            }
-        })
-        .collect()
 }

@@ -173,7 +173,11 @@ pub fn load(sources: &ConfigSources) -> Result<Loaded, ConfigError> {
     let env: Vec<(String, String)> = std::env::vars_os()
         .filter_map(|(k, v)| Some((k.into_string().ok()?, v.to_string_lossy().into_owned())))
         .collect();
-    let (figment, file) = layers::build(sources, &env)?;
+    load_with(sources.clone(), env)
+}
+
+fn load_with(sources: ConfigSources, env: Vec<(String, String)>) -> Result<Loaded, ConfigError> {
+    let (figment, file) = layers::build(&sources, &env)?;
     let mut config: Config = figment
         .extract()
         .map_err(|e| ConfigError::extract(&figment, e))?;
@@ -182,6 +186,8 @@ pub fn load(sources: &ConfigSources) -> Result<Loaded, ConfigError> {
         config,
         figment,
         file,
+        sources,
+        env,
     })
 }
 
@@ -193,6 +199,11 @@ pub struct Loaded {
     figment: Figment,
     /// The config file read, absolute.
     file: Option<PathBuf>,
+    /// What the command line gave, for a reload.
+    sources: ConfigSources,
+    /// The environment as at start-up, for a reload (a running process's environment does
+    /// not change; its files do).
+    env: Vec<(String, String)>,
 }
 
 impl fmt::Debug for Loaded {
@@ -204,6 +215,12 @@ impl fmt::Debug for Loaded {
 }
 
 impl Loaded {
+    /// Loads again from the same layers: the config file (and every `_file` secret) read
+    /// anew, the environment as at start-up, the same flags. Checked like at start-up.
+    pub fn reload(&self) -> Result<Loaded, ConfigError> {
+        load_with(self.sources.clone(), self.env.clone())
+    }
+
     /// The TOML file used, if any, as an absolute path.
     pub fn file(&self) -> Option<&Path> {
         self.file.as_deref()

@@ -11,6 +11,7 @@ mod matrix;
 mod metrics_live;
 mod node;
 mod process;
+mod reload;
 mod support;
 mod synapse;
 mod tidy;

@@ -1,0 +1,246 @@
+//! Config reload on a running `warden run` process: `POST /admin/reload`, `SIGHUP` and
+//! `warden reload` apply a changed file without restarting healthy children; a revoked
+//! operator's session closes with 1008; keys that need a restart are named; an invalid
+//! config changes nothing. (The account cases, on a real Synapse, are in `matrix.rs`.)
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde_json::Value;
+use warden_actors::gateway::client::CallError;
+
+use crate::support::{Launch, Warden, eventually, free_port, operator};
+
+/// The file before: two operators, a listener that would wait 30 s before a restart.
+const BEFORE: &str = r#"
+[gateway.operators.alice]
+token = "tok-alice"
+[gateway.operators.bob]
+token = "tok-bob"
+[supervision.kinds.gateway_listener]
+backoff = { initial_ms = 30000, max_ms = 60000, jitter = 0 }
+[start_slots.approvals]
+max_concurrent = 3
+"#;
+
+/// The file after: bob removed, the listener's first delay 100 ms, a larger pool, and a
+/// longer inbox retention (which needs a restart).
+const AFTER: &str = r#"
+[inbox]
+retention_ms = 120000
+[gateway.operators.alice]
+token = "tok-alice"
+[supervision.kinds.gateway_listener]
+backoff = { initial_ms = 100, max_ms = 60000, jitter = 0 }
+[start_slots.approvals]
+max_concurrent = 7
+"#;
+
+/// `path` → generation of every node of the tree but the per-socket sessions.
+fn generations(tree: &Value) -> BTreeMap<String, u64> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![tree];
+    while let Some(node) = stack.pop() {
+        let path = node["path"].as_str().unwrap_or_default().to_string();
+        if !path.starts_with("root/gateway/sessions/") {
+            out.insert(path, node["generation"].as_u64().unwrap_or_default());
+        }
+        stack.extend(node["children"].as_array().into_iter().flatten());
+    }
+    out
+}
+
+fn find<'a>(tree: &'a Value, path: &str) -> Option<&'a Value> {
+    if tree["path"] == path {
+        return Some(tree);
+    }
+    tree["children"]
+        .as_array()?
+        .iter()
+        .find_map(|child| find(child, path))
+}
+
+async fn tree(http: &reqwest::Client, admin: &str) -> Value {
+    http.get(format!("{admin}/admin/tree"))
+        .send()
+        .await
+        .expect("tree")
+        .json()
+        .await
+        .expect("tree json")
+}
+
+async fn reload(http: &reqwest::Client, admin: &str) -> (u16, Value) {
+    let resp = http
+        .post(format!("{admin}/admin/reload"))
+        .send()
+        .await
+        .expect("reload");
+    let status = resp.status().as_u16();
+    (status, resp.json().await.expect("reload json"))
+}
+
+fn write_config(warden: &Warden, toml: &str) {
+    std::fs::write(warden.dir().join("warden.toml"), toml).expect("write warden.toml");
+}
+
+#[tokio::test]
+async fn a_reload_applies_in_place_revokes_and_names_what_needs_a_restart() {
+    // A fixed port: the listener restarted below must come back on it.
+    let port = free_port();
+    let warden = Launch::run("reload")
+        .gateway_bind(&format!("127.0.0.1:{port}"))
+        .config(BEFORE)
+        .spawn();
+    let admin = warden.ready().await;
+    let url = warden.gateway().await;
+    let http = reqwest::Client::new();
+    let mut alice = operator(&url, "tok-alice").await.expect("alice connects");
+    let mut bob = operator(&url, "tok-bob").await.expect("bob connects");
+    let before = tree(&http, &admin).await;
+    assert_eq!(before["config"]["generation"], 1, "{before}");
+
+    // POST /admin/reload applies the new file.
+    write_config(&warden, AFTER);
+    let (status, report) = reload(&http, &admin).await;
+    assert_eq!(status, 200, "{report}");
+    assert_eq!(report["generation"], 2, "{report}");
+    assert_eq!(
+        report["needs_restart"],
+        serde_json::json!(["inbox.retention_ms"]),
+        "{report}"
+    );
+    let changes = report["changes"].to_string();
+    for expected in [
+        "supervision.kinds.gateway_listener.backoff.initial_ms: 30000 → 100",
+        "start_slots.approvals.max_concurrent: 3 → 7",
+        "kind gateway_listener: policy applied",
+        "gateway principals replaced",
+    ] {
+        assert!(changes.contains(expected), "no {expected:?} in {changes}");
+    }
+    let line = warden
+        .wait_for_log(
+            "Config reload: supervision.kinds.gateway_listener.backoff.initial_ms: 30000 → 100.",
+            Duration::from_secs(5),
+        )
+        .await;
+    assert_eq!(line["trigger"], "POST /admin/reload", "{line}");
+
+    // Bob's credential is revoked: his session closes with 1008; alice's stays.
+    let closed = eventually(
+        Duration::from_secs(5),
+        "bob's session closed",
+        async || match bob.call("health", serde_json::json!({})).await {
+            Err(CallError::Closed { code, reason, .. }) => Some((code, reason)),
+            _ => None,
+        },
+    )
+    .await;
+    assert_eq!(closed.0, 1008, "{closed:?}");
+    assert!(closed.1.contains("revoked"), "{closed:?}");
+    alice
+        .call("health", serde_json::json!({}))
+        .await
+        .expect("alice's session still answers");
+    assert!(operator(&url, "tok-bob").await.is_err(), "bob reconnected");
+
+    // Nothing restarted, the pool grew in place, and the tree shows generation 2.
+    let after = tree(&http, &admin).await;
+    assert_eq!(generations(&before), generations(&after), "{after}");
+    assert_eq!(after["config"]["generation"], 2, "{after}");
+    assert_eq!(
+        after["config"]["pending_restart"][0], "inbox.retention_ms",
+        "{after}"
+    );
+    let slots = find(&after, "root/start_slots").expect("start_slots");
+    let pool = slots["pools"]
+        .as_array()
+        .and_then(|pools| pools.iter().find(|p| p["name"] == "approvals"))
+        .expect("the approvals pool");
+    assert_eq!(pool["max_concurrent"], 7, "{pool}");
+
+    // The new policy decides the next failure: the listener comes back after 100 ms, not
+    // the 30 s it started with; and it still listens where it did.
+    let listener = "root/gateway/listener";
+    let generation = find(&after, listener).expect("listener")["generation"]
+        .as_u64()
+        .expect("generation");
+    let killed = http
+        .post(format!("{admin}/admin/actors/{listener}/kill"))
+        .send()
+        .await
+        .expect("kill");
+    assert_eq!(killed.status(), 200);
+    eventually(
+        Duration::from_secs(3),
+        "the listener back by the new backoff",
+        async || {
+            let tree = tree(&http, &admin).await;
+            let node = find(&tree, listener).cloned().unwrap_or_default();
+            node["state"] == "running" && node["generation"].as_u64() == Some(generation + 1)
+        },
+    )
+    .await;
+    operator(&url, "tok-alice")
+        .await
+        .expect("the listener is back where it was");
+
+    // SIGHUP reloads too.
+    warden.signal("-HUP");
+    eventually(
+        Duration::from_secs(5),
+        "generation 3 after SIGHUP",
+        async || tree(&http, &admin).await["config"]["generation"] == 3,
+    )
+    .await;
+    assert!(warden.logs().contains("\"trigger\":\"SIGHUP\""));
+
+    // An invalid file is refused whole with the start-up error; nothing changes.
+    write_config(
+        &warden,
+        &AFTER.replace("max_concurrent = 7", "max_concurrent = \"many\""),
+    );
+    let (status, error) = reload(&http, &admin).await;
+    assert_eq!(status, 400, "{error}");
+    assert_eq!(error["error"]["code"], "invalid_config", "{error}");
+    let message = error["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("start_slots.approvals.max_concurrent") && message.contains("warden.toml"),
+        "{message}"
+    );
+    let unchanged = tree(&http, &admin).await;
+    assert_eq!(unchanged["config"]["generation"], 3, "{unchanged}");
+    let metrics = http
+        .get(format!("{admin}/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    assert!(
+        metrics.contains("warden_config_reloads_total{result=\"rejected\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("warden_config_generation 3"), "{metrics}");
+
+    // `warden reload`: exit 64 naming the key while the file is invalid; then 0.
+    let cli = || Launch::new("reload-cli", &["reload", "--admin", &admin]);
+    let out = cli().output(Duration::from_secs(30)).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(
+        stderr.contains("start_slots.approvals.max_concurrent"),
+        "{stderr}"
+    );
+    write_config(&warden, AFTER);
+    let out = cli().output(Duration::from_secs(30)).await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(stdout.contains("config generation 4"), "{stdout}");
+    assert!(
+        stdout.contains("needs a restart: inbox.retention_ms"),
+        "{stdout}"
+    );
+}
