@@ -1,8 +1,10 @@
 //! The admin HTTP endpoint: health, readiness, metrics, the tree, config, operator actions.
 //!
-//! * [`router`] — the routes, over an [`AdminState`]: `GET /healthz`, `GET /readyz`,
-//!   `GET /metrics`, `GET /admin/tree` (`?format=text` for a drawing), `GET /admin/config`
-//!   and `POST /admin/actors/{path}/{restart|stop|start|kill}`. Every error is one JSON
+//! * [`router`] — the routes, over an [`AdminState`]: `GET /` (the tree page, with
+//!   `/page.js` and `/page.css`: no data, no token, a strict Content-Security-Policy),
+//!   `GET /healthz`, `GET /readyz`, `GET /metrics`, `GET /admin/tree` (`?format=text` for
+//!   a drawing), `GET /admin/config`, `POST /admin/reload` and
+//!   `POST /admin/actors/{path}/{restart|stop|start|kill}`. Every error is one JSON
 //!   shape, `{"error":{"code":"…","message":"…"}}`. A request whose `Origin` header names
 //!   another site than the endpoint's own gets 403 `forbidden_origin` before anything else
 //!   (see `require_own_origin`): a page elsewhere cannot drive the endpoint through the
@@ -263,6 +265,9 @@ impl fmt::Debug for AdminState {
 /// (unknown paths included) needs `Authorization: Bearer <token>`.
 pub fn router(state: AdminState) -> Router {
     Router::new()
+        .route("/", get(page_html))
+        .route("/page.js", get(page_js))
+        .route("/page.css", get(page_css))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
@@ -340,9 +345,62 @@ fn is_loopback_host(host: &str) -> bool {
             .is_ok_and(|ip| ip.is_loopback())
 }
 
-/// `/healthz` and `/readyz` answer without a token: probes carry none.
+/// `/healthz` and `/readyz` answer without a token: probes carry none. Nor do the tree
+/// page's three files, which carry no data (the page asks for the token and sends it with
+/// every data request).
 fn is_probe(path: &str) -> bool {
-    matches!(path, "/healthz" | "/readyz")
+    matches!(
+        path,
+        "/healthz" | "/readyz" | "/" | "/page.js" | "/page.css"
+    )
+}
+
+/// The tree page's policy: its own script, style and requests only; no inline code, no
+/// frames, no forms, no other origin.
+const PAGE_CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; \
+                        connect-src 'self'; img-src 'self' data:; base-uri 'none'; \
+                        form-action 'none'; frame-ancestors 'none'";
+
+/// One file of the tree page, with its type and [`PAGE_CSP`].
+fn page_file(content_type: &'static str, body: &'static str) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, HeaderValue::from_static(content_type)),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                HeaderValue::from_static(PAGE_CSP),
+            ),
+            (
+                header::X_CONTENT_TYPE_OPTIONS,
+                HeaderValue::from_static("nosniff"),
+            ),
+            (
+                header::REFERRER_POLICY,
+                HeaderValue::from_static("no-referrer"),
+            ),
+            (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+/// `GET /`: the tree page (`src/admin/page.html`), which holds no data.
+async fn page_html() -> Response {
+    page_file("text/html; charset=utf-8", include_str!("admin/page.html"))
+}
+
+/// `GET /page.js`: the page's script, which polls `/admin/tree` and `/readyz`.
+async fn page_js() -> Response {
+    page_file(
+        "text/javascript; charset=utf-8",
+        include_str!("admin/page.js"),
+    )
+}
+
+/// `GET /page.css`.
+async fn page_css() -> Response {
+    page_file("text/css; charset=utf-8", include_str!("admin/page.css"))
 }
 
 async fn require_token(State(state): State<AdminState>, req: Request, next: Next) -> Response {
