@@ -1,15 +1,18 @@
 //! Config reload on a running `warden run` process: `POST /admin/reload`, `SIGHUP` and
 //! `warden reload` apply a changed file without restarting healthy children; a revoked
 //! operator's session closes with 1008; keys that need a restart are named; an invalid
-//! config changes nothing. (The account cases, on a real Synapse, are in `matrix.rs`.)
+//! config changes nothing; accounts on a real Synapse start, stop and restart alone.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use serde_json::Value;
+use serde_json::{Value, json};
 use warden_actors::gateway::client::CallError;
 
-use crate::support::{Launch, Warden, eventually, free_port, operator};
+use crate::support::{
+    Account, Launch, Rig, Scenario, Warden, eventually, free_port, next_event, operator,
+};
+use crate::synapse;
 
 /// The file before: two operators, a listener that would wait 30 s before a restart.
 const BEFORE: &str = r#"
@@ -243,4 +246,139 @@ async fn a_reload_applies_in_place_revokes_and_names_what_needs_a_restart() {
         stdout.contains("needs a restart: inbox.retention_ms"),
         "{stdout}"
     );
+}
+
+/// `path`'s (generation, started_at) in the tree: what moves when it restarts.
+async fn incarnation(rig: &Rig, path: &str) -> (Value, Value) {
+    let node = rig.tree_node(path).await;
+    (node["generation"].clone(), node["started_at"].clone())
+}
+
+/// Posts a reload to `rig` and returns its report, which must be 200.
+async fn reload_rig(rig: &Rig, scenario: &Scenario) -> Value {
+    std::fs::write(rig.warden.dir().join("warden.toml"), scenario.toml()).expect("write");
+    let (status, report) = reload(&reqwest::Client::new(), &rig.admin).await;
+    assert_eq!(status, 200, "{report}");
+    report
+}
+
+/// Accounts on a real Synapse: an account added starts alone, one removed stops alone, one
+/// whose filters changed restarts alone, and switching approvals off stops only that
+/// account's handler. The others keep their incarnation (their sync runs on) and still
+/// deliver messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_touches_only_the_accounts_it_changes() {
+    let Some(hs) = synapse::require!() else {
+        return;
+    };
+    let (nova, vega, lyra) = (
+        hs.register("rlnova").await,
+        hs.register("rlvega").await,
+        hs.register("rllyra").await,
+    );
+    let owner = hs.register("rlowner").await;
+    let base = |accounts: Vec<Account>| {
+        Scenario::new("reload-accounts", "reload-token").accounts(accounts)
+    };
+    let nova_acc = || Account::password("nova", hs.url(), &nova).allow(&owner);
+    let vega_acc = || Account::password("vega", hs.url(), &vega).allow(&owner);
+    // Lyra with approvals on or off (the same approvers), and with or without a room filter.
+    let lyra_acc = |approvals: bool, filtered: bool| {
+        let account = Account::password("lyra", hs.url(), &lyra)
+            .allow(&owner)
+            .line(&format!(
+                "approvals = {{ enabled = {approvals}, approvers = [\"{}\"] }}",
+                owner.user_id
+            ));
+        match filtered {
+            true => account.line("allowed_rooms = [\"!elsewhere:localhost\"]"),
+            false => account,
+        }
+    };
+    let scenario = base(vec![nova_acc(), vega_acc()]);
+    let rig = scenario.start().await;
+    rig.wait_ready("nova", Duration::from_secs(30)).await;
+    rig.wait_ready("vega", Duration::from_secs(30)).await;
+    let nova_room = owner.create_room(&[&nova.user_id], false).await;
+    let mut op = rig.operator().await;
+    op.call("subscribe", json!({"events": ["chat.message"]}))
+        .await
+        .expect("subscribe");
+    let nova_client = "root/channels/matrix/nova/client";
+    let vega_client = "root/channels/matrix/vega/client";
+    let nova_before = incarnation(&rig, nova_client).await;
+    let vega_before = incarnation(&rig, vega_client).await;
+
+    // Added: lyra with an approval handler; nova and vega untouched.
+    let report = reload_rig(
+        &rig,
+        &base(vec![nova_acc(), vega_acc(), lyra_acc(true, false)]),
+    )
+    .await;
+    assert!(
+        report["changes"].to_string().contains("account lyra added"),
+        "{report}"
+    );
+    rig.wait_ready("lyra", Duration::from_secs(30)).await;
+    rig.wait_handler("lyra", Duration::from_secs(30)).await;
+    assert_eq!(incarnation(&rig, nova_client).await, nova_before);
+    assert_eq!(incarnation(&rig, vega_client).await, vega_before);
+    rig.warden
+        .wait_for_log("Config reload: account lyra added.", Duration::from_secs(5))
+        .await;
+
+    // Removed: vega stops and leaves the tree; changed: lyra's filters restart lyra alone.
+    let lyra_before = incarnation(&rig, "root/channels/matrix/lyra/client").await;
+    let report = reload_rig(&rig, &base(vec![nova_acc(), lyra_acc(true, true)])).await;
+    let changes = report["changes"].to_string();
+    assert!(changes.contains("account vega removed"), "{report}");
+    assert!(changes.contains("account lyra restarted"), "{report}");
+    assert_eq!(
+        rig.tree_node("root/channels/matrix/vega").await,
+        Value::Null
+    );
+    let sent = op
+        .call(
+            "chat.send",
+            json!({"account": "vega", "room_id": nova_room, "body": "x"}),
+        )
+        .await;
+    assert!(
+        matches!(&sent, Err(CallError::Failed { code, .. }) if code == "unknown_account"),
+        "{sent:?}"
+    );
+    rig.wait_ready("lyra", Duration::from_secs(30)).await;
+    assert_ne!(
+        incarnation(&rig, "root/channels/matrix/lyra/client").await,
+        lyra_before,
+        "lyra restarted with its new filters"
+    );
+    assert_eq!(incarnation(&rig, nova_client).await, nova_before);
+
+    // Approvals off: lyra's handler stops, its client runs on.
+    let lyra_now = incarnation(&rig, "root/channels/matrix/lyra/client").await;
+    let report = reload_rig(&rig, &base(vec![nova_acc(), lyra_acc(false, true)])).await;
+    assert!(
+        report["changes"]
+            .to_string()
+            .contains("account lyra: approval handler stopped"),
+        "{report}"
+    );
+    assert_eq!(
+        rig.tree_node("root/channels/matrix/lyra/approvals").await,
+        Value::Null
+    );
+    assert_eq!(
+        incarnation(&rig, "root/channels/matrix/lyra/client").await,
+        lyra_now
+    );
+    assert_eq!(incarnation(&rig, nova_client).await, nova_before);
+
+    // Nova's sync never stopped: a message sent now arrives.
+    owner.send_text(&nova_room, "after three reloads").await;
+    let message = next_event(&mut op, "chat.message", Duration::from_secs(20))
+        .await
+        .expect("nova's message");
+    assert_eq!(message["account"], "nova", "{message}");
+    assert_eq!(message["body"], "after three reloads", "{message}");
 }

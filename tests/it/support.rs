@@ -747,12 +747,17 @@ impl Scenario {
         self.state.path()
     }
 
+    /// The text of its `warden.toml`: the prelude, then the accounts.
+    pub(crate) fn toml(&self) -> String {
+        std::iter::once(self.prelude.clone())
+            .chain(self.accounts.iter().map(Account::toml))
+            .collect()
+    }
+
     /// Starts `warden run` and waits until its admin and gateway endpoints listen and it
     /// has started.
     pub(crate) async fn start(&self) -> Rig {
-        let config: String = std::iter::once(self.prelude.clone())
-            .chain(self.accounts.iter().map(Account::toml))
-            .collect();
+        let config = self.toml();
         let state = self.state().to_str().expect("utf-8 path");
         let warden = Launch::run(&self.name)
             .gateway_bind(&self.gateway_bind)
