@@ -9,6 +9,9 @@
 #   ./scripts/test.sh                  # everything
 #   ./scripts/test.sh -- --nocapture   # extra arguments go to the test binaries
 #
+# Installs: promtool, Synapse (a venv), chromium + chromium-driver (apt), cargo-fuzz,
+# podman (by scripts/container-test.sh).
+#
 # Environment:
 #   CI=true             a tool that is missing and cannot be installed fails the run
 #                       (outside CI it is a warning, and the tests that need it decide)
@@ -195,6 +198,27 @@ stop_synapse() {
     rm -rf "$SYNAPSE_DIR"
 }
 
+# --- a browser -------------------------------------------------------------------------
+# tests/it/page.rs drives the admin tree page in headless Chromium over WebDriver: Debian's
+# `chromium` and `chromium-driver`, installed with apt when absent.
+ensure_browser() {
+    if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then
+        return 0
+    fi
+    if ! command -v apt-get >/dev/null 2>&1; then
+        missing chromium "no apt-get on this machine to install chromium and chromium-driver"
+        return
+    fi
+    if [ -z "$(apt_candidate chromium-driver)" ]; then
+        apt_update_once || true
+    fi
+    local install=(env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver)
+    # Stale package lists name files the mirror no longer has: update once and try again.
+    if ! as_root "${install[@]}" >/dev/null && ! { apt_update_once && as_root "${install[@]}" >/dev/null; }; then
+        missing chromium "apt-get install chromium chromium-driver failed (see above)"
+    fi
+}
+
 # --- fuzzing ----------------------------------------------------------------------------
 # fuzz/ (cargo-fuzz layout, its own workspace, depends only on warden-protocol) holds
 # coverage-guided targets for the frame parser and the handshake. Each runs for
@@ -292,6 +316,7 @@ main() {
     fi
     ensure_promtool
     ensure_synapse
+    ensure_browser
 
     if [ -n "${PROMTOOL:-}" ]; then
         log "PROMTOOL=$PROMTOOL ($("$PROMTOOL" --version 2>&1 | head -n 1))"
