@@ -32,7 +32,7 @@ use warden_actors::matrix::approvals::{self as handlers, GatewayAddr, HandlerCon
 use warden_actors::matrix::{self, AccountSpec, AccountSubtree};
 use warden_actors::supervision::metrics as m;
 use warden_actors::supervision::{
-    ChildSet, ChildSpec, PolicyCell, ROOT, SlotClient, SupervisorError, TreeHandle, slots,
+    ChildSet, ChildSpec, Policy, PolicyCell, ROOT, SlotClient, SupervisorError, TreeHandle, slots,
     supervisor,
 };
 
@@ -148,19 +148,26 @@ impl Policies {
         cell.clone()
     }
 
-    /// Sets every cell from `config`; returns the kinds and accounts whose policy changed.
+    /// Sets every cell from `config`; returns a line per kind or account whose policy
+    /// changed: `kind matrix_account: backoff.max_ms 60000 → 5000`.
     fn apply(&mut self, config: &Config) -> Vec<String> {
         let mut changed = Vec::new();
-        for (kind, cell) in &self.kinds {
-            if cell.set(config.policy_for(kind, None)) {
-                changed.push(format!("kind {kind}"));
+        let mut set = |who: String, cell: &PolicyCell, policy: Policy| {
+            let was = cell.get();
+            if cell.set(policy.clone()) {
+                changed.push(format!(
+                    "{who}: {}",
+                    policy_changes(&was, &policy).join(", ")
+                ));
             }
+        };
+        for (kind, cell) in &self.kinds {
+            set(format!("kind {kind}"), cell, config.policy_for(kind, None));
         }
         for (alias, cell) in &self.accounts {
-            if let Some(account) = config.matrix.accounts.get(alias)
-                && cell.set(config.policy_for(matrix::KIND, Some(&account.supervision)))
-            {
-                changed.push(format!("account {alias}'s client"));
+            if let Some(account) = config.matrix.accounts.get(alias) {
+                let policy = config.policy_for(matrix::KIND, Some(&account.supervision));
+                set(format!("account {alias}'s client"), cell, policy);
             }
         }
         changed
@@ -413,11 +420,8 @@ impl LiveState {
         }
         self.running = running;
         self.loaded = next;
-        for who in self.policies.apply(&self.running) {
-            changes.push(format!(
-                "{who}: policy applied to the next decisions, nothing restarted"
-            ));
-        }
+        // Applied to the next decisions; nothing restarts for a policy.
+        changes.extend(self.policies.apply(&self.running));
         self.slots.configure(self.running.pools());
         changes.extend(self.apply_accounts().await);
         (changes, pending)
@@ -577,6 +581,72 @@ fn report_start<T>(what: &str, result: Result<T, SupervisorError>) {
         }
         Err(e) => warn!(what, error = %e, "Config reload: cannot start it."),
     }
+}
+
+/// Each field that differs between `was` and `now`, as `field old → new` (durations in
+/// ms, as configured).
+fn policy_changes(was: &Policy, now: &Policy) -> Vec<String> {
+    let ms = |d: Duration| d.as_millis().to_string();
+    let opt_ms = |d: Option<Duration>| d.map_or("none".to_string(), ms);
+    let fields: [(&str, String, String); 12] = [
+        (
+            "backoff.initial_ms",
+            ms(was.backoff.initial),
+            ms(now.backoff.initial),
+        ),
+        ("backoff.max_ms", ms(was.backoff.max), ms(now.backoff.max)),
+        (
+            "backoff.multiplier",
+            was.backoff.multiplier.to_string(),
+            now.backoff.multiplier.to_string(),
+        ),
+        (
+            "backoff.jitter",
+            was.backoff.jitter.to_string(),
+            now.backoff.jitter.to_string(),
+        ),
+        (
+            "backoff.reset_after_ms",
+            ms(was.backoff.reset_after),
+            ms(now.backoff.reset_after),
+        ),
+        (
+            "max_restarts",
+            was.max_restarts.to_string(),
+            now.max_restarts.to_string(),
+        ),
+        ("window_ms", ms(was.window), ms(now.window)),
+        (
+            "on_exhausted",
+            was.on_exhausted.as_str().to_string(),
+            now.on_exhausted.as_str().to_string(),
+        ),
+        (
+            "on_fatal",
+            was.on_fatal.as_str().to_string(),
+            now.on_fatal.as_str().to_string(),
+        ),
+        (
+            "liveness_timeout_ms",
+            opt_ms(was.liveness_timeout),
+            opt_ms(now.liveness_timeout),
+        ),
+        (
+            "shutdown_timeout_ms",
+            ms(was.shutdown_timeout),
+            ms(now.shutdown_timeout),
+        ),
+        (
+            "warn_after",
+            was.warn_after.to_string(),
+            now.warn_after.to_string(),
+        ),
+    ];
+    fields
+        .into_iter()
+        .filter(|(_, a, b)| a != b)
+        .map(|(field, a, b)| format!("{field} {a} → {b}"))
+        .collect()
 }
 
 /// Whether an account must restart to apply `now` over `was`: anything but its

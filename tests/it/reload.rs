@@ -117,7 +117,7 @@ async fn a_reload_applies_in_place_revokes_and_names_what_needs_a_restart() {
     for expected in [
         "supervision.kinds.gateway_listener.backoff.initial_ms: 30000 → 100",
         "start_slots.approvals.max_concurrent: 3 → 7",
-        "kind gateway_listener: policy applied",
+        "kind gateway_listener: backoff.initial_ms 30000 → 100",
         "gateway principals replaced",
     ] {
         assert!(changes.contains(expected), "no {expected:?} in {changes}");
