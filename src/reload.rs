@@ -378,15 +378,31 @@ impl LiveState {
             .iter()
             .map(|e| (e.key.as_str(), e.value.as_str()))
             .collect();
+        // An empty table is one entry (`supervision.kinds = {}`) until it gets keys: that is
+        // no change of its own.
+        let has_keys_below = |entries: &BTreeMap<&str, &str>, table: &str| {
+            let prefix = format!("{table}.");
+            entries
+                .range(prefix.as_str()..)
+                .next()
+                .is_some_and(|(key, _)| key.starts_with(&prefix))
+        };
+        let later = |key: &str| match needs_restart(key) {
+            true => " (needs a restart)",
+            false => "",
+        };
         for (key, value) in &new {
             match old.get(key) {
                 Some(was) if was == value => {}
-                Some(was) => changes.push(format!("{key}: {was} → {value}")),
-                None => changes.push(format!("{key}: set to {value}")),
+                Some(was) => changes.push(format!("{key}: {was} → {value}{}", later(key))),
+                None if *value == "{}" && has_keys_below(&old, key) => {}
+                None => changes.push(format!("{key}: set to {value}{}", later(key))),
             }
         }
         for key in old.keys().filter(|k| !new.contains_key(*k)) {
-            changes.push(format!("{key}: removed"));
+            if !has_keys_below(&new, key) {
+                changes.push(format!("{key}: removed{}", later(key)));
+            }
         }
         let boot: BTreeMap<&str, &str> = self
             .boot
