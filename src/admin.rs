@@ -66,7 +66,7 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 use warden_actors::inbox::Inbox;
 
-use crate::reload::Live;
+use crate::reload::{Live, ReloadError};
 use warden_actors::serve::{ServeActor, ServeArgs, ServeLimits, TickHook};
 use warden_actors::supervision::{
     ChildContext, ChildSpec, ControlAction, Failure, NodeState, Policy, ROOT, Restart,
@@ -640,9 +640,10 @@ async fn reload(State(state): State<AdminState>) -> Result<Response, ApiError> {
     let live = state.live.get().ok_or_else(|| {
         ApiError::NotFound("config reload is available in warden run only".to_string())
     })?;
-    match live.reload("POST /admin/reload").await {
+    match live.request("POST /admin/reload").await {
         Ok(report) => Ok(axum::Json(report).into_response()),
-        Err(e) => Err(ApiError::InvalidConfig(e.to_string())),
+        Err(ReloadError::Invalid(e)) => Err(ApiError::InvalidConfig(e.to_string())),
+        Err(ReloadError::Unavailable(why)) => Err(ApiError::Unavailable(why)),
     }
 }
 
@@ -715,6 +716,8 @@ enum ApiError {
     BadRequest(String),
     /// A reload found the config invalid (400); the error names the key and its source.
     InvalidConfig(String),
+    /// A reload cannot be served now (503): the process is stopping, or too many wait.
+    Unavailable(&'static str),
     /// `/metrics` without a recorder (404).
     MetricsOff,
     /// A supervisor refused an operator action.
@@ -780,6 +783,11 @@ impl ApiError {
             ApiError::InvalidConfig(message) => {
                 (StatusCode::BAD_REQUEST, "invalid_config", message)
             }
+            ApiError::Unavailable(why) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                why.to_string(),
+            ),
             ApiError::Internal(detail) => {
                 warn!(detail = %detail, "Admin endpoint error.");
                 (

@@ -12,10 +12,12 @@
 //! | an account added / removed | its `<alias>` subtree is added to / stopped in order and removed from `root/channels/matrix` |
 //! | an account's credentials, homeserver, filters or approvers | that account alone restarts (removed, then added anew) |
 //! | an account's `approvals.enabled` alone | its approval handler alone starts or stops |
-//! | `gateway.bind`, `gateway.header_read_timeout_ms`, `gateway.max_connections`, `gateway.node_forget_after_ms`, `admin.*`, `state.*`, `inbox.*`, `telemetry.*`, `shutdown.*`, `node.*` | nothing: reported as needing a restart, the running value kept |
+//! | `gateway.bind`, `gateway.header_read_timeout_ms`, `gateway.max_connections`, `gateway.node_forget_after_ms`, `admin.*` (its token compared by value), `state.*`, `inbox.*`, `telemetry.*`, `shutdown.*`, `node.*` | nothing: reported as needing a restart, the running value kept |
 //!
 //! A new config is loaded and checked whole ([`Loaded::reload`]); an invalid one is
-//! refused with the error start-up would print, and nothing changes. Every applied change
+//! refused with the error start-up would print, and nothing changes. Reloads run one at a
+//! time inside the program's wait ([`Live::serve`]), never inside the request that asked:
+//! a client that goes away cannot cut one off halfway. Every applied change
 //! is logged on one line; the generation (1 at start) moves by one per applied reload.
 
 use std::collections::BTreeMap;
@@ -24,6 +26,7 @@ use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 use serde_json::json;
+use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 use warden_actors::gateway::{
     self, GatewayPolicies, GatewaySettings, GatewayState, listener, session,
@@ -38,6 +41,9 @@ use warden_actors::supervision::{
 
 use crate::admin::{self, AdminState};
 use crate::config::{AccountSettings, Config, ConfigEntry, ConfigError, Loaded};
+
+/// Where the accounts' subtree hangs.
+const CHANNELS_PATH: &str = "root/channels";
 
 /// Keys a running process cannot change: a reload reports them as needing a restart and
 /// keeps their running values. A key is one of these, or below one of them.
@@ -68,6 +74,27 @@ fn needs_restart(key: &str) -> bool {
 pub struct Live {
     state: tokio::sync::Mutex<LiveState>,
     status: RwLock<Status>,
+    /// Reloads asked over the admin endpoint, for [`Live::serve`].
+    requests: mpsc::Sender<Request>,
+    /// Taken by [`Live::serve`].
+    inbox: std::sync::Mutex<Option<mpsc::Receiver<Request>>>,
+}
+
+/// A reload asked by `trigger`, answered on `reply`.
+type Request = (&'static str, oneshot::Sender<Result<Report, ConfigError>>);
+
+/// Reloads waiting for [`Live::serve`] at most; more are refused as busy.
+const MAX_WAITING: usize = 4;
+
+/// Why a reload asked for did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// The new config is invalid; nothing changed.
+    #[error("{0}")]
+    Invalid(#[from] ConfigError),
+    /// Reloads are not being served (the process is stopping) or too many wait.
+    #[error("{0}")]
+    Unavailable(&'static str),
 }
 
 /// Where the running config stands, for the tree, `/admin/config` and the reload answer.
@@ -252,9 +279,12 @@ impl Live {
         state
             .admin
             .set_config(config_document(&state.loaded, &status));
+        let (requests, inbox) = mpsc::channel(MAX_WAITING);
         let live = Arc::new(Live {
             state: tokio::sync::Mutex::new(state),
             status: RwLock::new(status),
+            requests,
+            inbox: std::sync::Mutex::new(Some(inbox)),
         });
         metrics::gauge!(m::CONFIG_GENERATION).set(1.0);
         Built { children, live }
@@ -273,9 +303,48 @@ impl Live {
             .clone()
     }
 
+    /// Serves reloads, one at a time, until dropped: one per SIGHUP and per
+    /// [`Live::request`]. The program polls it while it waits for a stop, so a reload runs
+    /// to its end even when whoever asked for it goes away, and ends only with the process.
+    pub async fn serve<S>(&self, mut hangups: crate::program::Hangups) -> S {
+        let taken = self.inbox.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let Some(mut requests) = taken else {
+            return std::future::pending().await;
+        };
+        loop {
+            tokio::select! {
+                () = hangups.recv() => {
+                    let _ = self.reload("SIGHUP").await;
+                }
+                Some((trigger, reply)) = requests.recv() => {
+                    let _ = reply.send(self.reload(trigger).await);
+                }
+            }
+        }
+    }
+
+    /// Asks [`Live::serve`] for a reload and waits for its outcome.
+    pub async fn request(&self, trigger: &'static str) -> Result<Report, ReloadError> {
+        let (reply, answer) = oneshot::channel();
+        self.requests
+            .try_send((trigger, reply))
+            .map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => {
+                    ReloadError::Unavailable("too many reloads are waiting; try again shortly")
+                }
+                mpsc::error::TrySendError::Closed(_) => {
+                    ReloadError::Unavailable("the process is stopping")
+                }
+            })?;
+        match answer.await {
+            Ok(result) => Ok(result?),
+            Err(_) => Err(ReloadError::Unavailable("the process is stopping")),
+        }
+    }
+
     /// Loads the config again and applies what changed. `trigger` names who asked
     /// (`SIGHUP`, `POST /admin/reload`), for the log. An invalid config changes nothing.
-    pub async fn reload(&self, trigger: &str) -> Result<Report, ConfigError> {
+    async fn reload(&self, trigger: &str) -> Result<Report, ConfigError> {
         let mut state = self.state.lock().await;
         let next = match state.loaded.reload() {
             Ok(next) => next,
@@ -420,13 +489,19 @@ impl LiveState {
             )
             .collect();
         pending.sort();
+        // Secrets show as **** (or as their `_file` path) in the entries: a changed secret
+        // is found in the config itself. The admin token is the one a restart must apply.
+        if next.config.admin.token != self.running.admin.token {
+            changes.push("admin.token: changed (needs a restart)".to_string());
+            pending.push("admin.token".to_string());
+        }
+        pending.sort();
         pending.dedup();
-        // Secrets show as **** in the entries: a changed token is found in the config.
         let mut running = next.config.clone();
         keep_restart_only(&mut running, &self.running);
         if running.gateway != self.running.gateway {
-            self.gateway
-                .reconfigure(self.gateway_settings(&running.gateway));
+            let settings = self.gateway_settings(&running.gateway);
+            self.gateway.reconfigure(settings);
             if principals_differ(&running.gateway, &self.running.gateway) {
                 changes.push(
                     "gateway principals replaced; sessions whose credential was revoked are closed"
@@ -444,9 +519,22 @@ impl LiveState {
     }
 
     /// `settings` with the generated operator token when it configures none, as at start.
-    fn gateway_settings(&self, settings: &GatewaySettings) -> GatewaySettings {
+    /// `settings` with the generated operator token when it configures none, as at start
+    /// (made now if the process started with credentials of its own).
+    fn gateway_settings(&mut self, settings: &GatewaySettings) -> GatewaySettings {
         let mut settings = settings.clone();
         if settings.token.is_none() && settings.operators.is_empty() {
+            if self.generated_token.is_none() {
+                match crate::token::operator_token(&self.running.state.dir) {
+                    Ok((token, path, _)) => {
+                        info!(path = %path.display(), "No gateway.token or gateway.operators configured any more: operators use the generated token stored there.");
+                        self.generated_token = Some(token);
+                    }
+                    Err(e) => {
+                        error!(key = "gateway.token", error = %e, "No gateway.token or gateway.operators configured any more, and no operator token can be stored under state.dir: no operator can connect.");
+                    }
+                }
+            }
             settings.token = self.generated_token.clone();
         }
         settings
@@ -513,14 +601,24 @@ impl LiveState {
         let Some(tree) = &self.tree else { return };
         let result = match tree.supervisor(matrix::ACCOUNTS_PATH) {
             Some(accounts) => accounts.add(spec).await,
-            None => {
-                // The first account of a process that started with none.
+            // The first account of a process that started with none: `root/channels` is
+            // added, with every account of the set.
+            None if tree.snapshot().find(CHANNELS_PATH).is_none() => {
                 let supervisor = self.policies.kind(&self.running, supervisor::KIND);
                 let channels = matrix::channels_spec(&self.accounts, &supervisor);
                 match tree.supervisor(ROOT) {
                     Some(root) => root.add(channels).await,
                     None => Err(SupervisorError::ShuttingDown),
                 }
+            }
+            // The accounts' supervisor is restarting, stopped or parked: it starts the
+            // account with the others, from the set.
+            None => {
+                warn!(
+                    account = alias,
+                    "Config reload: the accounts' supervisor is not running; the account starts when it does."
+                );
+                return;
             }
         };
         report_start(&format!("account {alias}"), result);
@@ -530,7 +628,8 @@ impl LiveState {
     async fn stop_account(&mut self, alias: &str) {
         self.accounts.remove(alias);
         self.subtrees.remove(alias);
-        self.gateway.remove_approver(alias);
+        // Stopped first, then its handler's credential revoked: a handler refused while it
+        // still runs would count a failure, fatal at that.
         if let Some(accounts) = self
             .tree
             .as_ref()
@@ -543,6 +642,7 @@ impl LiveState {
                 }
             }
         }
+        self.gateway.remove_approver(alias);
     }
 
     /// Starts or stops account `alias`'s approval handler alone; returns whether it runs

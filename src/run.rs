@@ -125,14 +125,8 @@ pub async fn run(loaded: Loaded) -> i32 {
         admin = %admin_bind,
         "warden started."
     );
-    // SIGHUP reloads the config; the loop runs inside `serve`'s wait, so it ends with it.
-    let mut hangups = program.take_hangups();
-    let reloads = async {
-        loop {
-            hangups.recv().await;
-            let _ = live.reload("SIGHUP").await;
-        }
-    };
+    // Reloads (SIGHUP, POST /admin/reload) run inside `serve`'s wait, so they end with it.
+    let reloads = live.serve(program.take_hangups());
     program
         .serve(tree, deadline, reloads, || {
             // The intent the running `gateway.on_shutdown` asks for (a reload may change it).

@@ -182,10 +182,14 @@ fn load_with(sources: ConfigSources, env: Vec<(String, String)>) -> Result<Loade
         .extract()
         .map_err(|e| ConfigError::extract(&figment, e))?;
     check::finish(&mut config, &figment)?;
+    let blank_file = file
+        .as_deref()
+        .is_some_and(|f| std::fs::read_to_string(f).is_ok_and(|text| text.trim().is_empty()));
     Ok(Loaded {
         config,
         figment,
         file,
+        blank_file,
         sources,
         env,
     })
@@ -199,6 +203,8 @@ pub struct Loaded {
     figment: Figment,
     /// The config file read, absolute.
     file: Option<PathBuf>,
+    /// Whether the file held nothing but blanks.
+    blank_file: bool,
     /// What the command line gave, for a reload.
     sources: ConfigSources,
     /// The environment as at start-up, for a reload (a running process's environment does
@@ -217,8 +223,27 @@ impl fmt::Debug for Loaded {
 impl Loaded {
     /// Loads again from the same layers: the config file (and every `_file` secret) read
     /// anew, the environment as at start-up, the same flags. Checked like at start-up.
+    ///
+    /// The file is the one read at start-up, however it was found: missing now, it is an
+    /// error (as with `--config`), not a quiet fall-back to the defaults. Nor is a file that
+    /// had settings at start-up and is empty now taken (a file being written, most
+    /// likely): an empty file would remove every account and credential.
     pub fn reload(&self) -> Result<Loaded, ConfigError> {
-        load_with(self.sources.clone(), self.env.clone())
+        let mut sources = self.sources.clone();
+        if let Some(file) = &self.file {
+            sources.path = Some(file.clone());
+        }
+        let next = load_with(sources, self.env.clone())?;
+        match &next.file {
+            Some(file) if next.blank_file && !self.blank_file => Err(ConfigError {
+                key: String::new(),
+                source: format!("file {}", file.display()),
+                message: "the file is empty now and was not at start-up; refused (write the \
+                          whole file, then reload)"
+                    .to_string(),
+            }),
+            _ => Ok(next),
+        }
     }
 
     /// The TOML file used, if any, as an absolute path.

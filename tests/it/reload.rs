@@ -228,7 +228,63 @@ async fn a_reload_applies_in_place_revokes_and_names_what_needs_a_restart() {
     );
     assert!(metrics.contains("warden_config_generation 3"), "{metrics}");
 
+    // The file it started with, missing or emptied (being written): refused, nothing changes.
+    let file = warden.dir().join("warden.toml");
+    std::fs::remove_file(&file).expect("remove warden.toml");
+    let (status, error) = reload(&http, &admin).await;
+    assert_eq!(status, 400, "{error}");
+    assert!(error.to_string().contains("warden.toml"), "{error}");
+    std::fs::write(&file, "\n").expect("empty warden.toml");
+    let (status, error) = reload(&http, &admin).await;
+    assert_eq!(status, 400, "{error}");
+    assert!(error.to_string().contains("empty"), "{error}");
+    assert_eq!(tree(&http, &admin).await["config"]["generation"], 3);
+
+    // A new admin token needs a restart: named, and the running endpoint stays as it is.
+    write_config(
+        &warden,
+        &format!("{AFTER}\n[admin]\ntoken = \"new-admin-token\"\n"),
+    );
+    let (status, report) = reload(&http, &admin).await;
+    assert_eq!(status, 200, "{report}");
+    assert_eq!(
+        report["needs_restart"],
+        serde_json::json!(["admin.token", "inbox.retention_ms"]),
+        "{report}"
+    );
+    assert_eq!(tree(&http, &admin).await["config"]["generation"], 4);
+
+    // No operator credential left: like a start without one, operators get the generated
+    // token (in <state.dir>/gateway.token); alice's own is revoked. (Her first session
+    // ended with the listener's restart, rest_for_one: a new one.)
+    let mut alice = operator(&url, "tok-alice").await.expect("alice connects");
+    write_config(
+        &warden,
+        &AFTER.replace("[gateway.operators.alice]\ntoken = \"tok-alice\"\n", ""),
+    );
+    let (status, report) = reload(&http, &admin).await;
+    assert_eq!(status, 200, "{report}");
+    let closed = eventually(
+        Duration::from_secs(5),
+        "alice's session closed",
+        async || match alice.call("health", serde_json::json!({})).await {
+            Err(CallError::Closed { code, .. }) => Some(code),
+            _ => None,
+        },
+    )
+    .await;
+    assert_eq!(closed, 1008);
+    let generated = std::fs::read_to_string(warden.dir().join(".warden/gateway.token"))
+        .expect("the generated operator token");
+    operator(&url, generated.trim())
+        .await
+        .expect("an operator connects with the generated token");
+
     // `warden reload`: exit 64 naming the key while the file is invalid; then 0.
+    write_config(
+        &warden,
+        &AFTER.replace("max_concurrent = 7", "max_concurrent = \"many\""),
+    );
     let cli = || Launch::new("reload-cli", &["reload", "--admin", &admin]);
     let out = cli().output(Duration::from_secs(30)).await;
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -241,7 +297,7 @@ async fn a_reload_applies_in_place_revokes_and_names_what_needs_a_restart() {
     let out = cli().output(Duration::from_secs(30)).await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{stdout}");
-    assert!(stdout.contains("config generation 4"), "{stdout}");
+    assert!(stdout.contains("config generation 6"), "{stdout}");
     assert!(
         stdout.contains("needs a restart: inbox.retention_ms"),
         "{stdout}"

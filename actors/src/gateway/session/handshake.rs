@@ -41,7 +41,15 @@ impl SessionState {
         burn(self.gateway.handshake_cost());
         let principals = self.gateway.principals();
         match handshake::check(text, &principals) {
-            Ok(accepted) => self.accept(myself, accepted).await,
+            Ok(accepted) => {
+                // The credential it showed, from the principals that admitted it: a reload
+                // that rotates it meanwhile is then seen by `still_admits`.
+                let secret = principals
+                    .secret_of(&accepted.principal)
+                    .cloned()
+                    .unwrap_or_else(|| Secret::new(String::new()));
+                self.accept(myself, accepted, secret).await
+            }
             Err(Refused::NotAFrame) => {
                 debug!(peer = %self.peer, "Invalid frame before hello; closing with 1007.");
                 self.close(myself, close::INVALID_FRAME, "not a frame of the protocol")
@@ -66,7 +74,7 @@ impl SessionState {
     }
 
     /// A `connect` that authenticated: `hello-ok`, then (for a node) its registration.
-    async fn accept(&mut self, myself: &ActorRef<SessionMsg>, accepted: Accepted) {
+    async fn accept(&mut self, myself: &ActorRef<SessionMsg>, accepted: Accepted, secret: Secret) {
         let Accepted {
             id,
             principal,
@@ -119,14 +127,6 @@ impl SessionState {
         };
         info!(peer = %self.peer, principal = %principal.label(), client = %client.name,
             "Session authenticated.");
-        // The credential it showed: `principal` came from these principals, so it is there
-        // (a reload in between leaves `still_admits` to refuse it at once).
-        let secret = self
-            .gateway
-            .principals()
-            .secret_of(&principal)
-            .cloned()
-            .unwrap_or_else(|| Secret::new(String::new()));
         self.phase = Phase::Ready(Authed {
             _count: self.gateway.count_role(role),
             secret,
