@@ -14,7 +14,7 @@ use crate::support::{
 };
 use crate::synapse;
 
-/// The file before: two operators, a listener that would wait 30 s before a restart.
+/// The file before (after a `[gateway] bind`): two operators, a listener that would wait 30 s before a restart.
 const BEFORE: &str = r#"
 [gateway.operators.alice]
 token = "tok-alice"
@@ -26,8 +26,9 @@ backoff = { initial_ms = 30000, max_ms = 60000, jitter = 0 }
 max_concurrent = 3
 "#;
 
-/// The file after: bob removed, the listener's first delay 100 ms, a larger pool, and a
-/// longer inbox retention (which needs a restart).
+/// The file after (after another `[gateway] bind`, which needs a restart): bob removed, the
+/// listener's first delay 100 ms, a larger pool, and a longer inbox retention (which needs
+/// a restart too).
 const AFTER: &str = r#"
 [inbox]
 retention_ms = 120000
@@ -89,12 +90,15 @@ fn write_config(warden: &Warden, toml: &str) {
 
 #[tokio::test]
 async fn a_reload_applies_in_place_revokes_and_names_what_needs_a_restart() {
-    // A fixed port: the listener restarted below must come back on it.
-    let port = free_port();
-    let warden = Launch::run("reload")
-        .gateway_bind(&format!("127.0.0.1:{port}"))
-        .config(BEFORE)
-        .spawn();
+    // The gateway's address from the file (not a flag, which would win over it), on a
+    // fixed port: the listener restarted below must come back on it, and the file's new
+    // address waits for a restart.
+    let (port, elsewhere) = (free_port(), free_port());
+    let bind = |port: u16| format!("[gateway]\nbind = \"127.0.0.1:{port}\"\n");
+    let file_before = format!("{}{BEFORE}", bind(port));
+    let file_after = format!("{}{AFTER}", bind(elsewhere));
+    let args = ["run", "--admin-bind", "127.0.0.1:0", "--log-format", "json"];
+    let warden = Launch::new("reload", &args).config(&file_before).spawn();
     let admin = warden.ready().await;
     let url = warden.gateway().await;
     let http = reqwest::Client::new();
@@ -104,13 +108,13 @@ async fn a_reload_applies_in_place_revokes_and_names_what_needs_a_restart() {
     assert_eq!(before["config"]["generation"], 1, "{before}");
 
     // POST /admin/reload applies the new file.
-    write_config(&warden, AFTER);
+    write_config(&warden, &file_after);
     let (status, report) = reload(&http, &admin).await;
     assert_eq!(status, 200, "{report}");
     assert_eq!(report["generation"], 2, "{report}");
     assert_eq!(
         report["needs_restart"],
-        serde_json::json!(["inbox.retention_ms"]),
+        serde_json::json!(["gateway.bind", "inbox.retention_ms"]),
         "{report}"
     );
     let changes = report["changes"].to_string();
@@ -153,7 +157,7 @@ async fn a_reload_applies_in_place_revokes_and_names_what_needs_a_restart() {
     assert_eq!(generations(&before), generations(&after), "{after}");
     assert_eq!(after["config"]["generation"], 2, "{after}");
     assert_eq!(
-        after["config"]["pending_restart"][0], "inbox.retention_ms",
+        after["config"]["pending_restart"][0], "gateway.bind",
         "{after}"
     );
     let slots = find(&after, "root/start_slots").expect("start_slots");
@@ -202,7 +206,7 @@ async fn a_reload_applies_in_place_revokes_and_names_what_needs_a_restart() {
     // An invalid file is refused whole with the start-up error; nothing changes.
     write_config(
         &warden,
-        &AFTER.replace("max_concurrent = 7", "max_concurrent = \"many\""),
+        &file_after.replace("max_concurrent = 7", "max_concurrent = \"many\""),
     );
     let (status, error) = reload(&http, &admin).await;
     assert_eq!(status, 400, "{error}");
@@ -243,13 +247,13 @@ async fn a_reload_applies_in_place_revokes_and_names_what_needs_a_restart() {
     // A new admin token needs a restart: named, and the running endpoint stays as it is.
     write_config(
         &warden,
-        &format!("{AFTER}\n[admin]\ntoken = \"new-admin-token\"\n"),
+        &format!("{file_after}\n[admin]\ntoken = \"new-admin-token\"\n"),
     );
     let (status, report) = reload(&http, &admin).await;
     assert_eq!(status, 200, "{report}");
     assert_eq!(
         report["needs_restart"],
-        serde_json::json!(["admin.token", "inbox.retention_ms"]),
+        serde_json::json!(["admin.token", "gateway.bind", "inbox.retention_ms"]),
         "{report}"
     );
     assert_eq!(tree(&http, &admin).await["config"]["generation"], 4);
@@ -260,7 +264,7 @@ async fn a_reload_applies_in_place_revokes_and_names_what_needs_a_restart() {
     let mut alice = operator(&url, "tok-alice").await.expect("alice connects");
     write_config(
         &warden,
-        &AFTER.replace("[gateway.operators.alice]\ntoken = \"tok-alice\"\n", ""),
+        &file_after.replace("[gateway.operators.alice]\ntoken = \"tok-alice\"\n", ""),
     );
     let (status, report) = reload(&http, &admin).await;
     assert_eq!(status, 200, "{report}");
@@ -283,7 +287,7 @@ async fn a_reload_applies_in_place_revokes_and_names_what_needs_a_restart() {
     // `warden reload`: exit 64 naming the key while the file is invalid; then 0.
     write_config(
         &warden,
-        &AFTER.replace("max_concurrent = 7", "max_concurrent = \"many\""),
+        &file_after.replace("max_concurrent = 7", "max_concurrent = \"many\""),
     );
     let cli = || Launch::new("reload-cli", &["reload", "--admin", &admin]);
     let out = cli().output(Duration::from_secs(30)).await;
@@ -293,13 +297,14 @@ async fn a_reload_applies_in_place_revokes_and_names_what_needs_a_restart() {
         stderr.contains("start_slots.approvals.max_concurrent"),
         "{stderr}"
     );
-    write_config(&warden, AFTER);
+    write_config(&warden, &file_after);
     let out = cli().output(Duration::from_secs(30)).await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{stdout}");
     assert!(stdout.contains("config generation 6"), "{stdout}");
     assert!(
-        stdout.contains("needs a restart: inbox.retention_ms"),
+        stdout.contains("needs a restart: gateway.bind")
+            && stdout.contains("needs a restart: inbox.retention_ms"),
         "{stdout}"
     );
 }
