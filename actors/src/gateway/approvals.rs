@@ -153,6 +153,9 @@ pub const MAX_FILE_BYTES: u64 = 1024 * 1024;
 /// The `by` of an approval nobody decided in time.
 pub const TIMEOUT_BY: &str = "timeout";
 
+/// The `by` of a pending approval denied because a reload revoked its requester.
+pub const REVOKED_BY: &str = "requester revoked";
+
 /// Length of an approval id.
 pub const ID_LEN: usize = 8;
 
@@ -347,6 +350,13 @@ pub enum ApprovalsMsg {
         id: String,
         /// The node's payload, or why there is none.
         result: Result<Value, ErrorBody>,
+    },
+    /// A config reload left only these operators: every pending approval another operator
+    /// asked for is denied (by [`REVOKED_BY`]), so that a revoked credential's requests
+    /// cannot be approved later.
+    OperatorsNow {
+        /// The operator names still configured.
+        operators: Vec<String>,
     },
 }
 
@@ -982,6 +992,30 @@ impl ApprovalsState {
                     self.decided(myself, &id);
                 }
             }
+            ApprovalsMsg::OperatorsNow { operators } => {
+                let revoked: Vec<String> = self
+                    .book
+                    .open
+                    .values()
+                    .filter(|a| a.is_pending())
+                    .filter(|a| {
+                        a.requester
+                            .strip_prefix("operator:")
+                            .is_some_and(|name| !operators.iter().any(|o| o == name))
+                    })
+                    .map(|a| a.id.clone())
+                    .collect();
+                for id in revoked {
+                    if self
+                        .book
+                        .decide(&id, Decision::Denied, REVOKED_BY, now_ms())
+                        .is_ok()
+                    {
+                        info!(id = %id, "Approval denied: a config reload revoked its requester.");
+                        self.decided(myself, &id);
+                    }
+                }
+            }
             ApprovalsMsg::InvokeDone { id, result } => {
                 self.running.remove(&id);
                 let outcome = match result {
@@ -1580,6 +1614,62 @@ mod tests {
             .await
             .expect("broker")
             .0
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_revoked_operators_pending_approvals_are_denied() {
+        let scratch = Scratch::new("revoked");
+        let gateway = GatewayState::new(super::super::GatewaySettings::default());
+        let mut settings = ApprovalsSettings::new(scratch.0.join("approvals"));
+        settings
+            .approvers
+            .insert("nova".into(), vec!["@owner:x".into()]);
+        assert!(gateway.set_approvals(settings).is_ok());
+        let _broker = spawn_broker(&gateway).await;
+        let (replies, _rx, _node) = catcher_node(&gateway).await;
+        let mut hub = gateway.hub().subscribe();
+        let client = gateway.approvals().expect("configured").clone();
+        let request = |req: &str, requester: &str| ApprovalsMsg::Request {
+            params: ApprovalRequestParams {
+                node: "box".into(),
+                command: "disk".into(),
+                args: json!([]),
+                reason: "why".into(),
+                timeout_s: None,
+            },
+            requester: requester.into(),
+            reply: replies.to(req),
+        };
+        client.send(request("a", "operator:alice")).expect("send");
+        let kept = next_requested(&mut hub).await["id"].clone();
+        client.send(request("b", "operator:bob")).expect("send");
+        let revoked = next_requested(&mut hub).await["id"].clone();
+        // Bob is no longer configured: his request is denied, alice's stays pending.
+        client
+            .send(ApprovalsMsg::OperatorsNow {
+                operators: vec!["alice".into()],
+            })
+            .expect("send");
+        assert_eq!(
+            reply(&replies, "b").await,
+            json!({"id": revoked, "decision": "denied", "by": REVOKED_BY})
+        );
+        // Alice's is still pending: an approver can still approve it.
+        client
+            .send(ApprovalsMsg::Resolve {
+                params: ApprovalResolveParams {
+                    id: kept.as_str().expect("id").into(),
+                    decision: Verdict::Approve,
+                    by: "@owner:x".into(),
+                },
+                account: Some("nova".into()),
+                reply: replies.to("decide"),
+            })
+            .expect("send");
+        assert_eq!(
+            reply(&replies, "decide").await,
+            json!({"id": kept, "decision": "approved"})
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -361,16 +361,22 @@ impl GatewayState {
     /// `settings` (approval handlers kept), and every session whose credential no longer
     /// admits it is closed with 1008. `bind`, `header_read_timeout_ms`, `max_connections`
     /// and `node_forget_after_ms` are read when the listener (or the gateway) starts: the
-    /// caller reports them as needing a restart.
+    /// caller reports them as needing a restart. The approvals broker denies the pending
+    /// approvals of operators no longer configured.
     pub fn reconfigure(&self, settings: GatewaySettings) {
         let next = principals_of(&settings);
         *self.0.settings.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(settings);
+        let operators: Vec<String> = next.operator_names().map(str::to_string).collect();
         {
             let mut principals = self.0.principals.write().unwrap_or_else(|e| e.into_inner());
             let next = next.with_approvers_of(&principals);
             *principals = Arc::new(next);
         }
         self.0.revocations.send_modify(|n| *n += 1);
+        // A revoked operator's pending approvals must not be approved later.
+        if let Some(broker) = self.approvals() {
+            let _ = broker.send(approvals::ApprovalsMsg::OperatorsNow { operators });
+        }
     }
 
     /// Removes the approval handler credential of `account` (its handler was stopped) and
