@@ -278,7 +278,7 @@ impl Live {
         };
         state
             .admin
-            .set_config(config_document(&state.loaded, &status));
+            .set_config(config_document(&state.loaded, &status, &state.boot));
         let (requests, inbox) = mpsc::channel(MAX_WAITING);
         let live = Arc::new(Live {
             state: tokio::sync::Mutex::new(state),
@@ -381,7 +381,7 @@ impl Live {
         let status = self.status();
         state
             .admin
-            .set_config(config_document(&state.loaded, &status));
+            .set_config(config_document(&state.loaded, &status, &state.boot));
         Ok(Report {
             generation,
             applied_at: status.applied_at,
@@ -391,12 +391,25 @@ impl Live {
     }
 }
 
-/// What `/admin/config` serves: every entry with its source, and the reload status.
-pub fn config_document(loaded: &Loaded, status: &Status) -> serde_json::Value {
+/// What `/admin/config` serves: every entry with its source, and the reload status. An
+/// entry waiting for a restart also says what still runs (`running_value`, absent when the
+/// key was not set at start-up).
+fn config_document(loaded: &Loaded, status: &Status, boot: &[ConfigEntry]) -> serde_json::Value {
     let entries: Vec<serde_json::Value> = loaded
         .entries()
         .into_iter()
-        .map(|e| json!({ "key": e.key, "value": e.value, "source": e.source }))
+        .map(|e| {
+            let mut entry = json!({ "key": e.key, "value": e.value, "source": e.source });
+            if status.pending_restart.contains(&e.key) {
+                let running = boot
+                    .iter()
+                    .find(|b| b.key == e.key)
+                    .map(|b| b.value.clone());
+                entry["pending_restart"] = json!(true);
+                entry["running_value"] = json!(running);
+            }
+            entry
+        })
         .collect();
     json!({
         "entries": entries,

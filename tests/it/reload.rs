@@ -160,6 +160,26 @@ async fn a_reload_applies_in_place_revokes_and_names_what_needs_a_restart() {
         after["config"]["pending_restart"][0], "gateway.bind",
         "{after}"
     );
+    // /admin/config shows the file's value and what still runs until a restart.
+    let config: Value = http
+        .get(format!("{admin}/admin/config"))
+        .send()
+        .await
+        .expect("config")
+        .json()
+        .await
+        .expect("config json");
+    let bind_entry = config["entries"]
+        .as_array()
+        .and_then(|e| e.iter().find(|e| e["key"] == "gateway.bind"))
+        .expect("gateway.bind");
+    assert_eq!(bind_entry["pending_restart"], true, "{bind_entry}");
+    assert_eq!(
+        bind_entry["running_value"],
+        format!("\"127.0.0.1:{port}\""),
+        "{bind_entry}"
+    );
+    assert_eq!(config["generation"], 2, "{config}");
     let slots = find(&after, "root/start_slots").expect("start_slots");
     let pool = slots["pools"]
         .as_array()
