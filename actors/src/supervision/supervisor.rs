@@ -50,6 +50,10 @@ type Timer = JoinHandle<Result<(), ractor::MessagingErr<SupervisorMsg>>>;
 /// How long to wait for a killed child to be gone.
 const KILL_WAIT: Duration = Duration::from_secs(2);
 
+/// A running child's liveness is looked at least this often, so that a timeout changed
+/// through its policy cell (a config reload) applies within it.
+const LIVENESS_RECHECK: Duration = Duration::from_secs(60);
+
 /// The kind of every supervisor, for policies and metrics.
 pub const KIND: &str = "supervisor";
 
@@ -715,21 +719,22 @@ impl SupervisorState {
         let path = child.path.clone();
         let liveness = child.spec.policy().liveness_timeout;
         self.publish(order);
+        // Checked at least every LIVENESS_RECHECK, with or without a timeout: a timeout
+        // changed (or set) through the policy cell applies within that.
+        let first_check = liveness.map_or(LIVENESS_RECHECK, |t| t.min(LIVENESS_RECHECK));
 
         match start(ctx).await {
             Ok(cell) => {
                 self.by_actor.insert(cell.get_id(), order);
                 if let Some(child) = self.children.get_mut(&order) {
                     child.cell = Some(cell.clone());
-                    if let Some(timeout) = liveness {
-                        child.liveness_timer =
-                            Some(
-                                myself.send_after(timeout, move || SupervisorMsg::LivenessDue {
-                                    order,
-                                    generation,
-                                }),
-                            );
-                    }
+                    child.liveness_timer =
+                        Some(
+                            myself.send_after(first_check, move || SupervisorMsg::LivenessDue {
+                                order,
+                                generation,
+                            }),
+                        );
                 }
                 Ok(cell)
             }
@@ -1075,17 +1080,25 @@ impl SupervisorState {
         let Some(child) = self.children.get_mut(&order) else {
             return Ok(());
         };
-        let Some(timeout) = child.spec.policy().liveness_timeout else {
-            return Ok(());
-        };
         if child.generation != generation || child.cell.is_none() {
             return Ok(());
         }
+        let Some(timeout) = child.spec.policy().liveness_timeout else {
+            // No timeout now; one may be set later.
+            child.liveness_timer =
+                Some(
+                    myself.send_after(LIVENESS_RECHECK, move || SupervisorMsg::LivenessDue {
+                        order,
+                        generation,
+                    }),
+                );
+            return Ok(());
+        };
         let now = Instant::now();
         let last = child.probe.last_beat();
         let silent = now.saturating_duration_since(last);
         if silent < timeout {
-            let next = timeout - silent;
+            let next = (timeout - silent).min(LIVENESS_RECHECK);
             child.liveness_timer = Some(myself.send_after(next, move || {
                 SupervisorMsg::LivenessDue { order, generation }
             }));

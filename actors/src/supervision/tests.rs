@@ -683,6 +683,29 @@ async fn hung_child_is_killed_at_its_liveness_timeout_and_restarted() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_liveness_timeout_set_through_the_cell_applies_to_a_running_child() {
+    let cell = PolicyCell::new(policy());
+    let spec_cell = cell.clone();
+    let mut h = Harness::start(Strategy::OneForOne, |tx| {
+        vec![child("a", Restart::Permanent, policy(), tx).with_policy_cell(spec_cell)]
+    })
+    .await;
+    let (_, t0, _silent) = h.started("a").await;
+    // No timeout: a silent child runs on.
+    h.quiet_for(150 * S).await;
+    // A 10 s timeout from now on: the running child is found silent at its next check
+    // (every 60 s at most: at 180 s), killed, and restarted 1 s later.
+    cell.set(Policy {
+        liveness_timeout: Some(10 * S),
+        ..policy()
+    });
+    let (g, at, _) = h.started("a").await;
+    assert_eq!((g, at - t0), (2, 181 * S));
+    let f = h.node("root/a").last_failure.expect("failure");
+    assert_eq!(f.class.as_str(), "hung");
+}
+
+#[tokio::test(start_paused = true)]
 async fn ordered_shutdown_kills_a_child_that_ignores_stop_after_its_timeout() {
     let mut h = Harness::start(Strategy::OneForOne, |tx| {
         ["a", "b", "c"]
