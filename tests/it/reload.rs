@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use warden_actors::gateway::client::CallError;
 
 use crate::support::{
-    Account, Launch, Rig, Scenario, Warden, eventually, free_port, next_event, operator,
+    Account, Launch, Rig, Scenario, Warden, eventually, free_port, next_event, operator, tree_node,
 };
 use crate::synapse;
 
@@ -52,16 +52,6 @@ fn generations(tree: &Value) -> BTreeMap<String, u64> {
         stack.extend(node["children"].as_array().into_iter().flatten());
     }
     out
-}
-
-fn find<'a>(tree: &'a Value, path: &str) -> Option<&'a Value> {
-    if tree["path"] == path {
-        return Some(tree);
-    }
-    tree["children"]
-        .as_array()?
-        .iter()
-        .find_map(|child| find(child, path))
 }
 
 async fn tree(http: &reqwest::Client, admin: &str) -> Value {
@@ -180,7 +170,7 @@ async fn a_reload_applies_in_place_revokes_and_names_what_needs_a_restart() {
         "{bind_entry}"
     );
     assert_eq!(config["generation"], 2, "{config}");
-    let slots = find(&after, "root/start_slots").expect("start_slots");
+    let slots = tree_node(&after, "root/start_slots").expect("start_slots");
     let pool = slots["pools"]
         .as_array()
         .and_then(|pools| pools.iter().find(|p| p["name"] == "approvals"))
@@ -190,7 +180,7 @@ async fn a_reload_applies_in_place_revokes_and_names_what_needs_a_restart() {
     // The new policy decides the next failure: the listener comes back after 100 ms, not
     // the 30 s it started with; and it still listens where it did.
     let listener = "root/gateway/listener";
-    let generation = find(&after, listener).expect("listener")["generation"]
+    let generation = tree_node(&after, listener).expect("listener")["generation"]
         .as_u64()
         .expect("generation");
     let killed = http
@@ -204,7 +194,7 @@ async fn a_reload_applies_in_place_revokes_and_names_what_needs_a_restart() {
         "the listener back by the new backoff",
         async || {
             let tree = tree(&http, &admin).await;
-            let node = find(&tree, listener).cloned().unwrap_or_default();
+            let node = tree_node(&tree, listener).cloned().unwrap_or_default();
             node["state"] == "running" && node["generation"].as_u64() == Some(generation + 1)
         },
     )

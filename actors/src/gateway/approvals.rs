@@ -1616,15 +1616,22 @@ mod tests {
             .0
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn a_revoked_operators_pending_approvals_are_denied() {
-        let scratch = Scratch::new("revoked");
+    /// A gateway whose approvals are stored in `scratch` and decided, for account nova, by
+    /// `approver`.
+    fn gateway_with_approver(scratch: &Scratch, approver: &str) -> GatewayState {
         let gateway = GatewayState::new(super::super::GatewaySettings::default());
         let mut settings = ApprovalsSettings::new(scratch.0.join("approvals"));
         settings
             .approvers
-            .insert("nova".into(), vec!["@owner:x".into()]);
+            .insert("nova".into(), vec![approver.into()]);
         assert!(gateway.set_approvals(settings).is_ok());
+        gateway
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_revoked_operators_pending_approvals_are_denied() {
+        let scratch = Scratch::new("revoked");
+        let gateway = gateway_with_approver(&scratch, "@owner:x");
         let _broker = spawn_broker(&gateway).await;
         let (replies, _rx, _node) = catcher_node(&gateway).await;
         let mut hub = gateway.hub().subscribe();
@@ -1675,12 +1682,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn timeout_approval_invoke_and_reload_on_the_paused_clock() {
         let scratch = Scratch::new("actor");
-        let gateway = GatewayState::new(super::super::GatewaySettings::default());
-        let mut settings = ApprovalsSettings::new(scratch.0.join("approvals"));
-        settings
-            .approvers
-            .insert("nova".into(), vec!["@Owner:x".into()]);
-        assert!(gateway.set_approvals(settings).is_ok());
+        let gateway = gateway_with_approver(&scratch, "@Owner:x");
         let broker = spawn_broker(&gateway).await;
         let (replies, mut rx, _node) = catcher_node(&gateway).await;
         let mut hub = gateway.hub().subscribe();
