@@ -21,7 +21,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tracing::{error, info};
+use tracing::{error, info, warn};
 use warden_actors::node::connection::{self, NodeStatus};
 use warden_actors::supervision::EXIT_BUDGET_EXHAUSTED;
 
@@ -68,7 +68,7 @@ pub async fn run(loaded: Loaded) -> i32 {
             config.policy_for(admin::KIND, None),
         ),
     ];
-    let (program, tree) = match program.start_tree(children, &admin_state).await {
+    let (mut program, tree) = match program.start_tree(children, &admin_state).await {
         Ok(started) => started,
         Err(code) => return code,
     };
@@ -76,13 +76,21 @@ pub async fn run(loaded: Loaded) -> i32 {
         admin = %config.admin.bind, "warden node started.");
 
     let limit = Duration::from_millis(node.max_disconnected_ms);
+    // A node does not reload its config: a SIGHUP is said to be ignored, not fatal.
+    let mut hangups = program.take_hangups();
     let too_long = async move {
-        if limit.is_zero() {
-            return std::future::pending().await;
-        }
         let mut every = tokio::time::interval(Duration::from_millis(200));
         loop {
-            every.tick().await;
+            tokio::select! {
+                () = hangups.recv() => {
+                    warn!("SIGHUP ignored: warden node does not reload its config; restart it to apply a change.");
+                    continue;
+                }
+                _ = every.tick() => {}
+            }
+            if limit.is_zero() {
+                continue;
+            }
             if let Some(away) = status.disconnected_for()
                 && away >= limit
             {

@@ -10,11 +10,13 @@ use serde_json::{Value, json};
 use warden_actors::gateway::client::CallError;
 
 use crate::support::{
-    Account, Launch, Rig, Scenario, Warden, eventually, free_port, next_event, operator, tree_node,
+    Account, Launch, Rig, Scenario, Warden, eventually, free_port, next_event, node_config,
+    operator, tree_node,
 };
 use crate::synapse;
 
-/// The file before (after a `[gateway] bind`): two operators, a listener that would wait 30 s before a restart.
+/// The file before (after a `[gateway] bind`): two operators, a listener that would wait
+/// 30 s before a restart.
 const BEFORE: &str = r#"
 [gateway.operators.alice]
 token = "tok-alice"
@@ -452,4 +454,24 @@ async fn a_reload_touches_only_the_accounts_it_changes() {
         .expect("nova's message");
     assert_eq!(message["account"], "nova", "{message}");
     assert_eq!(message["body"], "after three reloads", "{message}");
+}
+
+/// `warden node` does not reload: a SIGHUP (whose default action would end the process) is
+/// logged as ignored, and the node runs on.
+#[tokio::test]
+async fn a_node_says_it_ignores_sighup_and_runs_on() {
+    let nowhere = format!("ws://127.0.0.1:{}/ws", free_port());
+    let config = format!(
+        "{}[node.commands.hello]\nargv = [\"echo\", \"hello\"]\n",
+        node_config(&nowhere, "some-token", "quiet")
+    );
+    let mut node = Launch::node("reload-node", &config).spawn();
+    node.admin().await;
+    node.signal("-HUP");
+    node.wait_for_log(
+        "SIGHUP ignored: warden node does not reload its config; restart it to apply a change.",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(node.is_running(), "{}", node.logs());
 }
