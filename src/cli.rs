@@ -169,6 +169,12 @@ pub fn main(cli: Cli) -> i32 {
                     message,
                     ..
                 }) => fail(&message, EXIT_CONFIG),
+                Err(e @ admin::ClientError::Status { status: 401, .. }) => fail(
+                    &format!(
+                        "{e} (a changed admin.token applies only after a restart: pass the running one with --token)"
+                    ),
+                    1,
+                ),
                 Err(e) => fail(&e.to_string(), 1),
             }
         }),

@@ -355,6 +355,11 @@ impl Live {
                 return Err(e);
             }
         };
+        if let Err(e) = state.ensure_operator_token(&next.config) {
+            metrics::counter!(m::CONFIG_RELOADS_TOTAL, "result" => "rejected").increment(1);
+            error!(trigger, key = %e.key, error = %e, "Config reload rejected; the running config stays.");
+            return Err(e);
+        }
         let (changes, needs_restart) = state.apply(next).await;
         let generation = {
             let mut status = self.status.write().unwrap_or_else(|e| e.into_inner());
@@ -401,12 +406,10 @@ fn config_document(loaded: &Loaded, status: &Status, boot: &[ConfigEntry]) -> se
         .map(|e| {
             let mut entry = json!({ "key": e.key, "value": e.value, "source": e.source });
             if status.pending_restart.contains(&e.key) {
-                let running = boot
-                    .iter()
-                    .find(|b| b.key == e.key)
-                    .map(|b| b.value.clone());
                 entry["pending_restart"] = json!(true);
-                entry["running_value"] = json!(running);
+                if let Some(running) = boot.iter().find(|b| b.key == e.key) {
+                    entry["running_value"] = json!(running.value);
+                }
             }
             entry
         })
@@ -505,8 +508,12 @@ impl LiveState {
         // Secrets show as **** (or as their `_file` path) in the entries: a changed secret
         // is found in the config itself. The admin token is the one a restart must apply.
         if next.config.admin.token != self.running.admin.token {
-            changes.push("admin.token: changed (needs a restart)".to_string());
             pending.push("admin.token".to_string());
+        }
+        // Set or unset shows in the entries; a new value of a token that stays set does not.
+        let (was, now) = (&self.loaded.config.admin.token, &next.config.admin.token);
+        if was.is_some() && now.is_some() && was != now {
+            changes.push("admin.token: changed (needs a restart)".to_string());
         }
         pending.sort();
         pending.dedup();
@@ -531,26 +538,43 @@ impl LiveState {
         (changes, pending)
     }
 
-    /// `settings` with the generated operator token when it configures none, as at start.
     /// `settings` with the generated operator token when it configures none, as at start
-    /// (made now if the process started with credentials of its own).
-    fn gateway_settings(&mut self, settings: &GatewaySettings) -> GatewaySettings {
+    /// ([`LiveState::ensure_operator_token`] made it).
+    fn gateway_settings(&self, settings: &GatewaySettings) -> GatewaySettings {
         let mut settings = settings.clone();
         if settings.token.is_none() && settings.operators.is_empty() {
-            if self.generated_token.is_none() {
-                match crate::token::operator_token(&self.running.state.dir) {
-                    Ok((token, path, _)) => {
-                        info!(path = %path.display(), "No gateway.token or gateway.operators configured any more: operators use the generated token stored there.");
-                        self.generated_token = Some(token);
-                    }
-                    Err(e) => {
-                        error!(key = "gateway.token", error = %e, "No gateway.token or gateway.operators configured any more, and no operator token can be stored under state.dir: no operator can connect.");
-                    }
-                }
-            }
             settings.token = self.generated_token.clone();
         }
         settings
+    }
+
+    /// A config with no operator credential gets the generated token, as at a start
+    /// without one; made now if the process started with credentials of its own. When it
+    /// cannot be stored, the config is refused (as start-up refuses it): applied, it would
+    /// lock every operator out.
+    fn ensure_operator_token(&mut self, next: &Config) -> Result<(), ConfigError> {
+        let gateway = &next.gateway;
+        if gateway.token.is_some()
+            || !gateway.operators.is_empty()
+            || self.generated_token.is_some()
+        {
+            return Ok(());
+        }
+        match crate::token::operator_token(&self.running.state.dir) {
+            Ok((token, path, _)) => {
+                info!(path = %path.display(), "No gateway.token or gateway.operators configured any more: operators use the generated token stored there.");
+                self.generated_token = Some(token);
+                Ok(())
+            }
+            Err(e) => Err(ConfigError {
+                key: "gateway.token".to_string(),
+                source: "the reloaded config".to_string(),
+                message: format!(
+                    "no gateway.token or gateway.operators configured, and no operator token \
+                     can be stored under state.dir: {e}"
+                ),
+            }),
+        }
     }
 
     /// Adds, removes and restarts accounts to match `self.running`; starts or stops

@@ -240,6 +240,16 @@ fn check_matrix(
 ) -> Result<(), ConfigError> {
     for (alias, acc) in &config.matrix.accounts {
         let key = |field: &str| format!("matrix.accounts.{alias}.{field}");
+        // The alias names a directory (<state.dir>/matrix/<alias>), a path in the tree and
+        // a segment of the admin URLs that act on it.
+        let alias_ok = (1..=64).contains(&alias.len())
+            && alias
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        if !alias_ok {
+            let msg = "an account alias is 1 to 64 of A-Z a-z 0-9 _ -".to_string();
+            return Err(err(format!("matrix.accounts.{alias}"), msg));
+        }
         if !(acc.homeserver.starts_with("http://") || acc.homeserver.starts_with("https://")) {
             let msg = format!("{:?} must start with http:// or https://", acc.homeserver);
             return Err(err(key("homeserver"), msg));

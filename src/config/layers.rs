@@ -68,17 +68,34 @@ impl Provider for Layer {
     }
 }
 
+/// The layers built, and the file they read.
+pub(super) struct Built {
+    pub(super) figment: Figment,
+    /// The config file read, absolute.
+    pub(super) file: Option<PathBuf>,
+    /// Whether the text read from it (the very text parsed) was blank.
+    pub(super) blank_file: bool,
+}
+
 /// Builds the figment from defaults, the config file, `env` (name, value) pairs and
-/// flags, later layers winning. Returns it with the absolute path of the file read.
+/// flags, later layers winning. The file is `pinned` when given (a reload reads the file
+/// read at start-up, however it was found then), else found from `sources` and `env`.
 pub(super) fn build(
     sources: &ConfigSources,
     env: &[(String, String)],
-) -> Result<(Figment, Option<PathBuf>), ConfigError> {
+    pinned: Option<&Path>,
+) -> Result<Built, ConfigError> {
     let mut figment = Figment::new().merge(toml_layer(DEFAULTS_TOML, DEFAULT_SOURCE.to_string())?);
 
-    let file = config_file(sources, env)?;
+    let file = match pinned {
+        Some(path) => Some(path.to_path_buf()),
+        None => config_file(sources, env)?,
+    };
+    let mut blank_file = false;
     if let Some(path) = &file {
-        figment = figment.merge(file_layer(path, sources, env)?);
+        let (layer, blank) = file_layer(path, sources, env)?;
+        figment = figment.merge(layer);
+        blank_file = blank;
     }
 
     let mut vars: Vec<&(String, String)> = env.iter().collect();
@@ -103,7 +120,11 @@ pub(super) fn build(
         let source = format!("command-line flag {}", flag.name);
         figment = figment.merge(value_layer(&keys, &flag.value, source)?);
     }
-    Ok((figment, file))
+    Ok(Built {
+        figment,
+        file,
+        blank_file,
+    })
 }
 
 /// The config file to read, as an absolute path: `--config`, else `WARDEN_CONFIG`, else
@@ -143,12 +164,12 @@ fn env_config(env: &[(String, String)]) -> Option<&str> {
         .map(|(_, v)| v.as_str())
 }
 
-/// Reads and parses the config file at `path`.
+/// Reads and parses the config file at `path`; also says whether its text was blank.
 fn file_layer(
     path: &Path,
     sources: &ConfigSources,
     env: &[(String, String)],
-) -> Result<Layer, ConfigError> {
+) -> Result<(Layer, bool), ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
         key: String::new(),
         source: if sources.path.is_some() {
@@ -160,7 +181,10 @@ fn file_layer(
         },
         message: format!("cannot read config file {}: {e}", path.display()),
     })?;
-    toml_layer(&text, file_source(path))
+    Ok((
+        toml_layer(&text, file_source(path))?,
+        text.trim().is_empty(),
+    ))
 }
 
 /// How a file is named as a source.

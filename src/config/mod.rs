@@ -173,18 +173,23 @@ pub fn load(sources: &ConfigSources) -> Result<Loaded, ConfigError> {
     let env: Vec<(String, String)> = std::env::vars_os()
         .filter_map(|(k, v)| Some((k.into_string().ok()?, v.to_string_lossy().into_owned())))
         .collect();
-    load_with(sources.clone(), env)
+    load_with(sources.clone(), env, None)
 }
 
-fn load_with(sources: ConfigSources, env: Vec<(String, String)>) -> Result<Loaded, ConfigError> {
-    let (figment, file) = layers::build(&sources, &env)?;
+fn load_with(
+    sources: ConfigSources,
+    env: Vec<(String, String)>,
+    pinned: Option<&Path>,
+) -> Result<Loaded, ConfigError> {
+    let layers::Built {
+        figment,
+        file,
+        blank_file,
+    } = layers::build(&sources, &env, pinned)?;
     let mut config: Config = figment
         .extract()
         .map_err(|e| ConfigError::extract(&figment, e))?;
     check::finish(&mut config, &figment)?;
-    let blank_file = file
-        .as_deref()
-        .is_some_and(|f| std::fs::read_to_string(f).is_ok_and(|text| text.trim().is_empty()));
     Ok(Loaded {
         config,
         figment,
@@ -229,11 +234,7 @@ impl Loaded {
     /// had settings at start-up and is empty now taken (a file being written, most
     /// likely): an empty file would remove every account and credential.
     pub fn reload(&self) -> Result<Loaded, ConfigError> {
-        let mut sources = self.sources.clone();
-        if let Some(file) = &self.file {
-            sources.path = Some(file.clone());
-        }
-        let next = load_with(sources, self.env.clone())?;
+        let next = load_with(self.sources.clone(), self.env.clone(), self.file.as_deref())?;
         match &next.file {
             Some(file) if next.blank_file && !self.blank_file => Err(ConfigError {
                 key: String::new(),

@@ -1233,6 +1233,22 @@ fn matrix_accounts_name_what_is_wrong() {
             Ok(())
         });
     }
+    // An alias names a directory, a tree path and admin URLs: no dots or slashes.
+    Jail::expect_with(|jail| {
+        jail.create_file(
+            "warden.toml",
+            "[matrix.accounts.\"..\"]\nhomeserver = \"http://h\"\naccess_token = \"t\"\n",
+        )?;
+        let err = load_err(&with_file())?;
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "invalid config: matrix.accounts...: an account alias is 1 to 64 of A-Z a-z 0-9 _ - (from file {})",
+                abs("warden.toml")?
+            )
+        );
+        Ok(())
+    });
     // A token needs no user_id (a whoami finds it).
     Jail::expect_with(|jail| {
         jail.create_file(

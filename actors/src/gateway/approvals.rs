@@ -351,13 +351,11 @@ pub enum ApprovalsMsg {
         /// The node's payload, or why there is none.
         result: Result<Value, ErrorBody>,
     },
-    /// A config reload left only these operators: every pending approval another operator
-    /// asked for is denied (by [`REVOKED_BY`]), so that a revoked credential's requests
-    /// cannot be approved later.
-    OperatorsNow {
-        /// The operator names still configured.
-        operators: Vec<String>,
-    },
+    /// The gateway's principals changed (a config reload): every pending approval whose
+    /// requesting operator is no longer configured is denied (by [`REVOKED_BY`]), so that
+    /// a revoked operator's requests cannot be approved later. The broker checks the same
+    /// when it loads its approvals, before each decision, and on each new request.
+    PrincipalsChanged,
 }
 
 /// The spec of the broker: permanent, under `gateway`, over `state`'s approvals settings.
@@ -963,6 +961,39 @@ impl ApprovalsState {
             "Approvals loaded."
         );
         self.gauge();
+        self.deny_revoked(myself);
+    }
+
+    /// Whether `requester` is an operator the gateway no longer admits under that name.
+    fn is_revoked(&self, requester: &str) -> bool {
+        requester.strip_prefix("operator:").is_some_and(|name| {
+            !self
+                .gateway
+                .principals()
+                .operator_names()
+                .any(|op| op == name)
+        })
+    }
+
+    /// Denies (by [`REVOKED_BY`]) every pending approval whose requester is revoked.
+    fn deny_revoked(&mut self, myself: &ActorRef<ApprovalsMsg>) {
+        let revoked: Vec<String> = self
+            .book
+            .open
+            .values()
+            .filter(|a| a.is_pending() && self.is_revoked(&a.requester))
+            .map(|a| a.id.clone())
+            .collect();
+        for id in revoked {
+            if self
+                .book
+                .decide(&id, Decision::Denied, REVOKED_BY, now_ms())
+                .is_ok()
+            {
+                info!(id = %id, "Approval denied: its requester is no longer configured.");
+                self.decided(myself, &id);
+            }
+        }
     }
 
     fn on_message(&mut self, myself: &ActorRef<ApprovalsMsg>, msg: ApprovalsMsg) {
@@ -992,30 +1023,7 @@ impl ApprovalsState {
                     self.decided(myself, &id);
                 }
             }
-            ApprovalsMsg::OperatorsNow { operators } => {
-                let revoked: Vec<String> = self
-                    .book
-                    .open
-                    .values()
-                    .filter(|a| a.is_pending())
-                    .filter(|a| {
-                        a.requester
-                            .strip_prefix("operator:")
-                            .is_some_and(|name| !operators.iter().any(|o| o == name))
-                    })
-                    .map(|a| a.id.clone())
-                    .collect();
-                for id in revoked {
-                    if self
-                        .book
-                        .decide(&id, Decision::Denied, REVOKED_BY, now_ms())
-                        .is_ok()
-                    {
-                        info!(id = %id, "Approval denied: a config reload revoked its requester.");
-                        self.decided(myself, &id);
-                    }
-                }
-            }
+            ApprovalsMsg::PrincipalsChanged => self.deny_revoked(myself),
             ApprovalsMsg::InvokeDone { id, result } => {
                 self.running.remove(&id);
                 let outcome = match result {
@@ -1038,6 +1046,11 @@ impl ApprovalsState {
         requester: String,
         reply: ReplyTo,
     ) {
+        // A request read from a session just before its credential was revoked.
+        if self.is_revoked(&requester) {
+            let message = format!("{requester} is no longer configured");
+            return reply.err(code::FORBIDDEN, message);
+        }
         let open = self.book.open.len();
         let mine = self
             .book
@@ -1133,6 +1146,8 @@ impl ApprovalsState {
         reply: ReplyTo,
     ) {
         let ApprovalResolveParams { id, decision, by } = params;
+        // A revoked requester's approval is denied before anyone can approve it.
+        self.deny_revoked(myself);
         if !may_decide(&self.gateway.approvers(), account.as_deref(), &by) {
             let account = account.unwrap_or_default();
             let message = format!("{by} is not an approver of account {account:?}");
@@ -1616,10 +1631,27 @@ mod tests {
             .0
     }
 
+    /// Gateway settings with operator `default` (`gateway.token`) and `names`: the
+    /// requesters the tests use exist, as they do for a session that could ask.
+    fn operators(names: &[&str]) -> super::super::GatewaySettings {
+        let credential = |name: &str| super::super::Credential {
+            token: Some(format!("tok-{name}")),
+            token_file: None,
+        };
+        super::super::GatewaySettings {
+            token: Some("tok-default".into()),
+            operators: names
+                .iter()
+                .map(|name| (name.to_string(), credential(name)))
+                .collect(),
+            ..Default::default()
+        }
+    }
+
     /// A gateway whose approvals are stored in `scratch` and decided, for account nova, by
     /// `approver`.
     fn gateway_with_approver(scratch: &Scratch, approver: &str) -> GatewayState {
-        let gateway = GatewayState::new(super::super::GatewaySettings::default());
+        let gateway = GatewayState::new(operators(&["a", "b", "alice", "bob"]));
         let mut settings = ApprovalsSettings::new(scratch.0.join("approvals"));
         settings
             .approvers
@@ -1652,15 +1684,15 @@ mod tests {
         client.send(request("b", "operator:bob")).expect("send");
         let revoked = next_requested(&mut hub).await["id"].clone();
         // Bob is no longer configured: his request is denied, alice's stays pending.
-        client
-            .send(ApprovalsMsg::OperatorsNow {
-                operators: vec!["alice".into()],
-            })
-            .expect("send");
+        // A reload keeps alice only; it tells the broker itself.
+        gateway.reconfigure(operators(&["alice"]));
         assert_eq!(
             reply(&replies, "b").await,
             json!({"id": revoked, "decision": "denied", "by": REVOKED_BY})
         );
+        // A request bob's session had already sent is refused.
+        client.send(request("late", "operator:bob")).expect("send");
+        assert_eq!(reply(&replies, "late").await["error"]["code"], "forbidden");
         // Alice's is still pending: an approver can still approve it.
         client
             .send(ApprovalsMsg::Resolve {
@@ -1884,7 +1916,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn one_requester_cannot_take_the_whole_cap() {
         let scratch = Scratch::new("per-requester");
-        let gateway = GatewayState::new(super::super::GatewaySettings::default());
+        let gateway = GatewayState::new(operators(&["a", "b", "alice", "bob"]));
         let mut settings = ApprovalsSettings::new(scratch.0.join("approvals"));
         settings.max_open_per_requester = 1;
         assert!(gateway.set_approvals(settings).is_ok());
@@ -1913,7 +1945,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_broker_refuses_over_the_caps_and_stores_nothing() {
         let scratch = Scratch::new("caps");
-        let gateway = GatewayState::new(super::super::GatewaySettings::default());
+        let gateway = GatewayState::new(operators(&["a", "b", "alice", "bob"]));
         let mut settings = ApprovalsSettings::new(scratch.0.join("approvals"));
         settings
             .approvers

@@ -366,7 +366,6 @@ impl GatewayState {
     pub fn reconfigure(&self, settings: GatewaySettings) {
         let next = principals_of(&settings);
         *self.0.settings.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(settings);
-        let operators: Vec<String> = next.operator_names().map(str::to_string).collect();
         {
             let mut principals = self.0.principals.write().unwrap_or_else(|e| e.into_inner());
             let next = next.with_approvers_of(&principals);
@@ -375,7 +374,8 @@ impl GatewayState {
         self.0.revocations.send_modify(|n| *n += 1);
         // A revoked operator's pending approvals must not be approved later.
         if let Some(broker) = self.approvals() {
-            let _ = broker.send(approvals::ApprovalsMsg::OperatorsNow { operators });
+            // Best effort: a broker that is down checks the principals when it loads.
+            let _ = broker.send(approvals::ApprovalsMsg::PrincipalsChanged);
         }
     }
 
