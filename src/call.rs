@@ -38,14 +38,15 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Whether sending `method` with `params` twice has the same effect as sending it once, so
 /// a request that may have been delivered can be sent again. The one place that decides
-/// it: the read-only methods, `chat.ack` (a consumer never moves back) and `chat.send`
-/// with a `txn_id` (the gateway answers a repeated one with the first `event_id`);
-/// `nodes.invoke`, `chat.send` without `txn_id`, `approvals.request`, `approvals.resolve`
-/// and every method not listed here are sent at most once.
+/// it: the read-only methods, `chat.ack` (a consumer never moves back), `chat.typing` (a
+/// notice set again) and `chat.send` with a `txn_id` (the gateway answers a repeated one
+/// with the first `event_id`); `nodes.invoke`, `chat.send` without `txn_id`, `chat.react`,
+/// `chat.edit`, `approvals.request`, `approvals.resolve` and every method not listed here
+/// are sent at most once.
 pub fn is_idempotent(method: &str, params: &Value) -> bool {
     match method {
         "health" | "status" | "tree" | "nodes.list" | "approvals.list" | "inbox.stats"
-        | "chat.ack" => true,
+        | "chat.ack" | "chat.typing" => true,
         "chat.send" => params.get("txn_id").is_some_and(Value::is_string),
         _ => false,
     }
@@ -622,12 +623,15 @@ mod tests {
             "approvals.list",
             "inbox.stats",
             "chat.ack",
+            "chat.typing",
         ] {
             assert!(is_idempotent(m, &none), "{m}");
         }
         for m in [
             "nodes.invoke",
             "chat.send",
+            "chat.react",
+            "chat.edit",
             "approvals.request",
             "approvals.resolve",
             "subscribe",

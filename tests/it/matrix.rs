@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use tokio::time::Instant;
-use warden_actors::gateway::client::GatewayClient;
+use warden_actors::gateway::client::{CallError, GatewayClient};
 
 use crate::fault_proxy::{FaultProxy, Mode};
 use crate::support::{
@@ -333,6 +333,188 @@ async fn wrong_password_parks_one_account_and_the_others_keep_syncing() {
     )
     .await;
     assert_eq!(ready["failing"], json!(["root/channels/matrix/bad/client"]));
+}
+
+/// Who is typing in a room, as a person's client follows it: incremental syncs (Synapse
+/// caches a repeated initial sync for minutes), the last `m.typing` seen.
+struct Typing<'a> {
+    user: &'a User,
+    room_id: &'a str,
+    since: Option<String>,
+    typing: Vec<String>,
+}
+
+impl<'a> Typing<'a> {
+    fn new(user: &'a User, room_id: &'a str) -> Self {
+        Self {
+            user,
+            room_id,
+            since: None,
+            typing: Vec::new(),
+        }
+    }
+
+    /// Syncs once more; returns who types now.
+    async fn now(&mut self) -> Vec<String> {
+        let mut query = vec![("timeout", "0")];
+        if let Some(since) = &self.since {
+            query.push(("since", since.as_str()));
+        }
+        let (status, sync) = self
+            .user
+            .api(reqwest::Method::GET, &["sync"], &query, None, None)
+            .await
+            .expect("sync");
+        assert_eq!(status, 200, "{sync}");
+        self.since = sync["next_batch"].as_str().map(str::to_string);
+        let events = sync["rooms"]["join"][self.room_id]["ephemeral"]["events"].clone();
+        for event in events.as_array().into_iter().flatten() {
+            if event["type"] == "m.typing" {
+                self.typing = event["content"]["user_ids"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|u| u.as_str().map(str::to_string))
+                    .collect();
+            }
+        }
+        self.typing.clone()
+    }
+}
+
+/// What an agent does besides sending, as a person's client sees it: `chat.react` puts a
+/// reaction on the person's message, `chat.edit` replaces the agent's own message
+/// (`m.replace`), `chat.typing` shows and hides the typing notice; bad params are named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_reacts_edits_and_types() {
+    let Some(hs) = synapse::require!() else {
+        return;
+    };
+    let bot = hs.register("actbot").await;
+    let owner = hs.register("actowner").await;
+    let rig = scenario("act")
+        .account(Account::password("nova", hs.url(), &bot).allow(&owner))
+        .start()
+        .await;
+    rig.wait_ready("nova", Duration::from_secs(30)).await;
+    let room = room_with(&owner, &bot, false).await;
+    let mut op = rig.connect().await.expect("operator connects");
+    let within = Duration::from_secs(10);
+
+    // A reaction on the person's message.
+    let asked = owner.send_text(&room, "can you check the disk?").await;
+    let reacted = op
+        .call(
+            "chat.react",
+            json!({"account": "nova", "room_id": room, "event_id": asked, "key": "👀"}),
+        )
+        .await
+        .expect("chat.react");
+    let reaction = owner
+        .wait_for_message(
+            &room,
+            |m| m.reaction() == Some((asked.as_str(), "👀")),
+            within,
+        )
+        .await;
+    assert_eq!(reaction.sender, bot.user_id);
+    assert_eq!(reacted["event_id"], reaction.event_id.as_str());
+
+    // A reply streamed into one message: sent, then replaced.
+    let sent = op
+        .call(
+            "chat.send",
+            json!({"account": "nova", "room_id": room, "body": "checking…"}),
+        )
+        .await
+        .expect("chat.send");
+    let first = sent["event_id"].as_str().expect("event_id").to_string();
+    let edited = op
+        .call(
+            "chat.edit",
+            json!({"account": "nova", "room_id": room, "event_id": first, "body": "the disk is 41% full"}),
+        )
+        .await
+        .expect("chat.edit");
+    let edit_id = edited["event_id"].as_str().expect("event_id").to_string();
+    let edit = owner
+        .wait_for_message(&room, |m| m.event_id == edit_id, within)
+        .await;
+    assert_eq!(
+        edit.content["m.new_content"]["body"], "the disk is 41% full",
+        "{:?}",
+        edit.content
+    );
+    assert_eq!(edit.content["m.relates_to"]["rel_type"], "m.replace");
+    assert_eq!(edit.content["m.relates_to"]["event_id"], first.as_str());
+
+    // Typing on, then off.
+    let on = op
+        .call(
+            "chat.typing",
+            json!({"account": "nova", "room_id": room, "typing": true, "timeout_ms": 30000}),
+        )
+        .await
+        .expect("chat.typing on");
+    assert_eq!(on, json!({}));
+    let mut typing = Typing::new(&owner, &room);
+    eventually(within, "the owner sees the agent typing", async || {
+        typing.now().await.contains(&bot.user_id)
+    })
+    .await;
+    op.call(
+        "chat.typing",
+        json!({"account": "nova", "room_id": room, "typing": false}),
+    )
+    .await
+    .expect("chat.typing off");
+    eventually(
+        within,
+        "the owner no longer sees the agent typing",
+        async || !typing.now().await.contains(&bot.user_id),
+    )
+    .await;
+
+    // Bad params are named; an unknown account or a room not joined too.
+    let refused = |result: Result<Value, CallError>| match result {
+        Err(CallError::Failed { code, message }) => (code, message),
+        other => panic!("not refused: {other:?}"),
+    };
+    let base = json!({"account": "nova", "room_id": room, "event_id": asked});
+    let with = |extra: Value| {
+        let mut params = base.clone();
+        for (k, v) in extra.as_object().expect("an object") {
+            params[k] = v.clone();
+        }
+        params
+    };
+    let (code, message) = refused(op.call("chat.react", with(json!({"key": ""}))).await);
+    assert_eq!(code, "bad_request");
+    assert!(message.contains("field `key`"), "{message}");
+    let (code, message) = refused(
+        op.call(
+            "chat.typing",
+            json!({"account": "nova", "room_id": room, "typing": true, "timeout_ms": 999_999}),
+        )
+        .await,
+    );
+    assert_eq!(code, "bad_request");
+    assert!(message.contains("timeout_ms"), "{message}");
+    let (code, _) = refused(
+        op.call("chat.react", with(json!({"account": "nobody", "key": "x"})))
+            .await,
+    );
+    assert_eq!(code, "unknown_account");
+    let elsewhere = owner.create_room(&[], false).await;
+    let (code, message) = refused(
+        op.call(
+            "chat.edit",
+            with(json!({"room_id": elsewhere, "body": "x"})),
+        )
+        .await,
+    );
+    assert_eq!(code, "forbidden");
+    assert!(message.contains("not in room"), "{message}");
 }
 
 /// Scenario 5: token auth with `user_id` and `device_id` set makes no `whoami` (and no

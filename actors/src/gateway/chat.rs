@@ -67,6 +67,116 @@ pub struct SendParams {
     pub txn_id: Option<String>,
 }
 
+/// Params of `chat.react`: a reaction (`m.annotation`) with `key` to `event_id`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReactParams {
+    /// The account's alias.
+    pub account: String,
+    /// The room of the event.
+    pub room_id: String,
+    /// The event reacted to.
+    pub event_id: String,
+    /// The reaction, e.g. `👍`: 1 to [`MAX_REACTION_KEY_BYTES`] bytes.
+    pub key: String,
+}
+
+/// Params of `chat.edit`: `event_id`'s text replaced by `body` (an `m.replace`), so that
+/// an agent can stream a reply into one message.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EditParams {
+    /// The account's alias.
+    pub account: String,
+    /// The room of the event.
+    pub room_id: String,
+    /// The message replaced (one this account sent).
+    pub event_id: String,
+    /// Its new text.
+    pub body: String,
+}
+
+/// Params of `chat.typing`: the account's typing notice in a room, on or off.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TypingParams {
+    /// The account's alias.
+    pub account: String,
+    /// The room.
+    pub room_id: String,
+    /// Typing or not.
+    pub typing: bool,
+    /// How long the notice lasts unless renewed or turned off, in ms: 1 to
+    /// [`MAX_TYPING_TIMEOUT_MS`]; default [`DEFAULT_TYPING_TIMEOUT_MS`].
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+}
+
+/// The longest reaction key, in bytes.
+pub const MAX_REACTION_KEY_BYTES: usize = 64;
+
+/// The longest typing notice asked for, in ms.
+pub const MAX_TYPING_TIMEOUT_MS: u64 = 120_000;
+
+/// A typing notice's duration when the call names none, in ms.
+pub const DEFAULT_TYPING_TIMEOUT_MS: u64 = 30_000;
+
+/// What an agent does in a room besides sending: `chat.react`, `chat.edit`, `chat.typing`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChatAction {
+    /// `chat.react`.
+    React(ReactParams),
+    /// `chat.edit`.
+    Edit(EditParams),
+    /// `chat.typing`.
+    Typing(TypingParams),
+}
+
+impl ChatAction {
+    /// The action of `method` with `params`, checked; `None` for another method.
+    pub fn parse(method: &str, params: serde_json::Value) -> Option<Result<Self, ChatError>> {
+        let bad = |e: serde_json::Error| ChatError::BadRequest(format!("bad {method} params: {e}"));
+        let action = match method {
+            "chat.react" => serde_json::from_value(params).map(ChatAction::React),
+            "chat.edit" => serde_json::from_value(params).map(ChatAction::Edit),
+            "chat.typing" => serde_json::from_value(params).map(ChatAction::Typing),
+            _ => return None,
+        };
+        Some(action.map_err(bad).and_then(ChatAction::checked))
+    }
+
+    /// The account it acts through.
+    pub fn account(&self) -> &str {
+        match self {
+            ChatAction::React(p) => &p.account,
+            ChatAction::Edit(p) => &p.account,
+            ChatAction::Typing(p) => &p.account,
+        }
+    }
+
+    fn checked(self) -> Result<Self, ChatError> {
+        let bad = |m: String| Err(ChatError::BadRequest(m));
+        match &self {
+            ChatAction::React(p) if p.key.is_empty() || p.key.len() > MAX_REACTION_KEY_BYTES => {
+                return bad(format!(
+                    "field `key`: {} bytes; a reaction key is 1 to {MAX_REACTION_KEY_BYTES} bytes",
+                    p.key.len()
+                ));
+            }
+            ChatAction::Typing(TypingParams {
+                timeout_ms: Some(ms),
+                ..
+            }) if *ms == 0 || *ms > MAX_TYPING_TIMEOUT_MS => {
+                return bad(format!(
+                    "field `timeout_ms`: {ms}; a typing notice lasts 1 to {MAX_TYPING_TIMEOUT_MS} ms"
+                ));
+            }
+            _ => {}
+        }
+        Ok(self)
+    }
+}
+
 /// Why a send failed; each has its wire error code.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ChatError {
@@ -120,10 +230,17 @@ impl fmt::Display for ChatError {
 /// A boxed send future: the event ID of the sent message.
 pub type SendFuture = Pin<Box<dyn Future<Output = Result<String, ChatError>> + Send>>;
 
+/// A boxed action future: the event ID the action made, if it made one (a typing notice
+/// makes none).
+pub type ActFuture = Pin<Box<dyn Future<Output = Result<Option<String>, ChatError>> + Send>>;
+
 /// One chat account, as the gateway sees it.
 pub trait ChatAccount: Send + Sync {
     /// Sends `params.body` to `params.room_id`.
     fn send(&self, params: SendParams) -> SendFuture;
+
+    /// Reacts, edits or sends a typing notice.
+    fn act(&self, action: ChatAction) -> ActFuture;
 }
 
 /// The accounts, and where their inbound messages go. Cheap to clone.
@@ -271,6 +388,21 @@ impl Chat {
                 Ok(event_id)
             }
         }
+    }
+
+    /// Reacts, edits or sends a typing notice through the action's account.
+    pub async fn act(&self, action: ChatAction) -> Result<Option<String>, ChatError> {
+        let account = {
+            let accounts = self.0.accounts.read().unwrap_or_else(|e| e.into_inner());
+            accounts.get(action.account()).cloned()
+        };
+        let Some(account) = account else {
+            return Err(ChatError::UnknownAccount(format!(
+                "no account {:?} is configured",
+                action.account()
+            )));
+        };
+        account.act(action).await
     }
 
     async fn send_once(&self, params: SendParams) -> Result<String, ChatError> {

@@ -57,11 +57,16 @@ use matrix_sdk::config::{RequestConfig, SyncSettings};
 use matrix_sdk::room::MessagesOptions;
 use matrix_sdk::ruma::api::client::filter::FilterDefinition;
 use matrix_sdk::ruma::api::client::sync::sync_events::v3::Filter as SyncFilter;
-use matrix_sdk::ruma::events::reaction::OriginalSyncReactionEvent;
-use matrix_sdk::ruma::events::relation::Thread;
+use matrix_sdk::ruma::api::client::typing::create_typing_event::{
+    self,
+    v3::{Typing, TypingInfo},
+};
+use matrix_sdk::ruma::events::reaction::{OriginalSyncReactionEvent, ReactionEventContent};
+use matrix_sdk::ruma::events::relation::{Annotation, Thread};
 use matrix_sdk::ruma::events::room::member::{MembershipState, StrippedRoomMemberEvent};
 use matrix_sdk::ruma::events::room::message::{
-    MessageType, OriginalSyncRoomMessageEvent, Relation, RoomMessageEventContent,
+    MessageType, OriginalSyncRoomMessageEvent, Relation, ReplacementMetadata,
+    RoomMessageEventContent,
 };
 use matrix_sdk::ruma::events::{
     AnySyncMessageLikeEvent, AnySyncTimelineEvent, SyncMessageLikeEvent,
@@ -83,7 +88,10 @@ use super::errors::{self, Class, During};
 use super::inbound::Filter;
 use super::store::{self, Local, Paths, SavedSession};
 use super::{AccountConfig, LOGIN_POOL};
-use crate::gateway::chat::{Chat, ChatAccount, ChatError, SendFuture, SendParams};
+use crate::gateway::chat::{
+    ActFuture, Chat, ChatAccount, ChatAction, ChatError, DEFAULT_TYPING_TIMEOUT_MS, SendFuture,
+    SendParams,
+};
 use crate::inbox::NewMessage;
 use crate::supervision::{ChildContext, ChildSpec, Failure, Policy, Probe, Restart, SlotClient};
 use crate::task::{self, AbortOnDrop};
@@ -180,6 +188,28 @@ impl Account {
 }
 
 impl ChatAccount for Account {
+    fn act(&self, action: ChatAction) -> ActFuture {
+        let actor = self
+            .current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let alias = self.config.alias.clone();
+        Box::pin(async move {
+            let not_ready = || ChatError::NotReady(format!("account {alias:?} is not ready"));
+            let actor = actor.ok_or_else(not_ready)?;
+            let (reply, answer) = oneshot::channel();
+            actor
+                .send_message(ClientMsg::Act { action, reply })
+                .map_err(|_| not_ready())?;
+            answer.await.map_err(|_| {
+                ChatError::Failed(format!(
+                    "account {alias:?} restarted during the call; it may have been done"
+                ))
+            })?
+        })
+    }
+
     fn send(&self, params: SendParams) -> SendFuture {
         let actor = self
             .current
@@ -263,6 +293,11 @@ pub(crate) enum ClientMsg {
     Send {
         params: SendParams,
         reply: oneshot::Sender<Result<String, ChatError>>,
+    },
+    /// `chat.react`, `chat.edit`, `chat.typing` through this account.
+    Act {
+        action: ChatAction,
+        reply: oneshot::Sender<Result<Option<String>, ChatError>>,
     },
     /// Tell the approvers about an approval request.
     Notify {
@@ -381,6 +416,25 @@ impl Actor for ClientActor {
                             let _ = reply.send(send(&client, &account, params).await);
                         };
                         state.request("send", task);
+                    }
+                    _ => {
+                        let alias = &account.config.alias;
+                        let _ = reply.send(Err(ChatError::NotReady(format!(
+                            "account {alias:?} is not ready"
+                        ))));
+                    }
+                }
+                Ok(())
+            }
+            ClientMsg::Act { action, reply } => {
+                let account = state.args.account.clone();
+                match (&state.client, state.ready) {
+                    (Some(client), true) => {
+                        let client = client.clone();
+                        let task = async move {
+                            let _ = reply.send(act(&client, &account, action).await);
+                        };
+                        state.request("act", task);
                     }
                     _ => {
                         let alias = &account.config.alias;
@@ -1447,17 +1501,17 @@ fn forward(
     })
 }
 
-/// `chat.send` through `client`.
-async fn send(client: &Client, account: &Account, params: SendParams) -> Result<String, ChatError> {
-    let room_id = OwnedRoomId::try_from(params.room_id.as_str())
-        .map_err(|e| ChatError::BadRequest(format!("bad room_id {:?}: {e}", params.room_id)))?;
+/// The joined room `room_id` of `account`, if it may act there (`allowed_rooms`).
+fn joined_room(client: &Client, account: &Account, room_id: &str) -> Result<Room, ChatError> {
+    let room_id = OwnedRoomId::try_from(room_id)
+        .map_err(|e| ChatError::BadRequest(format!("bad room_id {room_id:?}: {e}")))?;
     if !account.filter.room_allowed(room_id.as_str()) {
         return Err(ChatError::Forbidden(format!(
             "room {room_id} is not in allowed_rooms of account {:?}",
             account.config.alias
         )));
     }
-    let room = client
+    client
         .get_room(&room_id)
         .filter(|room| room.state() == RoomState::Joined)
         .ok_or_else(|| {
@@ -1465,7 +1519,74 @@ async fn send(client: &Client, account: &Account, params: SendParams) -> Result<
                 "account {:?} is not in room {room_id}",
                 account.config.alias
             ))
-        })?;
+        })
+}
+
+/// A failed request to the homeserver, as the caller is told.
+fn request_failed(e: &matrix_sdk::Error) -> ChatError {
+    match errors::classify(e, During::Session) {
+        _ if e
+            .as_client_api_error()
+            .is_some_and(|api| api.status_code.as_u16() == 403) =>
+        {
+            ChatError::Forbidden(format!("the homeserver refused it: {e}"))
+        }
+        Class::Transient(f) | Class::Fatal(f) => ChatError::Failed(f.reason),
+        Class::UnknownToken => ChatError::Failed("the access token was rejected".to_string()),
+    }
+}
+
+/// `chat.react`, `chat.edit` and `chat.typing` through `client`: the event ID of the
+/// reaction or the edit; none for a typing notice.
+async fn act(
+    client: &Client,
+    account: &Account,
+    action: ChatAction,
+) -> Result<Option<String>, ChatError> {
+    let event_id = |id: &str| {
+        OwnedEventId::try_from(id)
+            .map_err(|e| ChatError::BadRequest(format!("bad event_id {id:?}: {e}")))
+    };
+    match action {
+        ChatAction::React(p) => {
+            let room = joined_room(client, account, &p.room_id)?;
+            let content = ReactionEventContent::new(Annotation::new(event_id(&p.event_id)?, p.key));
+            let sent = room.send(content).await.map_err(|e| request_failed(&e))?;
+            Ok(Some(sent.response.event_id.to_string()))
+        }
+        ChatAction::Edit(p) => {
+            let room = joined_room(client, account, &p.room_id)?;
+            let content = RoomMessageEventContent::text_plain(p.body)
+                .make_replacement(ReplacementMetadata::new(event_id(&p.event_id)?, None));
+            let sent = room.send(content).await.map_err(|e| request_failed(&e))?;
+            Ok(Some(sent.response.event_id.to_string()))
+        }
+        ChatAction::Typing(p) => {
+            let room = joined_room(client, account, &p.room_id)?;
+            let user_id = client
+                .user_id()
+                .ok_or_else(|| ChatError::NotReady("the account has no session".to_string()))?
+                .to_owned();
+            let state = if p.typing {
+                let ms = p.timeout_ms.unwrap_or(DEFAULT_TYPING_TIMEOUT_MS);
+                Typing::Yes(TypingInfo::new(Duration::from_millis(ms)))
+            } else {
+                Typing::No
+            };
+            let request =
+                create_typing_event::v3::Request::new(user_id, room.room_id().to_owned(), state);
+            client
+                .send(request)
+                .await
+                .map_err(|e| request_failed(&matrix_sdk::Error::Http(Box::new(e))))?;
+            Ok(None)
+        }
+    }
+}
+
+/// `chat.send` through `client`.
+async fn send(client: &Client, account: &Account, params: SendParams) -> Result<String, ChatError> {
+    let room = joined_room(client, account, &params.room_id)?;
     let mut content = RoomMessageEventContent::text_plain(params.body);
     if let Some(root) = params.thread_root {
         let root = OwnedEventId::try_from(root.as_str())
@@ -1480,16 +1601,7 @@ async fn send(client: &Client, account: &Account, params: SendParams) -> Result<
     }
     match sending.await {
         Ok(sent) => Ok(sent.response.event_id.to_string()),
-        Err(e) => Err(match errors::classify(&e, During::Session) {
-            _ if e
-                .as_client_api_error()
-                .is_some_and(|api| api.status_code.as_u16() == 403) =>
-            {
-                ChatError::Forbidden(format!("the homeserver refused the send: {e}"))
-            }
-            Class::Transient(f) | Class::Fatal(f) => ChatError::Failed(f.reason),
-            Class::UnknownToken => ChatError::Failed("the access token was rejected".to_string()),
-        }),
+        Err(e) => Err(request_failed(&e)),
     }
 }
 

@@ -9,6 +9,7 @@
 //! | `status`, `tree`, `nodes.list` | operator | counts and uptime; the supervision tree; the node registry |
 //! | `subscribe {events, since?, consumer?}` | operator, approver (not `chat.*`) | every event name subscribed so far (`too_large` past `max_subscriptions` or for a name over 64 bytes); with `since` or `consumer` (operator, with `chat.message`), `from` too, then the replay (see [`replay`](super::replay)) |
 //! | `nodes.invoke`, `chat.send` | operator | the node's answer; `{event_id}` |
+//! | `chat.react {account, room_id, event_id, key}`, `chat.edit {account, room_id, event_id, body}`, `chat.typing {account, room_id, typing, timeout_ms?}` | operator | `{event_id}`, `{event_id}`, `{}` |
 //! | `chat.ack {consumer, cursor}` | operator | `{consumer, cursor}`: the consumer's cursor now |
 //! | `inbox.stats` | operator | the inbox's [`Stats`](crate::inbox::Stats) |
 //! | `approvals.request` / `approvals.resolve` / `approvals.list` | operator / approver / both | the broker's answer (`not_implemented` without approvals) |
@@ -21,7 +22,7 @@ use tokio::sync::oneshot;
 use tracing::Instrument;
 
 use super::super::approvals::{ApprovalsMsg, ReplyTo};
-use super::super::chat::{MESSAGE_EVENT, SendParams};
+use super::super::chat::{ChatAction, MESSAGE_EVENT, SendParams};
 use super::super::protocol::auth::Principal;
 use super::super::protocol::{
     AckParams, ApprovalRequestParams, ApprovalResolveParams, Frame, Role, SubscribeParams, code,
@@ -54,6 +55,9 @@ impl SessionState {
                 | "nodes.list"
                 | "nodes.invoke"
                 | "chat.send"
+                | "chat.react"
+                | "chat.edit"
+                | "chat.typing"
                 | "chat.ack"
                 | "inbox.stats"
         );
@@ -75,6 +79,7 @@ impl SessionState {
                 refusal(id, handed)
             }
             "chat.send" => self.chat_send(myself, id, params),
+            "chat.react" | "chat.edit" | "chat.typing" => self.chat_act(myself, id, method, params),
             "chat.ack" | "inbox.stats" => self.inbox_call(myself, id, method, params),
             "approvals.request" | "approvals.list" | "approvals.resolve" => {
                 let handed = self.approvals(myself, &id, method, params, role, account);
@@ -287,6 +292,49 @@ impl SessionState {
             let _ = me.send_message(SessionMsg::Reply(frame));
         };
         self.chat_sends.spawn(send.instrument(self.span.clone()));
+        None
+    }
+
+    /// `chat.react` (→ `{event_id}`), `chat.edit` (→ `{event_id}`) and `chat.typing`
+    /// (→ `{}`): checked here, then run off the actor like `chat.send`, counted with those
+    /// under `max_pending_invocations`.
+    fn chat_act(
+        &mut self,
+        myself: &ActorRef<SessionMsg>,
+        id: String,
+        method: &str,
+        params: Value,
+    ) -> Option<Frame> {
+        let action = match ChatAction::parse(method, params) {
+            Some(Ok(action)) => action,
+            Some(Err(e)) => return Some(Frame::err(id, e.code(), e.message().to_string())),
+            None => {
+                return Some(Frame::err(
+                    id,
+                    code::UNKNOWN_METHOD,
+                    format!("no method {method:?}"),
+                ));
+            }
+        };
+        while self.chat_sends.try_join_next().is_some() {}
+        let max = self.gateway.settings().max_pending_invocations;
+        if self.chat_sends.len() >= max {
+            let message = format!(
+                "{max} chat calls are already open on this session (gateway.max_pending_invocations)"
+            );
+            return Some(Frame::err(id, code::BUSY, message));
+        }
+        let chat = self.gateway.chat().clone();
+        let me = myself.clone();
+        let call = async move {
+            let frame = match chat.act(action).await {
+                Ok(Some(event_id)) => Frame::ok(id, json!({ "event_id": event_id })),
+                Ok(None) => Frame::ok(id, json!({})),
+                Err(e) => Frame::err(id, e.code(), e.message().to_string()),
+            };
+            let _ = me.send_message(SessionMsg::Reply(frame));
+        };
+        self.chat_sends.spawn(call.instrument(self.span.clone()));
         None
     }
 
