@@ -384,7 +384,8 @@ impl<'a> Typing<'a> {
 
 /// What an agent does besides sending, as a person's client sees it: `chat.react` puts a
 /// reaction on the person's message, `chat.edit` replaces the agent's own message
-/// (`m.replace`), `chat.typing` shows and hides the typing notice; bad params are named.
+/// (`m.replace`, Markdown rendered), `format: "plain"` sends text as typed, `chat.typing`
+/// shows and hides the typing notice; bad params are named.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_reacts_edits_and_types() {
     let Some(hs) = synapse::require!() else {
@@ -432,7 +433,7 @@ async fn an_agent_reacts_edits_and_types() {
     let edited = op
         .call(
             "chat.edit",
-            json!({"account": "nova", "room_id": room, "event_id": first, "body": "the disk is 41% full"}),
+            json!({"account": "nova", "room_id": room, "event_id": first, "body": "the disk is **41%** full"}),
         )
         .await
         .expect("chat.edit");
@@ -440,13 +441,43 @@ async fn an_agent_reacts_edits_and_types() {
     let edit = owner
         .wait_for_message(&room, |m| m.event_id == edit_id, within)
         .await;
+    // Markdown by default: the HTML for clients that show it, the text kept as the body.
+    let new = &edit.content["m.new_content"];
     assert_eq!(
-        edit.content["m.new_content"]["body"], "the disk is 41% full",
+        new["body"], "the disk is **41%** full",
         "{:?}",
         edit.content
     );
+    assert_eq!(
+        new["format"], "org.matrix.custom.html",
+        "{:?}",
+        edit.content
+    );
+    assert_eq!(
+        new["formatted_body"],
+        "the disk is <strong>41%</strong> full"
+    );
     assert_eq!(edit.content["m.relates_to"]["rel_type"], "m.replace");
     assert_eq!(edit.content["m.relates_to"]["event_id"], first.as_str());
+    // `format: "plain"` sends the text as it is.
+    let plain = op
+        .call(
+            "chat.send",
+            json!({"account": "nova", "room_id": room, "body": "**as typed**", "format": "plain"}),
+        )
+        .await
+        .expect("chat.send plain");
+    let plain_id = plain["event_id"].as_str().expect("event_id").to_string();
+    let seen = owner
+        .wait_for_message(&room, |m| m.event_id == plain_id, within)
+        .await;
+    assert_eq!(seen.body.as_deref(), Some("**as typed**"));
+    assert_eq!(
+        seen.content.get("formatted_body"),
+        None,
+        "{:?}",
+        seen.content
+    );
 
     // Typing on, then off.
     let on = op

@@ -65,6 +65,21 @@ pub struct SendParams {
     /// `A-Z a-z 0-9 . _ ~ -`.
     #[serde(default)]
     pub txn_id: Option<String>,
+    /// How `body` is read: Markdown (the default) or plain text.
+    #[serde(default)]
+    pub format: Format,
+}
+
+/// How the body of `chat.send` and `chat.edit` is read.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    /// Markdown: rendered to HTML for clients that show it (`formatted_body`,
+    /// `org.matrix.custom.html`), the text itself kept as the plain `body`.
+    #[default]
+    Markdown,
+    /// Plain text, sent as it is.
+    Plain,
 }
 
 /// Params of `chat.react`: a reaction (`m.annotation`) with `key` to `event_id`.
@@ -94,6 +109,9 @@ pub struct EditParams {
     pub event_id: String,
     /// Its new text.
     pub body: String,
+    /// How `body` is read: Markdown (the default) or plain text.
+    #[serde(default)]
+    pub format: Format,
 }
 
 /// Params of `chat.typing`: the account's typing notice in a room, on or off.

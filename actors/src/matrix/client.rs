@@ -89,8 +89,8 @@ use super::inbound::Filter;
 use super::store::{self, Local, Paths, SavedSession};
 use super::{AccountConfig, LOGIN_POOL};
 use crate::gateway::chat::{
-    ActFuture, Chat, ChatAccount, ChatAction, ChatError, DEFAULT_TYPING_TIMEOUT_MS, SendFuture,
-    SendParams,
+    ActFuture, Chat, ChatAccount, ChatAction, ChatError, DEFAULT_TYPING_TIMEOUT_MS, Format,
+    SendFuture, SendParams,
 };
 use crate::inbox::NewMessage;
 use crate::supervision::{ChildContext, ChildSpec, Failure, Policy, Probe, Restart, SlotClient};
@@ -1556,7 +1556,7 @@ async fn act(
         }
         ChatAction::Edit(p) => {
             let room = joined_room(client, account, &p.room_id)?;
-            let content = RoomMessageEventContent::text_plain(p.body)
+            let content = text(p.body, p.format)
                 .make_replacement(ReplacementMetadata::new(event_id(&p.event_id)?, None));
             let sent = room.send(content).await.map_err(|e| request_failed(&e))?;
             Ok(Some(sent.response.event_id.to_string()))
@@ -1584,10 +1584,19 @@ async fn act(
     }
 }
 
+/// A text message of `body` read as `format`: Markdown gets an HTML `formatted_body` when
+/// it formats anything (the Markdown stays the plain `body`).
+fn text(body: String, format: Format) -> RoomMessageEventContent {
+    match format {
+        Format::Markdown => RoomMessageEventContent::text_markdown(body),
+        Format::Plain => RoomMessageEventContent::text_plain(body),
+    }
+}
+
 /// `chat.send` through `client`.
 async fn send(client: &Client, account: &Account, params: SendParams) -> Result<String, ChatError> {
     let room = joined_room(client, account, &params.room_id)?;
-    let mut content = RoomMessageEventContent::text_plain(params.body);
+    let mut content = text(params.body, params.format);
     if let Some(root) = params.thread_root {
         let root = OwnedEventId::try_from(root.as_str())
             .map_err(|e| ChatError::BadRequest(format!("bad thread_root {root:?}: {e}")))?;
