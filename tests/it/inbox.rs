@@ -714,6 +714,8 @@ fn stored(n: u64) -> NewMessage {
         body: format!("m {n}"),
         thread_root: None,
         origin_ts_ms: n,
+        is_direct: false,
+        mentioned: false,
     }
 }
 
@@ -902,7 +904,7 @@ async fn bad_replay_requests_are_refused_naming_what_is_wrong() {
     .await;
     let expected = json!({
         "cursor": 1, "account": "acct", "room_id": "!room:x", "sender": "@person:x",
-        "event_id": "$e1", "body": "m 1",
+        "event_id": "$e1", "body": "m 1", "is_direct": false, "mentioned": false,
     });
     assert_eq!(messages(&got)[0], &expected);
     // An approver serves one account's approvals: people's messages are not its to read.

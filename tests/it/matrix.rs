@@ -548,6 +548,77 @@ async fn an_agent_reacts_edits_and_types() {
     assert!(message.contains("not in room"), "{message}");
 }
 
+/// `mention_only`: in a room of three, a message that does not mention the account is not
+/// forwarded; one that names its user ID, lists it in `m.mentions` or names its display
+/// name is (`mentioned`); in a direct chat everything is (`is_direct`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mention_only_forwards_mentions_and_direct_chats() {
+    let Some(hs) = synapse::require!() else {
+        return;
+    };
+    let bot = hs.register("mobot").await;
+    let owner = hs.register("moowner").await;
+    let third = hs.register("mothird").await;
+    let rig = scenario("mention")
+        .account(
+            Account::password("nova", hs.url(), &bot)
+                .allow(&owner)
+                .line("mention_only = true"),
+        )
+        .start()
+        .await;
+    rig.wait_ready("nova", Duration::from_secs(30)).await;
+    let group = room_with(&owner, &bot, false).await;
+    owner.invite(&group, &third.user_id).await;
+    third.join(&group).await;
+    owner
+        .wait_joined(&group, &third.user_id, Duration::from_secs(30))
+        .await;
+    let mut op = rig.operator().await;
+
+    // Sent first: were it forwarded, it would arrive first.
+    owner.send_text(&group, "nobody in particular").await;
+    owner
+        .send_text(&group, &format!("{} can you look?", bot.user_id))
+        .await;
+    owner
+        .send(
+            &group,
+            "m.room.message",
+            json!({"msgtype": "m.text", "body": "ping", "m.mentions": {"user_ids": [bot.user_id]}}),
+        )
+        .await;
+    owner
+        .send_text(&group, &format!("thanks {}", bot.localpart))
+        .await;
+    let dm = owner.create_dm(&bot.user_id, false).await;
+    owner
+        .wait_joined(&dm, &bot.user_id, Duration::from_secs(30))
+        .await;
+    owner.send_text(&dm, "just between us").await;
+
+    let got = collect(&rig, &mut op, Duration::from_secs(30), |g| g.len() >= 4).await;
+    let seen: Vec<(String, bool, bool)> = got
+        .iter()
+        .map(|m| {
+            (
+                m["body"].as_str().unwrap_or_default().to_string(),
+                m["mentioned"] == true,
+                m["is_direct"] == true,
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (format!("{} can you look?", bot.user_id), true, false),
+            ("ping".to_string(), true, false),
+            (format!("thanks {}", bot.localpart), true, false),
+            ("just between us".to_string(), false, true),
+        ]
+    );
+}
+
 /// Scenario 5: token auth with `user_id` and `device_id` set makes no `whoami` (and no
 /// login) before its first sync; without `user_id` it makes exactly one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

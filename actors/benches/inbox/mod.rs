@@ -58,6 +58,8 @@ fn message(account: &str, n: u64) -> NewMessage {
         body: format!("message {n}: a line of about the length people write to an agent"),
         thread_root: None,
         origin_ts_ms: n,
+        is_direct: false,
+        mentioned: false,
     }
 }
 

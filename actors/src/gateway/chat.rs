@@ -45,6 +45,12 @@ pub struct ChatMessage {
     /// The thread it belongs to, if any.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub thread_root: Option<String>,
+    /// Sent in a direct chat: a room marked direct (`m.direct`) or of two members at most.
+    #[serde(default)]
+    pub is_direct: bool,
+    /// It mentions the account: `m.mentions`, its user ID or its display name.
+    #[serde(default)]
+    pub mentioned: bool,
 }
 
 /// Params of `chat.send`.

@@ -127,6 +127,10 @@ pub struct NewMessage {
     pub thread_root: Option<String>,
     /// The homeserver's timestamp (ms since the epoch).
     pub origin_ts_ms: u64,
+    /// Sent in a direct chat.
+    pub is_direct: bool,
+    /// It mentions the account.
+    pub mentioned: bool,
 }
 
 impl NewMessage {
@@ -140,6 +144,8 @@ impl NewMessage {
             event_id: self.event_id,
             body: self.body,
             thread_root: self.thread_root,
+            is_direct: self.is_direct,
+            mentioned: self.mentioned,
         }
     }
 }

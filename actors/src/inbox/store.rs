@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! messages  (cursor PK AUTOINCREMENT, account, room_id, event_id, sender, body, thread_root,
-//!            origin_ts_ms, stored_ms)       UNIQUE (account, event_id)
+//!            origin_ts_ms, stored_ms, is_direct, mentioned)   UNIQUE (account, event_id)
 //! positions (account PK, token)             the sync position whose messages are all above
 //! trimmed   (account PK, through)           the highest cursor of the account trimmed away
 //! consumers (name PK, cursor, updated_ms)   what each durable consumer acknowledged
@@ -21,8 +21,14 @@ use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
 use super::{Gap, NewMessage, Stored};
 
-/// Schema version in `PRAGMA user_version`.
-const VERSION: i64 = 1;
+/// Schema version in `PRAGMA user_version`: 2 added `is_direct` and `mentioned`.
+const VERSION: i64 = 2;
+
+/// From version 1 to 2.
+const MIGRATE_1_TO_2: &str = "
+ALTER TABLE messages ADD COLUMN is_direct INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE messages ADD COLUMN mentioned INTEGER NOT NULL DEFAULT 0;
+";
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS messages (
@@ -35,6 +41,8 @@ CREATE TABLE IF NOT EXISTS messages (
     thread_root TEXT,
     origin_ts_ms INTEGER NOT NULL,
     stored_ms INTEGER NOT NULL,
+    is_direct INTEGER NOT NULL DEFAULT 0,
+    mentioned INTEGER NOT NULL DEFAULT 0,
     UNIQUE (account, event_id)
 );
 CREATE INDEX IF NOT EXISTS messages_by_account ON messages (account, cursor);
@@ -90,6 +98,9 @@ impl Store {
                 "the inbox file has schema version {version}, newer than this warden's {VERSION}"
             )));
         }
+        if version == 1 {
+            conn.execute_batch(MIGRATE_1_TO_2)?;
+        }
         conn.execute_batch(SCHEMA)?;
         conn.pragma_update(None, "user_version", VERSION)?;
         let mut counts = BTreeMap::new();
@@ -134,7 +145,8 @@ impl Store {
     /// Up to `limit` messages after `after`, oldest first.
     pub fn page(&self, after: u64, limit: usize) -> Result<Vec<Stored>> {
         let mut stmt = self.conn.prepare_cached(
-            "SELECT cursor, account, room_id, event_id, sender, body, thread_root, origin_ts_ms, stored_ms
+            "SELECT cursor, account, room_id, event_id, sender, body, thread_root, origin_ts_ms,
+                    stored_ms, is_direct, mentioned
              FROM messages WHERE cursor > ?1 ORDER BY cursor LIMIT ?2",
         )?;
         let rows = stmt.query_map(params![after as i64, limit as i64], |r| {
@@ -148,6 +160,8 @@ impl Store {
                     body: r.get(5)?,
                     thread_root: r.get(6)?,
                     origin_ts_ms: r.get::<_, i64>(7)? as u64,
+                    is_direct: r.get(9)?,
+                    mentioned: r.get(10)?,
                 },
                 stored_ms: r.get::<_, i64>(8)? as u64,
             })
@@ -257,8 +271,9 @@ impl Batch<'_> {
         }
         let mut stmt = self.tx.prepare_cached(
             "INSERT INTO messages
-             (account, room_id, event_id, sender, body, thread_root, origin_ts_ms, stored_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+             (account, room_id, event_id, sender, body, thread_root, origin_ts_ms, stored_ms,
+              is_direct, mentioned)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
         )?;
         let changed = stmt.execute(params![
             message.account,
@@ -269,6 +284,8 @@ impl Batch<'_> {
             message.thread_root,
             message.origin_ts_ms as i64,
             now_ms as i64,
+            message.is_direct,
+            message.mentioned,
         ])?;
         if changed == 0 {
             return Ok(None);
@@ -511,6 +528,8 @@ mod tests {
             body: format!("m{event}"),
             thread_root: None,
             origin_ts_ms: event,
+            is_direct: false,
+            mentioned: false,
         }
     }
 
@@ -529,6 +548,49 @@ mod tests {
         let page = store.page(1, 10).expect("page");
         assert_eq!(page.len(), 1);
         assert_eq!((page[0].cursor, page[0].message.account.as_str()), (2, "b"));
+    }
+
+    #[test]
+    fn a_version_1_file_is_migrated_and_keeps_its_messages() {
+        // The schema of version 1, with one message in it.
+        let conn = Connection::open_in_memory().expect("open");
+        conn.execute_batch(
+            "CREATE TABLE messages (
+                 cursor INTEGER PRIMARY KEY AUTOINCREMENT, account TEXT NOT NULL,
+                 room_id TEXT NOT NULL, event_id TEXT NOT NULL, sender TEXT NOT NULL,
+                 body TEXT NOT NULL, thread_root TEXT, origin_ts_ms INTEGER NOT NULL,
+                 stored_ms INTEGER NOT NULL, UNIQUE (account, event_id));
+             INSERT INTO messages (account, room_id, event_id, sender, body, origin_ts_ms, stored_ms)
+             VALUES ('a', '!r:x', '$old', '@p:x', 'before', 1, 1);
+             PRAGMA user_version = 1;",
+        )
+        .expect("a version 1 file");
+        let mut store = Store::init(conn).expect("migrated");
+        let mut batch = store.transaction().expect("tx");
+        let new = NewMessage {
+            is_direct: true,
+            mentioned: true,
+            ..message("a", 2)
+        };
+        assert_eq!(batch.append(&new, 2).expect("append"), Some(2));
+        batch.commit().expect("commit");
+        let page = store.page(0, 10).expect("page");
+        let flags: Vec<(&str, bool, bool)> = page
+            .iter()
+            .map(|m| {
+                (
+                    m.message.body.as_str(),
+                    m.message.is_direct,
+                    m.message.mentioned,
+                )
+            })
+            .collect();
+        assert_eq!(flags, [("before", false, false), ("m2", true, true)]);
+        let version: i64 = store
+            .conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .expect("version");
+        assert_eq!(version, VERSION);
     }
 
     #[test]

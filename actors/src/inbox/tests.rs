@@ -38,6 +38,8 @@ fn message(account: &str, n: u64) -> NewMessage {
         body: format!("message {n}"),
         thread_root: None,
         origin_ts_ms: n,
+        is_direct: false,
+        mentioned: false,
     }
 }
 

@@ -1171,6 +1171,7 @@ impl Inbound<'_> {
     ) -> Vec<NewMessage> {
         let mut messages = Vec::new();
         let mut undecryptable = 0;
+        let view = RoomView::of(self.client, room).await;
         for raw in events {
             let ev = match raw.deserialize() {
                 Ok(AnySyncTimelineEvent::MessageLike(AnySyncMessageLikeEvent::RoomMessage(
@@ -1187,7 +1188,7 @@ impl Inbound<'_> {
             if new_room && before_own_join(self.client, room, &ev).await {
                 continue;
             }
-            if let Some(message) = forward(self.account, self.client, room, ev) {
+            if let Some(message) = forward(self.account, self.client, room, ev, &view) {
                 messages.push(message);
             }
         }
@@ -1442,6 +1443,7 @@ fn forward(
     client: &Client,
     room: &Room,
     ev: OriginalSyncRoomMessageEvent,
+    view: &RoomView,
 ) -> Option<NewMessage> {
     if client.user_id().is_some_and(|me| me == ev.sender) {
         return None;
@@ -1490,6 +1492,14 @@ fn forward(
         Some(Relation::Thread(thread)) => Some(thread.event_id.to_string()),
         _ => None,
     };
+    let mentioned = view.mentions_me(&ev, &body);
+    if account.config.mention_only && !view.direct && !mentioned {
+        debug!(
+            room = room_id,
+            sender, "Not forwarding a message: mention_only, and it does not mention the account."
+        );
+        return None;
+    }
     Some(NewMessage {
         account: account.config.alias.clone(),
         room_id: room_id.to_string(),
@@ -1498,7 +1508,58 @@ fn forward(
         body,
         thread_root,
         origin_ts_ms: u64::from(ev.origin_server_ts.0),
+        is_direct: view.direct,
+        mentioned,
     })
+}
+
+/// What the messages of one room share: whether it is a direct chat, and how the account
+/// is known there (for mentions).
+struct RoomView {
+    /// Marked direct (`m.direct`), or of two members at most (joined and invited).
+    direct: bool,
+    /// The account's user ID.
+    me: Option<OwnedUserId>,
+    /// The account's display name in the room, if it has one.
+    name: Option<String>,
+}
+
+impl RoomView {
+    async fn of(client: &Client, room: &Room) -> Self {
+        let members = room.joined_members_count() + room.invited_members_count();
+        let direct = members <= 2 || room.is_direct().await.unwrap_or(false);
+        let me = client.user_id().map(ToOwned::to_owned);
+        let name = match &me {
+            Some(me) => room
+                .get_member_no_sync(me)
+                .await
+                .ok()
+                .flatten()
+                .and_then(|m| m.display_name().map(str::to_string)),
+            None => None,
+        };
+        Self { direct, me, name }
+    }
+
+    /// Whether `ev` (whose text is `body`) mentions the account: in `m.mentions`, by its
+    /// user ID, or by its display name (case-insensitive).
+    fn mentions_me(&self, ev: &OriginalSyncRoomMessageEvent, body: &str) -> bool {
+        let Some(me) = &self.me else {
+            return false;
+        };
+        let listed = ev
+            .content
+            .mentions
+            .as_ref()
+            .is_some_and(|m| m.user_ids.contains(me));
+        let by_name = self
+            .name
+            .as_deref()
+            .map(str::trim)
+            .filter(|name| !name.is_empty())
+            .is_some_and(|name| body.to_lowercase().contains(&name.to_lowercase()));
+        listed || body.contains(me.as_str()) || by_name
+    }
 }
 
 /// The joined room `room_id` of `account`, if it may act there (`allowed_rooms`).

@@ -63,6 +63,8 @@ pub struct AccountConfig {
     pub allowed_senders: Vec<String>,
     /// Join rooms an allowed sender invites the account to.
     pub auto_join: bool,
+    /// Forward only messages that mention the account, outside direct chats.
+    pub mention_only: bool,
     /// Whose `approve`/`deny` count; the approval handler runs only when `handler` is set
     /// and this is not empty.
     pub approvers: Vec<String>,
@@ -84,6 +86,7 @@ impl fmt::Debug for AccountConfig {
             .field("allowed_rooms", &self.allowed_rooms)
             .field("allowed_senders", &self.allowed_senders)
             .field("auto_join", &self.auto_join)
+            .field("mention_only", &self.mention_only)
             .field("approvers", &self.approvers)
             .field("dir", &self.dir)
             .finish()

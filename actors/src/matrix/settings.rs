@@ -63,6 +63,11 @@ pub struct AccountSettings {
     /// Join rooms it is invited to (by an allowed sender). Default true.
     #[serde(default = "default_true")]
     pub auto_join: bool,
+    /// In a room of more than two members, forward only messages that mention the account
+    /// (`m.mentions`, its user ID or its display name); a direct chat's always. Default
+    /// false.
+    #[serde(default)]
+    pub mention_only: bool,
     /// `approvals = { … }`: whether this account hosts an approval handler.
     #[serde(default)]
     pub approvals: ApprovalSettings,
@@ -95,6 +100,7 @@ impl fmt::Debug for AccountSettings {
             .field("allowed_rooms", &self.allowed_rooms)
             .field("allowed_senders", &self.allowed_senders)
             .field("auto_join", &self.auto_join)
+            .field("mention_only", &self.mention_only)
             .field("approvals", &self.approvals)
             .field("supervision", &self.supervision)
             .finish()
@@ -126,6 +132,7 @@ impl AccountSettings {
             allowed_rooms: self.allowed_rooms.clone(),
             allowed_senders: self.allowed_senders.clone(),
             auto_join: self.auto_join,
+            mention_only: self.mention_only,
             approvers: self.approvals.approvers.clone(),
             dir: state_dir.join("matrix").join(alias),
         }
@@ -157,6 +164,7 @@ mod tests {
             allowed_rooms: vec!["!room:localhost".into()],
             allowed_senders: vec!["@owner:localhost".into()],
             auto_join: false,
+            mention_only: false,
             approvals: ApprovalSettings {
                 enabled: true,
                 approvers: vec!["@owner:localhost".into()],

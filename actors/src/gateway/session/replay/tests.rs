@@ -21,6 +21,8 @@ fn stored(cursor: u64) -> Stored {
             body: String::new(),
             thread_root: None,
             origin_ts_ms: 0,
+            is_direct: false,
+            mentioned: false,
         },
         stored_ms: 0,
     }
