@@ -35,8 +35,10 @@
 //! Kind `node_connection`: the supervisor's restart *is* the reconnect — there is no retry
 //! loop here. Any loss of the connection is a transient failure (500 ms → 30 s, ×2, jitter,
 //! unlimited, reset after 30 s connected; the kernel logs a WARN per attempt with its
-//! number, delay and cause). After a `shutdown {restart, expected_back_ms}` notice the first
-//! attempt waits for that hint (jittered). For a while after losing an established
+//! number, delay and cause). After a `shutdown {restart, expected_back_ms}` notice the node
+//! does not wait for the hint: for twice that long every attempt is retried within
+//! [`HINTED_RETRY`] (100 ms, at a random point of it), so it is back a few dozen ms after
+//! the gateway listens again, without the nodes handshaking in step. For a while after losing an established
 //! connection — `reconnect_window` plus the hint — failures ask the supervisor to retry
 //! within `reconnect_within`, so a gateway that restarts is found again within about that
 //! long rather than after a grown backoff. A rejected token (`unauthorized` or close 1008)
@@ -114,6 +116,9 @@ struct StatusInner {
     disconnected_since: Option<Instant>,
     /// Until when failures ask for a fast retry.
     fast_retry_until: Option<Instant>,
+    /// Until when failures ask for a retry within [`HINTED_RETRY`]: the time the gateway
+    /// said it would be away (`expected_back_ms`), twice over.
+    hinted_until: Option<Instant>,
     last_error: Option<String>,
     /// Failed connects and lost connections since the last successful connect.
     consecutive_failures: u32,
@@ -182,6 +187,25 @@ impl NodeStatus {
     fn in_fast_window(&self) -> bool {
         self.with(|s| s.fast_retry_until.is_some_and(|t| Instant::now() < t))
     }
+
+    /// Marks the next `window` as the gateway's announced restart (see [`HINTED_RETRY`]).
+    fn expect_back_within(&self, window: Duration) {
+        self.with(|s| s.hinted_until = Some(Instant::now() + window));
+    }
+
+    fn in_hinted_window(&self) -> bool {
+        self.with(|s| s.hinted_until.is_some_and(|t| Instant::now() < t))
+    }
+}
+
+/// While a gateway that announced a restart is due back (twice its `expected_back_ms`), a
+/// node retries within this, at a random point of it: about ten attempts a second, spread
+/// over the interval so that many nodes do not handshake in step when it listens again.
+pub const HINTED_RETRY: Duration = Duration::from_millis(100);
+
+/// A retry cap inside the announced restart: [`HINTED_RETRY`] × (0.2 to 1.0).
+fn hinted_retry(jitter: &Jitter) -> Duration {
+    HINTED_RETRY.mul_f64(0.2 + 0.8 * jitter.unit())
 }
 
 /// Default `node.max_concurrent_commands`.
@@ -399,8 +423,11 @@ impl Actor for ConnectionActor {
                 let mut failure = Failure::transient(format!("connection lost: {cause}"))
                     .retry_within(args.config.reconnect_within);
                 if let Some(hint) = hint {
-                    // Wait for the announced restart, spread over a fifth of it more.
-                    failure = failure.retry_after(hint.mul_f64(1.0 + 0.2 * args.jitter.unit()));
+                    // The gateway is restarting and said for how long: knock every few
+                    // dozen ms (at a random point, so that nodes do not come in step) for
+                    // twice that long, to be back as soon as it listens.
+                    args.status.expect_back_within(hint * 2);
+                    failure = failure.retry_within(hinted_retry(&args.jitter));
                 }
                 Err(Box::new(failure))
             }
@@ -427,6 +454,10 @@ fn classify(
         ));
     }
     let mut failure = Failure::transient(err.to_string());
+    if status.in_hinted_window() {
+        // Refused, reset or 503 while the gateway restarts: it is due any moment.
+        return failure.retry_within(hinted_retry(jitter));
+    }
     let fast = status.in_fast_window();
     if fast {
         failure = failure.retry_within(config.reconnect_within);
@@ -1118,23 +1149,20 @@ mod tests {
     }
 
     /// The gateway announces a restart (`shutdown {restart, expected_back_ms: 2000}`) and
-    /// stays away longer than it said. The first attempt waits for the hint; every failure
-    /// for `reconnect_window` (10 s) plus the hint after the loss asks for a retry within
-    /// `reconnect_within` (500 ms), so the node keeps knocking every 450 ms whatever the
-    /// attempt count; the first failure after that window waits out the grown backoff.
+    /// stays away longer than it said. The node does not wait for the hint: for twice the
+    /// hint (4 s) every attempt is retried within 60 ms (100 ms × (0.2 + 0.8 × 0.5)), so it
+    /// is back a few dozen ms after the gateway listens; then, for `reconnect_window`
+    /// (10 s) plus the hint after the loss, within `reconnect_within` (500 ms); the first
+    /// failure after that waits out the grown backoff.
     #[tokio::test(start_paused = true)]
-    async fn after_a_restart_notice_reconnects_retry_within_the_window_plus_the_hint() {
+    async fn after_a_restart_notice_retries_fast_through_the_hint_then_within_the_window() {
         let jitter = Jitter::fixed(UNIT);
         let mut history = History::default();
         let cause = "gateway closed the connection (1012): service restart";
         let (status, config, lost_at, failure) = lost_after_a_minute(cause, Some(2000)).await;
         assert_eq!(failure.class, FailureClass::Transient);
-        assert_eq!(failure.retry_within, Some(Duration::from_millis(500)));
-        assert_eq!(
-            failure.retry_after,
-            Some(Duration::from_millis(2200)),
-            "the hint, spread over a fifth of it more"
-        );
+        assert_eq!(failure.retry_within, Some(Duration::from_millis(60)));
+        assert_eq!(failure.retry_after, None, "the hint is not waited for");
         assert!(!status.connected());
         let mut delay = next_delay(&failure, Duration::from_secs(60), &mut history);
 
@@ -1153,22 +1181,28 @@ mod tests {
             }
         }
         let ms = |ms: u64| Duration::from_millis(ms);
-        // 2.2 s, then every 450 ms while the window (until 12 s) lasts.
-        let mut expected: Vec<Duration> = (0..=21).map(|k| ms(2200 + 450 * k)).collect();
-        // 12.1 s: the window is over.
-        expected.push(ms(12_100));
+        // Every 54 ms (60 ms less the backoff's jitter) while 2 × the hint (4 s) lasts…
+        let mut expected: Vec<Duration> = (1..=74).map(|k| ms(54 * k)).collect();
+        // …then every 450 ms while the window (until 12 s) lasts…
+        expected.extend((0..=17).map(|k| ms(4050 + 450 * k)));
+        // …and 12.15 s: the window is over.
+        expected.push(ms(12_150));
         assert_eq!(attempts, expected);
         assert!(
-            within[..22].iter().all(|w| *w == Some(ms(500))),
+            within[..74].iter().all(|w| *w == Some(ms(60))),
             "{within:?}"
         );
-        assert_eq!(within[22], None);
+        assert!(
+            within[74..92].iter().all(|w| *w == Some(ms(500))),
+            "{within:?}"
+        );
+        assert_eq!(within[92], None);
         assert_eq!(
             delay,
             Duration::from_secs(27),
-            "the 24th failure in a row: 30 s, jittered"
+            "the 94th failure in a row: 30 s, jittered"
         );
-        assert_eq!(status.to_json()["consecutive_failures"], 24);
+        assert_eq!(status.to_json()["consecutive_failures"], 94);
     }
 
     /// Without a restart notice the window is `reconnect_window` alone, and the first
