@@ -48,6 +48,8 @@
 //! wipes the session and the restart logs in again, once; without a password it is fatal.
 
 use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -187,8 +189,15 @@ impl Account {
     }
 }
 
-impl ChatAccount for Account {
-    fn act(&self, action: ChatAction) -> ActFuture {
+impl Account {
+    /// Asks the running client for `msg` (made with the reply port) and waits for its
+    /// answer: `account_not_ready` when no incarnation runs; `send_failed` when the
+    /// incarnation ended with the request in flight (it may have been done, so this is not
+    /// "not ready", which says nothing was).
+    fn ask<T: Send + 'static>(
+        &self,
+        msg: impl FnOnce(oneshot::Sender<Result<T, ChatError>>) -> ClientMsg + Send + 'static,
+    ) -> Pin<Box<dyn Future<Output = Result<T, ChatError>> + Send>> {
         let actor = self
             .current
             .read()
@@ -199,9 +208,7 @@ impl ChatAccount for Account {
             let not_ready = || ChatError::NotReady(format!("account {alias:?} is not ready"));
             let actor = actor.ok_or_else(not_ready)?;
             let (reply, answer) = oneshot::channel();
-            actor
-                .send_message(ClientMsg::Act { action, reply })
-                .map_err(|_| not_ready())?;
+            actor.send_message(msg(reply)).map_err(|_| not_ready())?;
             answer.await.map_err(|_| {
                 ChatError::Failed(format!(
                     "account {alias:?} restarted during the call; it may have been done"
@@ -209,29 +216,15 @@ impl ChatAccount for Account {
             })?
         })
     }
+}
+
+impl ChatAccount for Account {
+    fn act(&self, action: ChatAction) -> ActFuture {
+        self.ask(|reply| ClientMsg::Act { action, reply })
+    }
 
     fn send(&self, params: SendParams) -> SendFuture {
-        let actor = self
-            .current
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        let alias = self.config.alias.clone();
-        Box::pin(async move {
-            let not_ready = || ChatError::NotReady(format!("account {alias:?} is not ready"));
-            let actor = actor.ok_or_else(not_ready)?;
-            let (reply, answer) = oneshot::channel();
-            actor
-                .send_message(ClientMsg::Send { params, reply })
-                .map_err(|_| not_ready())?;
-            // The incarnation ended with the send in flight: it may have been posted, so
-            // this is not "not ready" (which says nothing was done).
-            answer.await.map_err(|_| {
-                ChatError::Failed(format!(
-                    "account {alias:?} restarted during the send; it may have been posted"
-                ))
-            })?
-        })
+        self.ask(|reply| ClientMsg::Send { params, reply })
     }
 }
 

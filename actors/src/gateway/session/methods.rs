@@ -22,7 +22,7 @@ use tokio::sync::oneshot;
 use tracing::Instrument;
 
 use super::super::approvals::{ApprovalsMsg, ReplyTo};
-use super::super::chat::{ChatAction, MESSAGE_EVENT, SendParams};
+use super::super::chat::{ChatAction, ChatError, MESSAGE_EVENT, SendParams};
 use super::super::protocol::auth::Principal;
 use super::super::protocol::{
     AckParams, ApprovalRequestParams, ApprovalResolveParams, Frame, Role, SubscribeParams, code,
@@ -274,25 +274,11 @@ impl SessionState {
                 return Some(Frame::err(id, code::BAD_REQUEST, message));
             }
         };
-        while self.chat_sends.try_join_next().is_some() {}
-        let max = self.gateway.settings().max_pending_invocations;
-        if self.chat_sends.len() >= max {
-            let message = format!(
-                "{max} chat.send calls are already open on this session (gateway.max_pending_invocations)"
-            );
-            return Some(Frame::err(id, code::BUSY, message));
-        }
         let chat = self.gateway.chat().clone();
-        let me = myself.clone();
-        let send = async move {
-            let frame = match chat.send(params).await {
-                Ok(event_id) => Frame::ok(id, json!({ "event_id": event_id })),
-                Err(e) => Frame::err(id, e.code(), e.message().to_string()),
-            };
-            let _ = me.send_message(SessionMsg::Reply(frame));
-        };
-        self.chat_sends.spawn(send.instrument(self.span.clone()));
-        None
+        self.chat_call(myself, id, async move {
+            let event_id = chat.send(params).await?;
+            Ok(json!({ "event_id": event_id }))
+        })
     }
 
     /// `chat.react` (→ `{event_id}`), `chat.edit` (→ `{event_id}`) and `chat.typing`
@@ -316,6 +302,24 @@ impl SessionState {
                 ));
             }
         };
+        let chat = self.gateway.chat().clone();
+        self.chat_call(myself, id, async move {
+            Ok(match chat.act(action).await? {
+                Some(event_id) => json!({ "event_id": event_id }),
+                None => json!({}),
+            })
+        })
+    }
+
+    /// Runs a `chat.*` call off the actor (it waits on the homeserver) and answers request
+    /// `id` with its outcome; at most `max_pending_invocations` at once per session, `busy`
+    /// past that.
+    fn chat_call(
+        &mut self,
+        myself: &ActorRef<SessionMsg>,
+        id: String,
+        call: impl Future<Output = Result<Value, ChatError>> + Send + 'static,
+    ) -> Option<Frame> {
         while self.chat_sends.try_join_next().is_some() {}
         let max = self.gateway.settings().max_pending_invocations;
         if self.chat_sends.len() >= max {
@@ -324,17 +328,15 @@ impl SessionState {
             );
             return Some(Frame::err(id, code::BUSY, message));
         }
-        let chat = self.gateway.chat().clone();
         let me = myself.clone();
-        let call = async move {
-            let frame = match chat.act(action).await {
-                Ok(Some(event_id)) => Frame::ok(id, json!({ "event_id": event_id })),
-                Ok(None) => Frame::ok(id, json!({})),
+        let answer = async move {
+            let frame = match call.await {
+                Ok(payload) => Frame::ok(id, payload),
                 Err(e) => Frame::err(id, e.code(), e.message().to_string()),
             };
             let _ = me.send_message(SessionMsg::Reply(frame));
         };
-        self.chat_sends.spawn(call.instrument(self.span.clone()));
+        self.chat_sends.spawn(answer.instrument(self.span.clone()));
         None
     }
 
