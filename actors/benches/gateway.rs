@@ -380,7 +380,13 @@ impl WardenChild {
         let asked =
             conn.write_all(b"GET /readyz?path=root/gateway HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n");
         let mut text = String::new();
-        asked.is_ok() && conn.read_to_string(&mut text).is_ok() && text.starts_with("HTTP/1.1 200")
+        // `HTTP/1.0 200 OK` (the answer has the request's version).
+        asked.is_ok()
+            && conn.read_to_string(&mut text).is_ok()
+            && text
+                .lines()
+                .next()
+                .is_some_and(|status| status.split(' ').nth(1) == Some("200"))
     }
 
     /// One gauge or counter from the admin endpoint's `/metrics` (summed over labels).
