@@ -401,41 +401,15 @@ impl Actor for ClientActor {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             ClientMsg::Send { params, reply } => {
-                let account = state.args.account.clone();
-                match (&state.client, state.ready) {
-                    (Some(client), true) => {
-                        let client = client.clone();
-                        let task = async move {
-                            let _ = reply.send(send(&client, &account, params).await);
-                        };
-                        state.request("send", task);
-                    }
-                    _ => {
-                        let alias = &account.config.alias;
-                        let _ = reply.send(Err(ChatError::NotReady(format!(
-                            "account {alias:?} is not ready"
-                        ))));
-                    }
-                }
+                state.chat_request("send", reply, |client, account| async move {
+                    send(&client, &account, params).await
+                });
                 Ok(())
             }
             ClientMsg::Act { action, reply } => {
-                let account = state.args.account.clone();
-                match (&state.client, state.ready) {
-                    (Some(client), true) => {
-                        let client = client.clone();
-                        let task = async move {
-                            let _ = reply.send(act(&client, &account, action).await);
-                        };
-                        state.request("act", task);
-                    }
-                    _ => {
-                        let alias = &account.config.alias;
-                        let _ = reply.send(Err(ChatError::NotReady(format!(
-                            "account {alias:?} is not ready"
-                        ))));
-                    }
-                }
+                state.chat_request("act", reply, |client, account| async move {
+                    act(&client, &account, action).await
+                });
                 Ok(())
             }
             ClientMsg::Notify { request, reply } => {
@@ -474,6 +448,35 @@ impl Actor for ClientActor {
 
 impl ClientState {
     /// Runs `work`, which answers a caller, as task `name` of this incarnation.
+    /// A chat request (`chat.send`, `chat.react` …): `work` runs on the synced client as a
+    /// request of this incarnation and answers `reply`; before the first sync, or without a
+    /// client, `reply` gets `account_not_ready` at once.
+    fn chat_request<T, F>(
+        &mut self,
+        name: &'static str,
+        reply: oneshot::Sender<Result<T, ChatError>>,
+        work: impl FnOnce(Client, Arc<Account>) -> F,
+    ) where
+        T: Send + 'static,
+        F: Future<Output = Result<T, ChatError>> + Send + 'static,
+    {
+        let account = self.args.account.clone();
+        match (&self.client, self.ready) {
+            (Some(client), true) => {
+                let answer = work(client.clone(), account);
+                self.request(name, async move {
+                    let _ = reply.send(answer.await);
+                });
+            }
+            _ => {
+                let alias = &account.config.alias;
+                let _ = reply.send(Err(ChatError::NotReady(format!(
+                    "account {alias:?} is not ready"
+                ))));
+            }
+        }
+    }
+
     fn request(&mut self, name: &'static str, work: impl Future<Output = ()> + Send + 'static) {
         while self.requests.try_join_next().is_some() {}
         // A panic drops the caller's reply, which tells the caller.

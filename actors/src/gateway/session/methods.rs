@@ -29,7 +29,7 @@ use super::super::protocol::{
     parse_approvals_list,
 };
 use super::{MAX_EVENT_NAME, Phase, SessionMsg, SessionState, replay, to_value};
-use crate::inbox::{Since, check_name};
+use crate::inbox::{InboxError, Since, check_name};
 
 impl SessionState {
     /// A request after `hello-ok`: answered now, or handed on (then answered later).
@@ -230,32 +230,16 @@ impl SessionState {
         } else {
             None
         };
-        while self.chat_sends.try_join_next().is_some() {}
-        let max = self.gateway.settings().max_pending_invocations;
-        if self.chat_sends.len() >= max {
-            let message = format!(
-                "{max} chat calls are already open on this session (gateway.max_pending_invocations)"
-            );
-            return Some(Frame::err(id, code::BUSY, message));
-        }
-        let me = myself.clone();
-        let call = async move {
-            let frame = match ack {
-                Some(p) => match inbox.ack(&p.consumer, p.cursor).await {
-                    Ok(cursor) => {
-                        Frame::ok(id, json!({ "consumer": p.consumer, "cursor": cursor }))
-                    }
-                    Err(e) => Frame::err(id, replay::refusal(&e), e.to_string()),
-                },
-                None => match inbox.stats().await {
-                    Ok(stats) => Frame::ok(id, json!(stats)),
-                    Err(e) => Frame::err(id, replay::refusal(&e), e.to_string()),
-                },
-            };
-            let _ = me.send_message(SessionMsg::Reply(frame));
-        };
-        self.chat_sends.spawn(call.instrument(self.span.clone()));
-        None
+        self.chat_call(myself, id, async move {
+            let refused = |e: InboxError| (replay::refusal(&e), e.to_string());
+            match ack {
+                Some(p) => {
+                    let cursor = inbox.ack(&p.consumer, p.cursor).await.map_err(refused)?;
+                    Ok(json!({ "consumer": p.consumer, "cursor": cursor }))
+                }
+                None => Ok(json!(inbox.stats().await.map_err(refused)?)),
+            }
+        })
     }
 
     /// The `chat.send` method: the send waits on the homeserver, so it runs off the actor
@@ -276,7 +260,7 @@ impl SessionState {
         };
         let chat = self.gateway.chat().clone();
         self.chat_call(myself, id, async move {
-            let event_id = chat.send(params).await?;
+            let event_id = chat.send(params).await.map_err(wire)?;
             Ok(json!({ "event_id": event_id }))
         })
     }
@@ -304,21 +288,21 @@ impl SessionState {
         };
         let chat = self.gateway.chat().clone();
         self.chat_call(myself, id, async move {
-            Ok(match chat.act(action).await? {
+            Ok(match chat.act(action).await.map_err(wire)? {
                 Some(event_id) => json!({ "event_id": event_id }),
                 None => json!({}),
             })
         })
     }
 
-    /// Runs a `chat.*` call off the actor (it waits on the homeserver) and answers request
-    /// `id` with its outcome; at most `max_pending_invocations` at once per session, `busy`
-    /// past that.
+    /// Runs a `chat.*` or inbox call off the actor (it waits on the homeserver or the
+    /// inbox's writer) and answers request `id` with its payload or its (code, message); at
+    /// most `max_pending_invocations` at once per session, `busy` past that.
     fn chat_call(
         &mut self,
         myself: &ActorRef<SessionMsg>,
         id: String,
-        call: impl Future<Output = Result<Value, ChatError>> + Send + 'static,
+        call: impl Future<Output = Result<Value, (&'static str, String)>> + Send + 'static,
     ) -> Option<Frame> {
         while self.chat_sends.try_join_next().is_some() {}
         let max = self.gateway.settings().max_pending_invocations;
@@ -332,7 +316,7 @@ impl SessionState {
         let answer = async move {
             let frame = match call.await {
                 Ok(payload) => Frame::ok(id, payload),
-                Err(e) => Frame::err(id, e.code(), e.message().to_string()),
+                Err((code, message)) => Frame::err(id, code, message),
             };
             let _ = me.send_message(SessionMsg::Reply(frame));
         };
@@ -448,4 +432,9 @@ fn refusal(id: String, handed: Result<(), (&'static str, String)>) -> Option<Fra
     handed
         .err()
         .map(|(code, message)| Frame::err(id, code, message))
+}
+
+/// A chat error as the wire has it: its code and message.
+fn wire(e: ChatError) -> (&'static str, String) {
+    (e.code(), e.message().to_string())
 }
