@@ -617,13 +617,8 @@ impl LiveState {
                 running.settings = account.clone();
             }
         }
-        self.gateway.set_approvers(
-            wanted
-                .iter()
-                .filter(|(_, a)| a.approvals.enabled)
-                .map(|(alias, a)| (alias.clone(), a.approvals.approvers.clone()))
-                .collect(),
-        );
+        self.gateway
+            .set_approval_routing(self.running.approval_routing());
         lines
     }
 

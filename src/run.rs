@@ -93,13 +93,10 @@ pub async fn run(loaded: Loaded) -> i32 {
     // The approvals broker: approvals stored under the state dir; the approvers of each
     // account that enables approvals may resolve them.
     let mut approvals = gateway::ApprovalsSettings::new(config.state.dir.join("approvals"));
-    approvals.approvers = config
-        .matrix
-        .accounts
-        .iter()
-        .filter(|(_, account)| account.approvals.enabled)
-        .map(|(alias, account)| (alias.clone(), account.approvals.approvers.clone()))
-        .collect();
+    let routing = config.approval_routing();
+    approvals.approvers = routing.approvers;
+    approvals.default_account = routing.default_account;
+    approvals.renotify_after = routing.renotify_after;
     let _ = gateway_state.set_approvals(approvals);
     let file = loaded.file().map(|p| p.display().to_string());
     let (gateway_bind, admin_bind) = (config.gateway.bind, config.admin.bind);

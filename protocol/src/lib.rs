@@ -471,6 +471,9 @@ pub struct ApprovalRequestParams {
     /// Seconds to wait for a decision, within [`APPROVAL_TIMEOUT_S`]; absent: the
     /// gateway's default (300 s).
     pub timeout_s: Option<u64>,
+    /// The one account whose approval handler notifies (its approvers only); absent: each
+    /// distinct approver is notified once, through one account the gateway picks.
+    pub account: Option<String>,
 }
 
 impl ApprovalRequestParams {
@@ -502,6 +505,7 @@ impl ApprovalRequestParams {
                 }
             },
         };
+        let account = p.optional_name("account")?;
         p.done()?;
         Ok(Self {
             node,
@@ -509,6 +513,7 @@ impl ApprovalRequestParams {
             args,
             reason,
             timeout_s,
+            account,
         })
     }
 }
@@ -522,23 +527,73 @@ pub enum Verdict {
     Deny,
 }
 
-/// The params of `approvals.resolve` (from an approver).
+/// The params of `approvals.resolve` (from an approver): a decision seen in a chat room.
+/// It counts only when made in the room where `by` was asked (see
+/// [`ApprovalNotifiedParams`]), and, when it relates to an event, only when that event is
+/// the request `by` got.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApprovalResolveParams {
-    /// The approval's id.
-    pub id: String,
+    /// The approval's id; absent when the decision only relates to the request's event (a
+    /// reaction, or a reply without the id).
+    pub id: Option<String>,
     /// `approve` or `deny`.
     pub decision: Verdict,
     /// Who decided: a Matrix user ID among the approvers of the session's account
     /// (compared case-insensitively).
     pub by: String,
+    /// The room the decision was made in.
+    pub room_id: String,
+    /// The decision's own event (the reply or the reaction).
+    pub event_id: String,
+    /// The event the decision relates to: the one reacted to, or replied to.
+    pub relates_to: Option<String>,
+}
+
+/// Longest room or event ID `approvals.resolve` and `approvals.notified` take, in bytes
+/// (the Matrix limit on identifiers).
+pub const MAX_MATRIX_ID_LEN: usize = 255;
+
+/// The params of `approvals.notified` (from an approver): the handler told `approver` about
+/// approval `id` with event `event_id` in room `room_id`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApprovalNotifiedParams {
+    /// The approval's id.
+    pub id: String,
+    /// The approver told.
+    pub approver: String,
+    /// The room of the message (the direct message with the approver).
+    pub room_id: String,
+    /// The message.
+    pub event_id: String,
+}
+
+impl ApprovalNotifiedParams {
+    /// Reads the params; the error names the field at fault.
+    pub fn parse(params: Value) -> Result<Self, String> {
+        let mut p = Params::new(params)?;
+        let id = p.string("id")?;
+        let approver = p.matrix_id("approver")?;
+        let room_id = p.matrix_id("room_id")?;
+        let event_id = p.matrix_id("event_id")?;
+        p.done()?;
+        Ok(Self {
+            id,
+            approver,
+            room_id,
+            event_id,
+        })
+    }
 }
 
 impl ApprovalResolveParams {
     /// Reads the params; the error names the field at fault.
     pub fn parse(params: Value) -> Result<Self, String> {
         let mut p = Params::new(params)?;
-        let id = p.string("id")?;
+        let id = match p.take("id") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(id)) if !id.trim().is_empty() => Some(id),
+            Some(_) => return Err("field `id`: must be a non-empty string".to_string()),
+        };
         let decision = match p.string("decision")?.as_str() {
             "approve" => Verdict::Approve,
             "deny" => Verdict::Deny,
@@ -548,9 +603,31 @@ impl ApprovalResolveParams {
                 ));
             }
         };
-        let by = p.string("by")?;
+        let by = p.matrix_id("by")?;
+        let room_id = p.matrix_id("room_id")?;
+        let event_id = p.matrix_id("event_id")?;
+        let relates_to = match p.take("relates_to") {
+            None | Some(Value::Null) => None,
+            Some(v) => {
+                p.0.insert("relates_to".to_string(), v);
+                Some(p.matrix_id("relates_to")?)
+            }
+        };
         p.done()?;
-        Ok(Self { id, decision, by })
+        if id.is_none() && relates_to.is_none() {
+            return Err(
+                "field `id`: missing (needed unless `relates_to` names the request's event)"
+                    .to_string(),
+            );
+        }
+        Ok(Self {
+            id,
+            decision,
+            by,
+            room_id,
+            event_id,
+            relates_to,
+        })
     }
 }
 
@@ -734,6 +811,51 @@ pub struct ApprovalRequested {
     pub reason: String,
     /// When it is denied by `timeout` without a decision, ms since the Unix epoch.
     pub expires_at_ms: u64,
+    /// Whom to notify, through which account: one entry per approver. An approval handler
+    /// notifies the entries of its own account only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notify: Vec<NoticeTarget>,
+}
+
+/// One approver to notify, through one account.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NoticeTarget {
+    /// The approver's Matrix ID, as configured.
+    pub approver: String,
+    /// The account whose approval handler notifies.
+    pub account: String,
+}
+
+/// One notification of an approval, in `approvals.list`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApprovalNotice {
+    /// The approver.
+    pub approver: String,
+    /// The account that notifies (or notified).
+    pub account: String,
+    /// Whether this is the approver's current notice; false once the gateway re-sent the
+    /// approval through another account.
+    pub active: bool,
+    /// Once delivered: the room of the message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub room_id: Option<String>,
+    /// Once delivered: the message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event_id: Option<String>,
+    /// Once delivered: when, ms since the Unix epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivered_at_ms: Option<u64>,
+}
+
+/// Where a decision was made: the account that saw it, its room and its event.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DecidedVia {
+    /// The account whose approval handler passed the decision on.
+    pub account: String,
+    /// The room.
+    pub room_id: String,
+    /// The decision's event (a reply or a reaction).
+    pub event_id: String,
 }
 
 /// How an approval ended: the payload of event `approval.resolved` and the answer to the
@@ -752,6 +874,9 @@ pub struct ApprovalOutcome {
     /// Approved but the command could not run or failed (`node_offline`, `timeout`, …).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<ErrorBody>,
+    /// Decided by an approver: where.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub via: Option<DecidedVia>,
 }
 
 /// The answer to `approvals.resolve`.
@@ -791,6 +916,12 @@ pub struct ApprovalListing {
     /// When it was taken, ms since the Unix epoch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub decided_at_ms: Option<u64>,
+    /// Decided by an approver: where.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub via: Option<DecidedVia>,
+    /// The request's notifications (absent once it is over).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notices: Vec<ApprovalNotice>,
 }
 
 /// Reads an object of params field by field, so that every error names its field.
@@ -825,6 +956,39 @@ impl Params {
                 "field `{field}`: expected a string, got {}",
                 json_kind(&other)
             )),
+        }
+    }
+
+    /// A required Matrix identifier (user, room or event ID): a string of at most
+    /// [`MAX_MATRIX_ID_LEN`] bytes with no white space or control characters.
+    fn matrix_id(&mut self, field: &str) -> Result<String, String> {
+        let id = self.string(field)?;
+        if id.len() > MAX_MATRIX_ID_LEN {
+            return Err(format!(
+                "field `{field}`: longer than {MAX_MATRIX_ID_LEN} bytes"
+            ));
+        }
+        if id.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(format!("field `{field}`: must not contain white space"));
+        }
+        Ok(id)
+    }
+
+    /// An optional name (an account alias): at most [`handshake::MAX_NAME_LEN`] bytes.
+    fn optional_name(&mut self, field: &str) -> Result<Option<String>, String> {
+        match self.take(field) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => {
+                self.0.insert(field.to_string(), v);
+                let name = self.string(field)?;
+                if name.len() > handshake::MAX_NAME_LEN {
+                    return Err(format!(
+                        "field `{field}`: longer than {} bytes",
+                        handshake::MAX_NAME_LEN
+                    ));
+                }
+                Ok(Some(name))
+            }
         }
     }
 
@@ -941,15 +1105,57 @@ mod tests {
         assert!(bad(v).contains("`frob`"));
         assert!(bad(json!([1])).contains("object"));
 
-        let r = ApprovalResolveParams::parse(
-            json!({"id": "abcd1234", "decision": "deny", "by": "@o:x"}),
-        )
+        let r = ApprovalResolveParams::parse(json!({"id": "abcd1234", "decision": "deny",
+            "by": "@o:x", "room_id": "!r:x", "event_id": "$e"}))
         .expect("valid");
         assert_eq!(r.decision, Verdict::Deny);
+        assert_eq!((r.id.as_deref(), r.relates_to), (Some("abcd1234"), None));
+        let reaction = ApprovalResolveParams::parse(json!({"decision": "approve", "by": "@o:x",
+            "room_id": "!r:x", "event_id": "$e", "relates_to": "$req"}))
+        .expect("a reaction names no id");
+        assert_eq!(
+            (reaction.id, reaction.relates_to.as_deref()),
+            (None, Some("$req"))
+        );
         let bad = |v: Value| ApprovalResolveParams::parse(v).expect_err("invalid");
-        assert!(bad(json!({"id": "a", "decision": "maybe", "by": "@o:x"})).contains("`decision`"));
-        assert!(bad(json!({"id": "a", "decision": "approve"})).contains("`by`"));
-        assert!(bad(json!({"decision": "approve", "by": "@o:x"})).contains("`id`"));
+        let at = |extra: Value| {
+            let mut v = json!({"id": "a", "decision": "approve", "by": "@o:x",
+                "room_id": "!r:x", "event_id": "$e"});
+            for (k, x) in extra.as_object().expect("object") {
+                if x.is_null() {
+                    v.as_object_mut().expect("object").remove(k);
+                } else {
+                    v[k] = x.clone();
+                }
+            }
+            v
+        };
+        assert!(bad(at(json!({"decision": "maybe"}))).contains("`decision`"));
+        assert!(bad(at(json!({"by": null}))).contains("`by`"));
+        assert!(bad(at(json!({"id": null}))).contains("`id`"));
+        assert!(bad(at(json!({"room_id": null}))).contains("`room_id`"));
+        assert!(bad(at(json!({"event_id": "$a b"}))).contains("`event_id`"));
+        assert!(bad(at(json!({"room_id": "!".repeat(256)}))).contains("255 bytes"));
+        let notified = ApprovalNotifiedParams::parse(json!({"id": "abcd1234",
+            "approver": "@o:x", "room_id": "!r:x", "event_id": "$e"}))
+        .expect("valid");
+        assert_eq!(notified.approver, "@o:x");
+        assert!(
+            ApprovalNotifiedParams::parse(json!({"id": "a", "approver": "@o:x",
+            "room_id": "!r:x"}))
+            .expect_err("no event")
+            .contains("`event_id`")
+        );
+        let pinned = ApprovalRequestParams::parse(json!({"node": "n", "command": "c",
+            "reason": "r", "account": "nova"}))
+        .expect("valid");
+        assert_eq!(pinned.account.as_deref(), Some("nova"));
+        assert!(
+            ApprovalRequestParams::parse(json!({"node": "n", "command": "c",
+            "reason": "r", "account": 7}))
+            .expect_err("not a string")
+            .contains("`account`")
+        );
         assert_eq!(
             parse_approvals_list(Value::Null),
             Ok(ApprovalsListParams::default())

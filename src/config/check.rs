@@ -128,8 +128,43 @@ fn validate(
         err,
     )?;
     positive("inbox.max_consumers", config.inbox.max_consumers, err)?;
+    check_approvals(config, err)?;
     positive("shutdown.deadline_ms", config.shutdown.deadline_ms, err)
 }
+
+/// `[approvals]`: the default account notifies, so it must run an approval handler; a
+/// re-notification needs a moment for the account to come back.
+fn check_approvals(
+    config: &Config,
+    err: &impl Fn(String, String) -> ConfigError,
+) -> Result<(), ConfigError> {
+    let a = &config.approvals;
+    if a.renotify_after_ms < MIN_RENOTIFY_AFTER_MS {
+        return Err(err(
+            "approvals.renotify_after_ms".to_string(),
+            format!("must be at least {MIN_RENOTIFY_AFTER_MS}"),
+        ));
+    }
+    if let Some(alias) = &a.default_account {
+        let runs = config
+            .matrix
+            .accounts
+            .get(alias)
+            .is_some_and(|account| account.approvals.runs_handler());
+        if !runs {
+            return Err(err(
+                "approvals.default_account".to_string(),
+                format!(
+                    "{alias:?} is not an account with approvals.enabled and at least one approver"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The shortest `approvals.renotify_after_ms`.
+const MIN_RENOTIFY_AFTER_MS: u64 = 100;
 
 /// `[gateway]`: its bind, its limits, its allowed origins, one token per principal, node
 /// names.

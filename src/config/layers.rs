@@ -48,6 +48,7 @@ const STRING_KEYS: &[&str] = &[
     "log_format",
     "log_filter",
     "otlp_endpoint",
+    "default_account",
 ];
 
 /// One layer of configuration with a fixed source description.

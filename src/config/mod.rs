@@ -45,7 +45,7 @@ use crate::telemetry::TelemetrySettings;
 
 pub use kinds::{KINDS, builtin_policy};
 pub use layers::DEFAULTS_TOML;
-pub use settings::{ShutdownSettings, StateSettings, SupervisionSettings};
+pub use settings::{ApprovalsConfig, ShutdownSettings, StateSettings, SupervisionSettings};
 pub use show::ConfigEntry;
 pub use warden_actors::matrix::settings::{AccountSettings, ApprovalSettings, MatrixSettings};
 pub use warden_actors::node::settings::{NodeCommand, NodeSettings};
@@ -74,6 +74,8 @@ pub struct Config {
     pub start_slots: BTreeMap<String, PoolConfig>,
     /// `[matrix]`: Matrix accounts.
     pub matrix: MatrixSettings,
+    /// `[approvals]`: which account notifies an approver that several accounts list.
+    pub approvals: ApprovalsConfig,
     /// `[node]`: this process as a node host; `None` unless configured.
     pub node: Option<NodeSettings>,
     /// `[shutdown]`: graceful-shutdown deadline.
@@ -99,6 +101,7 @@ impl Default for Config {
                 ("matrix_login".to_string(), pool(2, 0)),
             ]),
             matrix: MatrixSettings::default(),
+            approvals: ApprovalsConfig::default(),
             node: None,
             shutdown: ShutdownSettings::default(),
         }
@@ -106,6 +109,22 @@ impl Default for Config {
 }
 
 impl Config {
+    /// Who approves for which account (those enabling approvals) and how approvers are
+    /// notified: what the approvals broker reads.
+    pub fn approval_routing(&self) -> warden_actors::gateway::ApprovalRouting {
+        warden_actors::gateway::ApprovalRouting {
+            approvers: self
+                .matrix
+                .accounts
+                .iter()
+                .filter(|(_, account)| account.approvals.enabled)
+                .map(|(alias, account)| (alias.clone(), account.approvals.approvers.clone()))
+                .collect(),
+            default_account: self.approvals.default_account.clone(),
+            renotify_after: std::time::Duration::from_millis(self.approvals.renotify_after_ms),
+        }
+    }
+
     /// The policy of one child: built-in kind default ← `supervision.defaults` ←
     /// `supervision.kinds.<kind>` ← `child` (e.g. an account's `supervision` table); no
     /// liveness timeout for a kind whose actors report no heartbeat.

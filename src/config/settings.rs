@@ -27,6 +27,27 @@ impl Default for StateSettings {
     }
 }
 
+/// `[approvals]`: how approvers are notified when several accounts list them.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApprovalsConfig {
+    /// The account that notifies an approver it lists, when it is ready; else the first
+    /// ready account (by alias) that lists the approver. Default none.
+    pub default_account: Option<String>,
+    /// How long a notifying account may stay down before its approvers are notified
+    /// through another ready account, in ms. Default 60000; at least 100.
+    pub renotify_after_ms: u64,
+}
+
+impl Default for ApprovalsConfig {
+    fn default() -> Self {
+        Self {
+            default_account: None,
+            renotify_after_ms: 60_000,
+        }
+    }
+}
+
 /// `[supervision]`: restart-policy layers over the built-in kind defaults.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]

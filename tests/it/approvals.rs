@@ -179,6 +179,33 @@ async fn answer(
         .expect("requester task")
 }
 
+/// The next `approval.requested` of `approver`'s account, with each notification it names
+/// reported delivered (`approvals.notified`) in room `!dm:localhost`, as a handler does:
+/// only an approver who was told may decide.
+async fn asked(approver: &mut GatewayClient) -> Value {
+    let requested = next(approver, "approval.requested").await;
+    let id = requested["id"].as_str().expect("id").to_string();
+    for target in requested["notify"].as_array().cloned().unwrap_or_default() {
+        let who = target["approver"].as_str().expect("approver");
+        let told = json!({"id": id, "approver": who, "room_id": DM,
+            "event_id": format!("$req-{id}-{who}")});
+        let recorded = approver
+            .call("approvals.notified", told)
+            .await
+            .expect("notified");
+        assert_eq!(recorded["recorded"], true, "{recorded}");
+    }
+    requested
+}
+
+/// The room the test handlers "notify" in.
+const DM: &str = "!dm:localhost";
+
+/// `approvals.resolve`'s params: `by` decides `decision` on `id`, written in [`DM`].
+fn decide(id: &(impl serde::Serialize + ?Sized), decision: &str, by: &str) -> Value {
+    json!({"id": id, "decision": decision, "by": by, "room_id": DM, "event_id": "$answer"})
+}
+
 /// The error code of a failed call.
 fn code(result: Result<Value, CallError>) -> String {
     match result {
@@ -206,7 +233,7 @@ async fn an_approved_request_runs_on_the_node_and_answers_the_requester() {
         "node": "approvals-box", "command": "hello", "reason": "smoke test"
     });
     let requester = request(&rig.url, params).await;
-    let requested = next(&mut approver, "approval.requested").await;
+    let requested = asked(&mut approver).await;
     let id = requested["id"].as_str().expect("id").to_string();
     assert!(
         id.len() == 8
@@ -245,7 +272,7 @@ async fn an_approved_request_runs_on_the_node_and_answers_the_requester() {
     // Only approvers resolve, only as a listed approver of their account; only operators
     // request.
     let mut op = operator(&rig.url).await;
-    let resolve = |by: &str| json!({"id": id, "decision": "approve", "by": by});
+    let resolve = |by: &str| decide(&id, "approve", by);
     assert_eq!(
         code(
             op.call("approvals.resolve", resolve("@owner:localhost"))
@@ -286,7 +313,7 @@ async fn an_approved_request_runs_on_the_node_and_answers_the_requester() {
         .await
         .expect("resolve");
     assert_eq!(decided, json!({"id": id, "decision": "approved"}));
-    let deny = json!({"id": id, "decision": "deny", "by": "@second:localhost"});
+    let deny = decide(&id, "deny", "@second:localhost");
     assert_eq!(
         code(approver.call("approvals.resolve", deny).await),
         "already_resolved"
@@ -326,8 +353,8 @@ async fn an_approved_request_runs_on_the_node_and_answers_the_requester() {
         "node": "approvals-box", "command": "hello", "args": ["x"], "reason": "with args"
     });
     let requester = request(&rig.url, with_args).await;
-    let id2 = next(&mut approver, "approval.requested").await["id"].clone();
-    let approve = json!({"id": id2, "decision": "approve", "by": "@second:localhost"});
+    let id2 = asked(&mut approver).await["id"].clone();
+    let approve = decide(&id2, "approve", "@second:localhost");
     approver
         .call("approvals.resolve", approve)
         .await
@@ -341,7 +368,7 @@ async fn an_approved_request_runs_on_the_node_and_answers_the_requester() {
     assert_eq!(next(&mut approver, "approval.resolved").await, out);
 
     // Unknown ids, bad params, an approver without an account.
-    let unknown = json!({"id": "zzzzzzzz", "decision": "deny", "by": "@owner:localhost"});
+    let unknown = decide(&"zzzzzzzz", "deny", "@owner:localhost");
     assert_eq!(
         code(approver.call("approvals.resolve", unknown).await),
         "unknown_approval"
@@ -366,7 +393,7 @@ async fn an_approved_request_runs_on_the_node_and_answers_the_requester() {
         ("bad_request", true),
         "{message}"
     );
-    let bad_decision = json!({"id": id, "decision": "maybe", "by": "@owner:localhost"});
+    let bad_decision = decide(&id, "maybe", "@owner:localhost");
     let (c, message) = failed(approver.call("approvals.resolve", bad_decision).await);
     assert_eq!(
         (c.as_str(), message.contains("`decision`")),
@@ -421,8 +448,8 @@ async fn denied_timed_out_and_orphaned_requests() {
 
     // Denied by an approver: the requester learns who, and nothing runs.
     let requester = request(&rig.url, params(None)).await;
-    let id = next(&mut approver, "approval.requested").await["id"].clone();
-    let deny = json!({"id": id, "decision": "deny", "by": "@second:localhost"});
+    let id = asked(&mut approver).await["id"].clone();
+    let deny = decide(&id, "deny", "@second:localhost");
     let decided = approver
         .call("approvals.resolve", deny)
         .await
@@ -431,16 +458,17 @@ async fn denied_timed_out_and_orphaned_requests() {
     let out = answer(requester, STEP).await.expect("answered");
     assert_eq!(
         out,
-        json!({"id": id, "decision": "denied", "by": "@second:localhost"})
+        json!({"id": id, "decision": "denied", "by": "@second:localhost",
+            "via": {"account": "ops", "room_id": DM, "event_id": "$answer"}})
     );
     assert_eq!(next(&mut approver, "approval.resolved").await, out);
 
     // No decision within timeout_s: denied by "timeout".
-    let asked = Instant::now();
+    let asked_at = Instant::now();
     let requester = request(&rig.url, params(Some(1))).await;
-    let id = next(&mut approver, "approval.requested").await["id"].clone();
+    let id = asked(&mut approver).await["id"].clone();
     let out = answer(requester, STEP).await.expect("answered");
-    let waited = asked.elapsed();
+    let waited = asked_at.elapsed();
     assert_eq!(
         out,
         json!({"id": id, "decision": "denied", "by": "timeout"})
@@ -449,7 +477,7 @@ async fn denied_timed_out_and_orphaned_requests() {
         waited >= Duration::from_millis(900) && waited < Duration::from_secs(8),
         "{waited:?}"
     );
-    let late = json!({"id": id, "decision": "approve", "by": "@owner:localhost"});
+    let late = decide(&id, "approve", "@owner:localhost");
     assert_eq!(
         code(approver.call("approvals.resolve", late).await),
         "already_resolved"
@@ -460,13 +488,13 @@ async fn denied_timed_out_and_orphaned_requests() {
     // The requester goes away (its connection dropped with the task); the approval is
     // still decided, run and announced.
     let gone = request(&rig.url, params(None)).await;
-    let id = next(&mut approver, "approval.requested").await["id"].clone();
+    let id = asked(&mut approver).await["id"].clone();
     gone.abort();
     assert!(
         gone.await.is_err_and(|e| e.is_cancelled()),
         "answered before any decision"
     );
-    let approve = json!({"id": id, "decision": "approve", "by": "@owner:localhost"});
+    let approve = decide(&id, "approve", "@owner:localhost");
     approver
         .call("approvals.resolve", approve)
         .await
@@ -496,12 +524,12 @@ async fn a_pending_approval_survives_a_restart_and_is_still_resolvable() {
     let mut approver = rig.approver("ops").await;
     let params = json!({"node": "restart-box", "command": "disk", "args": ["-h"], "reason": "r"});
     let survivor_requester = request(&rig.url, params.clone()).await;
-    let survivor = next(&mut approver, "approval.requested").await["id"]
+    let survivor = asked(&mut approver).await["id"]
         .as_str()
         .expect("id")
         .to_string();
     let doomed_requester = request(&rig.url, params).await;
-    let doomed = next(&mut approver, "approval.requested").await["id"]
+    let doomed = asked(&mut approver).await["id"]
         .as_str()
         .expect("id")
         .to_string();
@@ -548,7 +576,7 @@ async fn a_pending_approval_survives_a_restart_and_is_still_resolvable() {
     // Resolvable after the restart: the node (back under its name) runs it.
     let node = fake_node(&rig.url, "restart-box").await;
     let mut approver = rig.approver("ops").await;
-    let approve = json!({"id": survivor, "decision": "approve", "by": "@owner:localhost"});
+    let approve = decide(&survivor, "approve", "@owner:localhost");
     let decided = approver
         .call("approvals.resolve", approve)
         .await
@@ -565,7 +593,7 @@ async fn a_pending_approval_survives_a_restart_and_is_still_resolvable() {
         "{resolved}"
     );
     assert_eq!(resolved["result"]["granted"], true, "{resolved}");
-    let late = json!({"id": doomed, "decision": "approve", "by": "@owner:localhost"});
+    let late = decide(&doomed, "approve", "@owner:localhost");
     assert_eq!(
         code(approver.call("approvals.resolve", late).await),
         "already_resolved"
@@ -629,7 +657,7 @@ async fn limits_refuse_oversized_requests_pages_list_and_skip_oversized_files() 
     for i in 0..120 {
         let params = json!({"node": "limits-box", "command": "disk", "reason": format!("r{i}")});
         requesters.push(request(&rig.gateway, params).await);
-        let id = next(&mut approver, "approval.requested").await["id"]
+        let id = asked(&mut approver).await["id"]
             .as_str()
             .expect("id")
             .to_string();

@@ -1177,6 +1177,292 @@ mod approvals {
         );
     }
 
+    /// A pending `approvals.request` with `params`, on its own operator connection.
+    fn request_with(rig: &Rig, params: Value) -> tokio::task::JoinHandle<Result<Value, String>> {
+        let gateway = rig.gateway.clone();
+        tokio::spawn(async move {
+            let mut op = crate::support::operator(&gateway, TOKEN)
+                .await
+                .map_err(|e| e.to_string())?;
+            op.call("approvals.request", params)
+                .await
+                .map_err(|e| e.to_string())
+        })
+    }
+
+    /// Waits until approval `id`'s current notice through `account` is delivered; returns
+    /// its room and event.
+    async fn delivered(op: &mut GatewayClient, id: &str, account: &str) -> (String, String) {
+        let what = format!("approval {id} delivered through {account}");
+        eventually(Duration::from_secs(30), what, async || {
+            let list = op.call("approvals.list", json!({})).await.ok()?;
+            let entry = list["approvals"]
+                .as_array()?
+                .iter()
+                .find(|a| a["id"] == id)?
+                .clone();
+            let notice = entry["notices"]
+                .as_array()?
+                .iter()
+                .find(|n| n["account"] == account && n["active"] == true)?
+                .clone();
+            Some((
+                notice["room_id"].as_str()?.to_string(),
+                notice["event_id"].as_str()?.to_string(),
+            ))
+        })
+        .await
+    }
+
+    /// What the owner got from each of `bots` in rooms: (rooms with a message of the bot,
+    /// messages of the bot), read through the raw API, so an encrypted message counts as
+    /// one event. Every pending invite is accepted first.
+    async fn dm_counts(owner: &User, peer: &EncryptedPeer, bots: &[User]) -> Vec<(usize, usize)> {
+        for invite in peer.client.invited_rooms() {
+            peer.join(invite.room_id().as_str()).await;
+        }
+        let mut counts = vec![(0, 0); bots.len()];
+        for room in peer.client.joined_rooms() {
+            let messages = owner.messages(room.room_id().as_str(), 200).await;
+            for (count, bot) in counts.iter_mut().zip(bots) {
+                let sent = messages
+                    .iter()
+                    .filter(|m| m.sender == bot.user_id)
+                    .filter(|m| m.kind == "m.room.message" || m.is_encrypted())
+                    .count();
+                if sent > 0 {
+                    count.0 += 1;
+                    count.1 += sent;
+                }
+            }
+        }
+        counts
+    }
+
+    /// Waits until [`dm_counts`] is `expected`.
+    async fn wait_counts(
+        owner: &User,
+        peer: &EncryptedPeer,
+        bots: &[User],
+        expected: &[(usize, usize)],
+    ) {
+        let mut last = Vec::new();
+        let what = format!("the owner's DMs per bot (rooms, messages) to be {expected:?}");
+        let reached = tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                last = dm_counts(owner, peer, bots).await;
+                if last == expected {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+        .await;
+        assert!(reached.is_ok(), "{what}; last seen {last:?}");
+    }
+
+    /// Issue 14: three accounts list one approver. One request is one DM, through the
+    /// first ready account; that account's client killed twice while pending sends nothing
+    /// again; a decision elsewhere (another room, a reaction on another event) counts for
+    /// nothing; its account parked, the approval goes to the next account once, after
+    /// `renotify_after_ms`; a request naming an account goes through that account, and a
+    /// bare reply to its message decides. Each record says where it was decided.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_dm_per_approval_across_accounts_and_decisions_only_where_asked() {
+        let Some(hs) = synapse::require!() else {
+            return;
+        };
+        let bots = [
+            hs.register("m1alpha").await,
+            hs.register("m1beta").await,
+            hs.register("m1gamma").await,
+        ];
+        let owner = hs.register("m1owner").await;
+        let peer = EncryptedPeer::login(&owner).await;
+        let aliases = ["alpha", "beta", "gamma"];
+        let accounts = aliases
+            .iter()
+            .zip(&bots)
+            .map(|(alias, bot)| Account::password(alias, hs.url(), bot).approvals(&owner));
+        let rig = scenario("m1")
+            .config("[approvals]\nrenotify_after_ms = 3000")
+            .accounts(accounts)
+            .start()
+            .await;
+        for alias in aliases {
+            rig.wait_ready(alias, Duration::from_secs(30)).await;
+            rig.wait_handler(alias, Duration::from_secs(30)).await;
+        }
+        let _node = node("m1node", &rig.gateway);
+        rig.wait_node("m1node", Duration::from_secs(20)).await;
+        let mut watch = rig
+            .subscribed(&["approval.requested", "approval.notify", "approval.resolved"])
+            .await;
+        let mut op = rig.operator().await;
+        let owner_id = owner.user_id.as_str();
+        let params = |account: Option<&str>| {
+            json!({"node": "m1node", "command": "hello", "args": [], "reason": "issue 14",
+                "timeout_s": 300, "account": account})
+        };
+
+        // 1. One request: one DM, through alpha (the first ready account by alias).
+        let pending = request_with(&rig, params(None));
+        let requested = next(&mut watch, "approval.requested", Duration::from_secs(10)).await;
+        let id1 = requested["id"].as_str().expect("id").to_string();
+        assert_eq!(
+            requested["notify"],
+            json!([{"approver": owner_id, "account": "alpha"}]),
+            "{requested}"
+        );
+        let (alpha_dm, _) = delivered(&mut op, &id1, "alpha").await;
+        wait_counts(&owner, &peer, &bots, &[(1, 1), (0, 0), (0, 0)]).await;
+        eprintln!("approver DMs after one request to 3 accounts listing them: 1 room, 1 message");
+
+        // 2. Alpha's client killed twice while it is pending: its handler restarts with it
+        // and sends nothing again.
+        let http = reqwest::Client::new();
+        for _ in 0..2 {
+            let before = rig.client_node("alpha").await["generation"]
+                .as_u64()
+                .expect("generation");
+            let kill = format!(
+                "{}/admin/actors/root/channels/matrix/alpha/client/kill",
+                rig.admin
+            );
+            let status = http.post(kill).send().await.expect("kill").status();
+            assert!(status.is_success(), "kill: {status}");
+            rig.wait_client("alpha", Duration::from_secs(30), |n| {
+                n["generation"].as_u64() > Some(before) && n["ready"] == true
+            })
+            .await;
+            rig.wait_handler("alpha", Duration::from_secs(30)).await;
+        }
+        // Each incarnation of alpha's handler found nothing left to send.
+        let connected: Vec<Value> = rig
+            .warden
+            .stderr()
+            .iter()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|v| v["message"] == "Approval handler connected." && v["account"] == "alpha")
+            .collect();
+        assert_eq!(connected.len(), 3, "{connected:?}");
+        assert!(
+            connected.iter().all(|v| v["pending"] == 0),
+            "a restarted handler had a delivered notification to send again: {connected:?}"
+        );
+
+        // 3. The owner's answer in another room, and a ✅ on another event of the DM, decide
+        // nothing; the deny in the DM does, and the record says where.
+        let group = owner.create_room(&[&bots[0].user_id], false).await;
+        owner
+            .wait_joined(&group, &bots[0].user_id, Duration::from_secs(30))
+            .await;
+        owner.send_text(&group, &format!("approve {id1}")).await;
+        let note = peer.send_text(&alpha_dm, "just a note").await;
+        owner.send_reaction(&alpha_dm, &note, "✅").await;
+        peer.send_text(&alpha_dm, "marker").await;
+        let mut chat = rig.subscribed(&["chat.message"]).await;
+        collect(&rig, &mut chat, Duration::from_secs(30), |got| {
+            got.iter().any(|m| m["body"] == "marker")
+        })
+        .await;
+        let deny = peer.send_text(&alpha_dm, &format!("deny {id1}")).await;
+        let answer = pending.await.expect("task").expect("approvals.request");
+        assert_eq!(
+            answer["decision"], "denied",
+            "an answer elsewhere was taken: {answer}"
+        );
+        assert_eq!(
+            answer["via"],
+            json!({"account": "alpha", "room_id": alpha_dm, "event_id": deny}),
+            "{answer}"
+        );
+        assert_eq!(
+            dm_counts(&owner, &peer, &bots).await,
+            [(1, 1), (0, 0), (0, 0)],
+            "a restarted handler sent its DM again"
+        );
+
+        // 4. A second request goes to alpha; alpha is parked (its user deactivated, its
+        // client restarted): after renotify_after_ms the owner is told once more, through
+        // beta, and a ✅ on beta's message decides.
+        let pending = request_with(&rig, params(None));
+        let requested = next(&mut watch, "approval.requested", Duration::from_secs(10)).await;
+        let id2 = requested["id"].as_str().expect("id").to_string();
+        assert_eq!(requested["notify"][0]["account"], "alpha", "{requested}");
+        delivered(&mut op, &id2, "alpha").await;
+        wait_counts(&owner, &peer, &bots, &[(1, 2), (0, 0), (0, 0)]).await;
+        bots[0].deactivate().await;
+        let down = Instant::now();
+        let kill = format!(
+            "{}/admin/actors/root/channels/matrix/alpha/client/kill",
+            rig.admin
+        );
+        http.post(kill).send().await.expect("kill");
+        let Some(handed) = next_event(&mut watch, "approval.notify", Duration::from_secs(30)).await
+        else {
+            panic!(
+                "not handed on; alpha's client: {}\nwarden's logs:\n{}",
+                rig.client_node("alpha").await,
+                rig.warden.logs()
+            );
+        };
+        let after = down.elapsed();
+        assert_eq!(handed["id"], id2.as_str());
+        assert_eq!(
+            handed["notify"],
+            json!([{"approver": owner_id, "account": "beta"}]),
+            "{handed}"
+        );
+        assert!(after >= Duration::from_secs(3), "handed on after {after:?}");
+        rig.wait_client("alpha", Duration::from_secs(60), |n| n["state"] == "parked")
+            .await;
+        let (beta_dm, beta_request) = delivered(&mut op, &id2, "beta").await;
+        wait_counts(&owner, &peer, &bots, &[(1, 2), (1, 1), (0, 0)]).await;
+        eprintln!(
+            "re-notified through beta {} ms after alpha went down",
+            after.as_millis()
+        );
+        owner.send_reaction(&beta_dm, &beta_request, "✅").await;
+        let answer = pending.await.expect("task").expect("approvals.request");
+        assert_eq!(answer["decision"], "approved", "{answer}");
+        assert_eq!(answer["via"]["account"], "beta", "{answer}");
+        assert_eq!(answer["via"]["room_id"], beta_dm.as_str(), "{answer}");
+
+        // 5. A request naming gamma goes through gamma alone; a reply without the id to its
+        // message approves.
+        let pending = request_with(&rig, params(Some("gamma")));
+        let requested = next(&mut watch, "approval.requested", Duration::from_secs(10)).await;
+        let id3 = requested["id"].as_str().expect("id").to_string();
+        assert_eq!(
+            requested["notify"],
+            json!([{"approver": owner_id, "account": "gamma"}]),
+            "{requested}"
+        );
+        let (gamma_dm, gamma_request) = delivered(&mut op, &id3, "gamma").await;
+        wait_counts(&owner, &peer, &bots, &[(1, 2), (1, 1), (1, 1)]).await;
+        let reply = peer.send_reply(&gamma_dm, &gamma_request, "approve").await;
+        let answer = pending.await.expect("task").expect("approvals.request");
+        assert_eq!(answer["decision"], "approved", "{answer}");
+        assert_eq!(
+            answer["via"],
+            json!({"account": "gamma", "room_id": gamma_dm, "event_id": reply}),
+            "{answer}"
+        );
+        let counts = dm_counts(&owner, &peer, &bots).await;
+        assert_eq!(
+            counts,
+            [(1, 2), (1, 1), (1, 1)],
+            "DMs per bot (rooms, messages)"
+        );
+        eprintln!(
+            "approver DMs for 3 requests (one re-notified after its account parked, two client \
+             kills): {} rooms, {} messages",
+            counts.iter().map(|c| c.0).sum::<usize>(),
+            counts.iter().map(|c| c.1).sum::<usize>()
+        );
+    }
+
     /// Test 4: approvers without `enabled` start no handler.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn approvers_without_enabled_start_no_handler() {

@@ -25,10 +25,11 @@ use matrix_sdk::ruma::api::client::room::create_room::v3::{
     Request as CreateRoomRequest, RoomPreset,
 };
 use matrix_sdk::ruma::events::InitialStateEvent;
+use matrix_sdk::ruma::events::relation::Reply;
 use matrix_sdk::ruma::events::room::encryption::RoomEncryptionEventContent;
 use matrix_sdk::ruma::events::room::member::MembershipState;
 use matrix_sdk::ruma::events::room::message::{
-    OriginalSyncRoomMessageEvent, RoomMessageEventContent,
+    OriginalSyncRoomMessageEvent, Relation, RoomMessageEventContent,
 };
 use matrix_sdk::ruma::{OwnedUserId, RoomId, UserId};
 use matrix_sdk::{Client, Room};
@@ -563,6 +564,39 @@ impl User {
         messages
     }
 
+    /// Deactivates this user (`POST /account/deactivate`, authenticated by password):
+    /// every token of it stops working, and it can no longer log in.
+    pub(crate) async fn deactivate(&self) {
+        let (status, body) = self
+            .api(
+                Method::POST,
+                &["account", "deactivate"],
+                &[],
+                Some(json!({})),
+                None,
+            )
+            .await
+            .expect("deactivate");
+        assert_eq!(status, 401, "deactivate without auth: {body}");
+        let auth = json!({"auth": {
+            "type": "m.login.password",
+            "identifier": {"type": "m.id.user", "user": self.localpart},
+            "password": self.password,
+            "session": body["session"],
+        }});
+        let (status, body) = self
+            .api(
+                Method::POST,
+                &["account", "deactivate"],
+                &[],
+                Some(auth),
+                None,
+            )
+            .await
+            .expect("deactivate");
+        assert_eq!(status, 200, "deactivate {}: {body}", self.user_id);
+    }
+
     /// Waits until the last 100 events of a room hold a message that `matches`; returns it.
     /// Panics after `within`, listing what is there.
     pub(crate) async fn wait_for_message(
@@ -853,6 +887,20 @@ impl EncryptedPeer {
             .send(RoomMessageEventContent::text_plain(body))
             .await
             .unwrap_or_else(|e| panic!("{}: send to {room_id}: {e}", self.user_id()));
+        sent.response.event_id.to_string()
+    }
+
+    /// Sends an `m.text` reply to `event_id` (a rich reply with no fallback), encrypted as
+    /// [`EncryptedPeer::send_text`] is. Returns its event id.
+    pub(crate) async fn send_reply(&self, room_id: &str, event_id: &str, body: &str) -> String {
+        let room = self.room(room_id).await;
+        let mut content = RoomMessageEventContent::text_plain(body);
+        let target = matrix_sdk::ruma::OwnedEventId::try_from(event_id).expect("an event id");
+        content.relates_to = Some(Relation::Reply(Reply::with_event_id(target)));
+        let sent = room
+            .send(content)
+            .await
+            .unwrap_or_else(|e| panic!("{}: reply in {room_id}: {e}", self.user_id()));
         sent.response.event_id.to_string()
     }
 

@@ -1,22 +1,40 @@
 //! The approvals broker: an operator asks for a node command, an approver decides, and an
 //! approved command runs on its node.
 //!
-//! `approvals.request {node, command, args?, reason, timeout_s?}` (operator) creates an
-//! approval with a random 8-character id (lowercase letters and digits), stores it and
-//! emits `approval.requested {id, node, command, args, reason, expires_at_ms}` to the
-//! sessions subscribed to it. The request stays open: it is answered once the approval is
+//! `approvals.request {node, command, args?, reason, timeout_s?, account?}` (operator)
+//! creates an approval with a random 8-character id (lowercase letters and digits), gives
+//! each distinct approver one account to be told through ([`ApprovalRouting`]), stores it
+//! and emits `approval.requested {id, node, command, args, reason, expires_at_ms, notify:
+//! [{approver, account}]}` to the sessions subscribed to it. The request stays open: it is answered once the approval is
 //! over, with `{id, decision, by, result?, error?}` — the same payload as the event
 //! `approval.resolved` every subscribed session gets then. A requester whose session is
 //! gone by then is simply not answered. A node that never connected (`unknown_node`) or,
 //! while connected, did not declare the command (`unknown_command`) is refused at once; an
 //! offline node is accepted, as it may be back by the decision.
 //!
-//! `approvals.resolve {id, decision: approve|deny, by}` (approver) counts only when `by`
-//! is an approver of the account the session named in `connect` (compared
-//! case-insensitively), else `forbidden`. The first decision wins: later ones get
+//! ## Notifications
+//! An approval handler reports each message it sent with `approvals.notified {id,
+//! approver, room_id, event_id}` (approver; only for a notice of its own account, else
+//! `forbidden`); the broker stores it, and `approvals.list` shows each open approval's
+//! `notices`, so a restarted handler sends only what was never delivered. Every sweep
+//! ([`ApprovalsMsg::Sweep`], each second or a quarter of `renotify_after`) gives an account
+//! to approvers that have none (approvals stored by an earlier version, approvers a reload
+//! added) and hands an approver whose account has been down (its chat account not ready)
+//! for `renotify_after` to another ready account that lists them, once per outage; both
+//! are announced as `approval.notify`, `approval.requested`'s payload with only the new
+//! `notify` entries. An approval pinned to an `account` is never handed on.
+//!
+//! `approvals.resolve {id?, decision: approve|deny, by, room_id, event_id, relates_to?}`
+//! (approver) counts only when `by` is an approver of the account the session named in
+//! `connect` (compared case-insensitively), else `forbidden`; and only when it was made
+//! where `by` was asked: in the room of a delivered notice to `by` through that account
+//! and, when it `relates_to` an event (a reaction, a reply), on that notice's message, else
+//! `forbidden`. Without `id` the approval is the one whose request message `relates_to`
+//! names (`unknown_approval` if none). The first decision wins: later ones get
 //! `already_resolved`; an id the broker does not know gets `unknown_approval`. The answer is
-//! `{id, decision}` with `decision` `approved` or `denied`. No decision within the timeout
-//! (default 300 s, `timeout_s` within 1..=86400) is a denial by `timeout`.
+//! `{id, decision}` with `decision` `approved` or `denied`, and the record keeps `via
+//! {account, room_id, event_id}`. No decision within the timeout (default 300 s,
+//! `timeout_s` within 1..=86400) is a denial by `timeout`.
 //!
 //! An approval, once approved, runs its command the way `nodes.invoke` does (registry
 //! lookup, the node's session, [`DEFAULT_INVOKE_TIMEOUT_MS`]); the outcome carries the
@@ -65,9 +83,10 @@
 //!
 //! ## Messages
 //! From sessions, through the [`ApprovalsClient`] in [`GatewayState`]: `Request`, `Resolve`
-//! (with the session's account), `List` (with its page params), each with the [`ReplyTo`]
-//! whose reply port the asking session waits on. Timers: `Expire` (a pending approval's timeout). From
-//! the task awaiting a node's answer: `InvokeDone`.
+//! and `Notified` (with the session's account), `List` (with its page params), each with
+//! the [`ReplyTo`] whose reply port the asking session waits on. Timers: `Expire` (a
+//! pending approval's timeout), `Sweep` (periodic). From the task awaiting a node's answer:
+//! `InvokeDone`. From a reload: `PrincipalsChanged`.
 //!
 //! ## Supervision
 //! `root/gateway/approvals`, between `listener` and `sessions` under the `gateway`
@@ -97,14 +116,16 @@ use rand::Rng;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::oneshot;
+use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
 use super::hub::event;
 use super::invoke::{InvokeReply, dispatch_invoke};
 use super::protocol::{
-    ApprovalCursor, ApprovalListing, ApprovalOutcome, ApprovalPage, ApprovalRequestParams,
-    ApprovalRequested, ApprovalResolveParams, ApprovalResolved, ApprovalsListParams,
-    DEFAULT_INVOKE_TIMEOUT_MS, Decision, ErrorBody, Frame, ListSection, Verdict, code,
+    ApprovalCursor, ApprovalListing, ApprovalNotice, ApprovalNotifiedParams, ApprovalOutcome,
+    ApprovalPage, ApprovalRequestParams, ApprovalRequested, ApprovalResolveParams,
+    ApprovalResolved, ApprovalsListParams, DEFAULT_INVOKE_TIMEOUT_MS, DecidedVia, Decision,
+    ErrorBody, Frame, ListSection, NoticeTarget, Verdict, code,
 };
 use super::registry::Lookup;
 use super::{GatewayState, metrics, now_ms};
@@ -170,6 +191,12 @@ pub struct ApprovalsSettings {
     /// Approvers (user IDs) by account alias: an approver session naming the account in
     /// `connect` may resolve as any of them.
     pub approvers: BTreeMap<String, Vec<String>>,
+    /// The account that notifies an approver it lists, when ready
+    /// (`approvals.default_account`).
+    pub default_account: Option<String>,
+    /// How long a notifying account may stay down before its approvers are notified through
+    /// another one (`approvals.renotify_after_ms`). Default [`DEFAULT_RENOTIFY_AFTER`].
+    pub renotify_after: Duration,
     /// How long an approval waits for a decision without `timeout_s`. Default
     /// [`DEFAULT_TIMEOUT`].
     pub default_timeout: Duration,
@@ -189,6 +216,8 @@ impl ApprovalsSettings {
         Self {
             dir: dir.into(),
             approvers: BTreeMap::new(),
+            default_account: None,
+            renotify_after: DEFAULT_RENOTIFY_AFTER,
             default_timeout: DEFAULT_TIMEOUT,
             max_open: DEFAULT_MAX_OPEN,
             max_open_per_requester: DEFAULT_MAX_OPEN_PER_REQUESTER,
@@ -235,6 +264,102 @@ impl ApprovalsSettings {
     /// Whether a session serving `account` may decide as `by`.
     pub fn may_decide(&self, account: Option<&str>, by: &str) -> bool {
         may_decide(&self.approvers, account, by)
+    }
+
+    /// The routing part of these settings (what a reload may change).
+    pub fn routing(&self) -> ApprovalRouting {
+        ApprovalRouting {
+            approvers: self.approvers.clone(),
+            default_account: self.default_account.clone(),
+            renotify_after: self.renotify_after,
+        }
+    }
+}
+
+/// How long a notifying account may stay down before its approvers are notified through
+/// another account, unless `approvals.renotify_after_ms` says otherwise.
+pub const DEFAULT_RENOTIFY_AFTER: Duration = Duration::from_secs(60);
+
+/// Who approves for which account and which account tells them: what the broker reads at
+/// every request, decision and sweep (a config reload replaces it).
+///
+/// Each distinct approver of a request is notified once, through one account: the
+/// request's `account` if it named one (then only that account's approvers are asked);
+/// else `default_account` if it lists the approver and is ready; else the first ready
+/// account, by alias, that lists the approver. With none ready, the default account (or
+/// the first listing one) is chosen anyway and notifies once it is up; a notifying
+/// account down for `renotify_after` hands the approver to another ready account.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApprovalRouting {
+    /// Approvers (user IDs) by account alias.
+    pub approvers: BTreeMap<String, Vec<String>>,
+    /// The account preferred for notifying.
+    pub default_account: Option<String>,
+    /// How long a notifying account may stay down before another one takes over.
+    pub renotify_after: Duration,
+}
+
+impl Default for ApprovalRouting {
+    fn default() -> Self {
+        Self {
+            approvers: BTreeMap::new(),
+            default_account: None,
+            renotify_after: DEFAULT_RENOTIFY_AFTER,
+        }
+    }
+}
+
+impl ApprovalRouting {
+    /// Whether `account` lists `approver` (case-insensitively).
+    fn lists(&self, account: &str, approver: &str) -> bool {
+        may_decide(&self.approvers, Some(account), approver)
+    }
+
+    /// The distinct approvers (case-insensitively; the first spelling kept) of `pinned`,
+    /// or of every account.
+    fn approvers_for(&self, pinned: Option<&str>) -> Vec<String> {
+        let mut seen = std::collections::HashSet::new();
+        self.approvers
+            .iter()
+            .filter(|(account, _)| pinned.is_none_or(|p| p == account.as_str()))
+            .flat_map(|(_, list)| list.iter())
+            .filter(|a| seen.insert(a.to_lowercase()))
+            .cloned()
+            .collect()
+    }
+
+    /// The account to notify `approver` through (see [`ApprovalRouting`]); `avoid` is a
+    /// notifying account that stayed down: only a ready account other than it is chosen,
+    /// or none.
+    fn route(
+        &self,
+        pinned: Option<&str>,
+        approver: &str,
+        ready: impl Fn(&str) -> bool,
+        avoid: Option<&str>,
+    ) -> Option<String> {
+        if let Some(account) = pinned {
+            return (avoid.is_none() && self.lists(account, approver)).then(|| account.into());
+        }
+        let listing: Vec<&String> = self
+            .approvers
+            .keys()
+            .filter(|a| self.lists(a, approver) && avoid != Some(a.as_str()))
+            .collect();
+        let default = self
+            .default_account
+            .as_ref()
+            .filter(|d| listing.contains(d));
+        if let Some(d) = default.filter(|d| ready(d)) {
+            return Some(d.clone());
+        }
+        if let Some(first) = listing.iter().find(|a| ready(a)) {
+            return Some((*first).clone());
+        }
+        if avoid.is_some() {
+            return None;
+        }
+        default.or(listing.first().copied()).cloned()
     }
 }
 
@@ -332,6 +457,18 @@ pub enum ApprovalsMsg {
         /// The approver's session.
         reply: ReplyTo,
     },
+    /// `approvals.notified` from an approver: a notification was delivered.
+    Notified {
+        /// The checked params.
+        params: ApprovalNotifiedParams,
+        /// The account the session named in `connect`.
+        account: Option<String>,
+        /// The approver's session.
+        reply: ReplyTo,
+    },
+    /// Time to look at the notifying accounts: approvers not yet assigned an account get
+    /// one, and those whose account stayed down past `renotify_after` get another.
+    Sweep,
     /// `approvals.list`: one page.
     List {
         /// The checked params: page size and where to start.
@@ -415,6 +552,51 @@ struct Approval {
     /// Approved: what the command gave, once it ran.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     outcome: Option<Outcome>,
+    /// The one account the requester named: only it notifies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    account: Option<String>,
+    /// Every notification: one current per approver, and those it replaced.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    notices: Vec<Notice>,
+    /// Decided by an approver: through which account, in which room, by which event.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    via: Option<DecidedVia>,
+}
+
+/// One approver told (or to be told) about one approval through one account.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Notice {
+    approver: String,
+    account: String,
+    /// When the account was chosen.
+    assigned_at_ms: u64,
+    /// Replaced by a notice through another account (its account stayed down).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    superseded: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    room_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    event_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    delivered_at_ms: Option<u64>,
+    /// When it was made (or the broker loaded it), on the runtime's clock: an account
+    /// must stay down this long after it, too, before the approver is handed on.
+    #[serde(skip)]
+    made: Option<Instant>,
+}
+
+impl Notice {
+    fn is_for(&self, approver: &str) -> bool {
+        self.approver.to_lowercase() == approver.to_lowercase()
+    }
+
+    fn target(&self) -> NoticeTarget {
+        NoticeTarget {
+            approver: self.approver.clone(),
+            account: self.account.clone(),
+        }
+    }
 }
 
 /// What an approved command gave.
@@ -450,7 +632,15 @@ impl Approval {
             args: self.args.clone(),
             reason: self.reason.clone(),
             expires_at_ms: self.expires_at_ms,
+            notify: Vec::new(),
         }
+    }
+
+    /// The current notice of `approver`, if any.
+    fn current_notice(&self, approver: &str) -> Option<&Notice> {
+        self.notices
+            .iter()
+            .find(|n| !n.superseded && n.is_for(approver))
     }
 
     fn outcome(&self) -> ApprovalOutcome {
@@ -465,6 +655,7 @@ impl Approval {
             by: self.by.clone().unwrap_or_else(|| TIMEOUT_BY.to_string()),
             result,
             error,
+            via: self.via.clone(),
         }
     }
 
@@ -481,6 +672,22 @@ impl Approval {
             decision: self.decision,
             by: self.by.clone(),
             decided_at_ms: self.decided_at_ms,
+            via: self.via.clone(),
+            notices: if self.is_over() {
+                Vec::new()
+            } else {
+                self.notices
+                    .iter()
+                    .map(|n| ApprovalNotice {
+                        approver: n.approver.clone(),
+                        account: n.account.clone(),
+                        active: !n.superseded,
+                        room_id: n.room_id.clone(),
+                        event_id: n.event_id.clone(),
+                        delivered_at_ms: n.delivered_at_ms,
+                    })
+                    .collect()
+            },
         }
     }
 }
@@ -555,6 +762,21 @@ impl Book {
         self.open
             .get(id)
             .or_else(|| self.resolved.iter().find(|a| a.id == id))
+    }
+
+    /// The pending approval whose notice to `approver` through `account` is message
+    /// `event_id`.
+    fn id_of_notice(&self, account: &str, approver: &str, event_id: &str) -> Option<String> {
+        self.open
+            .values()
+            .find(|a| {
+                a.notices.iter().any(|n| {
+                    n.account == account
+                        && n.is_for(approver)
+                        && n.event_id.as_deref() == Some(event_id)
+                })
+            })
+            .map(|a| a.id.clone())
     }
 
     fn insert(&mut self, approval: Approval) {
@@ -846,6 +1068,10 @@ pub struct ApprovalsState {
     timers: HashMap<String, Timer<ApprovalsMsg>>,
     /// Tasks awaiting a node's answer, by approval id.
     running: HashMap<String, AbortOnDrop>,
+    /// Since when each notifying account has been seen down, by alias.
+    down_since: HashMap<String, Instant>,
+    /// The periodic [`ApprovalsMsg::Sweep`].
+    sweep: Option<AbortOnDrop>,
     span: tracing::Span,
 }
 
@@ -875,10 +1101,14 @@ impl Actor for ApprovalsActor {
             waiters: HashMap::new(),
             timers: HashMap::new(),
             running: HashMap::new(),
+            down_since: HashMap::new(),
+            sweep: None,
             span,
         };
         let span = state.span.clone();
         span.in_scope(|| state.load(&myself));
+        let every = sweep_period(state.gateway.approval_routing().renotify_after);
+        state.sweep = Some(myself.send_interval(every, || ApprovalsMsg::Sweep).into());
         state.gateway.approvals_client().set(Some(myself));
         Ok(state)
     }
@@ -926,6 +1156,15 @@ impl ApprovalsState {
         let now = now_ms();
         let (book, report) = Book::load(stored, now);
         self.book = book;
+        let loaded = Instant::now();
+        for notice in self
+            .book
+            .open
+            .values_mut()
+            .flat_map(|a| a.notices.iter_mut())
+        {
+            notice.made = Some(loaded);
+        }
         for id in &report.evicted {
             self.remove_file(id);
         }
@@ -962,6 +1201,8 @@ impl ApprovalsState {
         );
         self.gauge();
         self.deny_revoked(myself);
+        // Approvals stored before notices existed, or whose approvers changed: routed now.
+        self.sweep();
     }
 
     /// Whether `requester` is an operator the gateway no longer admits under that name.
@@ -1024,6 +1265,12 @@ impl ApprovalsState {
                 }
             }
             ApprovalsMsg::PrincipalsChanged => self.deny_revoked(myself),
+            ApprovalsMsg::Notified {
+                params,
+                account,
+                reply,
+            } => self.notified(params, account, reply),
+            ApprovalsMsg::Sweep => self.sweep(),
             ApprovalsMsg::InvokeDone { id, result } => {
                 self.running.remove(&id);
                 let outcome = match result {
@@ -1066,6 +1313,13 @@ impl ApprovalsState {
             );
             return reply.err(code::BUSY, message);
         }
+        let routing = self.gateway.approval_routing();
+        if let Some(account) = &params.account
+            && routing.approvers.get(account).is_none_or(Vec::is_empty)
+        {
+            let message = format!("account {account:?} has no approval handler with approvers");
+            return reply.err(code::UNKNOWN_ACCOUNT, message);
+        }
         if let Err((refusal, message)) = self.settings.check_request(&params, open) {
             if refusal == code::BUSY {
                 debug!(
@@ -1100,7 +1354,7 @@ impl ApprovalsState {
             .timeout_s
             .map_or(self.settings.default_timeout, Duration::from_secs);
         let now = now_ms();
-        let approval = Approval {
+        let mut approval = Approval {
             id: id.clone(),
             node: params.node,
             command: params.command,
@@ -1113,15 +1367,21 @@ impl ApprovalsState {
             by: None,
             decided_at_ms: None,
             outcome: None,
+            account: params.account,
+            notices: Vec::new(),
+            via: None,
         };
+        let ready = |a: &str| self.gateway.chat().is_ready(a);
+        let targets = assign_missing(&mut approval, &routing, &ready, now);
         if let Err(e) = self.store.save(&approval) {
             error!(dir = %self.store.dir.display(), error = %e,
                 "Cannot store an approval; refusing the request.");
             return reply.err(code::INTERNAL, format!("cannot store the approval: {e}"));
         }
         info!(id = %id, node = %approval.node, command = %approval.command,
-            timeout_s = timeout.as_secs(), "Approval requested.");
-        let requested = approval.requested();
+            timeout_s = timeout.as_secs(), notify = ?targets, "Approval requested.");
+        let mut requested = approval.requested();
+        requested.notify = targets;
         self.book.insert(approval);
         self.arm(myself, &id, timeout);
         self.waiters.insert(
@@ -1137,7 +1397,8 @@ impl ApprovalsState {
         self.gauge();
     }
 
-    /// `approvals.resolve`: the first decision of a listed approver wins.
+    /// `approvals.resolve`: the first decision of a listed approver, made where that
+    /// approver was asked, wins.
     fn resolve(
         &mut self,
         myself: &ActorRef<ApprovalsMsg>,
@@ -1145,17 +1406,39 @@ impl ApprovalsState {
         account: Option<String>,
         reply: ReplyTo,
     ) {
-        let ApprovalResolveParams { id, decision, by } = params;
         // A revoked requester's approval is denied before anyone can approve it.
         self.deny_revoked(myself);
-        if !may_decide(&self.gateway.approvers(), account.as_deref(), &by) {
-            let account = account.unwrap_or_default();
-            let message = format!("{by} is not an approver of account {account:?}");
+        let by = params.by.clone();
+        let Some(account) = account.filter(|a| self.gateway.approval_routing().lists(a, &by))
+        else {
+            let message = format!("{by} is not an approver of this handler's account");
             return reply.err(code::FORBIDDEN, message);
-        }
-        let decision = match decision {
+        };
+        let id = match params.id.clone().or_else(|| {
+            let event = params.relates_to.as_deref()?;
+            self.book.id_of_notice(&account, &by, event)
+        }) {
+            Some(id) => id,
+            None => {
+                let event = params.relates_to.unwrap_or_default();
+                let message = format!("event {event} is not an approval request {by} was sent");
+                return reply.err(code::UNKNOWN_APPROVAL, message);
+            }
+        };
+        let decision = match params.decision {
             Verdict::Approve => Decision::Approved,
             Verdict::Deny => Decision::Denied,
+        };
+        if let Some(a) = self.book.open.get(&id).filter(|a| a.is_pending())
+            && let Err(why) = asked_there(a, &account, &params)
+        {
+            debug!(id = %id, by = %by, room = %params.room_id, "{why}");
+            return reply.err(code::FORBIDDEN, why);
+        }
+        let via = DecidedVia {
+            account,
+            room_id: params.room_id,
+            event_id: params.event_id,
         };
         match self.book.decide(&id, decision, &by, now_ms()) {
             Ok(_) => {}
@@ -1167,12 +1450,104 @@ impl ApprovalsState {
                 return reply.err(code::ALREADY_RESOLVED, message);
             }
         }
-        info!(id = %id, decision = decision.as_str(), by = %by, "Approval decided.");
+        info!(id = %id, decision = decision.as_str(), by = %by, account = %via.account,
+            room = %via.room_id, event = %via.event_id, "Approval decided.");
+        if let Some(a) = self.book.open.get_mut(&id) {
+            a.via = Some(via);
+        }
         reply.ok(to_value(&ApprovalResolved {
             id: id.clone(),
             decision,
         }));
         self.decided(myself, &id);
+    }
+
+    /// `approvals.notified`: the handler of `account` delivered `approver`'s notification.
+    fn notified(
+        &mut self,
+        params: ApprovalNotifiedParams,
+        account: Option<String>,
+        reply: ReplyTo,
+    ) {
+        let ApprovalNotifiedParams {
+            id,
+            approver,
+            room_id,
+            event_id,
+        } = params;
+        let account = account.unwrap_or_default();
+        let Some(a) = self.book.open.get_mut(&id) else {
+            // Decided (or gone) meanwhile: nothing left to record.
+            return reply.ok(serde_json::json!({ "id": id, "recorded": false }));
+        };
+        // The newest notice of this approver through this account (a superseded one may
+        // still have been delivered, and a decision there counts).
+        let Some(notice) = a
+            .notices
+            .iter_mut()
+            .rev()
+            .find(|n| n.account == account && n.is_for(&approver))
+        else {
+            let message = format!(
+                "approval {id} was not to be sent to {approver} through account {account:?}"
+            );
+            return reply.err(code::FORBIDDEN, message);
+        };
+        if notice.event_id.is_none() {
+            notice.room_id = Some(room_id);
+            notice.event_id = Some(event_id);
+            notice.delivered_at_ms = Some(now_ms());
+            let a = a.clone();
+            self.save(&a);
+            info!(id = %id, approver = %approver, account = %account, "Approver notified.");
+        }
+        reply.ok(serde_json::json!({ "id": id, "recorded": true }));
+    }
+
+    /// Gives an account to every approver of a pending approval that has none, and another
+    /// one to those whose account stayed down past `renotify_after`; stores and announces
+    /// (`approval.notify`) what changed.
+    fn sweep(&mut self) {
+        let routing = self.gateway.approval_routing();
+        let now = now_ms();
+        let clock = Instant::now();
+        let chat = self.gateway.chat().clone();
+        let ready = |a: &str| chat.is_ready(a);
+        let mut watched: Vec<String> = self
+            .book
+            .open
+            .values()
+            .filter(|a| a.is_pending())
+            .flat_map(|a| a.notices.iter().filter(|n| !n.superseded))
+            .map(|n| n.account.clone())
+            .collect();
+        watched.sort();
+        watched.dedup();
+        self.down_since.retain(|a, _| watched.contains(a));
+        for account in watched {
+            if ready(&account) {
+                self.down_since.remove(&account);
+            } else {
+                self.down_since.entry(account).or_insert(clock);
+            }
+        }
+        let mut changed = Vec::new();
+        for a in self.book.open.values_mut().filter(|a| a.is_pending()) {
+            let mut targets = reroute(a, &routing, &ready, &self.down_since, now);
+            targets.extend(assign_missing(a, &routing, &ready, now));
+            if !targets.is_empty() {
+                changed.push((a.clone(), targets));
+            }
+        }
+        for (a, targets) in changed {
+            self.save(&a);
+            info!(id = %a.id, notify = ?targets, "Approval: approvers to notify through another account.");
+            let mut payload = a.requested();
+            payload.notify = targets;
+            self.gateway
+                .hub()
+                .publish(event::APPROVAL_NOTIFY, to_value(&payload));
+        }
     }
 
     /// After the first decision on `id`: store it; run the command or finish.
@@ -1292,6 +1667,127 @@ impl ApprovalsState {
     }
 }
 
+/// Notices one approval keeps at most: past it, an approver is not handed on again (the
+/// accounts keep failing in turn; their earlier notices still stand).
+const MAX_NOTICES: usize = 64;
+
+/// How often the broker sweeps (see [`ApprovalsMsg::Sweep`]): every second, or four
+/// times per `renotify_after` when that is shorter (at least every 50 ms).
+fn sweep_period(renotify_after: Duration) -> Duration {
+    (renotify_after / 4).clamp(Duration::from_millis(50), Duration::from_secs(1))
+}
+
+/// Gives every approver of pending `a` (those of its pinned account, or all) that has no
+/// current notice one, through the account [`ApprovalRouting::route`] picks; returns
+/// them.
+fn assign_missing(
+    a: &mut Approval,
+    routing: &ApprovalRouting,
+    ready: &dyn Fn(&str) -> bool,
+    now_ms: u64,
+) -> Vec<NoticeTarget> {
+    let mut added = Vec::new();
+    for approver in routing.approvers_for(a.account.as_deref()) {
+        if a.current_notice(&approver).is_some() {
+            continue;
+        }
+        if let Some(account) = routing.route(a.account.as_deref(), &approver, ready, None) {
+            let notice = Notice {
+                approver,
+                account,
+                assigned_at_ms: now_ms,
+                superseded: false,
+                room_id: None,
+                event_id: None,
+                delivered_at_ms: None,
+                made: Some(Instant::now()),
+            };
+            added.push(notice.target());
+            a.notices.push(notice);
+        }
+    }
+    added
+}
+
+/// Hands each current notice of pending `a` whose account has been down (since
+/// `down_since`, or since the notice was made if later) for `renotify_after` to another
+/// ready account that lists the approver, if there is one; returns the new ones. An
+/// approval pinned to one account is never handed on.
+fn reroute(
+    a: &mut Approval,
+    routing: &ApprovalRouting,
+    ready: &dyn Fn(&str) -> bool,
+    down_since: &HashMap<String, Instant>,
+    now_ms: u64,
+) -> Vec<NoticeTarget> {
+    if a.account.is_some() || a.notices.len() >= MAX_NOTICES {
+        return Vec::new();
+    }
+    let mut added = Vec::new();
+    let mut fresh = Vec::new();
+    for notice in a.notices.iter_mut().filter(|n| !n.superseded) {
+        let Some(since) = down_since.get(&notice.account) else {
+            continue;
+        };
+        let since = notice.made.map_or(*since, |made| made.max(*since));
+        if since.elapsed() < routing.renotify_after {
+            continue;
+        }
+        let Some(account) = routing.route(None, &notice.approver, ready, Some(&notice.account))
+        else {
+            continue;
+        };
+        notice.superseded = true;
+        let next = Notice {
+            approver: notice.approver.clone(),
+            account,
+            assigned_at_ms: now_ms,
+            superseded: false,
+            room_id: None,
+            event_id: None,
+            delivered_at_ms: None,
+            made: Some(Instant::now()),
+        };
+        added.push(next.target());
+        fresh.push(next);
+    }
+    a.notices.extend(fresh);
+    added
+}
+
+/// Whether `params` (a decision through `account`) was made where its approver was
+/// asked: in the room of a delivered notice of theirs through that account, and, when it
+/// relates to an event, relating to that notice's message. The error says why not.
+fn asked_there(a: &Approval, account: &str, params: &ApprovalResolveParams) -> Result<(), String> {
+    let asked: Vec<&Notice> = a
+        .notices
+        .iter()
+        .filter(|n| n.account == account && n.is_for(&params.by) && n.event_id.is_some())
+        .collect();
+    if asked.is_empty() {
+        return Err(format!(
+            "{} was not asked about approval {} through account {account:?}",
+            params.by, a.id
+        ));
+    }
+    let here = asked.iter().any(|n| {
+        n.room_id.as_deref() == Some(params.room_id.as_str())
+            && params
+                .relates_to
+                .as_deref()
+                .is_none_or(|e| n.event_id.as_deref() == Some(e))
+    });
+    if here {
+        Ok(())
+    } else {
+        Err(format!(
+            "a decision on approval {} counts only in the room where {} was asked, on its \
+             request message",
+            a.id, params.by
+        ))
+    }
+}
+
 /// Bytes of `value` as compact JSON, counted without building the text.
 fn json_len(value: &Value) -> usize {
     struct Count(usize);
@@ -1359,6 +1855,47 @@ mod tests {
             by: None,
             decided_at_ms: None,
             outcome: None,
+            account: None,
+            notices: Vec::new(),
+            via: None,
+        }
+    }
+
+    /// `approver`, told about `id` through `account` in room `!dm-<account>:x` by event
+    /// `$req-<id>-<account>`, as its handler reports it.
+    fn notified(id: &str, approver: &str, account: &str, reply: ReplyTo) -> ApprovalsMsg {
+        ApprovalsMsg::Notified {
+            params: ApprovalNotifiedParams {
+                id: id.into(),
+                approver: approver.into(),
+                room_id: format!("!dm-{account}:x"),
+                event_id: format!("$req-{id}-{account}"),
+            },
+            account: Some(account.into()),
+            reply,
+        }
+    }
+
+    /// A decision by `by` on `id`, written in room `room` through `account`'s handler.
+    fn decision(
+        id: &str,
+        decision: Verdict,
+        by: &str,
+        account: &str,
+        room: &str,
+        reply: ReplyTo,
+    ) -> ApprovalsMsg {
+        ApprovalsMsg::Resolve {
+            params: ApprovalResolveParams {
+                id: Some(id.into()),
+                decision,
+                by: by.into(),
+                room_id: room.into(),
+                event_id: format!("$answer-{id}"),
+                relates_to: None,
+            },
+            account: Some(account.into()),
+            reply,
         }
     }
 
@@ -1675,6 +2212,7 @@ mod tests {
                 args: json!([]),
                 reason: "why".into(),
                 timeout_s: None,
+                account: None,
             },
             requester: requester.into(),
             reply: replies.to(req),
@@ -1694,16 +2232,20 @@ mod tests {
         client.send(request("late", "operator:bob")).expect("send");
         assert_eq!(reply(&replies, "late").await["error"]["code"], "forbidden");
         // Alice's is still pending: an approver can still approve it.
+        let kept_id = kept.as_str().expect("id");
         client
-            .send(ApprovalsMsg::Resolve {
-                params: ApprovalResolveParams {
-                    id: kept.as_str().expect("id").into(),
-                    decision: Verdict::Approve,
-                    by: "@owner:x".into(),
-                },
-                account: Some("nova".into()),
-                reply: replies.to("decide"),
-            })
+            .send(notified(kept_id, "@owner:x", "nova", replies.to("n")))
+            .expect("send");
+        reply(&replies, "n").await;
+        client
+            .send(decision(
+                kept_id,
+                Verdict::Approve,
+                "@owner:x",
+                "nova",
+                "!dm-nova:x",
+                replies.to("decide"),
+            ))
             .expect("send");
         assert_eq!(
             reply(&replies, "decide").await,
@@ -1726,20 +2268,14 @@ mod tests {
                 args: json!(["-h"]),
                 reason: "full?".into(),
                 timeout_s,
+                account: None,
             },
             requester: "operator:default".into(),
             reply: replies.to(req),
         };
-        let resolve =
-            |req: &str, id: &str, decision, by: &str, account: &str| ApprovalsMsg::Resolve {
-                params: ApprovalResolveParams {
-                    id: id.into(),
-                    decision,
-                    by: by.into(),
-                },
-                account: Some(account.into()),
-                reply: replies.to(req),
-            };
+        let resolve = |req: &str, id: &str, verdict, by: &str, account: &str| {
+            decision(id, verdict, by, account, "!dm-nova:x", replies.to(req))
+        };
 
         // No decision within timeout_s: denied by timeout, exactly then.
         let start = tokio::time::Instant::now();
@@ -1765,6 +2301,16 @@ mod tests {
             .send(resolve("r3", &id2, Verdict::Approve, "@other:x", "nova"))
             .expect("send");
         assert_eq!(reply(&replies, "r3").await["error"]["code"], "forbidden");
+        // Not yet told: the approver's decision does not count.
+        client
+            .send(resolve("r3b", &id2, Verdict::Approve, "@owner:X", "nova"))
+            .expect("send");
+        let early = reply(&replies, "r3b").await;
+        assert_eq!(early["error"]["code"], "forbidden", "{early}");
+        client
+            .send(notified(&id2, "@Owner:x", "nova", replies.to("n2")))
+            .expect("send");
+        assert_eq!(reply(&replies, "n2").await["recorded"], true);
         client
             .send(resolve("r4", &id2, Verdict::Approve, "@owner:X", "nova"))
             .expect("send");
@@ -1796,7 +2342,8 @@ mod tests {
         invoke.reply.send(Ok(json!({"exit_code": 0})));
         assert_eq!(
             reply(&replies, "r2").await,
-            json!({"id": id2, "decision": "approved", "by": "@owner:X", "result": {"exit_code": 0}})
+            json!({"id": id2, "decision": "approved", "by": "@owner:X", "result": {"exit_code": 0},
+                "via": {"account": "nova", "room_id": "!dm-nova:x", "event_id": format!("$answer-{id2}")}})
         );
 
         // A pending approval survives a restart of the broker; its requester is told.
@@ -1805,6 +2352,10 @@ mod tests {
             .as_str()
             .expect("id")
             .to_string();
+        client
+            .send(notified(&id3, "@Owner:x", "nova", replies.to("n3")))
+            .expect("send");
+        reply(&replies, "n3").await;
         broker.stop_and_wait(None, None).await.expect("stop");
         assert_eq!(reply(&replies, "r7").await["error"]["code"], "internal");
         assert!(
@@ -1845,6 +2396,268 @@ mod tests {
         );
     }
 
+    /// A chat account that is ready or not, as the test says; it sends nothing.
+    struct Switch(std::sync::atomic::AtomicBool);
+
+    impl super::super::chat::ChatAccount for Switch {
+        fn send(&self, _: super::super::chat::SendParams) -> super::super::chat::SendFuture {
+            Box::pin(async { Err(super::super::chat::ChatError::NotReady("test".into())) })
+        }
+        fn act(&self, _: super::super::chat::ChatAction) -> super::super::chat::ActFuture {
+            Box::pin(async { Err(super::super::chat::ChatError::NotReady("test".into())) })
+        }
+        fn is_ready(&self) -> bool {
+            self.0.load(std::sync::atomic::Ordering::SeqCst)
+        }
+    }
+
+    /// The payload of the next hub event named `name`, or none within `within`.
+    async fn next_named(
+        rx: &mut tokio::sync::broadcast::Receiver<Arc<super::super::hub::HubEvent>>,
+        name: &str,
+        within: Duration,
+    ) -> Option<Value> {
+        tokio::time::timeout(within, async {
+            loop {
+                let ev = rx.recv().await.expect("hub");
+                if ev.name == name {
+                    let frame: Value = serde_json::from_str(&ev.text).expect("json");
+                    return frame["payload"].clone();
+                }
+            }
+        })
+        .await
+        .ok()
+    }
+
+    #[test]
+    fn routing_picks_one_account_per_approver() {
+        let routing = ApprovalRouting {
+            approvers: BTreeMap::from([
+                ("a".into(), vec!["@Owner:x".into()]),
+                ("b".into(), vec!["@owner:x".into(), "@second:x".into()]),
+                ("c".into(), vec!["@owner:x".into()]),
+            ]),
+            default_account: Some("c".into()),
+            renotify_after: Duration::from_secs(60),
+        };
+        assert_eq!(routing.approvers_for(None), ["@Owner:x", "@second:x"]);
+        assert_eq!(routing.approvers_for(Some("c")), ["@owner:x"]);
+        let all = |_: &str| true;
+        let none = |_: &str| false;
+        let only_b = |a: &str| a == "b";
+        assert_eq!(
+            routing.route(None, "@owner:x", all, None).as_deref(),
+            Some("c"),
+            "the default when ready"
+        );
+        assert_eq!(
+            routing.route(None, "@second:x", all, None).as_deref(),
+            Some("b"),
+            "the default does not list it"
+        );
+        assert_eq!(
+            routing.route(None, "@owner:x", only_b, None).as_deref(),
+            Some("b"),
+            "else the first ready by alias"
+        );
+        assert_eq!(
+            routing.route(None, "@owner:x", none, None).as_deref(),
+            Some("c"),
+            "none ready: the default waits"
+        );
+        assert_eq!(
+            routing.route(None, "@owner:x", all, Some("c")).as_deref(),
+            Some("a"),
+            "handed on: not the one that is down"
+        );
+        assert_eq!(
+            routing.route(None, "@second:x", all, Some("b")),
+            None,
+            "nobody else lists it"
+        );
+        assert_eq!(
+            routing.route(None, "@owner:x", none, Some("c")),
+            None,
+            "nobody ready to take over"
+        );
+        assert_eq!(
+            routing.route(Some("a"), "@owner:x", none, None).as_deref(),
+            Some("a"),
+            "pinned, ready or not"
+        );
+        assert_eq!(
+            routing.route(Some("a"), "@second:x", all, None),
+            None,
+            "pinned: its approvers only"
+        );
+    }
+
+    /// Three accounts list one approver: one request gets one notification (the first
+    /// ready account), pinned requests stay with their account, a notifying account down
+    /// past `renotify_after` hands its approver on exactly once, and a decision counts
+    /// only where the approver was asked; the record says where it was made.
+    #[tokio::test(start_paused = true)]
+    async fn one_notice_per_approver_handed_on_once_and_decided_only_where_asked() {
+        let scratch = Scratch::new("routing");
+        let gateway = GatewayState::new(operators(&[]));
+        let mut settings = ApprovalsSettings::new(scratch.0.join("approvals"));
+        settings.approvers = BTreeMap::from([
+            ("a".into(), vec!["@owner:x".into()]),
+            ("b".into(), vec!["@Owner:x".into(), "@second:x".into()]),
+            ("c".into(), vec!["@owner:x".into()]),
+        ]);
+        settings.renotify_after = Duration::from_secs(3);
+        assert!(gateway.set_approvals(settings).is_ok());
+        let switch = |ready: bool| Arc::new(Switch(std::sync::atomic::AtomicBool::new(ready)));
+        let (a, b, c) = (switch(false), switch(true), switch(true));
+        gateway.chat().register("a", a.clone());
+        gateway.chat().register("b", b.clone());
+        gateway.chat().register("c", c.clone());
+        let _broker = spawn_broker(&gateway).await;
+        let (replies, _rx, _node) = catcher_node(&gateway).await;
+        let mut hub = gateway.hub().subscribe();
+        let client = gateway.approvals().expect("configured").clone();
+        let request = |req: &str, account: Option<&str>| ApprovalsMsg::Request {
+            params: ApprovalRequestParams {
+                node: "box".into(),
+                command: "disk".into(),
+                args: json!([]),
+                reason: "why".into(),
+                timeout_s: None,
+                account: account.map(str::to_string),
+            },
+            requester: "operator:default".into(),
+            reply: replies.to(req),
+        };
+        let targets = |payload: &Value| -> Vec<(String, String)> {
+            payload["notify"]
+                .as_array()
+                .expect("notify")
+                .iter()
+                .map(|t| {
+                    (
+                        t["approver"].as_str().expect("approver").into(),
+                        t["account"].as_str().expect("account").into(),
+                    )
+                })
+                .collect()
+        };
+        let pair = |approver: &str, account: &str| (approver.to_string(), account.to_string());
+
+        // One notice per distinct approver: a is down, so b (first ready by alias).
+        client.send(request("r1", None)).expect("send");
+        let first = next_named(&mut hub, event::APPROVAL_REQUESTED, Duration::from_secs(1))
+            .await
+            .expect("requested");
+        let id = first["id"].as_str().expect("id").to_string();
+        assert_eq!(
+            targets(&first),
+            [pair("@owner:x", "b"), pair("@second:x", "b")]
+        );
+
+        // Pinned to a (down): only a's approvers, through a, and never handed on.
+        client.send(request("r2", Some("a"))).expect("send");
+        let pinned = next_named(&mut hub, event::APPROVAL_REQUESTED, Duration::from_secs(1))
+            .await
+            .expect("requested");
+        assert_eq!(targets(&pinned), [pair("@owner:x", "a")]);
+        client.send(request("r3", Some("nope"))).expect("send");
+        assert_eq!(
+            reply(&replies, "r3").await["error"]["code"],
+            "unknown_account"
+        );
+
+        // b delivers to both; the owner's answer elsewhere, or on another event, is refused.
+        for approver in ["@owner:x", "@second:x"] {
+            client
+                .send(notified(&id, approver, "b", replies.to("n")))
+                .expect("send");
+            assert_eq!(reply(&replies, "n").await["recorded"], true);
+        }
+        client
+            .send(decision(
+                &id,
+                Verdict::Approve,
+                "@owner:x",
+                "b",
+                "!group:x",
+                replies.to("d1"),
+            ))
+            .expect("send");
+        let refused = reply(&replies, "d1").await;
+        assert_eq!(refused["error"]["code"], "forbidden", "{refused}");
+        let reaction = |req: &str, on: &str, account: &str, room: &str| ApprovalsMsg::Resolve {
+            params: ApprovalResolveParams {
+                id: None,
+                decision: Verdict::Approve,
+                by: "@owner:x".into(),
+                room_id: room.into(),
+                event_id: "$reaction".into(),
+                relates_to: Some(on.into()),
+            },
+            account: Some(account.into()),
+            reply: replies.to(req),
+        };
+        client
+            .send(reaction("d2", "$unrelated", "b", "!dm-b:x"))
+            .expect("send");
+        assert_eq!(
+            reply(&replies, "d2").await["error"]["code"],
+            "unknown_approval"
+        );
+
+        // b goes down: after renotify_after the owner is handed to c, once; nobody else
+        // lists the second approver, so theirs stays with b.
+        b.0.store(false, std::sync::atomic::Ordering::SeqCst);
+        let start = tokio::time::Instant::now();
+        let handed = next_named(&mut hub, event::APPROVAL_NOTIFY, Duration::from_secs(10))
+            .await
+            .expect("handed on");
+        assert!(
+            start.elapsed() >= Duration::from_secs(3),
+            "handed on after {:?}",
+            start.elapsed()
+        );
+        assert_eq!(handed["id"], id.as_str());
+        assert_eq!(targets(&handed), [pair("@owner:x", "c")]);
+        assert!(
+            next_named(&mut hub, event::APPROVAL_NOTIFY, Duration::from_secs(30))
+                .await
+                .is_none(),
+            "handed on more than once"
+        );
+
+        // The reaction on b's request message still counts (the owner was asked there);
+        // the record says where.
+        client
+            .send(reaction("d3", &format!("$req-{id}-b"), "b", "!dm-b:x"))
+            .expect("send");
+        assert_eq!(
+            reply(&replies, "d3").await,
+            json!({"id": id, "decision": "approved"})
+        );
+        client
+            .send(ApprovalsMsg::List {
+                params: ApprovalsListParams::default(),
+                reply: replies.to("l"),
+            })
+            .expect("send");
+        let list = reply(&replies, "l").await;
+        let entry = list["approvals"]
+            .as_array()
+            .expect("list")
+            .iter()
+            .find(|a| a["id"] == id.as_str())
+            .cloned()
+            .expect("listed");
+        assert_eq!(
+            entry["via"],
+            json!({"account": "b", "room_id": "!dm-b:x", "event_id": "$reaction"}),
+            "{entry}"
+        );
+    }
+
     #[test]
     fn approvers_compare_case_insensitively_per_account() {
         let mut settings = ApprovalsSettings::new("/nonexistent");
@@ -1864,6 +2677,7 @@ mod tests {
             args,
             reason,
             timeout_s: None,
+            account: None,
         }
     }
 
@@ -2003,15 +2817,18 @@ mod tests {
 
         // One decided: room for one more.
         client
-            .send(ApprovalsMsg::Resolve {
-                params: ApprovalResolveParams {
-                    id: id1.clone(),
-                    decision: Verdict::Deny,
-                    by: "@owner:x".into(),
-                },
-                account: Some("nova".into()),
-                reply: replies.to("d1"),
-            })
+            .send(notified(&id1, "@owner:x", "nova", replies.to("n1")))
+            .expect("send");
+        reply(&replies, "n1").await;
+        client
+            .send(decision(
+                &id1,
+                Verdict::Deny,
+                "@owner:x",
+                "nova",
+                "!dm-nova:x",
+                replies.to("d1"),
+            ))
             .expect("send");
         assert_eq!(reply(&replies, "d1").await["decision"], "denied");
         assert_eq!(reply(&replies, "r1").await["decision"], "denied");

@@ -265,6 +265,10 @@ pub trait ChatAccount: Send + Sync {
 
     /// Reacts, edits or sends a typing notice.
     fn act(&self, action: ChatAction) -> ActFuture;
+
+    /// Whether the account is ready now (logged in and synced): the approvals broker
+    /// notifies approvers through ready accounts.
+    fn is_ready(&self) -> bool;
 }
 
 /// The accounts, and where their inbound messages go. Cheap to clone.
@@ -357,6 +361,12 @@ impl Chat {
     pub fn unregister(&self, alias: &str) {
         let mut accounts = self.0.accounts.write().unwrap_or_else(|e| e.into_inner());
         accounts.remove(alias);
+    }
+
+    /// Whether account `alias` is registered and ready.
+    pub fn is_ready(&self, alias: &str) -> bool {
+        let accounts = self.0.accounts.read().unwrap_or_else(|e| e.into_inner());
+        accounts.get(alias).is_some_and(|a| a.is_ready())
     }
 
     /// Hands an inbound message to every operator subscribed to `chat.message`.

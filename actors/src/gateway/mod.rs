@@ -55,7 +55,7 @@ use tokio::time::Instant;
 
 use crate::supervision::{ChildSpec, Policy, PolicyCell, Strategy, TreeHandle, supervisor};
 use approvals::ApprovalsClient;
-pub use approvals::ApprovalsSettings;
+pub use approvals::{ApprovalRouting, ApprovalsSettings};
 use chat::Chat;
 use hub::Hub;
 use protocol::auth::{Principals, Secret};
@@ -295,8 +295,9 @@ struct Shared {
     registry: Registry,
     /// Set once, before [`spec`] is built: the broker exists only with these.
     approvals: OnceLock<ApprovalsSettings>,
-    /// The approvers by account now: those of `approvals` until a reload replaces them.
-    approvers: std::sync::RwLock<Arc<BTreeMap<String, Vec<String>>>>,
+    /// The approvers by account and the routing of notifications now: those of
+    /// `approvals` until a reload replaces them.
+    routing: std::sync::RwLock<Arc<ApprovalRouting>>,
     /// Reaches the approvals broker; follows it across restarts.
     broker: ApprovalsClient,
     /// Pre-auth slots held per client IP (see [`PreauthSlot`]).
@@ -336,7 +337,7 @@ impl GatewayState {
             hub,
             registry: Registry::new(settings.node_forget_after_ms),
             approvals: OnceLock::new(),
-            approvers: std::sync::RwLock::new(Arc::new(BTreeMap::new())),
+            routing: std::sync::RwLock::new(Arc::new(ApprovalRouting::default())),
             broker: ApprovalsClient::default(),
             tree: OnceLock::new(),
             tree_set: tokio::sync::Notify::new(),
@@ -399,19 +400,19 @@ impl GatewayState {
         self.0.revocations.subscribe()
     }
 
-    /// The approvers (user IDs) by account now.
-    pub fn approvers(&self) -> Arc<BTreeMap<String, Vec<String>>> {
+    /// The approvers (user IDs) by account and the routing of notifications now.
+    pub fn approval_routing(&self) -> Arc<ApprovalRouting> {
         self.0
-            .approvers
+            .routing
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
     }
 
-    /// Replaces the approvers by account (a reload enabled, disabled or changed an
-    /// account's approvals).
-    pub fn set_approvers(&self, approvers: BTreeMap<String, Vec<String>>) {
-        *self.0.approvers.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(approvers);
+    /// Replaces the approvers by account and the routing (a reload enabled, disabled or
+    /// changed an account's approvals, or `[approvals]`).
+    pub fn set_approval_routing(&self, routing: ApprovalRouting) {
+        *self.0.routing.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(routing);
     }
 
     /// Every credential the gateway accepts now: the operators and nodes of the settings,
@@ -463,10 +464,10 @@ impl GatewayState {
     /// Enables approvals: [`spec`] then adds the broker, and sessions reach it. Call it
     /// before building the spec; only the first call has an effect, a second one returns
     /// its settings back.
-    pub fn set_approvals(&self, settings: ApprovalsSettings) -> Result<(), ApprovalsSettings> {
-        let approvers = settings.approvers.clone();
-        self.0.approvals.set(settings)?;
-        self.set_approvers(approvers);
+    pub fn set_approvals(&self, settings: ApprovalsSettings) -> Result<(), Box<ApprovalsSettings>> {
+        let routing = settings.routing();
+        self.0.approvals.set(settings).map_err(Box::new)?;
+        self.set_approval_routing(routing);
         Ok(())
     }
 

@@ -7,8 +7,18 @@
 //! start jittered), holds it for the handshake only — connect, `hello-ok` — and gives it
 //! back whether the handshake worked or not. So however many accounts start on the same
 //! tick, at most `max_concurrent` handshakes reach the gateway at once. Then it subscribes
-//! to `approval.requested` / `approval.resolved` and notifies the approvers of every
-//! approval still pending (`approvals.list`, page by page).
+//! to `approval.requested` / `approval.notify` / `approval.resolved` and sends the
+//! notifications of every pending approval that the broker gave to this account and that
+//! were not delivered yet (`approvals.list`, page by page).
+//!
+//! ## One DM per approver
+//! The broker, not the handler, decides who is told through which account: each event and
+//! each listing names its notifications (`notify`, `notices`), and a handler sends only
+//! its own account's. Each delivery is reported with `approvals.notified {id, approver,
+//! room_id, event_id}`, which the broker stores, so a restarted handler never sends a
+//! delivered notification again. A handler killed between the send and the report sends
+//! it again with the same Matrix transaction ID, which the homeserver answers with the
+//! first event instead of posting a second one.
 //!
 //! ## Messages
 //! `Lost` — the connection ended (the pump saw it).
@@ -33,8 +43,10 @@
 //! ## The Matrix side
 //! An [`ApprovalChannel`] carries requests out to the approvers and their decisions back.
 //! For a Matrix account it is the account itself (client.rs): a direct message to each
-//! approver, and `approve <id>` / `deny <id>` replies or ✅ / ❌ reactions from listed
-//! approvers. The benchmark runs handlers with [`NoChannel`], against the gateway alone.
+//! approver, and `approve <id>` / `deny <id>` messages, replies (`approve` / `deny`) to the
+//! request message, or ✅ / ❌ reactions on it, from listed approvers. Each decision goes
+//! to the broker with its room and events; the broker takes it only where the approver
+//! was asked. The benchmark runs handlers with [`NoChannel`], against the gateway alone.
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -50,7 +62,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{Instrument, debug, info, warn};
 
 use crate::gateway::client::{CallError, ConnectError, ConnectOptions, GatewayClient, Incoming};
-use crate::gateway::protocol::{ClientInfo, Role, close, code};
+use crate::gateway::protocol::{ClientInfo, NoticeTarget, Role, close, code};
 use crate::supervision::{ChildContext, ChildSpec, Failure, Policy, Probe, Restart, SlotClient};
 use crate::task::{self, AbortOnDrop};
 
@@ -146,37 +158,58 @@ pub struct ApprovalRequest {
     /// When it is denied for want of a decision (ms since the epoch).
     #[serde(default)]
     pub expires_at_ms: Option<u64>,
+    /// Whom to notify through which account (events only).
+    #[serde(default)]
+    pub notify: Vec<NoticeTarget>,
 }
 
-/// An approver's decision.
+/// An approver's decision, as seen in a room.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decision {
-    /// The approval's id.
-    pub id: String,
+    /// The approval's id, when the approver wrote it.
+    pub id: Option<String>,
     /// Approve (true) or deny.
     pub approve: bool,
     /// The approver's Matrix ID.
     pub by: String,
+    /// The room it was made in.
+    pub room_id: String,
+    /// Its own event (the message or the reaction).
+    pub event_id: String,
+    /// The event it reacts or replies to.
+    pub relates_to: Option<String>,
 }
 
-/// A boxed notification future.
-pub type NotifyFuture = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
+/// Where a notification was delivered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivered {
+    /// The room (the direct message with the approver).
+    pub room_id: String,
+    /// The message.
+    pub event_id: String,
+}
+
+/// A boxed notification future: per approver, where the message went or why it did not.
+pub type NotifyFuture =
+    Pin<Box<dyn Future<Output = Vec<(String, Result<Delivered, String>)>> + Send>>;
 
 /// Where requests go out to approvers, and decisions come back from.
 pub trait ApprovalChannel: Send + Sync {
-    /// Tells the approvers about `request`; an error says why not (tried again later).
-    fn notify(&self, request: ApprovalRequest) -> NotifyFuture;
+    /// Tells `approvers` about `request`; an error says why one was not told (tried again
+    /// later).
+    fn notify(&self, request: ApprovalRequest, approvers: Vec<String>) -> NotifyFuture;
     /// Sends decisions to this incarnation of the handler from now on.
     fn attach(&self, decisions: mpsc::UnboundedSender<Decision>);
 }
 
-/// A channel with no approvers on the other end (benchmarks): requests go nowhere.
+/// A channel with no approvers on the other end (benchmarks): requests go nowhere, and
+/// nothing is reported delivered.
 #[derive(Debug, Default)]
 pub struct NoChannel;
 
 impl ApprovalChannel for NoChannel {
-    fn notify(&self, _: ApprovalRequest) -> NotifyFuture {
-        Box::pin(async { Ok(()) })
+    fn notify(&self, _: ApprovalRequest, _: Vec<String>) -> NotifyFuture {
+        Box::pin(async { Vec::new() })
     }
 
     fn attach(&self, _: mpsc::UnboundedSender<Decision>) {}
@@ -265,12 +298,13 @@ impl Actor for HandlerActor {
         let args = &state.args;
         let span = args.span.clone();
         let mut client = connect(args).instrument(span.clone()).await?;
-        let events = json!({ "events": ["approval.requested", "approval.resolved"] });
+        let events =
+            json!({ "events": ["approval.requested", "approval.notify", "approval.resolved"] });
         client
             .call("subscribe", events)
             .await
             .map_err(|e| Failure::transient(format!("subscribe failed: {e}")))?;
-        let pending = list_pending(&mut client)
+        let pending = list_pending(&mut client, &args.config.alias)
             .await
             .map_err(|e| Failure::transient(format!("approvals.list failed: {e}")))?;
         let (decisions, decided) = mpsc::unbounded_channel();
@@ -362,14 +396,15 @@ fn classify(err: &ConnectError) -> Failure {
 /// Entries per `approvals.list` page the handler asks for (the most the gateway gives).
 const LIST_PAGE: usize = 200;
 
-/// Every approval still pending, read page by page from `approvals.list` (open approvals
-/// come first, so the pages stop where the resolved ones begin).
-async fn list_pending(client: &mut GatewayClient) -> Result<Vec<ApprovalRequest>, CallError> {
+/// Every approval still pending with notifications of `alias` not delivered yet, read
+/// page by page from `approvals.list` (open approvals come first, so the pages stop where
+/// the resolved ones begin).
+async fn list_pending(client: &mut GatewayClient, alias: &str) -> Result<Vec<Unsent>, CallError> {
     let mut pending = Vec::new();
     let mut params = json!({ "limit": LIST_PAGE });
     loop {
         let page = client.call("approvals.list", params).await?;
-        pending.extend(pending_requests(&page));
+        pending.extend(pending_requests(&page, alias));
         let resolved_reached = page["approvals"]
             .as_array()
             .and_then(|a| a.last())
@@ -383,23 +418,45 @@ async fn list_pending(client: &mut GatewayClient) -> Result<Vec<ApprovalRequest>
     }
 }
 
-/// The requests of an `approvals.list` answer that are still pending.
-fn pending_requests(list: &Value) -> Vec<ApprovalRequest> {
-    let items = list
-        .get("pending")
-        .or_else(|| list.get("approvals"))
-        .unwrap_or(list);
+/// A request and the approvers this account has yet to tell about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Unsent {
+    request: ApprovalRequest,
+    approvers: Vec<String>,
+}
+
+/// The pending requests of an `approvals.list` answer with current, undelivered notices
+/// through `alias`.
+fn pending_requests(list: &Value, alias: &str) -> Vec<Unsent> {
+    let Some(items) = list["approvals"].as_array() else {
+        return Vec::new();
+    };
     items
-        .as_array()
-        .map(|items| {
-            items
+        .iter()
+        .filter(|a| a["resolved"] != true && a.get("decision").is_none_or(Value::is_null))
+        .filter_map(|a| {
+            let request: ApprovalRequest = serde_json::from_value(a.clone()).ok()?;
+            let approvers: Vec<String> = a["notices"]
+                .as_array()?
                 .iter()
-                .filter(|a| a.get("status").is_none_or(|s| s == "pending"))
-                .filter(|a| a.get("decision").is_none_or(Value::is_null))
-                .filter_map(|a| serde_json::from_value(a.clone()).ok())
-                .collect()
+                .filter(|n| n["account"] == alias && n["active"] == true)
+                .filter(|n| n.get("event_id").is_none_or(Value::is_null))
+                .filter_map(|n| n["approver"].as_str().map(str::to_string))
+                .collect();
+            (!approvers.is_empty()).then_some(Unsent { request, approvers })
         })
-        .unwrap_or_default()
+        .collect()
+}
+
+/// The approvers of an `approval.requested` / `approval.notify` event this account tells.
+fn addressed_to(request: ApprovalRequest, alias: &str) -> Option<Unsent> {
+    let approvers: Vec<String> = request
+        .notify
+        .iter()
+        .filter(|t| t.account == alias)
+        .map(|t| t.approver.clone())
+        .collect();
+    (!approvers.is_empty()).then_some(Unsent { request, approvers })
 }
 
 /// Reads the connection, sends notifications, forwards decisions.
@@ -410,7 +467,7 @@ struct Pump {
     probe: Probe,
     decided: mpsc::UnboundedReceiver<Decision>,
     /// Requests whose approvers have not been told yet.
-    unsent: Vec<ApprovalRequest>,
+    unsent: Vec<Unsent>,
     alias: String,
 }
 
@@ -427,19 +484,21 @@ impl Pump {
                     Ok(Incoming::Event { event, payload }) => {
                         self.probe.beat();
                         match event.as_str() {
-                            "approval.requested" => {
+                            "approval.requested" | "approval.notify" => {
                                 match serde_json::from_value::<ApprovalRequest>(payload) {
                                     Ok(request) => {
-                                        self.unsent.push(request);
-                                        self.notify_unsent(&resolved).await;
+                                        if let Some(unsent) = addressed_to(request, &self.alias) {
+                                            self.unsent.push(unsent);
+                                            self.notify_unsent(&resolved).await;
+                                        }
                                     }
-                                    Err(e) => warn!(error = %e, "Ignoring a malformed approval.requested."),
+                                    Err(e) => warn!(error = %e, event = %event, "Ignoring a malformed approval event."),
                                 }
                             }
                             "approval.resolved" => {
                                 if let Some(id) = payload["id"].as_str() {
                                     resolved.insert(id.to_string());
-                                    self.unsent.retain(|r| r.id != id);
+                                    self.unsent.retain(|u| u.request.id != id);
                                 }
                             }
                             _ => {}
@@ -461,20 +520,47 @@ impl Pump {
         }
     }
 
-    /// Tries every unsent notification once; keeps those that failed.
+    /// Tries every unsent notification once and reports each delivery to the broker;
+    /// keeps the approvers not reached.
     async fn notify_unsent(&mut self, resolved: &HashSet<String>) {
         let unsent = std::mem::take(&mut self.unsent);
-        for request in unsent {
+        for Unsent { request, approvers } in unsent {
             if resolved.contains(&request.id) {
                 continue;
             }
-            match self.channel.notify(request.clone()).await {
-                Ok(()) => debug!(id = %request.id, "Approvers notified."),
-                Err(e) => {
-                    debug!(id = %request.id, error = %e, "Could not notify the approvers yet.");
-                    self.unsent.push(request);
+            let id = request.id.clone();
+            let results = self.channel.notify(request.clone(), approvers).await;
+            let mut missed = Vec::new();
+            for (approver, result) in results {
+                match result {
+                    Ok(delivered) => self.report(&id, &approver, delivered).await,
+                    Err(e) => {
+                        debug!(id = %id, approver = %approver, error = %e, "Could not notify an approver yet.");
+                        missed.push(approver);
+                    }
                 }
             }
+            if !missed.is_empty() {
+                self.unsent.push(Unsent {
+                    request,
+                    approvers: missed,
+                });
+            }
+        }
+    }
+
+    /// `approvals.notified`: the broker records the delivery, so that it is never sent
+    /// again.
+    async fn report(&mut self, id: &str, approver: &str, delivered: Delivered) {
+        let params = json!({
+            "id": id,
+            "approver": approver,
+            "room_id": delivered.room_id,
+            "event_id": delivered.event_id,
+        });
+        match self.client.call("approvals.notified", params).await {
+            Ok(_) => debug!(id, approver, "Approver notified."),
+            Err(e) => warn!(id, approver, error = %e, "The gateway did not record a notification."),
         }
     }
 
@@ -483,12 +569,23 @@ impl Pump {
             "id": decision.id,
             "decision": if decision.approve { "approve" } else { "deny" },
             "by": decision.by,
+            "room_id": decision.room_id,
+            "event_id": decision.event_id,
+            "relates_to": decision.relates_to,
         });
         match self.client.call("approvals.resolve", params).await {
-            Ok(_) => info!(account = %self.alias, id = %decision.id, by = %decision.by,
-                approve = decision.approve, "Approval decided."),
-            Err(e) => info!(account = %self.alias, id = %decision.id, by = %decision.by,
-                error = %e, "The decision was not taken."),
+            Ok(answer) => {
+                info!(account = %self.alias, id = %answer["id"].as_str().unwrap_or_default(),
+                by = %decision.by, approve = decision.approve, "Approval decided.")
+            }
+            Err(CallError::Failed { code: c, message })
+                if c == code::FORBIDDEN || c == code::UNKNOWN_APPROVAL =>
+            {
+                debug!(account = %self.alias, by = %decision.by, room = %decision.room_id,
+                    error = %message, "Ignoring a decision: not where the approver was asked.");
+            }
+            Err(e) => info!(account = %self.alias, id = decision.id.as_deref().unwrap_or_default(),
+                by = %decision.by, error = %e, "The decision was not taken."),
         }
     }
 }
@@ -498,19 +595,39 @@ mod tests {
     use super::*;
 
     #[test]
-    fn pending_requests_are_read_from_the_list_answer() {
-        let list = json!({"pending": [
-            {"id": "abcd1234", "node": "n", "command": "uptime", "args": [], "reason": "r"},
+    fn a_handler_sends_only_its_accounts_undelivered_notices() {
+        let list = json!({"approvals": [
+            {"id": "abcd1234", "node": "n", "command": "uptime", "args": [], "reason": "r",
+             "resolved": false, "notices": [
+                {"approver": "@a:hs", "account": "nova", "active": true},
+                {"approver": "@b:hs", "account": "nova", "active": true,
+                 "room_id": "!r:hs", "event_id": "$e"},
+                {"approver": "@c:hs", "account": "vega", "active": true},
+                {"approver": "@d:hs", "account": "nova", "active": false},
+            ]},
+            {"id": "efgh5678", "node": "n", "command": "c", "reason": "r", "resolved": false,
+             "notices": [{"approver": "@c:hs", "account": "vega", "active": true}]},
+            {"id": "ijkl9012", "node": "n", "command": "c", "reason": "r", "resolved": true,
+             "decision": "approved", "notices": [{"approver": "@a:hs", "account": "nova", "active": true}]},
             {"id": "bad"},
         ]});
-        let got = pending_requests(&list);
+        let got = pending_requests(&list, "nova");
         assert_eq!(got.len(), 1, "{got:?}");
-        assert_eq!(got[0].id, "abcd1234");
-        assert_eq!(got[0].command, "uptime");
-        let bare = json!([{"id": "x", "node": "n", "command": "c", "decision": "approved"}]);
-        assert!(
-            pending_requests(&bare).is_empty(),
-            "decided ones are left out"
+        assert_eq!(got[0].request.id, "abcd1234");
+        assert_eq!(
+            got[0].approvers,
+            ["@a:hs"],
+            "delivered, other accounts' and superseded ones are left out"
         );
+        assert_eq!(pending_requests(&list, "vega").len(), 2);
+
+        let event: ApprovalRequest = serde_json::from_value(json!({
+            "id": "abcd1234", "node": "n", "command": "uptime", "reason": "r",
+            "notify": [{"approver": "@a:hs", "account": "nova"}, {"approver": "@c:hs", "account": "vega"}],
+        }))
+        .expect("event");
+        let mine = addressed_to(event.clone(), "vega").expect("vega's");
+        assert_eq!(mine.approvers, ["@c:hs"]);
+        assert!(addressed_to(event, "lyra").is_none());
     }
 }

@@ -47,7 +47,7 @@
 //! error fails the incarnation (errors.rs classifies it). `M_UNKNOWN_TOKEN` with a password
 //! wipes the session and the restart logs in again, once; without a password it is fatal.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -85,7 +85,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tracing::{Instrument, debug, info, warn};
 
-use super::approvals::{ApprovalChannel, ApprovalRequest, Decision, NotifyFuture};
+use super::approvals::{ApprovalChannel, ApprovalRequest, Decision, Delivered, NotifyFuture};
 use super::errors::{self, Class, During};
 use super::inbound::Filter;
 use super::store::{self, Local, Paths, SavedSession};
@@ -130,8 +130,6 @@ pub(crate) struct Account {
     approvers: HashSet<String>,
     /// Where approvers' decisions go: the running approval handler.
     decisions: RwLock<Option<mpsc::UnboundedSender<Decision>>>,
-    /// Request messages sent to approvers (event ID → approval ID), for reactions.
-    request_events: Mutex<HashMap<String, String>>,
     /// One notification at a time, so two requests do not open two DMs with one approver.
     notifying: tokio::sync::Mutex<()>,
     /// The account's own tasks (a recovery, joins on invite): each happens once, so they
@@ -152,7 +150,6 @@ impl Account {
                 .map(|a| a.to_ascii_lowercase())
                 .collect(),
             decisions: RwLock::new(None),
-            request_events: Mutex::new(HashMap::new()),
             notifying: tokio::sync::Mutex::new(()),
             tasks: Mutex::new(JoinSet::new()),
             config,
@@ -226,24 +223,48 @@ impl ChatAccount for Account {
     fn send(&self, params: SendParams) -> SendFuture {
         self.ask(|reply| ClientMsg::Send { params, reply })
     }
+
+    fn is_ready(&self) -> bool {
+        // A killed incarnation runs no `post_stop`: its reference stays until the next one
+        // is ready, so its status is what tells.
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .is_some_and(|actor| actor.get_status() == ractor::ActorStatus::Running)
+    }
 }
 
 impl ApprovalChannel for Account {
-    fn notify(&self, request: ApprovalRequest) -> NotifyFuture {
+    fn notify(&self, request: ApprovalRequest, approvers: Vec<String>) -> NotifyFuture {
         let actor = self
             .current
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
         Box::pin(async move {
-            let actor = actor.ok_or("the Matrix account is not ready")?;
+            let all_failed = |approvers: &[String], why: &str| {
+                approvers
+                    .iter()
+                    .map(|a| (a.clone(), Err(why.to_string())))
+                    .collect()
+            };
+            let Some(actor) = actor else {
+                return all_failed(&approvers, "the Matrix account is not ready");
+            };
             let (reply, answer) = oneshot::channel();
-            actor
-                .send_message(ClientMsg::Notify { request, reply })
-                .map_err(|_| "the Matrix account is not ready")?;
-            answer
-                .await
-                .map_err(|_| "the Matrix account stopped".to_string())?
+            let msg = ClientMsg::Notify {
+                request,
+                approvers: approvers.clone(),
+                reply,
+            };
+            if actor.send_message(msg).is_err() {
+                return all_failed(&approvers, "the Matrix account is not ready");
+            }
+            match answer.await {
+                Ok(results) => results,
+                Err(_) => all_failed(&approvers, "the Matrix account stopped"),
+            }
         })
     }
 
@@ -292,10 +313,11 @@ pub(crate) enum ClientMsg {
         action: ChatAction,
         reply: oneshot::Sender<Result<Option<String>, ChatError>>,
     },
-    /// Tell the approvers about an approval request.
+    /// Tell approvers about an approval request.
     Notify {
         request: ApprovalRequest,
-        reply: oneshot::Sender<Result<(), String>>,
+        approvers: Vec<String>,
+        reply: oneshot::Sender<Vec<(String, Result<Delivered, String>)>>,
     },
     /// The first sync succeeded.
     Synced,
@@ -412,18 +434,24 @@ impl Actor for ClientActor {
                 });
                 Ok(())
             }
-            ClientMsg::Notify { request, reply } => {
+            ClientMsg::Notify {
+                request,
+                approvers,
+                reply,
+            } => {
                 match (&state.client, state.ready) {
                     (Some(client), true) => {
                         let client = client.clone();
                         let account = state.args.account.clone();
                         let task = async move {
-                            let _ = reply.send(notify(&client, &account, &request).await);
+                            let sent = notify(&client, &account, &request, approvers).await;
+                            let _ = reply.send(sent);
                         };
                         state.request("notify", task);
                     }
                     _ => {
-                        let _ = reply.send(Err("the Matrix account is not ready".to_string()));
+                        let why = || Err("the Matrix account is not ready".to_string());
+                        let _ = reply.send(approvers.into_iter().map(|a| (a, why())).collect());
                     }
                 }
                 Ok(())
@@ -1290,7 +1318,7 @@ fn add_handlers(client: &Client, account: &Arc<Account>) {
 
     let on_reaction = {
         let account = account.clone();
-        move |ev: OriginalSyncReactionEvent| {
+        move |ev: OriginalSyncReactionEvent, room: Room| {
             let account = account.clone();
             async move {
                 let sender = ev.sender.as_str();
@@ -1300,24 +1328,17 @@ fn add_handlers(client: &Client, account: &Arc<Account>) {
                     k if k.starts_with('❌') => false,
                     _ => return,
                 };
-                let id = account
-                    .request_events
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .get(annotation.event_id.as_str())
-                    .cloned();
-                let Some(id) = id else { return };
                 if !account.is_approver(sender) {
-                    debug!(
-                        id,
-                        sender, "Ignoring a reaction from someone who is not an approver."
-                    );
                     return;
                 }
+                // The broker takes it only on a request message this approver was sent.
                 let decision = Decision {
-                    id,
+                    id: None,
                     approve,
                     by: sender.to_string(),
+                    room_id: room.room_id().to_string(),
+                    event_id: ev.event_id.to_string(),
+                    relates_to: Some(annotation.event_id.to_string()),
                 };
                 if !account.decide(decision) {
                     warn!(
@@ -1331,29 +1352,45 @@ fn add_handlers(client: &Client, account: &Arc<Account>) {
     client.add_event_handler(on_reaction);
 }
 
-/// `approve <id>` / `deny <id>` (any case, surrounding space ignored) → (approve, id).
-fn approval_command(body: &str) -> Option<(bool, &str)> {
-    let mut words = body.split_whitespace();
+/// `approve <id>` / `deny <id>` (any case, surrounding space ignored) → (approve, id); a
+/// reply may leave the id out (`approve` / `deny`): it then names the request replied to.
+/// The quoted fallback of a reply (`> ` lines, then an empty one) is skipped.
+fn approval_command(body: &str, reply: bool) -> Option<(bool, Option<&str>)> {
+    let mut text = body;
+    if reply && text.starts_with("> ") {
+        text = text.split_once("\n\n").map_or("", |(_, rest)| rest);
+    }
+    let mut words = text.split_whitespace();
     let verb = words.next()?;
-    let id = words.next()?;
-    if words.next().is_some() || id.len() != 8 || !id.chars().all(|c| c.is_ascii_alphanumeric()) {
+    let id = words.next();
+    if words.next().is_some() {
         return None;
     }
-    if verb.eq_ignore_ascii_case("approve") {
-        Some((true, id))
+    let approve = if verb.eq_ignore_ascii_case("approve") {
+        true
     } else if verb.eq_ignore_ascii_case("deny") {
-        Some((false, id))
+        false
     } else {
-        None
+        return None;
+    };
+    match id {
+        Some(id) if id.len() == 8 && id.chars().all(|c| c.is_ascii_alphanumeric()) => {
+            Some((approve, Some(id)))
+        }
+        Some(_) => None,
+        None if reply => Some((approve, None)),
+        None => None,
     }
 }
 
-/// Sends `request` to each approver in a direct message (made on first use, reused after).
+/// Sends `request` to each of `approvers` in a direct message (made on first use, reused
+/// after): per approver, where it went or why not.
 async fn notify(
     client: &Client,
     account: &Account,
     request: &ApprovalRequest,
-) -> Result<(), String> {
+    approvers: Vec<String>,
+) -> Vec<(String, Result<Delivered, String>)> {
     let _one_at_a_time = account.notifying.lock().await;
     let args = match &request.args {
         Value::Array(items) if !items.is_empty() => {
@@ -1378,29 +1415,26 @@ async fn notify(
          or react ✅ / ❌ to this message.",
         request.command, request.node
     );
-    let mut failed = Vec::new();
-    for approver in &account.config.approvers {
-        match notify_one(client, approver, &body).await {
-            Ok(event_id) => {
-                account
-                    .request_events
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(event_id, id.clone());
-            }
-            Err(e) => failed.push(format!("{approver}: {e}")),
+    let mut sent = Vec::new();
+    for approver in approvers {
+        // One transaction per approval and approver: sent again (a restart between the send
+        // and the broker's record), the homeserver answers with the first event.
+        let txn = format!("warden.approval.{id}.{}", approver.to_lowercase());
+        let result = notify_one(client, &approver, &body, &txn).await;
+        if let Err(e) = &result {
+            warn!(id = %id, approver = %approver, error = %e, "Could not notify an approver.");
         }
+        sent.push((approver, result));
     }
-    if failed.len() == account.config.approvers.len() {
-        return Err(failed.join("; "));
-    }
-    for failure in failed {
-        warn!(id = %id, error = %failure, "Could not notify an approver.");
-    }
-    Ok(())
+    sent
 }
 
-async fn notify_one(client: &Client, approver: &str, body: &str) -> Result<String, String> {
+async fn notify_one(
+    client: &Client,
+    approver: &str,
+    body: &str,
+    txn: &str,
+) -> Result<Delivered, String> {
     let user = OwnedUserId::try_from(approver).map_err(|e| e.to_string())?;
     let room = match client.get_dm_room(&user) {
         Some(room) => room,
@@ -1412,9 +1446,13 @@ async fn notify_one(client: &Client, approver: &str, body: &str) -> Result<Strin
     };
     let sent = room
         .send(RoomMessageEventContent::text_plain(body))
+        .with_transaction_id(OwnedTransactionId::from(txn))
         .await
         .map_err(|e| e.to_string())?;
-    Ok(sent.response.event_id.to_string())
+    Ok(Delivered {
+        room_id: room.room_id().to_string(),
+        event_id: sent.response.event_id.to_string(),
+    })
 }
 
 /// Whether `ev` predates the account's own join: the history a newly joined room comes
@@ -1446,14 +1484,22 @@ fn forward(
     }
     let room_id = room.room_id().as_str();
     let sender = ev.sender.as_str();
+    let replied_to = match &ev.content.relates_to {
+        Some(Relation::Reply(reply)) => Some(reply.in_reply_to.event_id.to_string()),
+        _ => None,
+    };
     if let MessageType::Text(text) = &ev.content.msgtype
-        && let Some((approve, id)) = approval_command(&text.body)
+        && let Some((approve, id)) = approval_command(&text.body, replied_to.is_some())
     {
         if account.is_approver(sender) {
+            // The broker takes it only in the room where this approver was asked.
             let decision = Decision {
-                id: id.to_string(),
+                id: id.map(str::to_string),
                 approve,
                 by: sender.to_string(),
+                room_id: room_id.to_string(),
+                event_id: ev.event_id.to_string(),
+                relates_to: if id.is_none() { replied_to } else { None },
             };
             if !account.decide(decision) {
                 warn!(

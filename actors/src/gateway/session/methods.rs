@@ -12,7 +12,7 @@
 //! | `chat.react {account, room_id, event_id, key}`, `chat.edit {account, room_id, event_id, body}`, `chat.typing {account, room_id, typing, timeout_ms?}` | operator | `{event_id}`, `{event_id}`, `{}` |
 //! | `chat.ack {consumer, cursor}` | operator | `{consumer, cursor}`: the consumer's cursor now |
 //! | `inbox.stats` | operator | the inbox's [`Stats`](crate::inbox::Stats) |
-//! | `approvals.request` / `approvals.resolve` / `approvals.list` | operator / approver / both | the broker's answer (`not_implemented` without approvals) |
+//! | `approvals.request` / `approvals.resolve`, `approvals.notified` / `approvals.list` | operator / approver / both | the broker's answer (`not_implemented` without approvals) |
 //!
 //! A role a method is not for gets `forbidden`; an unknown method `unknown_method`.
 
@@ -25,8 +25,8 @@ use super::super::approvals::{ApprovalsMsg, ReplyTo};
 use super::super::chat::{ChatAction, ChatError, MESSAGE_EVENT, SendParams};
 use super::super::protocol::auth::Principal;
 use super::super::protocol::{
-    AckParams, ApprovalRequestParams, ApprovalResolveParams, Frame, Role, SubscribeParams, code,
-    parse_approvals_list,
+    AckParams, ApprovalNotifiedParams, ApprovalRequestParams, ApprovalResolveParams, Frame, Role,
+    SubscribeParams, code, parse_approvals_list,
 };
 use super::{MAX_EVENT_NAME, Phase, SessionMsg, SessionState, replay, to_value};
 use crate::inbox::{InboxError, Since, check_name};
@@ -81,7 +81,7 @@ impl SessionState {
             "chat.send" => self.chat_send(myself, id, params),
             "chat.react" | "chat.edit" | "chat.typing" => self.chat_act(myself, id, method, params),
             "chat.ack" | "inbox.stats" => self.inbox_call(myself, id, method, params),
-            "approvals.request" | "approvals.list" | "approvals.resolve" => {
+            "approvals.request" | "approvals.list" | "approvals.resolve" | "approvals.notified" => {
                 let handed = self.approvals(myself, &id, method, params, role, account);
                 refusal(id, handed)
             }
@@ -361,7 +361,7 @@ impl SessionState {
     ) -> Result<(), (&'static str, String)> {
         let allowed = match method {
             "approvals.request" => role == Role::Operator,
-            "approvals.resolve" => role == Role::Approver,
+            "approvals.resolve" | "approvals.notified" => role == Role::Approver,
             _ => role != Role::Node,
         };
         if !allowed {
@@ -386,6 +386,11 @@ impl SessionState {
             },
             "approvals.resolve" => ApprovalsMsg::Resolve {
                 params: ApprovalResolveParams::parse(params).map_err(bad)?,
+                account,
+                reply,
+            },
+            "approvals.notified" => ApprovalsMsg::Notified {
+                params: ApprovalNotifiedParams::parse(params).map_err(bad)?,
                 account,
                 reply,
             },
