@@ -52,6 +52,7 @@ pub const NEEDS_RESTART: &[&str] = &[
     "gateway.header_read_timeout_ms",
     "gateway.max_connections",
     "gateway.node_forget_after_ms",
+    "matrix.send_retry_within_ms",
     "admin",
     "state",
     "inbox",
@@ -430,8 +431,11 @@ impl LiveState {
             let policy = self.policies.kind(&config, handlers::KIND);
             (self.handler_config(alias), policy)
         });
+        let mut resolved = account.resolve(alias, &config.state.dir);
+        resolved.send_retry_within =
+            std::time::Duration::from_millis(config.matrix.send_retry_within_ms);
         let spec = AccountSpec {
-            config: account.resolve(alias, &config.state.dir),
+            config: resolved,
             policy: self.policies.account(&config, alias, account),
             handler,
         };

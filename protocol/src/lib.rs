@@ -108,6 +108,9 @@ pub mod code {
     pub const ACCOUNT_NOT_READY: &str = "account_not_ready";
     /// `chat.send`: the homeserver could not be reached or failed the send.
     pub const SEND_FAILED: &str = "send_failed";
+    /// `chat.send`, `chat.react`, `chat.edit`, `chat.typing`: the homeserver kept
+    /// rate-limiting the send past `matrix.send_retry_within_ms`; the message names it.
+    pub const RATE_LIMITED: &str = "rate_limited";
     /// `approvals.resolve`: the approval was already decided (first decision wins).
     pub const ALREADY_RESOLVED: &str = "already_resolved";
     /// `approvals.resolve`: no approval has that id.

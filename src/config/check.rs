@@ -163,6 +163,9 @@ fn check_approvals(
     Ok(())
 }
 
+/// The longest `matrix.send_retry_within_ms`: a caller waits that long for an answer.
+const MAX_SEND_RETRY_WITHIN_MS: u64 = 600_000;
+
 /// The shortest `approvals.renotify_after_ms`.
 const MIN_RENOTIFY_AFTER_MS: u64 = 100;
 
@@ -273,6 +276,12 @@ fn check_matrix(
     config: &Config,
     err: &impl Fn(String, String) -> ConfigError,
 ) -> Result<(), ConfigError> {
+    if config.matrix.send_retry_within_ms > MAX_SEND_RETRY_WITHIN_MS {
+        return Err(err(
+            "matrix.send_retry_within_ms".to_string(),
+            format!("must be at most {MAX_SEND_RETRY_WITHIN_MS} (10 minutes)"),
+        ));
+    }
     for (alias, acc) in &config.matrix.accounts {
         let key = |field: &str| format!("matrix.accounts.{alias}.{field}");
         // The alias names a directory (<state.dir>/matrix/<alias>), a path in the tree and

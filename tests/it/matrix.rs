@@ -382,6 +382,81 @@ impl<'a> Typing<'a> {
     }
 }
 
+/// Issue 14: the homeserver rate-limits the account (1 message a second, bursts of 1, for
+/// its user alone). Each `chat.send` still succeeds, sent again after the 429's
+/// `retry_after`, and sends to one room keep their order: a send that arrives while an
+/// earlier one waits out its 429 goes after it, not before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_limited_send_is_sent_again_after_retry_after_in_order() {
+    let Some(hs) = synapse::require!() else {
+        return;
+    };
+    let bot = hs.register("rlbot").await;
+    let owner = hs.register("rlowner").await;
+    let admin = hs.register_admin("rladmin").await;
+    let rig = scenario("rl")
+        .account(Account::password("nova", hs.url(), &bot).allow(&owner))
+        .start()
+        .await;
+    rig.wait_ready("nova", Duration::from_secs(30)).await;
+    let room = room_with(&owner, &bot, false).await;
+    admin.limit_messages(&bot, 1, 1).await;
+    let limited = || {
+        rig.warden
+            .stderr()
+            .iter()
+            .filter(|l| l.contains("Rate limited by the homeserver; sending again"))
+            .count()
+    };
+    let send = |body: &str| {
+        let gateway = rig.gateway.clone();
+        let params = json!({"account": "nova", "room_id": room, "body": body, "format": "plain"});
+        tokio::spawn(async move {
+            let mut op = crate::support::operator(&gateway, TOKEN)
+                .await
+                .map_err(|e| e.to_string())?;
+            op.call("chat.send", params)
+                .await
+                .map_err(|e| e.to_string())
+        })
+    };
+
+    // The first send takes the burst; each later one is limited. Every next send is asked
+    // while the one before it waits out its 429.
+    let started = Instant::now();
+    let mut sends = vec![send("rl 0")];
+    for i in 1..4 {
+        let before = limited();
+        sends.push(send(&format!("rl {i}")));
+        let what = rig.warden.with_logs(format!("send {i} rate limited"));
+        eventually(Duration::from_secs(20), what, async || limited() > before).await;
+    }
+    let mut ids = Vec::new();
+    for (i, sent) in sends.into_iter().enumerate() {
+        let answer = sent.await.expect("task");
+        let answer = answer.unwrap_or_else(|e| panic!("send {i} failed: {e}"));
+        ids.push(answer["event_id"].as_str().expect("event_id").to_string());
+    }
+    let took = started.elapsed();
+    assert!(limited() >= 3, "only {} sends were rate limited", limited());
+    let timeline: Vec<String> = owner
+        .messages(&room, 50)
+        .await
+        .into_iter()
+        .filter_map(|m| m.body.filter(|b| b.starts_with("rl ")))
+        .collect();
+    assert_eq!(
+        timeline,
+        ["rl 0", "rl 1", "rl 2", "rl 3"],
+        "the room's order"
+    );
+    eprintln!(
+        "4 sends at 1 msg/s: {} times rate limited, all delivered in order in {} ms",
+        limited(),
+        took.as_millis()
+    );
+}
+
 /// What an agent does besides sending, as a person's client sees it: `chat.react` puts a
 /// reaction on the person's message, `chat.edit` replaces the agent's own message
 /// (`m.replace`, Markdown rendered), `format: "plain"` sends text as typed, `chat.typing`

@@ -193,6 +193,15 @@ impl Synapse {
     /// across tests and runs) through the shared-secret admin API, and returns it logged in
     /// (one device). Safe to call from many tests at once.
     pub(crate) async fn register(&self, prefix: &str) -> User {
+        self.register_as(prefix, false).await
+    }
+
+    /// [`Synapse::register`], as a server admin (for the admin API).
+    pub(crate) async fn register_admin(&self, prefix: &str) -> User {
+        self.register_as(prefix, true).await
+    }
+
+    async fn register_as(&self, prefix: &str, admin: bool) -> User {
         let localpart = unique_localpart(prefix);
         let password = format!("pw-{localpart}");
         let endpoint = format!("{}/_synapse/admin/v1/register", self.url);
@@ -213,7 +222,8 @@ impl Synapse {
             .to_string();
         let mut mac = Hmac::<Sha1>::new_from_slice(self.shared_secret.as_bytes())
             .expect("HMAC takes a key of any length");
-        for (i, part) in [nonce.as_str(), &localpart, &password, "notadmin"]
+        let kind = if admin { "admin" } else { "notadmin" };
+        for (i, part) in [nonce.as_str(), &localpart, &password, kind]
             .into_iter()
             .enumerate()
         {
@@ -230,7 +240,7 @@ impl Synapse {
             .collect();
         let body = json!({
             "nonce": nonce, "username": localpart, "password": password,
-            "admin": false, "mac": mac,
+            "admin": admin, "mac": mac,
         });
         let reply = http
             .post(&endpoint)
@@ -562,6 +572,40 @@ impl User {
             .collect();
         messages.reverse();
         messages
+    }
+
+    /// As a server admin, limits `user`'s messages to `per_second` with bursts of `burst`
+    /// (`POST /_synapse/admin/v1/users/<user>/override_ratelimit`): past it the homeserver
+    /// answers 429 with a `retry_after_ms`. Other users keep the test server's raised limits.
+    pub(crate) async fn limit_messages(&self, user: &User, per_second: u32, burst: u32) {
+        let mut url = reqwest::Url::parse(&self.homeserver_url).expect("a homeserver URL");
+        url.path_segments_mut()
+            .expect("an http URL")
+            .pop_if_empty()
+            .extend([
+                "_synapse",
+                "admin",
+                "v1",
+                "users",
+                &user.user_id,
+                "override_ratelimit",
+            ]);
+        let body = json!({"messages_per_second": per_second, "burst_count": burst});
+        let reply = self
+            .http
+            .post(url)
+            .bearer_auth(&self.access_token)
+            .json(&body)
+            .send()
+            .await
+            .expect("override_ratelimit");
+        let status = reply.status();
+        let text = reply.text().await.unwrap_or_default();
+        assert!(
+            status.is_success(),
+            "override_ratelimit of {}: {status} {text}",
+            user.user_id
+        );
     }
 
     /// Deactivates this user (`POST /account/deactivate`, authenticated by password):

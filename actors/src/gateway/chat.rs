@@ -169,6 +169,15 @@ impl ChatAction {
         Some(action.map_err(bad).and_then(ChatAction::checked))
     }
 
+    /// The room it acts in.
+    pub fn room_id(&self) -> &str {
+        match self {
+            ChatAction::React(p) => &p.room_id,
+            ChatAction::Edit(p) => &p.room_id,
+            ChatAction::Typing(p) => &p.room_id,
+        }
+    }
+
     /// The account it acts through.
     pub fn account(&self) -> &str {
         match self {
@@ -217,6 +226,8 @@ pub enum ChatError {
     Failed(String),
     /// A send with the same `txn_id` is in progress.
     Busy(String),
+    /// The homeserver kept answering 429 past `matrix.send_retry_within_ms`.
+    RateLimited(String),
 }
 
 impl ChatError {
@@ -229,6 +240,7 @@ impl ChatError {
             ChatError::BadRequest(_) => code::BAD_REQUEST,
             ChatError::Failed(_) => code::SEND_FAILED,
             ChatError::Busy(_) => code::BUSY,
+            ChatError::RateLimited(_) => code::RATE_LIMITED,
         }
     }
 
@@ -240,7 +252,8 @@ impl ChatError {
             | ChatError::Forbidden(m)
             | ChatError::BadRequest(m)
             | ChatError::Failed(m)
-            | ChatError::Busy(m) => m,
+            | ChatError::Busy(m)
+            | ChatError::RateLimited(m) => m,
         }
     }
 }

@@ -47,7 +47,7 @@
 //! error fails the incarnation (errors.rs classifies it). `M_UNKNOWN_TOKEN` with a password
 //! wipes the session and the restart logs in again, once; without a password it is fatal.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -348,6 +348,9 @@ pub(crate) struct ClientState {
     /// `chat.send` and notifications waiting on the homeserver; they end with the state,
     /// and their callers then get "not ready".
     requests: JoinSet<()>,
+    /// Per room, the end of the last send queued there: the next one waits for it, so
+    /// sends to one room go out in the order they came, a rate-limited one included.
+    turns: HashMap<String, oneshot::Receiver<()>>,
 }
 
 impl Actor for ClientActor {
@@ -366,6 +369,7 @@ impl Actor for ClientActor {
             ready: false,
             sync: None,
             requests: JoinSet::new(),
+            turns: HashMap::new(),
         })
     }
 
@@ -423,13 +427,19 @@ impl Actor for ClientActor {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             ClientMsg::Send { params, reply } => {
-                state.chat_request("send", reply, |client, account| async move {
+                let room = Some(params.room_id.clone());
+                state.chat_request("send", room, reply, |client, account| async move {
                     send(&client, &account, params).await
                 });
                 Ok(())
             }
             ClientMsg::Act { action, reply } => {
-                state.chat_request("act", reply, |client, account| async move {
+                // A typing notice is no message: it waits for no send.
+                let room = match &action {
+                    ChatAction::Typing(_) => None,
+                    other => Some(other.room_id().to_string()),
+                };
+                state.chat_request("act", room, reply, |client, account| async move {
                     act(&client, &account, action).await
                 });
                 Ok(())
@@ -478,10 +488,12 @@ impl ClientState {
     /// Runs `work`, which answers a caller, as task `name` of this incarnation.
     /// A chat request (`chat.send`, `chat.react` …): `work` runs on the synced client as a
     /// request of this incarnation and answers `reply`; before the first sync, or without a
-    /// client, `reply` gets `account_not_ready` at once.
+    /// client, `reply` gets `account_not_ready` at once. With a `room`, it starts only once
+    /// the requests queued for that room before it have ended.
     fn chat_request<T, F>(
         &mut self,
         name: &'static str,
+        room: Option<String>,
         reply: oneshot::Sender<Result<T, ChatError>>,
         work: impl FnOnce(Client, Arc<Account>) -> F,
     ) where
@@ -492,8 +504,21 @@ impl ClientState {
         match (&self.client, self.ready) {
             (Some(client), true) => {
                 let answer = work(client.clone(), account);
+                let (done, ended) = oneshot::channel::<()>();
+                let before = room.and_then(|room| {
+                    // Turns that ended are forgotten: at most one per room in flight stays.
+                    self.turns.retain(|_, t| {
+                        matches!(t.try_recv(), Err(oneshot::error::TryRecvError::Empty))
+                    });
+                    self.turns.insert(room, ended)
+                });
                 self.request(name, async move {
+                    if let Some(before) = before {
+                        // Ends when that request's task ends, answered or not.
+                        let _ = before.await;
+                    }
                     let _ = reply.send(answer.await);
+                    drop(done);
                 });
             }
             _ => {
@@ -1420,7 +1445,8 @@ async fn notify(
         // One transaction per approval and approver: sent again (a restart between the send
         // and the broker's record), the homeserver answers with the first event.
         let txn = format!("warden.approval.{id}.{}", approver.to_lowercase());
-        let result = notify_one(client, &approver, &body, &txn).await;
+        let within = account.config.send_retry_within;
+        let result = notify_one(client, &approver, &body, &txn, within).await;
         if let Err(e) = &result {
             warn!(id = %id, approver = %approver, error = %e, "Could not notify an approver.");
         }
@@ -1434,6 +1460,7 @@ async fn notify_one(
     approver: &str,
     body: &str,
     txn: &str,
+    within: Duration,
 ) -> Result<Delivered, String> {
     let user = OwnedUserId::try_from(approver).map_err(|e| e.to_string())?;
     let room = match client.get_dm_room(&user) {
@@ -1444,11 +1471,15 @@ async fn notify_one(
             room
         }
     };
-    let sent = room
-        .send(RoomMessageEventContent::text_plain(body))
-        .with_transaction_id(OwnedTransactionId::from(txn))
-        .await
-        .map_err(|e| e.to_string())?;
+    let content = RoomMessageEventContent::text_plain(body);
+    let txn = OwnedTransactionId::from(txn);
+    let sent = unless_rate_limited(within, || {
+        room.send(content.clone())
+            .with_transaction_id(txn.clone())
+            .into_future()
+    })
+    .await
+    .map_err(|e| e.to_string())?;
     Ok(Delivered {
         room_id: room.room_id().to_string(),
         event_id: sent.response.event_id.to_string(),
@@ -1639,6 +1670,44 @@ fn request_failed(e: &matrix_sdk::Error) -> ChatError {
     }
 }
 
+/// Runs `send` again after each rate limit (429) of the homeserver, once its `retry_after`
+/// is over (1 s when it names none), while that stays within `within` of the first try;
+/// then fails with `rate_limited`, naming `matrix.send_retry_within_ms`. Any other error
+/// is the request's.
+async fn unless_rate_limited<T, Fut>(
+    within: Duration,
+    mut send: impl FnMut() -> Fut,
+) -> Result<T, ChatError>
+where
+    Fut: Future<Output = Result<T, matrix_sdk::Error>>,
+{
+    let started = Instant::now();
+    let mut waited = 0;
+    loop {
+        let e = match send().await {
+            Ok(sent) => return Ok(sent),
+            Err(e) => e,
+        };
+        let Some(hint) = errors::rate_limit(&e) else {
+            return Err(request_failed(&e));
+        };
+        let wait = hint.unwrap_or(Duration::from_secs(1));
+        if started.elapsed() + wait > within {
+            return Err(ChatError::RateLimited(format!(
+                "the homeserver rate-limited the send {waited} times; the next try would be \
+                 past matrix.send_retry_within_ms ({} ms)",
+                within.as_millis()
+            )));
+        }
+        waited += 1;
+        info!(
+            retry_after_ms = wait.as_millis() as u64,
+            "Rate limited by the homeserver; sending again after its retry_after."
+        );
+        tokio::time::sleep(wait).await;
+    }
+}
+
 /// `chat.react`, `chat.edit` and `chat.typing` through `client`: the event ID of the
 /// reaction or the edit; none for a typing notice.
 async fn act(
@@ -1650,18 +1719,21 @@ async fn act(
         OwnedEventId::try_from(id)
             .map_err(|e| ChatError::BadRequest(format!("bad event_id {id:?}: {e}")))
     };
+    let within = account.config.send_retry_within;
     match action {
         ChatAction::React(p) => {
             let room = joined_room(client, account, &p.room_id)?;
             let content = ReactionEventContent::new(Annotation::new(event_id(&p.event_id)?, p.key));
-            let sent = room.send(content).await.map_err(|e| request_failed(&e))?;
+            let sent =
+                unless_rate_limited(within, || room.send(content.clone()).into_future()).await?;
             Ok(Some(sent.response.event_id.to_string()))
         }
         ChatAction::Edit(p) => {
             let room = joined_room(client, account, &p.room_id)?;
             let content = text(p.body, p.format)
                 .make_replacement(ReplacementMetadata::new(event_id(&p.event_id)?, None));
-            let sent = room.send(content).await.map_err(|e| request_failed(&e))?;
+            let sent =
+                unless_rate_limited(within, || room.send(content.clone()).into_future()).await?;
             Ok(Some(sent.response.event_id.to_string()))
         }
         ChatAction::Typing(p) => {
@@ -1678,10 +1750,11 @@ async fn act(
             };
             let request =
                 create_typing_event::v3::Request::new(user_id, room.room_id().to_owned(), state);
-            client
-                .send(request)
-                .await
-                .map_err(|e| request_failed(&matrix_sdk::Error::Http(Box::new(e))))?;
+            unless_rate_limited(within, || async {
+                let sent = client.send(request.clone()).await;
+                sent.map_err(|e| matrix_sdk::Error::Http(Box::new(e)))
+            })
+            .await?;
             Ok(None)
         }
     }
@@ -1705,21 +1778,85 @@ async fn send(client: &Client, account: &Account, params: SendParams) -> Result<
             .map_err(|e| ChatError::BadRequest(format!("bad thread_root {root:?}: {e}")))?;
         content.relates_to = Some(Relation::Thread(Thread::plain(root.clone(), root)));
     }
-    let mut sending = room.send(content);
-    if let Some(txn_id) = &params.txn_id {
-        // The homeserver keeps one event per transaction ID of a device: a retry after a
-        // lost answer (or a restart) does not post twice.
-        sending = sending.with_transaction_id(OwnedTransactionId::from(format!("warden.{txn_id}")));
-    }
-    match sending.await {
-        Ok(sent) => Ok(sent.response.event_id.to_string()),
-        Err(e) => Err(request_failed(&e)),
-    }
+    // The homeserver keeps one event per transaction ID of a device: a retry after a lost
+    // answer (or a restart) does not post twice. A rate-limited send was not taken, so
+    // without one each try gets its own.
+    let txn = params
+        .txn_id
+        .map(|txn_id| OwnedTransactionId::from(format!("warden.{txn_id}")));
+    let sent = unless_rate_limited(account.config.send_retry_within, || {
+        let sending = room.send(content.clone());
+        match &txn {
+            Some(txn) => sending.with_transaction_id(txn.clone()),
+            None => sending,
+        }
+        .into_future()
+    })
+    .await?;
+    Ok(sent.response.event_id.to_string())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A 429 `M_LIMIT_EXCEEDED` answer with `retry_after`.
+    fn limited(retry_after: Duration) -> matrix_sdk::Error {
+        use matrix_sdk::reqwest::StatusCode;
+        use matrix_sdk::ruma::api::client::uiaa::UiaaResponse;
+        use matrix_sdk::ruma::api::error::{
+            ErrorBody, ErrorKind, FromHttpResponseError, LimitExceededErrorData, RetryAfter,
+            StandardErrorBody,
+        };
+        let mut data = LimitExceededErrorData::new();
+        data.retry_after = Some(RetryAfter::Delay(retry_after));
+        let body = ErrorBody::Standard(StandardErrorBody::new(
+            ErrorKind::LimitExceeded(data),
+            "slow down".to_string(),
+        ));
+        let error = UiaaResponse::MatrixError(body.into_error(StatusCode::TOO_MANY_REQUESTS));
+        let http = matrix_sdk::HttpError::Api(Box::new(FromHttpResponseError::Server(error)));
+        matrix_sdk::Error::Http(Box::new(http))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_rate_limited_send_waits_each_retry_after_within_the_limit_then_names_it() {
+        // Two 429s of 1.5 s, then the send goes through: 3 s after the first try.
+        let start = tokio::time::Instant::now();
+        let mut tries = 0;
+        let sent = unless_rate_limited(Duration::from_secs(30), || {
+            tries += 1;
+            let answer = if tries <= 2 {
+                Err(limited(Duration::from_millis(1500)))
+            } else {
+                Ok(tries)
+            };
+            async move { answer }
+        })
+        .await;
+        assert_eq!(sent, Ok(3));
+        assert_eq!(start.elapsed(), Duration::from_secs(3));
+
+        // Past matrix.send_retry_within_ms it fails at once, naming the key; nothing waits
+        // beyond it.
+        let start = tokio::time::Instant::now();
+        let mut tries = 0;
+        let failed = unless_rate_limited(Duration::from_secs(2), || {
+            tries += 1;
+            async { Err::<(), _>(limited(Duration::from_millis(1500))) }
+        })
+        .await;
+        assert_eq!(tries, 2, "one wait fits in 2 s, a second does not");
+        assert_eq!(start.elapsed(), Duration::from_millis(1500));
+        let Err(ChatError::RateLimited(message)) = failed else {
+            panic!("{failed:?}");
+        };
+        assert!(
+            message.contains("matrix.send_retry_within_ms (2000 ms)"),
+            "{message}"
+        );
+        assert_eq!(ChatError::RateLimited(message).code(), "rate_limited");
+    }
 
     #[test]
     fn the_inbox_position_wins_and_a_first_start_ever_forwards_nothing() {

@@ -91,6 +91,18 @@ pub(crate) fn classify(err: &matrix_sdk::Error, during: During) -> Class {
     }
 }
 
+/// `Some` when `err` is a rate limit (429 / `M_LIMIT_EXCEEDED`), with the server's
+/// `retry_after` when it gave one.
+pub(crate) fn rate_limit(err: &matrix_sdk::Error) -> Option<Option<Duration>> {
+    let api = err.as_client_api_error()?;
+    match api.error_kind() {
+        Some(ErrorKind::LimitExceeded(data)) => {
+            Some(data.retry_after.as_ref().and_then(retry_after))
+        }
+        _ => (api.status_code.as_u16() == 429).then_some(None),
+    }
+}
+
 fn retry_after(hint: &RetryAfter) -> Option<Duration> {
     match hint {
         RetryAfter::Delay(delay) => Some(*delay),

@@ -70,6 +70,9 @@ pub struct AccountConfig {
     pub approvers: Vec<String>,
     /// `<state.dir>/matrix/<alias>`.
     pub dir: PathBuf,
+    /// How long a send the homeserver rate-limits (429) is retried, after each
+    /// `retry_after` (`matrix.send_retry_within_ms`).
+    pub send_retry_within: std::time::Duration,
 }
 
 impl fmt::Debug for AccountConfig {
@@ -89,6 +92,7 @@ impl fmt::Debug for AccountConfig {
             .field("mention_only", &self.mention_only)
             .field("approvers", &self.approvers)
             .field("dir", &self.dir)
+            .field("send_retry_within", &self.send_retry_within)
             .finish()
     }
 }

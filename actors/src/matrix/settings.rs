@@ -18,12 +18,28 @@ use crate::supervision::settings::PolicySettings;
 const MASK: &str = "****";
 
 /// `[matrix]` settings.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MatrixSettings {
     /// `[matrix.accounts.<alias>]`, by alias. Default none. Aliases set from the
     /// environment are lower-cased, so keep aliases lower-case.
     pub accounts: BTreeMap<String, AccountSettings>,
+    /// How long a send the homeserver rate-limits (429) is sent again, each time after
+    /// the server's `retry_after`, before it fails with `rate_limited`, in ms. Default
+    /// 30000; 0 sends once.
+    pub send_retry_within_ms: u64,
+}
+
+/// `matrix.send_retry_within_ms` unless configured.
+pub const DEFAULT_SEND_RETRY_WITHIN_MS: u64 = 30_000;
+
+impl Default for MatrixSettings {
+    fn default() -> Self {
+        Self {
+            accounts: BTreeMap::new(),
+            send_retry_within_ms: DEFAULT_SEND_RETRY_WITHIN_MS,
+        }
+    }
 }
 
 /// `[matrix.accounts.<alias>]`: one Matrix account. Needs `password` or `access_token`
@@ -119,7 +135,8 @@ pub struct ApprovalSettings {
 
 impl AccountSettings {
     /// The runtime config of account `alias`, its local state under
-    /// `<state_dir>/matrix/<alias>`.
+    /// `<state_dir>/matrix/<alias>`, retrying rate-limited sends for
+    /// [`DEFAULT_SEND_RETRY_WITHIN_MS`] (the caller sets the configured value).
     pub fn resolve(&self, alias: &str, state_dir: &Path) -> AccountConfig {
         AccountConfig {
             alias: alias.to_string(),
@@ -135,6 +152,7 @@ impl AccountSettings {
             mention_only: self.mention_only,
             approvers: self.approvals.approvers.clone(),
             dir: state_dir.join("matrix").join(alias),
+            send_retry_within: std::time::Duration::from_millis(DEFAULT_SEND_RETRY_WITHIN_MS),
         }
     }
 }
