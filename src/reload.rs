@@ -12,7 +12,8 @@
 //! | an account added / removed | its `<alias>` subtree is added to / stopped in order and removed from `root/channels/matrix` |
 //! | an account's credentials, homeserver, filters or approvers | that account alone restarts (removed, then added anew) |
 //! | an account's `approvals.enabled` alone | its approval handler alone starts or stops |
-//! | `gateway.bind`, `gateway.header_read_timeout_ms`, `gateway.max_connections`, `gateway.node_forget_after_ms`, `admin.*` (its token compared by value), `state.*`, `inbox.*`, `telemetry.*`, `shutdown.*`, `node.*` | nothing: reported as needing a restart, the running value kept |
+//! | `approvals.*` (and who lists which approver) | [`GatewayState::set_approval_routing`]: the next request and the broker's next sweep read it; notices of accounts that no longer list their approver move at once (the sweep's period stays as at start) |
+//! | `gateway.bind`, `gateway.header_read_timeout_ms`, `gateway.max_connections`, `gateway.node_forget_after_ms`, `matrix.send_retry_within_ms`, `admin.*` (its token compared by value), `state.*`, `inbox.*`, `telemetry.*`, `shutdown.*`, `node.*` | nothing: reported as needing a restart, the running value kept |
 //!
 //! A new config is loaded and checked whole ([`Loaded::reload`]); an invalid one is
 //! refused with the error start-up would print, and nothing changes. Reloads run one at a

@@ -120,6 +120,14 @@ impl Principal {
         }
     }
 
+    /// The account an approval handler serves; none for other principals.
+    pub fn account(&self) -> Option<&str> {
+        match self {
+            Principal::Approver { account } => Some(account),
+            _ => None,
+        }
+    }
+
     /// A short label for logs: `operator:ops`, `node:build-box`, `approver:nova`.
     pub fn label(&self) -> String {
         match self {

@@ -16,13 +16,16 @@
 //! An approval handler reports each message it sent with `approvals.notified {id,
 //! approver, room_id, event_id}` (approver; only for a notice of its own account, else
 //! `forbidden`); the broker stores it, and `approvals.list` shows each open approval's
-//! `notices`, so a restarted handler sends only what was never delivered. Every sweep
-//! ([`ApprovalsMsg::Sweep`], each second or a quarter of `renotify_after`) gives an account
-//! to approvers that have none (approvals stored by an earlier version, approvers a reload
-//! added) and hands an approver whose account has been down (its chat account not ready)
-//! for `renotify_after` to another ready account that lists them, once per outage; both
-//! are announced as `approval.notify`, `approval.requested`'s payload with only the new
-//! `notify` entries. An approval pinned to an `account` is never handed on.
+//! `notices`, so a restarted handler sends only what was never delivered. An account can
+//! notify when its chat account is ready and its handler connected
+//! ([`GatewayState::can_notify`]). Every sweep ([`ApprovalsMsg::Sweep`], each second or a
+//! quarter of `renotify_after`, and at once when a reload changes the routing) retires the
+//! notices of accounts that no longer list their approver, hands an approver over to
+//! another account once, when theirs could not notify for `renotify_after` while that
+//! other one could (a shared outage moves nothing), and gives an account to approvers that
+//! have none (approvals stored by an earlier version, approvers a reload added). New
+//! notices are announced as `approval.notify`, `approval.requested`'s payload with only
+//! the new `notify` entries. An approval pinned to an `account` is never handed over.
 //!
 //! `approvals.resolve {id?, decision: approve|deny, by, room_id, event_id, relates_to?}`
 //! (approver) counts only when `by` is an approver of the account the session named in
@@ -315,6 +318,17 @@ impl ApprovalRouting {
         may_decide(&self.approvers, Some(account), approver)
     }
 
+    /// `approver` as `account` lists it (user IDs are compared case-insensitively here, but
+    /// the homeserver takes them as spelled).
+    fn spelling(&self, account: &str, approver: &str) -> String {
+        let wanted = approver.to_lowercase();
+        self.approvers
+            .get(account)
+            .and_then(|list| list.iter().find(|a| a.to_lowercase() == wanted))
+            .cloned()
+            .unwrap_or_else(|| approver.to_string())
+    }
+
     /// The distinct approvers (case-insensitively; the first spelling kept) of `pinned`,
     /// or of every account.
     fn approvers_for(&self, pinned: Option<&str>) -> Vec<String> {
@@ -571,9 +585,13 @@ struct Notice {
     account: String,
     /// When the account was chosen.
     assigned_at_ms: u64,
-    /// Replaced by a notice through another account (its account stayed down).
+    /// Replaced by a notice through another account (its account stayed down, or no longer
+    /// lists the approver).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     superseded: bool,
+    /// Made by a hand-over: the approver's first account stayed down. One per approver.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    handed_over: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     room_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -1068,8 +1086,9 @@ pub struct ApprovalsState {
     timers: HashMap<String, Timer<ApprovalsMsg>>,
     /// Tasks awaiting a node's answer, by approval id.
     running: HashMap<String, AbortOnDrop>,
-    /// Since when each notifying account has been seen down, by alias.
-    down_since: HashMap<String, Instant>,
+    /// Since when each current notice (by approval id and lower-cased approver) could
+    /// have been handed over: its account cannot notify and another one could.
+    waiting: HashMap<(String, String), Instant>,
     /// The periodic [`ApprovalsMsg::Sweep`].
     sweep: Option<AbortOnDrop>,
     span: tracing::Span,
@@ -1101,7 +1120,7 @@ impl Actor for ApprovalsActor {
             waiters: HashMap::new(),
             timers: HashMap::new(),
             running: HashMap::new(),
-            down_since: HashMap::new(),
+            waiting: HashMap::new(),
             sweep: None,
             span,
         };
@@ -1371,7 +1390,7 @@ impl ApprovalsState {
             notices: Vec::new(),
             via: None,
         };
-        let ready = |a: &str| self.gateway.chat().is_ready(a);
+        let ready = |a: &str| self.gateway.can_notify(a);
         let targets = assign_missing(&mut approval, &routing, &ready, now);
         if let Err(e) = self.store.save(&approval) {
             error!(dir = %self.store.dir.display(), error = %e,
@@ -1504,43 +1523,32 @@ impl ApprovalsState {
         reply.ok(serde_json::json!({ "id": id, "recorded": true }));
     }
 
-    /// Gives an account to every approver of a pending approval that has none, and another
-    /// one to those whose account stayed down past `renotify_after`; stores and announces
-    /// (`approval.notify`) what changed.
+    /// Retires notices whose account no longer lists their approver (a reload), hands
+    /// over once those whose account could not notify for `renotify_after` while another
+    /// could, and gives an account to every approver left without one; stores and
+    /// announces (`approval.notify`) what changed.
     fn sweep(&mut self) {
         let routing = self.gateway.approval_routing();
         let now = now_ms();
-        let clock = Instant::now();
-        let chat = self.gateway.chat().clone();
-        let ready = |a: &str| chat.is_ready(a);
-        let mut watched: Vec<String> = self
-            .book
-            .open
-            .values()
-            .filter(|a| a.is_pending())
-            .flat_map(|a| a.notices.iter().filter(|n| !n.superseded))
-            .map(|n| n.account.clone())
-            .collect();
-        watched.sort();
-        watched.dedup();
-        self.down_since.retain(|a, _| watched.contains(a));
-        for account in watched {
-            if ready(&account) {
-                self.down_since.remove(&account);
-            } else {
-                self.down_since.entry(account).or_insert(clock);
-            }
-        }
+        let gateway = self.gateway.clone();
+        let ready = |a: &str| gateway.can_notify(a);
+        let mut seen = std::collections::HashSet::new();
         let mut changed = Vec::new();
         for a in self.book.open.values_mut().filter(|a| a.is_pending()) {
-            let mut targets = reroute(a, &routing, &ready, &self.down_since, now);
+            let mut moved = retire_unlisted(a, &routing);
+            let mut targets = hand_over(a, &routing, &ready, &mut self.waiting, &mut seen, now);
             targets.extend(assign_missing(a, &routing, &ready, now));
-            if !targets.is_empty() {
+            moved |= !targets.is_empty();
+            if moved {
                 changed.push((a.clone(), targets));
             }
         }
+        self.waiting.retain(|key, _| seen.contains(key));
         for (a, targets) in changed {
             self.save(&a);
+            if targets.is_empty() {
+                continue;
+            }
             info!(id = %a.id, notify = ?targets, "Approval: approvers to notify through another account.");
             let mut payload = a.requested();
             payload.notify = targets;
@@ -1667,10 +1675,6 @@ impl ApprovalsState {
     }
 }
 
-/// Notices one approval keeps at most: past it, an approver is not handed on again (the
-/// accounts keep failing in turn; their earlier notices still stand).
-const MAX_NOTICES: usize = 64;
-
 /// How often the broker sweeps (see [`ApprovalsMsg::Sweep`]): every second, or four
 /// times per `renotify_after` when that is shorter (at least every 50 ms).
 fn sweep_period(renotify_after: Duration) -> Duration {
@@ -1693,10 +1697,11 @@ fn assign_missing(
         }
         if let Some(account) = routing.route(a.account.as_deref(), &approver, ready, None) {
             let notice = Notice {
-                approver,
+                approver: routing.spelling(&account, &approver),
                 account,
                 assigned_at_ms: now_ms,
                 superseded: false,
+                handed_over: false,
                 room_id: None,
                 event_id: None,
                 delivered_at_ms: None,
@@ -1709,40 +1714,68 @@ fn assign_missing(
     added
 }
 
-/// Hands each current notice of pending `a` whose account has been down (since
-/// `down_since`, or since the notice was made if later) for `renotify_after` to another
-/// ready account that lists the approver, if there is one; returns the new ones. An
-/// approval pinned to one account is never handed on.
-fn reroute(
+/// Retires (supersedes) each current notice of `a` whose account no longer lists its
+/// approver, or is not the account `a` is pinned to; [`assign_missing`] then gives the
+/// approver another. Returns whether any was retired.
+fn retire_unlisted(a: &mut Approval, routing: &ApprovalRouting) -> bool {
+    let mut retired = false;
+    for notice in a.notices.iter_mut().filter(|n| !n.superseded) {
+        let pinned_elsewhere = a.account.as_ref().is_some_and(|p| *p != notice.account);
+        if pinned_elsewhere || !routing.lists(&notice.account, &notice.approver) {
+            notice.superseded = true;
+            retired = true;
+        }
+    }
+    retired
+}
+
+/// Hands each current notice of pending `a` over to another ready account that lists its
+/// approver, once per approver, when its own account has not been able to notify for
+/// `renotify_after` while such another account was ready (a shared outage moves nothing);
+/// returns the new ones. `waiting` keeps since when each notice was eligible (`seen` the
+/// ones that still are); an approval pinned to one account is never handed over.
+fn hand_over(
     a: &mut Approval,
     routing: &ApprovalRouting,
     ready: &dyn Fn(&str) -> bool,
-    down_since: &HashMap<String, Instant>,
+    waiting: &mut HashMap<(String, String), Instant>,
+    seen: &mut std::collections::HashSet<(String, String)>,
     now_ms: u64,
 ) -> Vec<NoticeTarget> {
-    if a.account.is_some() || a.notices.len() >= MAX_NOTICES {
+    if a.account.is_some() {
         return Vec::new();
     }
+    let handed: std::collections::HashSet<String> = a
+        .notices
+        .iter()
+        .filter(|n| n.handed_over)
+        .map(|n| n.approver.to_lowercase())
+        .collect();
     let mut added = Vec::new();
     let mut fresh = Vec::new();
     for notice in a.notices.iter_mut().filter(|n| !n.superseded) {
-        let Some(since) = down_since.get(&notice.account) else {
-            continue;
-        };
-        let since = notice.made.map_or(*since, |made| made.max(*since));
-        if since.elapsed() < routing.renotify_after {
+        let approver = notice.approver.to_lowercase();
+        if handed.contains(&approver) || ready(&notice.account) {
             continue;
         }
         let Some(account) = routing.route(None, &notice.approver, ready, Some(&notice.account))
         else {
             continue;
         };
+        let key = (a.id.clone(), approver);
+        let since = *waiting.entry(key.clone()).or_insert_with(Instant::now);
+        seen.insert(key);
+        let since = notice.made.map_or(since, |made| made.max(since));
+        if since.elapsed() < routing.renotify_after {
+            continue;
+        }
         notice.superseded = true;
         let next = Notice {
-            approver: notice.approver.clone(),
+            approver: routing.spelling(&account, &notice.approver),
             account,
             assigned_at_ms: now_ms,
             superseded: false,
+            handed_over: true,
             room_id: None,
             event_id: None,
             delivered_at_ms: None,
@@ -2514,6 +2547,10 @@ mod tests {
         gateway.chat().register("a", a.clone());
         gateway.chat().register("b", b.clone());
         gateway.chat().register("c", c.clone());
+        // Each account's approval handler is connected.
+        let _handlers = ["a", "b", "c"].map(|account| {
+            gateway.count_role(super::super::protocol::Role::Approver, Some(account))
+        });
         let _broker = spawn_broker(&gateway).await;
         let (replies, _rx, _node) = catcher_node(&gateway).await;
         let mut hub = gateway.hub().subscribe();
@@ -2553,7 +2590,8 @@ mod tests {
         let id = first["id"].as_str().expect("id").to_string();
         assert_eq!(
             targets(&first),
-            [pair("@owner:x", "b"), pair("@second:x", "b")]
+            [pair("@Owner:x", "b"), pair("@second:x", "b")],
+            "b's own spelling of the owner"
         );
 
         // Pinned to a (down): only a's approvers, through a, and never handed on.
@@ -2607,9 +2645,20 @@ mod tests {
             "unknown_approval"
         );
 
-        // b goes down: after renotify_after the owner is handed to c, once; nobody else
+        // b and c go down together (a shared outage): nobody could take over, so nothing
+        // moves, however long it lasts.
+        let set = |s: &Switch, ready: bool| s.0.store(ready, std::sync::atomic::Ordering::SeqCst);
+        set(&b, false);
+        set(&c, false);
+        assert!(
+            next_named(&mut hub, event::APPROVAL_NOTIFY, Duration::from_secs(20))
+                .await
+                .is_none(),
+            "handed over while no other account was ready"
+        );
+        // c is back, b is not: renotify_after later the owner is handed to c; nobody else
         // lists the second approver, so theirs stays with b.
-        b.0.store(false, std::sync::atomic::Ordering::SeqCst);
+        set(&c, true);
         let start = tokio::time::Instant::now();
         let handed = next_named(&mut hub, event::APPROVAL_NOTIFY, Duration::from_secs(10))
             .await
@@ -2621,12 +2670,23 @@ mod tests {
         );
         assert_eq!(handed["id"], id.as_str());
         assert_eq!(targets(&handed), [pair("@owner:x", "c")]);
+        // Once: c down and b back moves nothing more.
+        set(&c, false);
+        set(&b, true);
         assert!(
             next_named(&mut hub, event::APPROVAL_NOTIFY, Duration::from_secs(30))
                 .await
                 .is_none(),
             "handed on more than once"
         );
+        // A reload that stops c listing the owner moves the owner's notice back to b at once.
+        let mut routing = ApprovalRouting::clone(&gateway.approval_routing());
+        routing.approvers.insert("c".into(), vec![]);
+        gateway.set_approval_routing(routing);
+        let moved = next_named(&mut hub, event::APPROVAL_NOTIFY, Duration::from_secs(2))
+            .await
+            .expect("moved off an account that no longer lists the approver");
+        assert_eq!(targets(&moved), [pair("@Owner:x", "b")], "b's own spelling");
 
         // The reaction on b's request message still counts (the owner was asked there);
         // the record says where.

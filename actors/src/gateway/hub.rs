@@ -41,14 +41,15 @@ pub mod event {
     pub const NODE_CONNECTED: &str = "node.connected";
     /// A node's session ended: `{name}`.
     pub const NODE_DISCONNECTED: &str = "node.disconnected";
-    /// An operator asked for an approval: `{id, node, command, args, reason, expires_at_ms}`.
+    /// An operator asked for an approval: `{id, node, command, args, reason, expires_at_ms,
+    /// notify: [{approver, account}]}`.
     pub const APPROVAL_REQUESTED: &str = "approval.requested";
     /// Approvers of a pending approval are to be notified through another account (theirs
     /// stayed down) or for the first time: `approval.requested`'s payload, its `notify`
     /// naming only them.
     pub const APPROVAL_NOTIFY: &str = "approval.notify";
-    /// An approval is over: `{id, decision, by, result?, error?}` (after the command ran,
-    /// when approved).
+    /// An approval is over: `{id, decision, by, result?, error?, via?}` (after the command
+    /// ran, when approved; `via {account, room_id, event_id}` when an approver decided).
     pub const APPROVAL_RESOLVED: &str = "approval.resolved";
 }
 

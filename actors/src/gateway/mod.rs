@@ -317,6 +317,8 @@ struct Shared {
     handshake_cost_ns: AtomicU64,
     /// Authenticated sessions by role: operator, node, approver.
     roles: [AtomicU64; 3],
+    /// Authenticated approval handler sessions by account.
+    handlers: Mutex<HashMap<String, u32>>,
     /// Numbers the sockets: `conn-<n>`.
     next_conn: AtomicU64,
     /// When this state was built (the gateway's uptime).
@@ -349,6 +351,7 @@ impl GatewayState {
             handshake_timeouts: AtomicU64::new(0),
             handshake_cost_ns: AtomicU64::new(0),
             roles: Default::default(),
+            handlers: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(1),
             started_at: Instant::now(),
             intent: watch::Sender::new(None),
@@ -413,6 +416,24 @@ impl GatewayState {
     /// changed an account's approvals, or `[approvals]`).
     pub fn set_approval_routing(&self, routing: ApprovalRouting) {
         *self.0.routing.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(routing);
+        if let Some(broker) = self.approvals() {
+            // Notices of accounts that no longer list their approver move at once; a broker
+            // that is down sweeps when it loads.
+            let _ = broker.send(approvals::ApprovalsMsg::Sweep);
+        }
+    }
+
+    /// Whether account `alias` can notify approvers now: its chat account is ready and its
+    /// approval handler is connected.
+    pub fn can_notify(&self, alias: &str) -> bool {
+        let connected = self
+            .0
+            .handlers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(alias)
+            .is_some_and(|n| *n > 0);
+        connected && self.chat().is_ready(alias)
     }
 
     /// Every credential the gateway accepts now: the operators and nodes of the settings,
@@ -672,11 +693,20 @@ impl GatewayState {
         }
     }
 
-    /// Counts one authenticated session of `role` until the guard drops.
-    pub(crate) fn count_role(&self, role: Role) -> RoleCount {
+    /// Counts one authenticated session of `role` (the approval handler of `account`)
+    /// until the guard drops.
+    pub(crate) fn count_role(&self, role: Role, account: Option<&str>) -> RoleCount {
         self.0.roles[role_index(role)].fetch_add(1, Ordering::Relaxed);
         ::metrics::gauge!(metrics::SESSIONS, "role" => role.as_str()).increment(1.0);
+        let handler = account
+            .filter(|_| role == Role::Approver)
+            .map(str::to_string);
+        if let Some(account) = &handler {
+            let mut handlers = self.0.handlers.lock().unwrap_or_else(|e| e.into_inner());
+            *handlers.entry(account.clone()).or_default() += 1;
+        }
         RoleCount {
+            handler,
             state: self.clone(),
             role,
         }
@@ -807,10 +837,26 @@ impl Drop for PreauthSlot {
 pub(crate) struct RoleCount {
     state: GatewayState,
     role: Role,
+    /// The account of an approval handler's session.
+    handler: Option<String>,
 }
 
 impl Drop for RoleCount {
     fn drop(&mut self) {
+        if let Some(account) = &self.handler {
+            let mut handlers = self
+                .state
+                .0
+                .handlers
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if let Some(n) = handlers.get_mut(account) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    handlers.remove(account);
+                }
+            }
+        }
         self.state.0.roles[role_index(self.role)].fetch_sub(1, Ordering::Relaxed);
         ::metrics::gauge!(metrics::SESSIONS, "role" => self.role.as_str()).decrement(1.0);
     }

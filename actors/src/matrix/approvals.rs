@@ -14,11 +14,13 @@
 //! ## One DM per approver
 //! The broker, not the handler, decides who is told through which account: each event and
 //! each listing names its notifications (`notify`, `notices`), and a handler sends only
-//! its own account's. Each delivery is reported with `approvals.notified {id, approver,
-//! room_id, event_id}`, which the broker stores, so a restarted handler never sends a
-//! delivered notification again. A handler killed between the send and the report sends
-//! it again with the same Matrix transaction ID, which the homeserver answers with the
-//! first event instead of posting a second one.
+//! its own account's, and drops one the broker hands to another account meanwhile. Each
+//! delivery is reported with `approvals.notified {id, approver, room_id, event_id}`, which
+//! the broker stores, so a restarted handler never sends a delivered notification again; a
+//! report the gateway could not take ends the connection, so that the restart finds it
+//! undelivered. A handler killed between the send and the report sends it again with the
+//! same Matrix transaction ID, which the homeserver answers with the first event for as
+//! long as it keeps the transaction (Synapse: about 30 minutes, same device).
 //!
 //! ## Messages
 //! `Lost` — the connection ended (the pump saw it).
@@ -479,7 +481,8 @@ impl Pump {
             tokio::select! {
                 biased;
                 Some(decision) = self.decided.recv() => self.resolve(decision).await,
-                _ = retry.tick() => self.notify_unsent(&resolved).await,
+                // Events before the retry: a hand-over to another account is seen before a
+                // stale notice is tried again.
                 incoming = self.client.next_event() => match incoming {
                     Ok(Incoming::Event { event, payload }) => {
                         self.probe.beat();
@@ -487,9 +490,8 @@ impl Pump {
                             "approval.requested" | "approval.notify" => {
                                 match serde_json::from_value::<ApprovalRequest>(payload) {
                                     Ok(request) => {
-                                        if let Some(unsent) = addressed_to(request, &self.alias) {
-                                            self.unsent.push(unsent);
-                                            self.notify_unsent(&resolved).await;
+                                        if self.queue(request) && !self.notify_unsent(&resolved).await {
+                                            return;
                                         }
                                     }
                                     Err(e) => warn!(error = %e, event = %event, "Ignoring a malformed approval event."),
@@ -516,13 +518,64 @@ impl Pump {
                         return;
                     }
                 },
+                _ = retry.tick() => {
+                    if !self.notify_unsent(&resolved).await {
+                        return;
+                    }
+                }
             }
         }
     }
 
+    /// Adds the approvers `request.notify` gives this account to the unsent ones (one
+    /// entry per approval, each approver once), and drops those it now gives to another
+    /// account (a hand-over: this account's notice was superseded). Whether any was added.
+    fn queue(&mut self, request: ApprovalRequest) -> bool {
+        let elsewhere: Vec<String> = request
+            .notify
+            .iter()
+            .filter(|t| t.account != self.alias)
+            .map(|t| t.approver.to_lowercase())
+            .collect();
+        for unsent in self
+            .unsent
+            .iter_mut()
+            .filter(|u| u.request.id == request.id)
+        {
+            unsent
+                .approvers
+                .retain(|a| !elsewhere.contains(&a.to_lowercase()));
+        }
+        self.unsent.retain(|u| !u.approvers.is_empty());
+        let Some(new) = addressed_to(request, &self.alias) else {
+            return false;
+        };
+        match self
+            .unsent
+            .iter_mut()
+            .find(|u| u.request.id == new.request.id)
+        {
+            Some(unsent) => {
+                for approver in new.approvers {
+                    if !unsent
+                        .approvers
+                        .iter()
+                        .any(|a| a.eq_ignore_ascii_case(&approver))
+                    {
+                        unsent.approvers.push(approver);
+                    }
+                }
+            }
+            None => self.unsent.push(new),
+        }
+        true
+    }
+
     /// Tries every unsent notification once and reports each delivery to the broker;
-    /// keeps the approvers not reached.
-    async fn notify_unsent(&mut self, resolved: &HashSet<String>) {
+    /// keeps the approvers not reached. False when a delivery could not be reported: the
+    /// connection is then reported lost, and the restarted handler finds the notification
+    /// still undelivered and sends it again (the same Matrix transaction).
+    async fn notify_unsent(&mut self, resolved: &HashSet<String>) -> bool {
         let unsent = std::mem::take(&mut self.unsent);
         for Unsent { request, approvers } in unsent {
             if resolved.contains(&request.id) {
@@ -533,7 +586,11 @@ impl Pump {
             let mut missed = Vec::new();
             for (approver, result) in results {
                 match result {
-                    Ok(delivered) => self.report(&id, &approver, delivered).await,
+                    Ok(delivered) => {
+                        if !self.report(&id, &approver, delivered).await {
+                            return false;
+                        }
+                    }
                     Err(e) => {
                         debug!(id = %id, approver = %approver, error = %e, "Could not notify an approver yet.");
                         missed.push(approver);
@@ -547,11 +604,12 @@ impl Pump {
                 });
             }
         }
+        true
     }
 
     /// `approvals.notified`: the broker records the delivery, so that it is never sent
-    /// again.
-    async fn report(&mut self, id: &str, approver: &str, delivered: Delivered) {
+    /// again. False (and `Lost` sent) when the gateway could not take the report.
+    async fn report(&mut self, id: &str, approver: &str, delivered: Delivered) -> bool {
         let params = json!({
             "id": id,
             "approver": approver,
@@ -559,8 +617,21 @@ impl Pump {
             "event_id": delivered.event_id,
         });
         match self.client.call("approvals.notified", params).await {
-            Ok(_) => debug!(id, approver, "Approver notified."),
-            Err(e) => warn!(id, approver, error = %e, "The gateway did not record a notification."),
+            Ok(_) => {
+                debug!(id, approver, "Approver notified.");
+                true
+            }
+            // Not this account's to send (any more): nothing to record.
+            Err(CallError::Failed { code: c, message }) if c == code::FORBIDDEN => {
+                debug!(id, approver, error = %message, "The gateway did not take a notification.");
+                true
+            }
+            Err(e) => {
+                warn!(id, approver, error = %e, "The gateway did not record a notification; reconnecting.");
+                let cause = format!("approvals.notified failed: {e}");
+                let _ = self.actor.send_message(HandlerMsg::Lost(cause));
+                false
+            }
         }
     }
 

@@ -132,6 +132,9 @@ pub(crate) struct Account {
     decisions: RwLock<Option<mpsc::UnboundedSender<Decision>>>,
     /// One notification at a time, so two requests do not open two DMs with one approver.
     notifying: tokio::sync::Mutex<()>,
+    /// The direct message made with each approver (lower-cased), until a sync shows it as
+    /// one (`m.direct` reaches the SDK's store only through a sync).
+    dm_rooms: Mutex<HashMap<String, OwnedRoomId>>,
     /// The account's own tasks (a recovery, joins on invite): each happens once, so they
     /// outlive a restart of the client; they end with the account.
     tasks: Mutex<JoinSet<()>>,
@@ -151,6 +154,7 @@ impl Account {
                 .collect(),
             decisions: RwLock::new(None),
             notifying: tokio::sync::Mutex::new(()),
+            dm_rooms: Mutex::new(HashMap::new()),
             tasks: Mutex::new(JoinSet::new()),
             config,
             chat,
@@ -1446,7 +1450,7 @@ async fn notify(
         // and the broker's record), the homeserver answers with the first event.
         let txn = format!("warden.approval.{id}.{}", approver.to_lowercase());
         let within = account.config.send_retry_within;
-        let result = notify_one(client, &approver, &body, &txn, within).await;
+        let result = notify_one(client, account, &approver, &body, &txn, within).await;
         if let Err(e) = &result {
             warn!(id = %id, approver = %approver, error = %e, "Could not notify an approver.");
         }
@@ -1457,17 +1461,29 @@ async fn notify(
 
 async fn notify_one(
     client: &Client,
+    account: &Account,
     approver: &str,
     body: &str,
     txn: &str,
     within: Duration,
 ) -> Result<Delivered, String> {
     let user = OwnedUserId::try_from(approver).map_err(|e| e.to_string())?;
-    let room = match client.get_dm_room(&user) {
+    let made = account
+        .dm_rooms
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&approver.to_lowercase())
+        .and_then(|id| client.get_room(id));
+    let room = match client.get_dm_room(&user).or(made) {
         Some(room) => room,
         None => {
             let room = client.create_dm(&user).await.map_err(|e| e.to_string())?;
             info!(approver, room = %room.room_id(), "Opened a direct message with an approver.");
+            account
+                .dm_rooms
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(approver.to_lowercase(), room.room_id().to_owned());
             room
         }
     };

@@ -128,7 +128,7 @@ impl SessionState {
         info!(peer = %self.peer, principal = %principal.label(), client = %client.name,
             "Session authenticated.");
         self.phase = Phase::Ready(Authed {
-            _count: self.gateway.count_role(role),
+            _count: self.gateway.count_role(role, principal.account()),
             secret,
             principal,
             client: client.name,
