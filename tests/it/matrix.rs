@@ -457,6 +457,291 @@ async fn a_rate_limited_send_is_sent_again_after_retry_after_in_order() {
     );
 }
 
+/// Issue 14: a configured `device_id` that differs from the saved session's device is
+/// reported once (a WARN naming both) and the saved session is kept — same device, same
+/// E2EE store, no new login — across a restart of warden and a restart of the client; the
+/// account keeps working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drifted_device_id_is_reported_once_and_the_saved_session_kept() {
+    let Some(hs) = synapse::require!() else {
+        return;
+    };
+    let bot = hs.register("driftbot").await;
+    let owner = hs.register("driftowner").await;
+    let base = scenario("drift");
+    let account = || Account::password("nova", hs.url(), &bot).allow(&owner);
+    let mut rig = base.clone().account(account()).start().await;
+    rig.wait_ready("nova", Duration::from_secs(30)).await;
+    let login = rig
+        .warden
+        .wait_for_log("Logged in to Matrix.", Duration::from_secs(10))
+        .await;
+    let device = login["device"].as_str().expect("device").to_string();
+    rig.warden.signal("-TERM");
+    rig.warden.wait_exit(Duration::from_secs(20)).await;
+
+    let drifted = base.account(account().line("device_id = \"DRIFTED\""));
+    let rig = drifted.start().await;
+    rig.wait_ready("nova", Duration::from_secs(30)).await;
+    const WARNING: &str = "The configured device_id differs from the saved session's device; keeping the saved session and its device (its E2EE keys are that device's). To use the configured device, stop warden and remove the account's directory under state.dir.";
+    let warned = rig
+        .warden
+        .wait_for_log(WARNING, Duration::from_secs(10))
+        .await;
+    assert_eq!(
+        (
+            warned["level"].as_str(),
+            warned["configured"].as_str(),
+            warned["saved"].as_str()
+        ),
+        (Some("WARN"), Some("DRIFTED"), Some(device.as_str())),
+        "{warned}"
+    );
+    let restored = rig
+        .warden
+        .log("Restored the Matrix session.")
+        .expect("restored");
+    assert_eq!(restored["device"], device.as_str(), "{restored}");
+    assert!(
+        rig.warden.log("Logged in to Matrix.").is_none(),
+        "logged in anew"
+    );
+
+    // A restart of the client warns no more.
+    let before = rig.client_node("nova").await["generation"].as_u64();
+    let kill = format!(
+        "{}/admin/actors/root/channels/matrix/nova/client/kill",
+        rig.admin
+    );
+    reqwest::Client::new()
+        .post(kill)
+        .send()
+        .await
+        .expect("kill");
+    rig.wait_client("nova", Duration::from_secs(30), |n| {
+        n["generation"].as_u64() > before && n["ready"] == true
+    })
+    .await;
+    let warnings = rig
+        .warden
+        .stderr()
+        .iter()
+        .filter(|l| l.contains("The configured device_id differs"))
+        .count();
+    assert_eq!(warnings, 1, "warned once per account");
+    let room = room_with(&owner, &bot, false).await;
+    let sent = rig
+        .chat_send(json!({"account": "nova", "room_id": room, "body": "still here"}))
+        .await;
+    assert!(sent.is_ok(), "{sent:?}");
+}
+
+/// Issue 14: a one-time-key conflict seen while running (not at start) wipes the state and
+/// logs in fresh, with a password configured. The conflict is made the way a restored
+/// backup of the crypto store makes it: the homeserver holds an unclaimed one-time key
+/// under the id the account's store will use next (uploaded here with the account's own
+/// token), and two claims make the account top its keys up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_time_key_conflict_while_running_wipes_and_logs_in_fresh() {
+    let Some(hs) = synapse::require!() else {
+        return;
+    };
+    let bot = hs.register("otkbot").await;
+    let owner = hs.register("otkowner").await;
+    let scenario = scenario("otk").account(Account::password("nova", hs.url(), &bot).allow(&owner));
+    let rig = scenario.start().await;
+    rig.wait_ready("nova", Duration::from_secs(30)).await;
+    let room = room_with(&owner, &bot, false).await;
+    let session_file = scenario.state().join("matrix/nova/session.json");
+    let session: Value =
+        serde_json::from_slice(&std::fs::read(&session_file).expect("session.json")).expect("json");
+    let (device, token) = (
+        session["device_id"]
+            .as_str()
+            .expect("device_id")
+            .to_string(),
+        session["access_token"]
+            .as_str()
+            .expect("access_token")
+            .to_string(),
+    );
+    // The account published keys 0..49; the next it makes is key 50 (`AAAAAAAAADI`).
+    let counts = |reply: &Value| reply["one_time_key_counts"]["signed_curve25519"].as_u64();
+    let (status, reply) = bot
+        .api(
+            reqwest::Method::POST,
+            &["keys", "upload"],
+            &[],
+            Some(json!({})),
+            Some(&token),
+        )
+        .await
+        .expect("keys/upload");
+    assert_eq!((status, counts(&reply)), (200, Some(50)), "{reply}");
+    let fake = json!({"one_time_keys": {"signed_curve25519:AAAAAAAAADI": {
+        "key": "zKbLg+NrIjpnagy+pIY6uPL4ZwEG2v+8F9lmgsnlZzs",
+        "signatures": {bot.user_id.as_str(): {format!("ed25519:{device}"): "not checked"}},
+    }}});
+    let (status, reply) = bot
+        .api(
+            reqwest::Method::POST,
+            &["keys", "upload"],
+            &[],
+            Some(fake),
+            Some(&token),
+        )
+        .await
+        .expect("keys/upload");
+    assert_eq!((status, counts(&reply)), (200, Some(51)), "{reply}");
+    for _ in 0..2 {
+        let claim = json!({"one_time_keys": {bot.user_id.as_str(): {device.as_str(): "signed_curve25519"}}});
+        let (status, reply) = owner
+            .api(
+                reqwest::Method::POST,
+                &["keys", "claim"],
+                &[],
+                Some(claim),
+                None,
+            )
+            .await
+            .expect("keys/claim");
+        assert_eq!(status, 200, "{reply}");
+    }
+    // A message ends the account's long poll; the sync's key upload then conflicts.
+    owner.send_text(&room, "wake up").await;
+    let conflict = rig
+        .warden
+        .wait_for_log("Restarting after failure.", Duration::from_secs(60))
+        .await;
+    assert!(
+        conflict["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("one-time-key conflict while running"),
+        "{conflict}"
+    );
+    let wiped = rig
+        .warden
+        .wait_for_log(
+            "The local Matrix state is unusable; wiping it and logging in fresh.",
+            Duration::from_secs(30),
+        )
+        .await;
+    assert!(
+        wiped["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("one-time keys"),
+        "{wiped}"
+    );
+    let fresh = eventually(Duration::from_secs(30), "a fresh login", async || {
+        rig.warden
+            .stderr()
+            .iter()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|v| v["message"] == "Logged in to Matrix.")
+            .nth(1)
+    })
+    .await;
+    assert_ne!(fresh["device"], device.as_str(), "a new device: {fresh}");
+    rig.wait_ready("nova", Duration::from_secs(30)).await;
+}
+
+/// Issue 14: `recovery_key` is applied on every start whose secrets are missing, a restored
+/// session included, not only after a fresh login. The account's secret storage, cross-signing
+/// and key backup are made by another device of the bot (matrix-sdk in the test). warden first
+/// starts with a wrong key: the WARN names the step that failed and never the key. Restarted
+/// with the right key on its saved session, it imports the secrets, and its device becomes
+/// cross-signed by its owner, as another device sees over the homeserver.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_recovery_key_is_applied_on_a_restored_session_whose_secrets_are_missing() {
+    let Some(hs) = synapse::require!() else {
+        return;
+    };
+    let bot = hs.register("recbot").await;
+    let other = EncryptedPeer::login(&bot).await;
+    let encryption = other.client.encryption();
+    encryption.wait_for_e2ee_initialization_tasks().await;
+    encryption
+        .bootstrap_cross_signing_if_needed(None)
+        .await
+        .expect("cross-signing bootstrapped (Synapse asks no UIA for the first keys)");
+    let key = encryption
+        .recovery()
+        .enable()
+        .await
+        .expect("recovery enabled");
+
+    let base = scenario("recovery");
+    let wrong = "EsTj wrongwrong wrongwrong not a key";
+    let account = |key: &str| {
+        Account::password("nova", hs.url(), &bot).line(&format!("recovery_key = \"{key}\""))
+    };
+    let mut rig = base.clone().account(account(wrong)).start().await;
+    rig.wait_ready("nova", Duration::from_secs(30)).await;
+    let failed = rig
+        .warden
+        .wait_for_log(
+            "Could not recover the account's secrets with the recovery key; encrypted history stays unreadable until it is fixed.",
+            Duration::from_secs(30),
+        )
+        .await;
+    assert_eq!(failed["step"], "checking the recovery key", "{failed}");
+    assert!(
+        !rig.warden.logs().contains("wrongwrong"),
+        "the key reached the logs"
+    );
+    let login = rig
+        .warden
+        .log("Logged in to Matrix.")
+        .expect("a fresh login");
+    let device = login["device"].as_str().expect("device").to_string();
+    rig.warden.signal("-TERM");
+    rig.warden.wait_exit(Duration::from_secs(20)).await;
+
+    let bot_id = matrix_sdk::ruma::UserId::parse(bot.user_id.as_str()).expect("user id");
+    let cross_signed = async || {
+        encryption
+            .request_user_identity(&bot_id)
+            .await
+            .expect("keys/query");
+        let device_id: &matrix_sdk::ruma::DeviceId = device.as_str().into();
+        encryption
+            .get_device(&bot_id, device_id)
+            .await
+            .expect("device")
+            .is_some_and(|d| d.is_cross_signed_by_owner())
+    };
+    assert!(
+        !cross_signed().await,
+        "warden's device is cross-signed before any recovery"
+    );
+
+    let rig = base.account(account(&key)).start().await;
+    rig.wait_ready("nova", Duration::from_secs(30)).await;
+    let restored = rig
+        .warden
+        .log("Restored the Matrix session.")
+        .expect("restored");
+    assert_eq!(restored["device"], device.as_str(), "{restored}");
+    rig.warden
+        .wait_for_log(
+            "Recovered the account's secrets with the recovery key.",
+            Duration::from_secs(30),
+        )
+        .await;
+    eventually(
+        Duration::from_secs(30),
+        "warden's device cross-signed by its owner",
+        async || cross_signed().await.then_some(()),
+    )
+    .await;
+    assert!(
+        !rig.warden.logs().contains(key.as_str()),
+        "the key reached the logs"
+    );
+}
+
 /// What an agent does besides sending, as a person's client sees it: `chat.react` puts a
 /// reaction on the person's message, `chat.edit` replaces the agent's own message
 /// (`m.replace`, Markdown rendered), `format: "plain"` sends text as typed, `chat.typing`

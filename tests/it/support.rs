@@ -607,6 +607,7 @@ pub(crate) async fn gateway_tree(state: &GatewayState) -> (Tree, SocketAddr) {
 // ---------------------------------------------------------------------------------------
 
 /// One `[matrix.accounts.<alias>]` table of a [`Scenario`].
+#[derive(Clone)]
 pub(crate) struct Account {
     alias: String,
     /// The lines of the table after `homeserver`.
@@ -693,6 +694,7 @@ impl Account {
 /// that outlives each [`start`](Scenario::start), so that a test can stop warden and start
 /// it again on the same state. Operators and nodes authenticate with `token`; unlisted
 /// nodes are admitted. The SDK logs at INFO, for a failing test's output.
+#[derive(Clone)]
 pub(crate) struct Scenario {
     name: String,
     token: String,

@@ -8,13 +8,18 @@
 //!    fresh login when a password is configured (at most once per start); without one it is
 //!    fatal, and the reason names the directory to remove.
 //! 2. A saved session is restored: no login, and sync resumes from the inbox's position
-//!    (see "Inbound messages" below).
+//!    (see "Inbound messages" below). A configured `device_id` other than the saved
+//!    session's is reported once per account (WARN) and the saved session is kept, token
+//!    and all: its E2EE keys are its device's.
 //!    Otherwise an `access_token` is used as it is (`whoami` only when `user_id` or
 //!    `device_id` is missing: the crypto store is keyed by the device), or the password
 //!    logs in, holding a slot of the `matrix_login` pool for the request. The session is
 //!    saved to `session.json` (0600).
 //! 3. A sync task runs `sync_once` in a loop and beats the liveness probe on each
-//!    response. The account is ready after its first successful sync.
+//!    response. The account is ready after its first successful sync. Then, on every start,
+//!    a configured `recovery_key` imports the account's secrets when they are missing here
+//!    (`recover_if_missing`). A one-time-key conflict the SDK records after a sync (its key
+//!    upload) ends the incarnation; the restart finds the flag and wipes (step 1).
 //!
 //! ## Inbound messages
 //! Each sync response's messages (rooms joined and rooms left) pass the filters
@@ -56,6 +61,8 @@ use std::time::Duration;
 
 use matrix_sdk::authentication::matrix::MatrixSession;
 use matrix_sdk::config::{RequestConfig, SyncSettings};
+use matrix_sdk::encryption::recovery::{RecoveryError, RecoveryState};
+use matrix_sdk::encryption::secret_storage::SecretStorageError;
 use matrix_sdk::room::MessagesOptions;
 use matrix_sdk::ruma::api::client::filter::FilterDefinition;
 use matrix_sdk::ruma::api::client::sync::sync_events::v3::Filter as SyncFilter;
@@ -126,6 +133,11 @@ pub(crate) struct Account {
     current: RwLock<Option<ActorRef<ClientMsg>>>,
     /// Set when a rejected token made the account wipe its session; cleared by a good sync.
     relogged_in: AtomicBool,
+    /// Set once the configured `device_id` was reported as differing from the saved
+    /// session's (one WARN per account, not per restart).
+    drift_reported: AtomicBool,
+    /// Set while a recovery task runs.
+    recovering: AtomicBool,
     /// Approvers, lower-cased.
     approvers: HashSet<String>,
     /// Where approvers' decisions go: the running approval handler.
@@ -147,6 +159,8 @@ impl Account {
             filter: Filter::new(&config.allowed_rooms, &config.allowed_senders),
             current: RwLock::new(None),
             relogged_in: AtomicBool::new(false),
+            drift_reported: AtomicBool::new(false),
+            recovering: AtomicBool::new(false),
             approvers: config
                 .approvers
                 .iter()
@@ -630,21 +644,25 @@ async fn try_open(args: &ClientArgs) -> Result<(Client, bool), Open> {
         Local::Unusable(why) => Err(Open::Unusable(why)),
         Local::Saved(saved) => {
             let client = build(config, paths).await?;
-            // A token given in the config wins over the saved one (the operator rotated it).
+            // The saved session's device wins over a different configured one: its E2EE
+            // keys are that device's, and a token of another device would not match them.
+            let drift = config
+                .device_id
+                .as_ref()
+                .filter(|device| **device != saved.device_id);
+            if let Some(device) = drift
+                && !account.drift_reported.swap(true, Ordering::Relaxed)
+            {
+                warn!(configured = %device, saved = %saved.device_id,
+                    session = %paths.session.display(),
+                    "The configured device_id differs from the saved session's device; keeping the saved session and its device (its E2EE keys are that device's). To use the configured device, stop warden and remove the account's directory under state.dir.");
+            }
+            // A token given in the config wins over the saved one (the operator rotated it),
+            // unless it is for another device.
             let token = match &config.access_token {
-                Some(token) if config.password.is_none() => token.clone(),
+                Some(token) if config.password.is_none() && drift.is_none() => token.clone(),
                 _ => saved.access_token.clone(),
             };
-            if let Some(device) = &config.device_id
-                && config.password.is_none()
-                && device != &saved.device_id
-            {
-                return Err(Open::Unusable(format!(
-                    "{} is for device {}, the config names device {device}",
-                    paths.session.display(),
-                    saved.device_id
-                )));
-            }
             let session =
                 matrix_session(&saved.user_id, &saved.device_id, &token).map_err(Open::Unusable)?;
             client.restore_session(session).await.map_err(|e| match e {
@@ -992,6 +1010,15 @@ async fn sync_loop(
             }
             Err(e) => return fail(errors::classify(&e, During::Session)),
         };
+        // The SDK records a one-time-key conflict of the key upload that follows a sync and
+        // goes on syncing with a store that can never publish keys again. The restart finds
+        // the flag: it wipes the state and logs in fresh with a password, or parks.
+        if otk_conflict(&client).await {
+            return fail(Class::Transient(Failure::transient(
+                "one-time-key conflict while running: the homeserver already has one-time keys \
+                 this store made again (the SDK's one-time-key-already-uploaded flag is set)",
+            )));
+        }
         probe.beat();
         let every_room = first && full_state;
         let messages = if forwarding {
@@ -1018,8 +1045,8 @@ async fn sync_loop(
         forwarding = true;
         if first {
             first = false;
-            if !resumed && let Some(key) = recovery_key.take() {
-                recover(&account, &client, key);
+            if let Some(key) = recovery_key.take() {
+                recover_if_missing(&account, &client, key);
             }
             probe.set_ready(true);
             let _ = actor.send_message(ClientMsg::Synced);
@@ -1292,19 +1319,85 @@ async fn backfill(
     Ok((events, false))
 }
 
-/// After a fresh login, imports the account's secrets (cross-signing, key backup) with the
-/// configured recovery key, in a task of the account: best-effort, logged either way.
-fn recover(account: &Account, client: &Client, key: String) {
+/// Once the client is ready, on every start: when the account's secrets (cross-signing
+/// keys, the key-backup key) are missing from the local store, imports them with the
+/// configured recovery key, in a task of the account (one at a time): best-effort, logged
+/// either way, the key never.
+fn recover_if_missing(account: &Arc<Account>, client: &Client, key: String) {
+    if account.recovering.swap(true, Ordering::Relaxed) {
+        return;
+    }
     let client = client.clone();
+    let owner = account.clone();
     let task = async move {
-        match client.encryption().recovery().recover(&key).await {
-            Ok(()) => info!("Recovered the account's secrets with the recovery key."),
-            Err(e) => {
-                warn!(error = %e, "Could not recover the account's secrets with the recovery key; encrypted history stays unreadable until it is fixed.")
+        let encryption = client.encryption();
+        // The state below is computed by the SDK's start-up task (it reads account data).
+        encryption.wait_for_e2ee_initialization_tasks().await;
+        let cross_signing = encryption
+            .cross_signing_status()
+            .await
+            .is_some_and(|s| s.is_complete());
+        let missing = match encryption.recovery().state() {
+            RecoveryState::Enabled => false,
+            RecoveryState::Incomplete => true,
+            RecoveryState::Disabled => {
+                warn!(
+                    "recovery_key is set, but the account has no secret storage: there is nothing to recover."
+                );
+                false
             }
+            // The check could not be made (the homeserver did not answer): go by the
+            // cross-signing keys, which the local store knows.
+            RecoveryState::Unknown => !cross_signing,
+        };
+        if missing {
+            match encryption.recovery().recover(&key).await {
+                Ok(()) => info!("Recovered the account's secrets with the recovery key."),
+                Err(e) => {
+                    let (step, error) = recovery_failure(&e);
+                    warn!(step, error = %error, "Could not recover the account's secrets with the recovery key; encrypted history stays unreadable until it is fixed.");
+                }
+            }
+        } else {
+            debug!(
+                cross_signing,
+                "The account's secrets are here; no recovery needed."
+            );
         }
+        owner.recovering.store(false, Ordering::Relaxed);
     };
     account.spawn("recovery", task);
+}
+
+/// Which step of a recovery failed, and the error in words that never hold the key: a key
+/// that does not decode or check says only so (the decoder's own message quotes parts of
+/// it).
+fn recovery_failure(e: &RecoveryError) -> (&'static str, String) {
+    let storage = match e {
+        RecoveryError::SecretStorage(storage) => storage,
+        RecoveryError::Sdk(e) => return ("updating the recovery state", e.to_string()),
+        other => return ("recovering", other.to_string()),
+    };
+    match storage {
+        SecretStorageError::SecretStorageKey(_) => (
+            "checking the recovery key",
+            "the recovery key is wrong or malformed".to_string(),
+        ),
+        SecretStorageError::MissingKeyInfo { .. } => {
+            ("reading the secret storage key's info", storage.to_string())
+        }
+        SecretStorageError::Sdk(_) | SecretStorageError::Json(_) => {
+            ("reading the account data", storage.to_string())
+        }
+        SecretStorageError::ImportError { .. } => ("importing a secret", storage.to_string()),
+        SecretStorageError::Decryption(_) => ("decrypting a secret", storage.to_string()),
+        SecretStorageError::Storage(_) => ("storing the secrets", storage.to_string()),
+        SecretStorageError::Verification(_) => ("signing this device", storage.to_string()),
+        SecretStorageError::InconsistentBackupDecryptionKey
+        | SecretStorageError::MissingOrInvalidBackupDecryptionKey => {
+            ("enabling the key backup", storage.to_string())
+        }
+    }
 }
 
 fn filter(limit: u32) -> SyncFilter {

@@ -55,7 +55,7 @@ pub struct AccountConfig {
     pub access_token: Option<String>,
     /// The device of `access_token`.
     pub device_id: Option<String>,
-    /// Key-backup recovery key, applied after a fresh login.
+    /// Recovery key, applied on every start that finds the account's secrets missing.
     pub recovery_key: Option<String>,
     /// Rooms the account acts in; empty = every joined room.
     pub allowed_rooms: Vec<String>,
