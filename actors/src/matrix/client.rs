@@ -1582,7 +1582,7 @@ async fn notify_one(
     };
     let content = RoomMessageEventContent::text_plain(body);
     let txn = OwnedTransactionId::from(txn);
-    let sent = unless_rate_limited(within, || {
+    let sent = unless_rate_limited(within, "approval DM", || {
         room.send(content.clone())
             .with_transaction_id(txn.clone())
             .into_future()
@@ -1785,6 +1785,7 @@ fn request_failed(e: &matrix_sdk::Error) -> ChatError {
 /// is the request's.
 async fn unless_rate_limited<T, Fut>(
     within: Duration,
+    what: &str,
     mut send: impl FnMut() -> Fut,
 ) -> Result<T, ChatError>
 where
@@ -1811,6 +1812,7 @@ where
         waited += 1;
         info!(
             retry_after_ms = wait.as_millis() as u64,
+            send = what,
             "Rate limited by the homeserver; sending again after its retry_after."
         );
         tokio::time::sleep(wait).await;
@@ -1833,16 +1835,20 @@ async fn act(
         ChatAction::React(p) => {
             let room = joined_room(client, account, &p.room_id)?;
             let content = ReactionEventContent::new(Annotation::new(event_id(&p.event_id)?, p.key));
-            let sent =
-                unless_rate_limited(within, || room.send(content.clone()).into_future()).await?;
+            let sent = unless_rate_limited(within, "chat.react", || {
+                room.send(content.clone()).into_future()
+            })
+            .await?;
             Ok(Some(sent.response.event_id.to_string()))
         }
         ChatAction::Edit(p) => {
             let room = joined_room(client, account, &p.room_id)?;
             let content = text(p.body, p.format)
                 .make_replacement(ReplacementMetadata::new(event_id(&p.event_id)?, None));
-            let sent =
-                unless_rate_limited(within, || room.send(content.clone()).into_future()).await?;
+            let sent = unless_rate_limited(within, "chat.edit", || {
+                room.send(content.clone()).into_future()
+            })
+            .await?;
             Ok(Some(sent.response.event_id.to_string()))
         }
         ChatAction::Typing(p) => {
@@ -1859,7 +1865,7 @@ async fn act(
             };
             let request =
                 create_typing_event::v3::Request::new(user_id, room.room_id().to_owned(), state);
-            unless_rate_limited(within, || async {
+            unless_rate_limited(within, "chat.typing", || async {
                 let sent = client.send(request.clone()).await;
                 sent.map_err(|e| matrix_sdk::Error::Http(Box::new(e)))
             })
@@ -1892,8 +1898,11 @@ async fn send(client: &Client, account: &Account, params: SendParams) -> Result<
     // without one each try gets its own.
     let txn = params
         .txn_id
+        .as_ref()
         .map(|txn_id| OwnedTransactionId::from(format!("warden.{txn_id}")));
-    let sent = unless_rate_limited(account.config.send_retry_within, || {
+    // Logged with a rate limit: the caller's txn_id tells its sends apart.
+    let what = params.txn_id.as_deref().unwrap_or("chat.send").to_string();
+    let sent = unless_rate_limited(account.config.send_retry_within, &what, || {
         let sending = room.send(content.clone());
         match &txn {
             Some(txn) => sending.with_transaction_id(txn.clone()),
@@ -1933,7 +1942,7 @@ mod tests {
         // Two 429s of 1.5 s, then the send goes through: 3 s after the first try.
         let start = tokio::time::Instant::now();
         let mut tries = 0;
-        let sent = unless_rate_limited(Duration::from_secs(30), || {
+        let sent = unless_rate_limited(Duration::from_secs(30), "test", || {
             tries += 1;
             let answer = if tries <= 2 {
                 Err(limited(Duration::from_millis(1500)))
@@ -1950,7 +1959,7 @@ mod tests {
         // beyond it.
         let start = tokio::time::Instant::now();
         let mut tries = 0;
-        let failed = unless_rate_limited(Duration::from_secs(2), || {
+        let failed = unless_rate_limited(Duration::from_secs(2), "test", || {
             tries += 1;
             async { Err::<(), _>(limited(Duration::from_millis(1500))) }
         })
