@@ -367,6 +367,17 @@ impl Warden {
             .find(|v| v["message"] == message)
     }
 
+    /// Every JSON log line so far whose message is `message`, in order.
+    pub(crate) fn logs_of(&self, message: &str) -> Vec<Value> {
+        self.stderr
+            .lock()
+            .expect("lines")
+            .iter()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|v| v["message"] == message)
+            .collect()
+    }
+
     /// Waits for a JSON log line whose message is `message`; returns it.
     pub(crate) async fn wait_for_log(&self, message: &str, within: Duration) -> Value {
         let what = self.with_logs(format!("no log {message:?}"));
@@ -844,6 +855,28 @@ impl Rig {
     ) -> Value {
         self.wait_tree_node(&client_path(alias), within, check)
             .await
+    }
+
+    /// Kills `<alias>`'s client over the admin endpoint (its supervisor restarts it).
+    pub(crate) async fn kill_client(&self, alias: &str) {
+        let kill = format!("{}/admin/actors/{}/kill", self.admin, client_path(alias));
+        let status = reqwest::Client::new()
+            .post(kill)
+            .send()
+            .await
+            .expect("POST kill")
+            .status();
+        assert!(status.is_success(), "kill {alias}'s client: {status}");
+    }
+
+    /// Kills `<alias>`'s client and waits until a new incarnation is ready; returns its node.
+    pub(crate) async fn restart_client(&self, alias: &str, within: Duration) -> Value {
+        let before = self.client_node(alias).await["generation"].as_u64();
+        self.kill_client(alias).await;
+        self.wait_client(alias, within, |n| {
+            n["generation"].as_u64() > before && n["ready"] == true
+        })
+        .await
     }
 
     /// Waits until `<alias>` is ready (its first sync done).
