@@ -828,6 +828,7 @@ fn keep_restart_only(next: &mut Config, running: &Config) {
     next.gateway.header_read_timeout_ms = running.gateway.header_read_timeout_ms;
     next.gateway.max_connections = running.gateway.max_connections;
     next.gateway.node_forget_after_ms = running.gateway.node_forget_after_ms;
+    next.matrix.send_retry_within_ms = running.matrix.send_retry_within_ms;
     next.admin = running.admin.clone();
     next.state = running.state.clone();
     next.inbox = running.inbox.clone();
@@ -855,6 +856,20 @@ mod tests {
             "supervision.kinds.matrix_account.backoff.max_ms"
         ));
         assert!(!needs_restart("administrator"));
+    }
+
+    /// Every key [`NEEDS_RESTART`] names keeps its running value in what a reload applies:
+    /// an account a later reload builds gets the value warden started with.
+    #[test]
+    fn restart_only_keys_keep_their_running_values() {
+        let running = Config::default();
+        let mut next = Config::default();
+        next.gateway.bind = "127.0.0.1:1".parse().expect("addr");
+        next.gateway.max_connections += 1;
+        next.matrix.send_retry_within_ms += 1;
+        next.inbox.retention_ms += 1;
+        keep_restart_only(&mut next, &running);
+        assert_eq!(next, running);
     }
 
     #[test]

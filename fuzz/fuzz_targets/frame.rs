@@ -4,8 +4,9 @@
 //! * a frame that parses re-serializes (`to_text`) to text that parses back to the same
 //!   frame, and serializing that again gives the same text;
 //! * every params parser (the hand-written `ApprovalRequestParams::parse`,
-//!   `ApprovalResolveParams::parse`, `parse_approvals_list`, and serde of
-//!   `ConnectParams`, `InvokeParams`, `NodeInvokeParams`, `SubscribeParams`) runs on the
+//!   `ApprovalResolveParams::parse`, `ApprovalNotifiedParams::parse`,
+//!   `parse_approvals_list`, and serde of `ConnectParams`, `InvokeParams`,
+//!   `NodeInvokeParams`, `SubscribeParams`) runs on the
 //!   frame's value (`params`, or `payload` of a `res` or an event) without panicking;
 //!   what serde accepts serializes back to a value serde reads back equal; what the
 //!   hand-written parsers accept holds their documented invariants, and what they refuse
@@ -17,8 +18,9 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use warden_protocol::{
-    APPROVAL_TIMEOUT_S, APPROVALS_LIST_LIMIT, ApprovalRequestParams, ApprovalResolveParams,
-    ConnectParams, Frame, InvokeParams, NodeInvokeParams, SubscribeParams, parse_approvals_list,
+    APPROVAL_TIMEOUT_S, APPROVALS_LIST_LIMIT, ApprovalNotifiedParams, ApprovalRequestParams,
+    ApprovalResolveParams, ConnectParams, Frame, InvokeParams, MAX_MATRIX_ID_LEN,
+    NodeInvokeParams, SubscribeParams, parse_approvals_list,
 };
 
 fuzz_target!(|data: &[u8]| {
@@ -64,9 +66,27 @@ fn params_parsers(value: Value) {
         }
         Err(message) => names_its_fault(&message),
     }
+    // A Matrix ID field: not empty, no white space, at most MAX_MATRIX_ID_LEN bytes.
+    let matrix_id = |s: &str| {
+        !s.is_empty() && s.len() <= MAX_MATRIX_ID_LEN && !s.chars().any(char::is_whitespace)
+    };
     match ApprovalResolveParams::parse(value.clone()) {
         Ok(p) => {
-            assert!(!p.id.trim().is_empty() && !p.by.trim().is_empty(), "{p:?}");
+            assert!(p.id.is_some() || p.relates_to.is_some(), "nothing names the approval: {p:?}");
+            assert!(p.id.as_deref().is_none_or(|id| !id.trim().is_empty()), "{p:?}");
+            for s in [&p.by, &p.room_id, &p.event_id] {
+                assert!(matrix_id(s), "accepted a bad Matrix ID: {p:?}");
+            }
+            assert!(p.relates_to.as_deref().is_none_or(matrix_id), "{p:?}");
+        }
+        Err(message) => names_its_fault(&message),
+    }
+    match ApprovalNotifiedParams::parse(value.clone()) {
+        Ok(p) => {
+            assert!(!p.id.trim().is_empty(), "{p:?}");
+            for s in [&p.approver, &p.room_id, &p.event_id] {
+                assert!(matrix_id(s), "accepted a bad Matrix ID: {p:?}");
+            }
         }
         Err(message) => names_its_fault(&message),
     }

@@ -1634,7 +1634,12 @@ mod approvals {
             .zip(&bots)
             .map(|(alias, bot)| Account::password(alias, hs.url(), bot).approvals(&owner));
         let rig = scenario("m1")
-            .config("[approvals]\nrenotify_after_ms = 3000")
+            // Killed clients come back well within renotify_after_ms (their built-in first
+            // backoff is 1 s and grows): a kill is no outage worth a hand-over here.
+            .config(
+                "[approvals]\nrenotify_after_ms = 3000\n[supervision.kinds]\n\
+                 matrix_account = { backoff = { initial_ms = 100, max_ms = 300 } }",
+            )
             .accounts(accounts)
             .start()
             .await;

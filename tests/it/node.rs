@@ -678,14 +678,19 @@ async fn a_hundred_nodes_are_back_as_soon_as_the_restarted_gateway_is_ready() {
     after.sort();
     let pick = |q: f64| after[((after.len() as f64 * q).ceil() as usize).clamp(1, after.len()) - 1];
     let (p50, p99, max) = (pick(0.5), pick(0.99), after[after.len() - 1]);
-    let metrics = http
+    let scraped = http
         .get(format!("{}/metrics", rig.admin))
         .send()
         .await
-        .expect("/metrics")
-        .text()
-        .await
-        .expect("metrics text");
+        .expect("/metrics");
+    assert_eq!(scraped.status(), 200);
+    let metrics = scraped.text().await.expect("metrics text");
+    // The counters read below are this gateway's: it holds every node's session.
+    let nodes = metrics
+        .lines()
+        .find(|l| l.starts_with("warden_gateway_sessions{") && l.contains("role=\"node\""))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok());
+    assert_eq!(nodes, Some(NODES as f64), "node sessions in /metrics");
     use warden_actors::gateway::metrics::{HANDSHAKE_TIMEOUTS_TOTAL, PREAUTH_REJECTIONS_TOTAL};
     let timeouts = metric(&metrics, HANDSHAKE_TIMEOUTS_TOTAL);
     let rejected = metric(&metrics, PREAUTH_REJECTIONS_TOTAL);

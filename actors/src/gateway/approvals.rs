@@ -1675,6 +1675,10 @@ impl ApprovalsState {
     }
 }
 
+/// Notices one approval keeps at most: past it, no approver of it is handed over again
+/// (accounts that keep going down in turn; the notices made so far stand).
+const MAX_NOTICES: usize = 64;
+
 /// How often the broker sweeps (see [`ApprovalsMsg::Sweep`]): every second, or four
 /// times per `renotify_after` when that is shorter (at least every 50 ms).
 fn sweep_period(renotify_after: Duration) -> Duration {
@@ -1742,13 +1746,15 @@ fn hand_over(
     seen: &mut std::collections::HashSet<(String, String)>,
     now_ms: u64,
 ) -> Vec<NoticeTarget> {
-    if a.account.is_some() {
+    if a.account.is_some() || a.notices.len() >= MAX_NOTICES {
         return Vec::new();
     }
+    // Once per approver means one delivered hand-over: one that never reached the
+    // approver (its account went down too) may be handed on again.
     let handed: std::collections::HashSet<String> = a
         .notices
         .iter()
-        .filter(|n| n.handed_over)
+        .filter(|n| n.handed_over && n.event_id.is_some())
         .map(|n| n.approver.to_lowercase())
         .collect();
     let mut added = Vec::new();
@@ -2670,7 +2676,11 @@ mod tests {
         );
         assert_eq!(handed["id"], id.as_str());
         assert_eq!(targets(&handed), [pair("@owner:x", "c")]);
-        // Once: c down and b back moves nothing more.
+        // c delivers it. Once: c down and b back moves nothing more.
+        client
+            .send(notified(&id, "@owner:x", "c", replies.to("nc")))
+            .expect("send");
+        assert_eq!(reply(&replies, "nc").await["recorded"], true);
         set(&c, false);
         set(&b, true);
         assert!(

@@ -136,8 +136,11 @@ pub(crate) struct Account {
     /// Set once the configured `device_id` was reported as differing from the saved
     /// session's (one WARN per account, not per restart).
     drift_reported: AtomicBool,
-    /// Set while a recovery task runs.
-    recovering: AtomicBool,
+    /// The recovery of the latest incarnation; a newer one replaces (aborts) it, so each
+    /// incarnation's recovery runs on its own client.
+    recovery: Mutex<Option<AbortOnDrop>>,
+    /// Set once "no secret storage" was reported (one WARN per account).
+    no_storage_reported: AtomicBool,
     /// Approvers, lower-cased.
     approvers: HashSet<String>,
     /// Where approvers' decisions go: the running approval handler.
@@ -160,7 +163,8 @@ impl Account {
             current: RwLock::new(None),
             relogged_in: AtomicBool::new(false),
             drift_reported: AtomicBool::new(false),
-            recovering: AtomicBool::new(false),
+            recovery: Mutex::new(None),
+            no_storage_reported: AtomicBool::new(false),
             approvers: config
                 .approvers
                 .iter()
@@ -446,8 +450,8 @@ impl Actor for ClientActor {
         match msg {
             ClientMsg::Send { params, reply } => {
                 let room = Some(params.room_id.clone());
-                state.chat_request("send", room, reply, |client, account| async move {
-                    send(&client, &account, params).await
+                state.chat_request("send", room, reply, |client, account, since| async move {
+                    send(&client, &account, params, since).await
                 });
                 Ok(())
             }
@@ -457,8 +461,8 @@ impl Actor for ClientActor {
                     ChatAction::Typing(_) => None,
                     other => Some(other.room_id().to_string()),
                 };
-                state.chat_request("act", room, reply, |client, account| async move {
-                    act(&client, &account, action).await
+                state.chat_request("act", room, reply, |client, account, since| async move {
+                    act(&client, &account, action, since).await
                 });
                 Ok(())
             }
@@ -513,7 +517,7 @@ impl ClientState {
         name: &'static str,
         room: Option<String>,
         reply: oneshot::Sender<Result<T, ChatError>>,
-        work: impl FnOnce(Client, Arc<Account>) -> F,
+        work: impl FnOnce(Client, Arc<Account>, Instant) -> F,
     ) where
         T: Send + 'static,
         F: Future<Output = Result<T, ChatError>> + Send + 'static,
@@ -521,7 +525,8 @@ impl ClientState {
         let account = self.args.account.clone();
         match (&self.client, self.ready) {
             (Some(client), true) => {
-                let answer = work(client.clone(), account);
+                // A rate-limited send's budget counts from here, its wait in the queue too.
+                let answer = work(client.clone(), account, Instant::now());
                 let (done, ended) = oneshot::channel::<()>();
                 let before = room.and_then(|room| {
                     // Turns that ended are forgotten: at most one per room in flight stays.
@@ -534,6 +539,11 @@ impl ClientState {
                     if let Some(before) = before {
                         // Ends when that request's task ends, answered or not.
                         let _ = before.await;
+                    }
+                    if reply.is_closed() {
+                        // The caller is gone (its session ended): nothing was sent yet, and
+                        // nobody would learn whether it was.
+                        return;
                     }
                     let _ = reply.send(answer.await);
                     drop(done);
@@ -564,6 +574,13 @@ fn settle(args: &ClientArgs, class: Class) -> Failure {
         Class::UnknownToken => {
             let dir = account.paths.dir.display();
             if account.config.password.is_none() {
+                if account.drift_reported.load(Ordering::Relaxed) {
+                    return Failure::fatal(format!(
+                        "the homeserver rejected the saved session's access token \
+                         (M_UNKNOWN_TOKEN), kept because the configured device_id names another \
+                         device; remove {dir} to use the configured access_token and device_id"
+                    ));
+                }
                 return Failure::fatal(format!(
                     "the homeserver rejected the access token (M_UNKNOWN_TOKEN); set a new \
                      access_token (and remove {dir}) or configure a password"
@@ -756,12 +773,15 @@ async fn login(args: &ClientArgs, client: &Client) -> Result<SavedSession, Open>
         .await
         .map_err(|e| Open::Failed(Failure::transient(format!("no login slot: {e}"))))?;
     let started = Instant::now();
-    let response = client
+    let mut login = client
         .matrix_auth()
         .login_username(user, password)
-        .initial_device_display_name(&format!("warden {}", config.alias))
-        .send()
-        .await;
+        .initial_device_display_name(&format!("warden {}", config.alias));
+    if let Some(device) = &config.device_id {
+        // The configured device: its keys are made anew by this login's store.
+        login = login.device_id(device);
+    }
+    let response = login.send().await;
     slot.release();
     let response = response.map_err(|e| Open::from(errors::classify(&e, During::Login)))?;
     info!(user = %response.user_id, device = %response.device_id,
@@ -831,7 +851,8 @@ async fn build(config: &AccountConfig, paths: &Paths) -> Result<Client, Open> {
         })
 }
 
-/// No retries inside the SDK: the supervisor is the retry layer.
+/// No retries inside the SDK: the supervisor is the retry layer (rate-limited sends are
+/// sent again by `unless_rate_limited`).
 fn request_config() -> RequestConfig {
     RequestConfig::new()
         .disable_retry()
@@ -1321,12 +1342,9 @@ async fn backfill(
 
 /// Once the client is ready, on every start: when the account's secrets (cross-signing
 /// keys, the key-backup key) are missing from the local store, imports them with the
-/// configured recovery key, in a task of the account (one at a time): best-effort, logged
-/// either way, the key never.
+/// configured recovery key, in a task of the account that the next incarnation's replaces:
+/// best-effort, logged either way, the key never.
 fn recover_if_missing(account: &Arc<Account>, client: &Client, key: String) {
-    if account.recovering.swap(true, Ordering::Relaxed) {
-        return;
-    }
     let client = client.clone();
     let owner = account.clone();
     let task = async move {
@@ -1341,9 +1359,11 @@ fn recover_if_missing(account: &Arc<Account>, client: &Client, key: String) {
             RecoveryState::Enabled => false,
             RecoveryState::Incomplete => true,
             RecoveryState::Disabled => {
-                warn!(
-                    "recovery_key is set, but the account has no secret storage: there is nothing to recover."
-                );
+                if !owner.no_storage_reported.swap(true, Ordering::Relaxed) {
+                    warn!(
+                        "recovery_key is set, but the account has no secret storage: there is nothing to recover."
+                    );
+                }
                 false
             }
             // The check could not be made (the homeserver did not answer): go by the
@@ -1364,9 +1384,14 @@ fn recover_if_missing(account: &Arc<Account>, client: &Client, key: String) {
                 "The account's secrets are here; no recovery needed."
             );
         }
-        owner.recovering.store(false, Ordering::Relaxed);
     };
-    account.spawn("recovery", task);
+    let report = |ended: task::Ended| {
+        if ended.panicked() {
+            warn!(error = %ended, "The recovery task failed.");
+        }
+    };
+    let task = task::spawn("recovery", tracing::Span::current(), task, report);
+    *account.recovery.lock().unwrap_or_else(|e| e.into_inner()) = Some(task);
 }
 
 /// Which step of a recovery failed, and the error in words that never hold the key: a key
@@ -1582,7 +1607,7 @@ async fn notify_one(
     };
     let content = RoomMessageEventContent::text_plain(body);
     let txn = OwnedTransactionId::from(txn);
-    let sent = unless_rate_limited(within, "approval DM", || {
+    let sent = unless_rate_limited(within, Instant::now(), "approval DM", || {
         room.send(content.clone())
             .with_transaction_id(txn.clone())
             .into_future()
@@ -1779,20 +1804,23 @@ fn request_failed(e: &matrix_sdk::Error) -> ChatError {
     }
 }
 
+/// The least wait between two tries of a rate-limited send.
+const MIN_RATE_LIMIT_WAIT: Duration = Duration::from_millis(50);
+
 /// Runs `send` again after each rate limit (429) of the homeserver, once its `retry_after`
 /// is over (1 s when it names none), while that stays within `within` of the first try;
 /// then fails with `rate_limited`, naming `matrix.send_retry_within_ms`. Any other error
 /// is the request's.
 async fn unless_rate_limited<T, Fut>(
     within: Duration,
+    since: Instant,
     what: &str,
     mut send: impl FnMut() -> Fut,
 ) -> Result<T, ChatError>
 where
     Fut: Future<Output = Result<T, matrix_sdk::Error>>,
 {
-    let started = Instant::now();
-    let mut waited = 0;
+    let mut limited = 0;
     loop {
         let e = match send().await {
             Ok(sent) => return Ok(sent),
@@ -1801,15 +1829,18 @@ where
         let Some(hint) = errors::rate_limit(&e) else {
             return Err(request_failed(&e));
         };
-        let wait = hint.unwrap_or(Duration::from_secs(1));
-        if started.elapsed() + wait > within {
+        limited += 1;
+        // At least a moment between tries, whatever the server says.
+        let wait = hint
+            .unwrap_or(Duration::from_secs(1))
+            .max(MIN_RATE_LIMIT_WAIT);
+        if since.elapsed() + wait > within {
             return Err(ChatError::RateLimited(format!(
-                "the homeserver rate-limited the send {waited} times; the next try would be \
+                "the homeserver rate-limited the send {limited} times; the next try would be \
                  past matrix.send_retry_within_ms ({} ms)",
                 within.as_millis()
             )));
         }
-        waited += 1;
         info!(
             retry_after_ms = wait.as_millis() as u64,
             send = what,
@@ -1825,6 +1856,7 @@ async fn act(
     client: &Client,
     account: &Account,
     action: ChatAction,
+    since: Instant,
 ) -> Result<Option<String>, ChatError> {
     let event_id = |id: &str| {
         OwnedEventId::try_from(id)
@@ -1835,7 +1867,7 @@ async fn act(
         ChatAction::React(p) => {
             let room = joined_room(client, account, &p.room_id)?;
             let content = ReactionEventContent::new(Annotation::new(event_id(&p.event_id)?, p.key));
-            let sent = unless_rate_limited(within, "chat.react", || {
+            let sent = unless_rate_limited(within, since, "chat.react", || {
                 room.send(content.clone()).into_future()
             })
             .await?;
@@ -1845,7 +1877,7 @@ async fn act(
             let room = joined_room(client, account, &p.room_id)?;
             let content = text(p.body, p.format)
                 .make_replacement(ReplacementMetadata::new(event_id(&p.event_id)?, None));
-            let sent = unless_rate_limited(within, "chat.edit", || {
+            let sent = unless_rate_limited(within, since, "chat.edit", || {
                 room.send(content.clone()).into_future()
             })
             .await?;
@@ -1865,7 +1897,7 @@ async fn act(
             };
             let request =
                 create_typing_event::v3::Request::new(user_id, room.room_id().to_owned(), state);
-            unless_rate_limited(within, "chat.typing", || async {
+            unless_rate_limited(within, since, "chat.typing", || async {
                 let sent = client.send(request.clone()).await;
                 sent.map_err(|e| matrix_sdk::Error::Http(Box::new(e)))
             })
@@ -1885,7 +1917,12 @@ fn text(body: String, format: Format) -> RoomMessageEventContent {
 }
 
 /// `chat.send` through `client`.
-async fn send(client: &Client, account: &Account, params: SendParams) -> Result<String, ChatError> {
+async fn send(
+    client: &Client,
+    account: &Account,
+    params: SendParams,
+    since: Instant,
+) -> Result<String, ChatError> {
     let room = joined_room(client, account, &params.room_id)?;
     let mut content = text(params.body, params.format);
     if let Some(root) = params.thread_root {
@@ -1902,7 +1939,7 @@ async fn send(client: &Client, account: &Account, params: SendParams) -> Result<
         .map(|txn_id| OwnedTransactionId::from(format!("warden.{txn_id}")));
     // Logged with a rate limit: the caller's txn_id tells its sends apart.
     let what = params.txn_id.as_deref().unwrap_or("chat.send").to_string();
-    let sent = unless_rate_limited(account.config.send_retry_within, &what, || {
+    let sent = unless_rate_limited(account.config.send_retry_within, since, &what, || {
         let sending = room.send(content.clone());
         match &txn {
             Some(txn) => sending.with_transaction_id(txn.clone()),
@@ -1942,15 +1979,20 @@ mod tests {
         // Two 429s of 1.5 s, then the send goes through: 3 s after the first try.
         let start = tokio::time::Instant::now();
         let mut tries = 0;
-        let sent = unless_rate_limited(Duration::from_secs(30), "test", || {
-            tries += 1;
-            let answer = if tries <= 2 {
-                Err(limited(Duration::from_millis(1500)))
-            } else {
-                Ok(tries)
-            };
-            async move { answer }
-        })
+        let sent = unless_rate_limited(
+            Duration::from_secs(30),
+            tokio::time::Instant::now(),
+            "test",
+            || {
+                tries += 1;
+                let answer = if tries <= 2 {
+                    Err(limited(Duration::from_millis(1500)))
+                } else {
+                    Ok(tries)
+                };
+                async move { answer }
+            },
+        )
         .await;
         assert_eq!(sent, Ok(3));
         assert_eq!(start.elapsed(), Duration::from_secs(3));
@@ -1959,10 +2001,15 @@ mod tests {
         // beyond it.
         let start = tokio::time::Instant::now();
         let mut tries = 0;
-        let failed = unless_rate_limited(Duration::from_secs(2), "test", || {
-            tries += 1;
-            async { Err::<(), _>(limited(Duration::from_millis(1500))) }
-        })
+        let failed = unless_rate_limited(
+            Duration::from_secs(2),
+            tokio::time::Instant::now(),
+            "test",
+            || {
+                tries += 1;
+                async { Err::<(), _>(limited(Duration::from_millis(1500))) }
+            },
+        )
         .await;
         assert_eq!(tries, 2, "one wait fits in 2 s, a second does not");
         assert_eq!(start.elapsed(), Duration::from_millis(1500));

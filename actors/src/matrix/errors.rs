@@ -1,8 +1,10 @@
 //! matrix-sdk errors as supervision failures.
 //!
 //! The SDK's own retries are off ([`matrix_sdk::config::RequestConfig::disable_retry`]): the
-//! supervisor's restart with backoff is the one retry layer. So every error ends the
-//! incarnation, and the only question is which kind:
+//! supervisor's restart with backoff is the retry layer of the session (login, sync), so
+//! every such error ends the incarnation, and the only question is which kind. A send the
+//! homeserver rate-limits is the exception: the client sends it again after its
+//! `retry_after` ([`rate_limit`]) within `matrix.send_retry_within_ms`.
 //!
 //! | Error | Outcome |
 //! |---|---|
