@@ -78,7 +78,7 @@ use matrix_sdk::ruma::events::room::message::{
     RoomMessageEventContent,
 };
 use matrix_sdk::ruma::events::{
-    AnySyncMessageLikeEvent, AnySyncTimelineEvent, SyncMessageLikeEvent,
+    AnySyncMessageLikeEvent, AnySyncTimelineEvent, MessageLikeEventContent, SyncMessageLikeEvent,
 };
 use matrix_sdk::ruma::serde::Raw;
 use matrix_sdk::ruma::{OwnedEventId, OwnedRoomId, OwnedTransactionId, OwnedUserId, UInt};
@@ -1606,17 +1606,13 @@ async fn notify_one(
         }
     };
     let content = RoomMessageEventContent::text_plain(body);
-    let txn = OwnedTransactionId::from(txn);
-    let sent = unless_rate_limited(within, Instant::now(), "approval DM", || {
-        room.send(content.clone())
-            .with_transaction_id(txn.clone())
-            .into_future()
-    })
-    .await
-    .map_err(|e| e.to_string())?;
+    let txn = Some(OwnedTransactionId::from(txn));
+    let event_id = post(&room, content, txn, (within, Instant::now(), "approval DM"))
+        .await
+        .map_err(|e| e.to_string())?;
     Ok(Delivered {
         room_id: room.room_id().to_string(),
-        event_id: sent.response.event_id.to_string(),
+        event_id,
     })
 }
 
@@ -1804,6 +1800,30 @@ fn request_failed(e: &matrix_sdk::Error) -> ChatError {
     }
 }
 
+/// Posts `content` to `room` (with transaction ID `txn` when given, else a new one per
+/// try) through [`unless_rate_limited`], sends counted from `since`, logged as `what`;
+/// the event ID.
+async fn post<C>(
+    room: &Room,
+    content: C,
+    txn: Option<OwnedTransactionId>,
+    (within, since, what): (Duration, Instant, &str),
+) -> Result<String, ChatError>
+where
+    C: MessageLikeEventContent + Clone,
+{
+    let sent = unless_rate_limited(within, since, what, || {
+        let sending = room.send(content.clone());
+        match &txn {
+            Some(txn) => sending.with_transaction_id(txn.clone()),
+            None => sending,
+        }
+        .into_future()
+    })
+    .await?;
+    Ok(sent.response.event_id.to_string())
+}
+
 /// The least wait between two tries of a rate-limited send.
 const MIN_RATE_LIMIT_WAIT: Duration = Duration::from_millis(50);
 
@@ -1867,21 +1887,15 @@ async fn act(
         ChatAction::React(p) => {
             let room = joined_room(client, account, &p.room_id)?;
             let content = ReactionEventContent::new(Annotation::new(event_id(&p.event_id)?, p.key));
-            let sent = unless_rate_limited(within, since, "chat.react", || {
-                room.send(content.clone()).into_future()
-            })
-            .await?;
-            Ok(Some(sent.response.event_id.to_string()))
+            let sent = post(&room, content, None, (within, since, "chat.react")).await?;
+            Ok(Some(sent))
         }
         ChatAction::Edit(p) => {
             let room = joined_room(client, account, &p.room_id)?;
             let content = text(p.body, p.format)
                 .make_replacement(ReplacementMetadata::new(event_id(&p.event_id)?, None));
-            let sent = unless_rate_limited(within, since, "chat.edit", || {
-                room.send(content.clone()).into_future()
-            })
-            .await?;
-            Ok(Some(sent.response.event_id.to_string()))
+            let sent = post(&room, content, None, (within, since, "chat.edit")).await?;
+            Ok(Some(sent))
         }
         ChatAction::Typing(p) => {
             let room = joined_room(client, account, &p.room_id)?;
@@ -1938,17 +1952,9 @@ async fn send(
         .as_ref()
         .map(|txn_id| OwnedTransactionId::from(format!("warden.{txn_id}")));
     // Logged with a rate limit: the caller's txn_id tells its sends apart.
-    let what = params.txn_id.as_deref().unwrap_or("chat.send").to_string();
-    let sent = unless_rate_limited(account.config.send_retry_within, since, &what, || {
-        let sending = room.send(content.clone());
-        match &txn {
-            Some(txn) => sending.with_transaction_id(txn.clone()),
-            None => sending,
-        }
-        .into_future()
-    })
-    .await?;
-    Ok(sent.response.event_id.to_string())
+    let what = params.txn_id.as_deref().unwrap_or("chat.send");
+    let within = account.config.send_retry_within;
+    post(&room, content, txn, (within, since, what)).await
 }
 
 #[cfg(test)]
